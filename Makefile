@@ -1,0 +1,40 @@
+# The README's two commands are `make run` and `make test`; CI runs `make test` (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU build of torch lies on local disk here; a bare `torch` requirement would pull a
+# multi-GB CUDA build. Where a GPU is present, pip resolves torch normally.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install run test organism check bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "$(TORCH_CPU)"; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/refusal-nnsight $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+organism: $(STAMP)
+	$(BIN)/refusal-nnsight-organism build
+
+check: $(STAMP)
+	$(BIN)/refusal-nnsight-organism check
+
+bench: $(STAMP)
+	$(BIN)/python bench/cpu.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check refusal_nnsight tests
+	$(BIN)/ruff format --check refusal_nnsight tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

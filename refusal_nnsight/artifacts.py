@@ -1,0 +1,149 @@
+"""Run-folder layout and atomic writes: the only module that builds artifact paths.
+
+runs/<model>/<timestamp>/
+  .hydra/                 composed config (written by Hydra)
+  config.json             the typed RunConfig actually used
+  summary.json            headline numbers (other tools read it); timings live in timing.json
+  report.md               the file a person reads first
+  figures/*.png
+  <stage>/                direction, candidates, greedy, fm, redundancy, evaluate
+    done.json             written last: the stage finished (resume skips it)
+    *.parquet *.safetensors *.json
+
+Every file is written to a temporary sibling and renamed, so a killed run never leaves a
+half-written artifact; only Parquet, safetensors and JSON are written (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGES = ("direction", "candidates", "greedy", "fm", "redundancy", "evaluate")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN/inf
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def write_json(path: Path, data: Any) -> Path:
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n"
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(path: Path, frame) -> Path:
+    """A polars DataFrame → Parquet (deterministic: no statistics timestamps, fixed compression)."""
+    return _atomic(path, lambda p: frame.write_parquet(p, compression="zstd", statistics=False))
+
+
+def read_parquet(path: Path):
+    import polars as pl
+
+    return pl.read_parquet(path)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """safetensors file + a JSON sidecar (<name>.json) with the metadata."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic(path, lambda p: save_file(clean, str(p)))
+    if metadata is not None:
+        write_json(path.with_suffix(".json"), metadata)
+    return path
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+class StageDir:
+    """One stage's folder: its artifacts and the `done.json` marker written last."""
+
+    def __init__(self, root: Path, name: str):
+        assert name in STAGES, name
+        self.name = name
+        self.path = Path(root) / name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "done.json").exists()
+
+    def mark_done(self, info: dict | None = None) -> None:
+        write_json(self.path / "done.json", info or {})
+
+    def part(self, name: str) -> Path:
+        """Per-item progress files (greedy per prompt, fm per mask batch) for resume."""
+        return self.path / "parts" / name
+
+
+class RunFolder:
+    """The run directory and every named file in it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.root, name)
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def timing(self) -> Path:
+        return self.root / "timing.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    def figure(self, name: str) -> Path:
+        return self.root / "figures" / f"{name}.png"

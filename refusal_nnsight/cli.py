@@ -1,0 +1,83 @@
+"""`refusal-nnsight`: the Hydra app. The only module that imports hydra.
+
+compose conf/ → typed RunConfig (config.from_dict) → pipeline.run. User mistakes end with one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "sae", "data", "search", "judge", "backend", "experiment")
+
+log = logging.getLogger("refusal_nnsight")
+
+
+def _check_group_choices(argv: list[str]) -> None:
+    """Unknown `group=name` choices fail here with one line, before Hydra prints a traceback."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in GROUPS and value not in ("null", ""):
+            for name in value.split(","):  # sweeps: model=a,b
+                if not (CONF_DIR / key / f"{name}.yaml").exists():
+                    options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+                    raise UserError(f"unknown {key} '{name}'; choose one of {options}")
+
+
+def to_run_config(dcfg):
+    """Hydra's DictConfig → the typed RunConfig (unknown keys and bad types are UserErrors)."""
+    from omegaconf import OmegaConf
+
+    from .config import RunConfig, from_dict
+
+    data = OmegaConf.to_container(dcfg, resolve=False)
+    data.pop("hydra", None)
+    data.pop("experiment", None)
+    data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    return from_dict(RunConfig, data)
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose conf/ with overrides, as the CLI does, without running anything (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    _check_group_choices(overrides or [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_run_config(hydra_compose(config_name="config", overrides=overrides or []))
+
+
+def _task(dcfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from . import pipeline
+
+    try:
+        cfg = to_run_config(dcfg)
+        cfg.run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+        pipeline.run(cfg)
+    except UserError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def main() -> None:
+    import hydra
+
+    try:
+        _check_group_choices(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Typed configuration: one dataclass per config group (conf/<group>/*.yaml).
+
+YAML holds values, these dataclasses hold the schema. The CLI converts Hydra's DictConfig to
+`RunConfig` with `from_dict`, which rejects unknown keys and wrong types with a one-line
+`UserError`; no library function ever sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """A chat model and its family facts (SPEC.md "Targets", "Prompts and positions")."""
+
+    name: str = "organism"  # short alias: run folders are runs/<name>/...
+    source: Literal["organism", "hf"] = "organism"  # the toolkit's own organism, or an HF repo id
+    repo_id: str | None = None  # HF repo id (source=hf)
+    organism_recipe: str = "default"  # which organism build (source=organism)
+    family: Literal["gemma2", "llama3"] = "gemma2"
+    residual_module: str = "model.layers"  # ModuleList whose layer L output is blocks.L.hook_resid_post
+    n_layers: int | None = None  # expected; checked against the loaded config when set
+    d_model: int | None = None  # expected; checked against the loaded config when set
+    chat_template: str | None = None  # jinja override; null = the tokenizer's own template
+    eoi_suffix: str | None = None  # template text after the instruction; null = derived from the template
+    refusal_strings: list[str] = field(default_factory=lambda: ["I"])  # first token of each = refusal tokens
+    refusal_token_ids: list[int] | None = None  # explicit ids (Gemma 235285, Llama-3 40); overrides refusal_strings
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto = cuda if available, else cpu
+    attn_implementation: str | None = "eager"  # Gemma-2 needs eager for its attention softcap
+    trust_remote_code: bool = False  # off unless a user asks (never needed for Gemma-2 / Llama-3.1)
+    max_new_tokens: int = 24  # generation judge budget
+
+
+@dataclass
+class SAEConfig:
+    """Where the residual-stream SAEs come from, and which layers have one."""
+
+    name: str = "organism"
+    source: Literal["organism", "pretrained", "disk"] = "organism"
+    release: str | None = None  # sae-lens release (source=pretrained)
+    sae_id: str | None = None  # sae-lens id template with {layer} (source=pretrained)
+    path: str | None = None  # folder template with {layer} (source=disk), sae-lens disk format
+    layers: list[int] | None = None  # null = every layer that has an SAE
+    neuronpedia: str | None = None  # Neuronpedia id template with {layer}, for report links
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # null = the model's dtype
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type; raise UserError if it does not fit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}={value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return {k: _coerce(args[1] if args else Any, v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        if math.isnan(float(value)):
+            raise UserError(f"{where} is NaN; give a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a plain mapping, checking every key and type."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass → plain dict (JSON/YAML-safe)."""
+    return dataclasses.asdict(obj)
+
+
+@dataclass
+class PromptSource:
+    """One prompt set: the organism grammar, or a local file / HF dataset (issue: real datasets)."""
+
+    source: Literal["organism", "file", "hf"] = "organism"
+    path: str | None = None  # local CSV / JSON / JSONL / Parquet, or an HF dataset id
+    column: str = "instruction"  # the column holding the instruction
+    category_column: str | None = None
+    split: str | None = None  # HF split
+
+
+@dataclass
+class DataConfig:
+    """Harmful / harmless prompts and the sizes of the train, val and eval sets (SPEC.md Stage 1)."""
+
+    name: str = "organism"
+    harmful: PromptSource = field(default_factory=PromptSource)
+    harmless: PromptSource = field(default_factory=PromptSource)
+    n_train: int = 128  # per class
+    n_val: int = 32  # per class
+    n_eval: int = 64  # harmful prompts dissected / evaluated (and as many harmless)
+    seed: int = 0
+
+
+@dataclass
+class DirectionConfig:
+    """Stage 1a: difference-of-means refusal direction and Arditi selection."""
+
+    prune_last_fraction: float = 0.2  # discard candidates in the last 20% of layers
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0  # discard candidates whose induce score is below this
+    batch_size: int = 32
+
+
+@dataclass
+class CandidatesConfig:
+    """Stage 1b: SAE features closest to the refusal direction."""
+
+    top_k: int = 10  # per SAE layer
+    coefficient: float = -3.0  # scale applied to ablated latents (refusal_sae: −3 Gemma, −1 Llama)
+    batch_size: int = 64  # prompts per forward in the all-of-C ablation check
+
+
+@dataclass
+class GreedyConfig:
+    """Stage 2: backward elimination to a 1-minimal set, per harmful prompt."""
+
+    coefficient: float = -3.0
+    order: Literal["effect", "cosine"] = "effect"  # which feature is tried for removal first
+    max_prompts: int = 32  # harmful prompts dissected
+    forward: bool = True  # also run forward greedy for comparison
+    judge_confirm: bool = True  # confirm the final jailbreak with the generation judge
+    batch_size: int = 64
+    max_passes: int = 1  # backward passes; >1 repeats a pass while it drops a feature (forces 1-minimality)
+
+
+@dataclass
+class FMConfig:
+    """Stage 3: factorization machine over ablation masks of the pool."""
+
+    n_masks: int = 2048  # per prompt
+    max_prompts: int = 4
+    rank: int = 8
+    l2: float = 1e-4
+    lr: float = 0.01
+    epochs: int = 300
+    heldout_fraction: float = 0.2
+    top_pairs: int = 5
+    extra_active: int = 0  # extra SAE features active on the prompt added to the pool
+    coefficient: float = -3.0
+    batch_size: int = 256
+    readout: Literal["regression", "classification"] = "regression"  # which FM's w and V are read out
+    confirm_tolerance: float = 0.25  # |joint − sum of singles| (refusal-score units) a confirmed pair must exceed
+    chunk: int = 512  # masks per resumable part file
+
+
+@dataclass
+class RedundancyConfig:
+    """Redundancy ("hydra") features and the <bos> clamp experiment."""
+
+    dormant_max: float = 0.0  # clean activation at or below this counts as dormant
+    awake_min: float = 0.5  # ablated activation above this counts as awake
+    top_awake: int = 20  # per prompt, strongest awakened latents kept in H
+    bos_clamp_value: float = 0.0
+    coefficient: float = -3.0
+
+
+@dataclass
+class EvaluateConfig:
+    """Generations under each intervention, judged."""
+
+    n_random: int = 3  # random same-size feature sets per prompt
+    max_new_tokens: int | None = None  # null = model.max_new_tokens
+    batch_size: int = 32
+
+
+@dataclass
+class SearchConfig:
+    """Stage settings (conf/search/*.yaml: fast, default, paper)."""
+
+    name: str = "default"
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    greedy: GreedyConfig = field(default_factory=GreedyConfig)
+    fm: FMConfig = field(default_factory=FMConfig)
+    redundancy: RedundancyConfig = field(default_factory=RedundancyConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+@dataclass
+class JudgeConfig:
+    name: str = "substring"
+
+
+@dataclass
+class BackendConfig:
+    name: Literal["local", "ndif", "ndif_check"] = "local"
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; composed by Hydra from conf/config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    run_dir: str | None = None  # null = runs/<model>/<timestamp>
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["direction", "candidates", "greedy", "fm", "redundancy", "evaluate"])

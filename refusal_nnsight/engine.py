@@ -1,0 +1,82 @@
+"""The batched ablation engine: many edit variants of one prompt in one forward pass.
+
+A pool is an ordered list of SAE features (layer, index). A variant is a boolean mask over the
+pool (True = edit that feature). `AblationEngine` builds one `FeatureEdit` per layer whose
+per-row mask selects each variant's features, repeats the prompt's row once per variant, and
+reads only the refusal score at the last position. Greedy, fm, redundancy and evaluate all go
+through it, so their cost is (#variants / batch size) forwards instead of #variants traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .interventions import FeatureEdit, Positions
+from .models import Batch, LoadedModel
+from .saes import LoadedSAEs
+from .scoring import refusal_scores
+
+Feature = tuple[int, int]  # (layer, latent index)
+
+
+@dataclass
+class AblationEngine:
+    model: LoadedModel
+    saes: LoadedSAEs
+    pool: Sequence[Feature]
+    value: float = -3.0  # scale c (mode=scale) or clamp value (mode=clamp)
+    mode: str = "scale"
+    positions: Positions = "all"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        self.pool = [(int(layer), int(f)) for layer, f in self.pool]
+        by_layer: dict[int, list[int]] = {}
+        for col, (layer, _) in enumerate(self.pool):
+            by_layer.setdefault(layer, []).append(col)
+        # per layer: (sliced SAE over that layer's pool features, their columns in the pool)
+        self._layers = {
+            layer: (
+                self.saes.slice(layer, [self.pool[c][1] for c in cols]).to(self.model.device, torch.float32),
+                torch.tensor(cols, dtype=torch.long),
+            )
+            for layer, cols in sorted(by_layer.items())
+        }
+
+    @property
+    def size(self) -> int:
+        return len(self.pool)
+
+    def edits(self, masks: torch.Tensor) -> list[FeatureEdit]:
+        """masks [V, F] (or [F]) bool over the pool → one FeatureEdit per layer with per-row masks."""
+        masks = masks.bool()
+        if masks.shape[-1] != self.size:
+            raise ValueError(f"mask width {masks.shape[-1]} != pool size {self.size}")
+        return [
+            FeatureEdit(sae, value=self.value, mode=self.mode, mask=masks[..., cols], positions=self.positions)
+            for sae, cols in self._layers.values()
+        ]
+
+    def scores(self, prompt: str | Batch, masks: torch.Tensor, progress: str | None = None) -> torch.Tensor:
+        """Refusal score [V] of one prompt under each of V mask variants [V, F]."""
+        batch = prompt if isinstance(prompt, Batch) else self.model.tokenize([prompt])
+        if len(batch) != 1:
+            raise ValueError("scores() takes one prompt; use scores_rows for one variant per prompt")
+        masks = masks.reshape(-1, self.size)
+        return refusal_scores(self.model, batch.repeat(masks.shape[0]), self.edits(masks), self.batch_size, progress)
+
+    def scores_rows(self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None) -> torch.Tensor:
+        """Refusal score [N] of N prompts, prompt i under its own mask masks[i] ([N, F])."""
+        batch = prompts if isinstance(prompts, Batch) else self.model.tokenize(list(prompts))
+        return refusal_scores(self.model, batch, self.edits(masks.reshape(len(batch), self.size)), self.batch_size, progress)
+
+    def mask_of(self, features: Sequence[Feature]) -> torch.Tensor:
+        """[F] bool mask selecting `features` (each must be in the pool)."""
+        index = {f: i for i, f in enumerate(self.pool)}
+        m = torch.zeros(self.size, dtype=torch.bool)
+        for f in features:
+            m[index[(int(f[0]), int(f[1]))]] = True
+        return m

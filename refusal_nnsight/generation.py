@@ -1,0 +1,59 @@
+"""Greedy generation under an intervention that reaches every generated token."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import interventions
+from .interventions import Edit
+from .models import Batch, LoadedModel
+
+
+def generate(
+    model: LoadedModel,
+    prompts: Batch | Sequence[str],
+    edits: Sequence[Edit] = (),
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    progress: str | None = None,
+) -> list[str]:
+    """Greedy completions (decoded, special tokens dropped) of each prompt under `edits`.
+
+    Edits apply on the prompt forward and on every decoding step (`tracer.all()`); positions
+    such as "bos" or eoi offsets exist only in the prompt forward.
+    """
+    batch = prompts if isinstance(prompts, Batch) else model.tokenize(list(prompts))
+    max_new = max_new_tokens or model.cfg.max_new_tokens
+    tok = model.tokenizer
+    texts: list[str] = []
+    starts = range(0, len(batch), batch_size)
+    for i0 in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        i1 = min(i0 + batch_size, len(batch))
+        chunk = batch.rows(i0, i1)
+        chunk_edits = interventions.rows(edits, i0, i1)
+        with warnings.catch_warnings(), torch.no_grad():
+            # An open tracer.all() loop ends by nnsight's "was never reached" warning, by design.
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            ids = _generate_chunk(model, chunk, chunk_edits, max_new)
+        new = ids[:, chunk.input_ids.shape[1] :].cpu()
+        texts.extend(tok.batch_decode(new, skip_special_tokens=True))
+    return texts
+
+
+def _generate_chunk(model: LoadedModel, chunk: Batch, edits: Sequence[Edit], max_new: int) -> torch.Tensor:
+    inputs = chunk.model_inputs(model.device)
+    inputs.pop("position_ids")  # generate derives positions from the attention mask itself
+    with model.lm.generate(
+        max_new_tokens=max_new, do_sample=False, pad_token_id=model.tokenizer.pad_token_id
+    ) as tracer:
+        with tracer.invoke(**inputs):
+            if edits:
+                for step in tracer.all():
+                    interventions.apply(model, edits, chunk.attention_mask, step=step)
+        with tracer.invoke():
+            ids = tracer.result.save()
+    return ids

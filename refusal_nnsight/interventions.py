@@ -1,0 +1,231 @@
+"""The one intervention operator: every stage edits the residual stream through `apply`.
+
+Three edit kinds, each a pure-torch `edit(x, positions) -> x'` on a layer's residual
+x [B, T, d] (the output of `model.layers[L]`, sae-lens `blocks.L.hook_resid_post`):
+
+* `FeatureEdit` — SAE latents with the error term kept (SPEC.md "Shared primitive"):
+  f = E(x), f'_S = c·f_S ("scale") or v ("clamp"), x' = x + (f' − f)_S · W_dec[S]. Unedited
+  latents and the SAE error ε = x − D(f) are untouched, and only the |S| sliced columns are
+  computed. `mask` [B, S] picks, per batch row, which features are edited — that is how many
+  ablation variants of one prompt run as one batched forward.
+* `DirectionAblation` — Arditi's x ← x − (x·r̂)r̂ at every layer's residual (the input of layer
+  0 and every layer output).
+* `DirectionAddition` — Arditi's activation addition x ← x + α·r at one layer.
+* `Reconstruction` — x ← D(E(x)), the SAE splice without error term (SAE faithfulness checks).
+
+Positions: "all" (prompt and generated tokens), "prompt", "generated", "bos" (the first real
+token of each left-padded row), or a list of negative offsets from the end of the prompt
+(e.g. the eoi positions [-5..-1]). `apply` is called inside an nnsight trace, or on every step of
+`tracer.all()` in generate; the same `edit` runs in a plain torch hook for the parity tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, Union
+
+import torch
+
+from .saes import SlicedSAE
+
+Positions = Union[Literal["all", "prompt", "generated", "bos"], tuple[int, ...], list[int]]
+
+
+def position_mask(positions: Positions, attention_mask: torch.Tensor, step: int, width: int) -> torch.Tensor | None:
+    """[B, width] bool of the positions to edit at generation `step` (0 = the prompt forward).
+
+    Returns None for "everything" (the cheap common case). Left padding is excluded from the
+    prompt forward so pad positions never change.
+    """
+    prompt_step = step == 0
+    if positions == "all":
+        return attention_mask.bool() if prompt_step else None
+    if positions == "prompt" or positions == "generated":
+        on = prompt_step == (positions == "prompt")
+        if not on:
+            return torch.zeros(attention_mask.shape[0], width, dtype=torch.bool, device=attention_mask.device)
+        return attention_mask.bool() if prompt_step else None
+    out = torch.zeros(attention_mask.shape[0], width, dtype=torch.bool, device=attention_mask.device)
+    if not prompt_step:
+        return out  # bos / prompt offsets exist only in the prompt forward
+    if positions == "bos":
+        first = (attention_mask.shape[1] - attention_mask.sum(-1)).long()  # first real token per row
+        out[torch.arange(out.shape[0]), first] = True
+        return out
+    offsets = torch.as_tensor(list(positions), dtype=torch.long)
+    if (offsets >= 0).any():
+        raise ValueError("position offsets are negative, counted from the end of the prompt (-1 = last)")
+    out[:, width + offsets.to(out.device)] = True
+    return out
+
+
+@dataclass
+class FeatureEdit:
+    """Scale (f ← c·f) or clamp (f ← v) SAE latents S at `sae.layer`, error term kept."""
+
+    sae: SlicedSAE
+    value: float | torch.Tensor = 0.0  # scalar, [S] or [B, S]: the scale c or the clamp value v
+    mode: Literal["scale", "clamp"] = "scale"
+    mask: torch.Tensor | None = None  # [S] or [B, S] bool: features edited per row; None = all of S
+    positions: Positions = "all"
+
+    @property
+    def layers(self) -> list[int]:
+        return [self.sae.layer]
+
+    def rows(self, i0: int, i1: int) -> FeatureEdit:
+        """The edit restricted to batch rows i0..i1 (per-row masks/values are sliced)."""
+
+        def cut(t):
+            return t[i0:i1] if isinstance(t, torch.Tensor) and t.dim() == 2 else t
+
+        return replace(self, value=cut(self.value), mask=cut(self.mask))
+
+    def edit(self, x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, d] → x + (f' − f)·W_dec[S] at the positions `where` [B, T] (None = all)."""
+        sae = self.sae
+        f = sae.encode(x)  # [B, T, S]
+        value = torch.as_tensor(self.value, dtype=f.dtype, device=f.device)
+        if value.dim() == 2:
+            value = value[:, None, :]  # per row → broadcast over positions
+        f_new = f * value if self.mode == "scale" else value.expand_as(f)
+        delta = f_new - f
+        if self.mask is not None:
+            m = self.mask.to(device=f.device, dtype=f.dtype)
+            delta = delta * (m[:, None, :] if m.dim() == 2 else m)
+        if where is not None:
+            delta = delta * where[..., None].to(delta.dtype)
+        return x + sae.decode_delta(delta).to(x.dtype)
+
+
+@dataclass
+class DirectionAblation:
+    """Project the unit direction out of the residual: x ← x − (x·r̂)r̂ (Arditi et al. 2024)."""
+
+    direction: torch.Tensor  # [d]
+    layer_list: Sequence[int] | None = None  # None = every layer, plus the input of layer 0
+    positions: Positions = "all"
+
+    def layers_of(self, n_layers: int) -> list[int]:
+        return list(range(n_layers)) if self.layer_list is None else list(self.layer_list)
+
+    def rows(self, i0: int, i1: int) -> DirectionAblation:
+        return self
+
+    def edit(self, x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        r = self.direction.to(device=x.device, dtype=torch.float32)
+        r = r / r.norm()
+        proj = (x.float() @ r)[..., None] * r  # [B, T, d]
+        if where is not None:
+            proj = proj * where[..., None]
+        return (x.float() - proj).to(x.dtype)
+
+
+@dataclass
+class DirectionAddition:
+    """Add a vector to one layer's residual: x ← x + coeff·r (activation addition)."""
+
+    direction: torch.Tensor  # [d], not normalised: the mean difference itself
+    layer: int
+    coeff: float = 1.0
+    positions: Positions = "all"
+
+    @property
+    def layers(self) -> list[int]:
+        return [self.layer]
+
+    def rows(self, i0: int, i1: int) -> DirectionAddition:
+        return self
+
+    def edit(self, x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        add = self.coeff * self.direction.to(device=x.device, dtype=x.dtype)
+        if where is None:
+            return x + add
+        return x + where[..., None].to(x.dtype) * add
+
+
+@dataclass
+class Reconstruction:
+    """Replace the residual by the SAE's reconstruction x̂ = D(E(x)) (error term dropped).
+
+    Not an ablation: it measures how faithful an SAE is ("splice agreement", FVU in context).
+    `sae` must be a full-width SlicedSAE (all latents).
+    """
+
+    sae: SlicedSAE
+    positions: Positions = "all"
+
+    @property
+    def layers(self) -> list[int]:
+        return [self.sae.layer]
+
+    def rows(self, i0: int, i1: int) -> Reconstruction:
+        return self
+
+    def edit(self, x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        x_hat = (self.sae.encode(x) @ self.sae.W_dec + self.sae.b_dec).to(x.dtype)
+        if where is None:
+            return x_hat
+        return torch.where(where[..., None], x_hat, x)
+
+
+Edit = Union[FeatureEdit, DirectionAblation, DirectionAddition, Reconstruction]
+
+
+def edits_by_layer(edits: Sequence[Edit], n_layers: int) -> tuple[list[Edit], dict[int, list[Edit]]]:
+    """(edits of layer 0's input, {layer: edits of that layer's output}) in application order."""
+    pre: list[Edit] = []
+    out: dict[int, list[Edit]] = {}
+    for e in edits:
+        if isinstance(e, DirectionAblation):
+            if e.layer_list is None:
+                pre.append(e)
+            targets = e.layers_of(n_layers)
+        else:
+            targets = e.layers
+        for layer in targets:
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"edit at layer {layer}, but the model has layers 0..{n_layers - 1}")
+            out.setdefault(layer, []).append(e)
+    return pre, dict(sorted(out.items()))
+
+
+def apply(
+    model, edits: Sequence[Edit], attention_mask: torch.Tensor, step: int = 0, capture: Sequence[int] = ()
+) -> dict[int, torch.Tensor]:
+    """Apply `edits` inside the current nnsight trace (or generation step) of `model`.
+
+    `model` is a LoadedModel; `attention_mask` [B, T_prompt] is the batch's prompt mask, used to
+    place "bos"/offset positions and to keep left padding untouched. Modules are visited in
+    forward order, as nnsight requires, so reads of residuals go through `capture`: the edited
+    residual [B, T, d] of each captured layer is returned (not saved; call .save() on what you keep).
+    """
+    pre, by_layer = edits_by_layer(edits, model.n_layers)
+    layers = model.layers()
+    if pre:
+        first = layers[0]
+        first.input = _edit_all(pre, first.input, attention_mask, step)
+    captured: dict[int, torch.Tensor] = {}
+    for layer in sorted(set(by_layer) | set(capture)):
+        module = layers[layer]
+        if layer in by_layer:
+            module.output = _edit_all(by_layer[layer], module.output, attention_mask, step)
+        if layer in capture:
+            captured[layer] = module.output
+    return captured
+
+
+def _edit_all(edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int) -> torch.Tensor:
+    masks: dict = {}
+    for e in edits:
+        key = e.positions if isinstance(e.positions, str) else tuple(e.positions)
+        if key not in masks:
+            masks[key] = position_mask(e.positions, attention_mask.to(x.device), step, x.shape[1])
+        x = e.edit(x, masks[key])
+    return x
+
+
+def rows(edits: Sequence[Edit], i0: int, i1: int) -> list[Edit]:
+    """Restrict every edit's per-row masks/values to batch rows i0..i1."""
+    return [e.rows(i0, i1) for e in edits]

@@ -1,0 +1,204 @@
+"""The one intervention operator, tested hardest: no-op, exact ablation, parity with a plain
+torch hook, SlicedSAE = sae-lens, edits reach generated tokens, batched = one-by-one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import model_config, random_jumprelu_sae, tiny_gemma2, tiny_llama3
+
+from refusal_nnsight.generation import generate
+from refusal_nnsight.interventions import (
+    DirectionAblation,
+    DirectionAddition,
+    FeatureEdit,
+    apply,
+    position_mask,
+)
+from refusal_nnsight.models import wrap_model
+from refusal_nnsight.saes import SlicedSAE
+from refusal_nnsight.scoring import last_logits
+
+PROMPTS = ["hello there", "tell me how to make a cake please", "what is a bomb ?"]
+LAYER = 1
+
+
+@pytest.fixture(scope="module", params=["gemma2", "llama3"])
+def setup(request):
+    hf, tok = tiny_gemma2() if request.param == "gemma2" else tiny_llama3()
+    model = wrap_model(hf, tok, model_config(request.param))
+    sae = random_jumprelu_sae(model.d_model, 256, LAYER, scope="gemma" if request.param == "gemma2" else "llama")
+    # Make latents fire on this model's residuals: bias the encoder so ~a third are active.
+    with torch.no_grad():
+        sae.b_enc.add_(0.3)
+    return model, hf, sae
+
+
+def _residual(model, batch, edits):
+    with torch.no_grad(), model.lm.trace(**batch.model_inputs("cpu")):
+        x = apply(model, edits, batch.attention_mask, capture=[LAYER])[LAYER].clone().save()
+    return x
+
+
+def test_noop_edit_returns_residual_exactly(setup):
+    model, _, sae = setup
+    batch = model.tokenize(PROMPTS)
+    sliced = SlicedSAE.from_sae(sae, LAYER, range(0, 256, 3))
+    clean = _residual(model, batch, [])
+    for edit in (FeatureEdit(sliced, value=1.0), FeatureEdit(sliced, value=0.0, mask=torch.zeros(sliced.n_features, dtype=torch.bool))):
+        assert torch.allclose(_residual(model, batch, [edit]), clean, atol=1e-6)
+
+
+def test_scale_zero_removes_exactly_the_decoder_contribution(setup):
+    model, _, sae = setup
+    batch = model.tokenize(PROMPTS)
+    clean = _residual(model, batch, [])
+    f = sae.encode(clean)  # [B, T, n] from sae-lens itself
+    j = int(f[batch.attention_mask.bool()].gt(0).sum(0).argmax())  # a latent that fires somewhere
+    edited = _residual(model, batch, [FeatureEdit(SlicedSAE.from_sae(sae, LAYER, [j]), value=0.0)])
+    expected = clean - f[..., j : j + 1] * sae.W_dec[j] * batch.attention_mask[..., None]
+    assert f[..., j].abs().sum() > 0
+    assert torch.allclose(edited, expected, atol=1e-5)
+    # scale c: x' = x + (c − 1)·f_j·d_j
+    edited3 = _residual(model, batch, [FeatureEdit(SlicedSAE.from_sae(sae, LAYER, [j]), value=-3.0)])
+    assert torch.allclose(edited3, clean - 4 * f[..., j : j + 1] * sae.W_dec[j] * batch.attention_mask[..., None], atol=1e-5)
+
+
+def test_clamp_sets_latent_value_and_keeps_error_term(setup):
+    model, _, sae = setup
+    batch = model.tokenize(PROMPTS)
+    sliced = SlicedSAE.from_sae(sae, LAYER, [5, 7])
+    edited = _residual(model, batch, [FeatureEdit(sliced, value=torch.tensor([2.0, 0.0]), mode="clamp")])
+    clean = _residual(model, batch, [])
+    real = batch.attention_mask.bool()
+    f_clean, f_edit = sae.encode(clean), sae.encode(edited)
+    # the error term of the clean residual is preserved: x' − D(f') = x − D(f) where f' = f with S clamped
+    f_target = f_clean.clone()
+    f_target[..., 5], f_target[..., 7] = 2.0, 0.0
+    err_clean = clean - sae.decode(f_clean)
+    err_edit = edited - sae.decode(f_target)
+    assert torch.allclose(err_clean[real], err_edit[real], atol=1e-5)
+    assert not torch.allclose(f_edit[real][:, 5], f_clean[real][:, 5])
+
+
+def test_nnsight_edit_equals_plain_torch_hook(setup):
+    model, hf, sae = setup
+    batch = model.tokenize(PROMPTS)
+    edits = [FeatureEdit(SlicedSAE.from_sae(sae, LAYER, [1, 2, 3, 40]), value=-3.0), DirectionAddition(torch.randn(model.d_model), layer=2)]
+    got = last_logits(model, batch, edits)
+
+    def hook_for(layer):
+        def hook(module, args, output):
+            where = position_mask("all", batch.attention_mask, 0, output.shape[1])
+            for e in edits:
+                if layer in e.layers:
+                    output = e.edit(output, where)
+            return output
+
+        return hook
+
+    handles = [hf.model.layers[layer].register_forward_hook(hook_for(layer)) for layer in (1, 2)]
+    try:
+        with torch.no_grad():
+            want = hf(**batch.model_inputs("cpu")).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, last_logits(model, batch), atol=1e-3)  # the edit did something
+
+
+def test_direction_ablation_removes_the_direction_everywhere(setup):
+    model, _, _ = setup
+    batch = model.tokenize(PROMPTS)
+    r = torch.randn(model.d_model)
+    x = _residual(model, batch, [DirectionAblation(r)])
+    proj = x[batch.attention_mask.bool()] @ (r / r.norm())
+    assert proj.abs().max() < 1e-4
+
+
+def test_sliced_sae_equals_sae_lens_on_its_features(setup):
+    _, _, sae = setup
+    x = torch.randn(4, 7, sae.W_enc.shape[0]) * 2
+    feats = [0, 3, 17, 100, 255]
+    sliced = SlicedSAE.from_sae(sae, LAYER, feats)
+    assert torch.allclose(sliced.encode(x), sae.encode(x)[..., feats], atol=1e-6)
+    assert sliced.encode(x).gt(0).any()
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+def test_sliced_sae_other_architectures(arch):
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64)) if arch == "standard" else TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=6))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    x = torch.randn(3, 5, 16)
+    feats = [2, 9, 33]
+    sliced = SlicedSAE.from_sae(sae, 0, feats)
+    assert torch.allclose(sliced.encode(x), sae.encode(x)[..., feats], atol=1e-5)
+
+
+def test_edit_reaches_generated_tokens(setup):
+    model, hf, sae = setup
+    batch = model.tokenize(PROMPTS)
+    edits = [DirectionAddition(torch.randn(model.d_model) * 4, layer=LAYER)]
+    got = generate(model, batch, edits, max_new_tokens=6)
+    calls = []
+
+    def hook(module, args, output):
+        where = position_mask("all", batch.attention_mask, len(calls), output.shape[1])
+        calls.append(1)
+        return edits[0].edit(output, where)
+
+    handle = hf.model.layers[LAYER].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            ids = hf.generate(**{k: v for k, v in batch.model_inputs("cpu").items() if k != "position_ids"},
+                              max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    want = model.tokenizer.batch_decode(ids[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+    assert len(calls) > 1  # the hook saw decoding steps, so the comparison covers them
+    assert got == want
+    assert got != generate(model, batch, max_new_tokens=6)
+    # An edit that only touches the prompt differs from one that also edits generated tokens.
+    prompt_only = [DirectionAddition(edits[0].direction, layer=LAYER, positions="prompt")]
+    assert generate(model, batch, prompt_only, max_new_tokens=6) != got
+
+
+def test_batched_per_row_masks_equal_one_by_one(setup):
+    model, _, sae = setup
+    feats = list(range(0, 256, 16))
+    sliced = SlicedSAE.from_sae(sae, LAYER, feats)
+    prompt = PROMPTS[1]
+    masks = torch.rand(5, len(feats), generator=torch.Generator().manual_seed(1)) > 0.5
+    rows = model.tokenize([prompt]).repeat(5)
+    batched = last_logits(model, rows, [FeatureEdit(sliced, value=-3.0, mask=masks)], batch_size=2)
+    for i in range(5):
+        single = last_logits(model, [prompt], [FeatureEdit(sliced, value=-3.0, mask=masks[i])])
+        assert torch.allclose(batched[i], single[0], atol=1e-5)
+    # and padding: the same prompt inside a padded batch of different-length prompts
+    mixed = last_logits(model, PROMPTS, [FeatureEdit(sliced, value=-3.0)])
+    for i, p in enumerate(PROMPTS):
+        assert torch.allclose(mixed[i], last_logits(model, [p], [FeatureEdit(sliced, value=-3.0)])[0], atol=1e-5)
+
+
+def test_positions_bos_and_offsets(setup):
+    model, _, _ = setup
+    batch = model.tokenize(PROMPTS)
+    clean = _residual(model, batch, [])
+    v = torch.ones(model.d_model)
+    bos = _residual(model, batch, [DirectionAddition(v, layer=LAYER, positions="bos")]) - clean
+    first = batch.input_ids.shape[1] - batch.attention_mask.sum(-1)
+    for i in range(len(PROMPTS)):
+        changed = bos[i].abs().sum(-1) > 0
+        assert changed.nonzero().flatten().tolist() == [int(first[i])]
+        assert batch.input_ids[i, first[i]] == model.bos_id
+    # the edit at BOS propagates nowhere before it; eoi offsets edit exactly the last positions
+    eoi = _residual(model, batch, [DirectionAddition(v, layer=LAYER, positions=model.eoi_positions)]) - clean
+    changed = eoi.abs().sum(-1) > 0
+    assert changed[:, -len(model.eoi_positions) :].all()
+    assert not changed[:, : -len(model.eoi_positions)].any()
