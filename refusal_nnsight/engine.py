@@ -52,11 +52,13 @@ class AblationEngine:
 
     def edits(self, masks: torch.Tensor) -> list[FeatureEdit]:
         """masks [V, F] (or [F]) bool over the pool → one FeatureEdit per layer with per-row masks."""
-        masks = masks.bool()
+        masks = masks.to(self.model.device, torch.bool)  # placed once, reused by every layer
         if masks.shape[-1] != self.size:
             raise ValueError(f"mask width {masks.shape[-1]} != pool size {self.size}")
         return [
-            FeatureEdit(sae, value=self.value, mode=self.mode, mask=masks[..., cols], positions=self.positions)
+            FeatureEdit(
+                sae, value=self.value, mode=self.mode, mask=masks[..., cols.to(masks.device)], positions=self.positions
+            )
             for sae, cols in self._layers.values()
         ]
 
@@ -66,12 +68,18 @@ class AblationEngine:
         if len(batch) != 1:
             raise ValueError("scores() takes one prompt; use scores_rows for one variant per prompt")
         masks = masks.reshape(-1, self.size)
-        return refusal_scores(self.model, batch.repeat(masks.shape[0]), self.edits(masks), self.batch_size, progress)
+        return refusal_scores(
+            self.model, batch.repeat(masks.shape[0]), self.edits(masks), self.batch_size, progress
+        )
 
-    def scores_rows(self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None) -> torch.Tensor:
+    def scores_rows(
+        self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None
+    ) -> torch.Tensor:
         """Refusal score [N] of N prompts, prompt i under its own mask masks[i] ([N, F])."""
         batch = prompts if isinstance(prompts, Batch) else self.model.tokenize(list(prompts))
-        return refusal_scores(self.model, batch, self.edits(masks.reshape(len(batch), self.size)), self.batch_size, progress)
+        return refusal_scores(
+            self.model, batch, self.edits(masks.reshape(len(batch), self.size)), self.batch_size, progress
+        )
 
     def mask_of(self, features: Sequence[Feature]) -> torch.Tensor:
         """[F] bool mask selecting `features` (each must be in the pool)."""

@@ -6,11 +6,11 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import interventions
 from .interventions import Edit
 from .models import Batch, LoadedModel
+from .scoring import map_chunks
 
 
 def generate(
@@ -29,19 +29,16 @@ def generate(
     batch = prompts if isinstance(prompts, Batch) else model.tokenize(list(prompts))
     max_new = max_new_tokens or model.cfg.max_new_tokens
     tok = model.tokenizer
-    texts: list[str] = []
-    starts = range(0, len(batch), batch_size)
-    for i0 in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-        i1 = min(i0 + batch_size, len(batch))
+
+    def one(i0: int, i1: int) -> list[str]:
         chunk = batch.rows(i0, i1)
-        chunk_edits = interventions.rows(edits, i0, i1)
         with warnings.catch_warnings(), torch.no_grad():
             # An open tracer.all() loop ends by nnsight's "was never reached" warning, by design.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            ids = _generate_chunk(model, chunk, chunk_edits, max_new)
-        new = ids[:, chunk.input_ids.shape[1] :].cpu()
-        texts.extend(tok.batch_decode(new, skip_special_tokens=True))
-    return texts
+            ids = _generate_chunk(model, chunk, interventions.rows(edits, i0, i1), max_new)
+        return tok.batch_decode(ids[:, chunk.input_ids.shape[1] :].cpu(), skip_special_tokens=True)
+
+    return [text for part in map_chunks(len(batch), batch_size, one, progress) for text in part]
 
 
 def _generate_chunk(model: LoadedModel, chunk: Batch, edits: Sequence[Edit], max_new: int) -> torch.Tensor:

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
 from .saes import SlicedSAE
 
-Positions = Union[Literal["all", "prompt", "generated", "bos"], tuple[int, ...], list[int]]
+Positions = Literal["all", "prompt", "generated", "bos"] | tuple[int, ...] | list[int]
 
 
-def position_mask(positions: Positions, attention_mask: torch.Tensor, step: int, width: int) -> torch.Tensor | None:
+def position_mask(
+    positions: Positions, attention_mask: torch.Tensor, step: int, width: int
+) -> torch.Tensor | None:
     """[B, width] bool of the positions to edit at generation `step` (0 = the prompt forward).
 
     Returns None for "everything" (the cheap common case). Left padding is excluded from the
@@ -86,13 +88,15 @@ class FeatureEdit:
         """x [B, T, d] → x + (f' − f)·W_dec[S] at the positions `where` [B, T] (None = all)."""
         sae = self.sae
         f = sae.encode(x)  # [B, T, S]
-        value = torch.as_tensor(self.value, dtype=f.dtype, device=f.device)
-        if value.dim() == 2:
-            value = value[:, None, :]  # per row → broadcast over positions
-        f_new = f * value if self.mode == "scale" else value.expand_as(f)
-        delta = f_new - f
+        value = self.value
+        if isinstance(value, torch.Tensor):  # per feature [S] or per row [B, S]
+            value = value.to(device=f.device, dtype=f.dtype)
+            value = value[:, None, :] if value.dim() == 2 else value
+        # scale: f' − f = (c − 1)·f; clamp: f' − f = v − f. A Python scalar c stays on the host:
+        # no host→device copy (a synchronising one) per layer and step.
+        delta = f * (value - 1) if self.mode == "scale" else value - f
         if self.mask is not None:
-            m = self.mask.to(device=f.device, dtype=f.dtype)
+            m = self.mask.to(device=f.device, dtype=f.dtype)  # no copy when already placed (AblationEngine)
             delta = delta * (m[:, None, :] if m.dim() == 2 else m)
         if where is not None:
             delta = delta * where[..., None].to(delta.dtype)
@@ -170,7 +174,7 @@ class Reconstruction:
         return torch.where(where[..., None], x_hat, x)
 
 
-Edit = Union[FeatureEdit, DirectionAblation, DirectionAddition, Reconstruction]
+Edit = FeatureEdit | DirectionAblation | DirectionAddition | Reconstruction
 
 
 def edits_by_layer(edits: Sequence[Edit], n_layers: int) -> tuple[list[Edit], dict[int, list[Edit]]]:
@@ -203,26 +207,29 @@ def apply(
     """
     pre, by_layer = edits_by_layer(edits, model.n_layers)
     layers = model.layers()
+    # One device copy of the mask per forward, and one position mask per position spec, shared
+    # by every layer (per-layer host→device copies would serialise the GPU stream).
+    mask = attention_mask.to(model.device)
+    where_cache: dict = {}
     if pre:
         first = layers[0]
-        first.input = _edit_all(pre, first.input, attention_mask, step)
+        first.input = _edit_all(pre, first.input, mask, step, where_cache)
     captured: dict[int, torch.Tensor] = {}
     for layer in sorted(set(by_layer) | set(capture)):
         module = layers[layer]
         if layer in by_layer:
-            module.output = _edit_all(by_layer[layer], module.output, attention_mask, step)
+            module.output = _edit_all(by_layer[layer], module.output, mask, step, where_cache)
         if layer in capture:
             captured[layer] = module.output
     return captured
 
 
-def _edit_all(edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int) -> torch.Tensor:
-    masks: dict = {}
+def _edit_all(edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int, cache: dict) -> torch.Tensor:
     for e in edits:
-        key = e.positions if isinstance(e.positions, str) else tuple(e.positions)
-        if key not in masks:
-            masks[key] = position_mask(e.positions, attention_mask.to(x.device), step, x.shape[1])
-        x = e.edit(x, masks[key])
+        key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), x.shape[1])
+        if key not in cache:
+            cache[key] = position_mask(e.positions, attention_mask, step, x.shape[1])
+        x = e.edit(x, cache[key])
     return x
 
 

@@ -7,7 +7,8 @@ s = log p(R) − log(1 − p(R)); s > 0 means the model is about to refuse.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +17,40 @@ from . import interventions
 from .errors import NonFiniteError
 from .interventions import Edit
 from .models import Batch, LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def is_oom(err: BaseException) -> bool:
+    """CUDA (or other accelerator) out-of-memory, however nnsight wrapped it."""
+    while err is not None:
+        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def map_chunks(n: int, batch_size: int, fn: Callable[[int, int], object], progress: str | None = None) -> list:
+    """[fn(i0, i1) for consecutive row chunks], halving the chunk size on out-of-memory and
+    retrying instead of failing (the pipeline's many-variant forwards size themselves)."""
+    out: list = []
+    i0, size = 0, max(1, batch_size)
+    with tqdm(total=n, desc=progress, disable=progress is None, leave=False) as bar:
+        while i0 < n:
+            i1 = min(i0 + size, n)
+            try:
+                out.append(fn(i0, i1))
+            except Exception as err:
+                if not is_oom(err) or size == 1:
+                    raise
+                size = max(1, size // 2)
+                log.warning("out of memory at batch size %d; retrying with %d", i1 - i0, size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            bar.update(i1 - i0)
+            i0 = i1
+    return out
 
 
 def refusal_score_from_logits(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
@@ -53,21 +88,22 @@ def last_logits(
     when what="score".
     """
     batch = _as_batch(model, prompts)
-    outs = []
-    starts = range(0, len(batch), batch_size)
-    for i0 in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-        i1 = min(i0 + batch_size, len(batch))
+
+    def one(i0: int, i1: int) -> torch.Tensor:
         chunk = batch.rows(i0, i1)
-        chunk_edits = interventions.rows(edits, i0, i1)
         with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
-            interventions.apply(model, chunk_edits, chunk.attention_mask)
+            interventions.apply(model, interventions.rows(edits, i0, i1), chunk.attention_mask)
             logits = model.lm.output.logits[:, -1, :]
             out = refusal_score_from_logits(logits, model.refusal_ids) if what == "score" else logits.float()
             saved = out.cpu().save()
-        outs.append(saved)
+        return saved
+
+    outs = map_chunks(len(batch), batch_size, one, progress)
     result = torch.cat(outs) if outs else torch.empty(0)
     if not torch.isfinite(result).all():
-        raise NonFiniteError("non-finite logits at the last position; check the model dtype (use float32 or bfloat16, not float16)")
+        raise NonFiniteError(
+            "non-finite logits at the last position; check the model dtype (use float32 or bfloat16, not float16)"
+        )
     return result
 
 

@@ -27,7 +27,9 @@ LAYER = 1
 def setup(request):
     hf, tok = tiny_gemma2() if request.param == "gemma2" else tiny_llama3()
     model = wrap_model(hf, tok, model_config(request.param))
-    sae = random_jumprelu_sae(model.d_model, 256, LAYER, scope="gemma" if request.param == "gemma2" else "llama")
+    sae = random_jumprelu_sae(
+        model.d_model, 256, LAYER, scope="gemma" if request.param == "gemma2" else "llama"
+    )
     # Make latents fire on this model's residuals: bias the encoder so ~a third are active.
     with torch.no_grad():
         sae.b_enc.add_(0.3)
@@ -45,7 +47,10 @@ def test_noop_edit_returns_residual_exactly(setup):
     batch = model.tokenize(PROMPTS)
     sliced = SlicedSAE.from_sae(sae, LAYER, range(0, 256, 3))
     clean = _residual(model, batch, [])
-    for edit in (FeatureEdit(sliced, value=1.0), FeatureEdit(sliced, value=0.0, mask=torch.zeros(sliced.n_features, dtype=torch.bool))):
+    for edit in (
+        FeatureEdit(sliced, value=1.0),
+        FeatureEdit(sliced, value=0.0, mask=torch.zeros(sliced.n_features, dtype=torch.bool)),
+    ):
         assert torch.allclose(_residual(model, batch, [edit]), clean, atol=1e-6)
 
 
@@ -61,7 +66,9 @@ def test_scale_zero_removes_exactly_the_decoder_contribution(setup):
     assert torch.allclose(edited, expected, atol=1e-5)
     # scale c: x' = x + (c − 1)·f_j·d_j
     edited3 = _residual(model, batch, [FeatureEdit(SlicedSAE.from_sae(sae, LAYER, [j]), value=-3.0)])
-    assert torch.allclose(edited3, clean - 4 * f[..., j : j + 1] * sae.W_dec[j] * batch.attention_mask[..., None], atol=1e-5)
+    assert torch.allclose(
+        edited3, clean - 4 * f[..., j : j + 1] * sae.W_dec[j] * batch.attention_mask[..., None], atol=1e-5
+    )
 
 
 def test_clamp_sets_latent_value_and_keeps_error_term(setup):
@@ -84,7 +91,10 @@ def test_clamp_sets_latent_value_and_keeps_error_term(setup):
 def test_nnsight_edit_equals_plain_torch_hook(setup):
     model, hf, sae = setup
     batch = model.tokenize(PROMPTS)
-    edits = [FeatureEdit(SlicedSAE.from_sae(sae, LAYER, [1, 2, 3, 40]), value=-3.0), DirectionAddition(torch.randn(model.d_model), layer=2)]
+    edits = [
+        FeatureEdit(SlicedSAE.from_sae(sae, LAYER, [1, 2, 3, 40]), value=-3.0),
+        DirectionAddition(torch.randn(model.d_model), layer=2),
+    ]
     got = last_logits(model, batch, edits)
 
     def hook_for(layer):
@@ -131,7 +141,11 @@ def test_sliced_sae_other_architectures(arch):
     from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
     torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64)) if arch == "standard" else TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=6))
+    sae = (
+        StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))
+        if arch == "standard"
+        else TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=6))
+    )
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_()
@@ -156,8 +170,12 @@ def test_edit_reaches_generated_tokens(setup):
     handle = hf.model.layers[LAYER].register_forward_hook(hook)
     try:
         with torch.no_grad():
-            ids = hf.generate(**{k: v for k, v in batch.model_inputs("cpu").items() if k != "position_ids"},
-                              max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+            ids = hf.generate(
+                **{k: v for k, v in batch.model_inputs("cpu").items() if k != "position_ids"},
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
     finally:
         handle.remove()
     want = model.tokenizer.batch_decode(ids[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
@@ -183,7 +201,9 @@ def test_batched_per_row_masks_equal_one_by_one(setup):
     # and padding: the same prompt inside a padded batch of different-length prompts
     mixed = last_logits(model, PROMPTS, [FeatureEdit(sliced, value=-3.0)])
     for i, p in enumerate(PROMPTS):
-        assert torch.allclose(mixed[i], last_logits(model, [p], [FeatureEdit(sliced, value=-3.0)])[0], atol=1e-5)
+        assert torch.allclose(
+            mixed[i], last_logits(model, [p], [FeatureEdit(sliced, value=-3.0)])[0], atol=1e-5
+        )
 
 
 def test_positions_bos_and_offsets(setup):
@@ -202,3 +222,21 @@ def test_positions_bos_and_offsets(setup):
     changed = eoi.abs().sum(-1) > 0
     assert changed[:, -len(model.eoi_positions) :].all()
     assert not changed[:, : -len(model.eoi_positions)].any()
+
+
+def test_out_of_memory_halves_the_batch_and_retries():
+    from refusal_nnsight.scoring import map_chunks
+
+    seen = []
+
+    def fn(i0, i1):
+        seen.append(i1 - i0)
+        if i1 - i0 > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return list(range(i0, i1))
+
+    out = map_chunks(10, 8, fn)
+    assert [x for part in out for x in part] == list(range(10))
+    assert seen[:3] == [8, 4, 2]  # halved until it fits
+    with pytest.raises(ValueError):
+        map_chunks(4, 2, lambda i0, i1: (_ for _ in ()).throw(ValueError("not an OOM")))
