@@ -7,15 +7,32 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import sys
 from pathlib import Path
 
 from .errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "sae", "data", "search", "judge", "backend", "experiment")
+GROUPS = ("model", "sae", "data", "data/harmful", "data/harmless", "search", "judge", "backend", "experiment")
 
 log = logging.getLogger("refusal_nnsight")
+
+
+# Override keys that look like credentials: secrets come from the environment (NDIF_API_KEY,
+# HF_TOKEN) or nnsight's own config, and must never reach .hydra/*.yaml, logs or run files.
+_SECRET_KEY = re.compile(r"(token|api_?key|secret|password|credential)", re.IGNORECASE)
+
+
+def _check_no_secret_overrides(argv: list[str]) -> None:
+    for arg in argv:
+        key, sep, _ = arg.lstrip("+~").partition("=")
+        if sep and _SECRET_KEY.search(key):
+            raise UserError(
+                f"'{key}' looks like a credential; pass secrets through the environment "
+                "(NDIF_API_KEY, HF_TOKEN), never as a config value"
+            )
 
 
 def _check_group_choices(argv: list[str]) -> None:
@@ -33,13 +50,13 @@ def to_run_config(dcfg):
     """Hydra's DictConfig → the typed RunConfig (unknown keys and bad types are UserErrors)."""
     from omegaconf import OmegaConf
 
-    from .config import RunConfig, from_dict
+    from .config import RunConfig, from_dict, validate
 
     data = OmegaConf.to_container(dcfg, resolve=False)
     data.pop("hydra", None)
     data.pop("experiment", None)
     data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
-    return from_dict(RunConfig, data)
+    return validate(from_dict(RunConfig, data))
 
 
 def compose(overrides: list[str] | None = None):
@@ -47,6 +64,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    _check_no_secret_overrides(overrides or [])
     _check_group_choices(overrides or [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_run_config(hydra_compose(config_name="config", overrides=overrides or []))
@@ -57,20 +75,33 @@ def _task(dcfg) -> None:
 
     from . import pipeline
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    fresh = not (run_dir / "config.json").exists()  # config.json is written once inputs are valid
     try:
         cfg = to_run_config(dcfg)
-        cfg.run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+        cfg.run_dir = str(run_dir)
         pipeline.run(cfg)
     except UserError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
+        if fresh and not (run_dir / "config.json").exists():
+            _keep_only_log(run_dir)
         sys.exit(err.exit_code)
+
+
+def _keep_only_log(run_dir: Path) -> None:
+    """A run that failed on bad input leaves nothing but its log (Hydra wrote .hydra/ already)."""
+    for path in run_dir.iterdir():
+        if path.suffix == ".log":
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def main() -> None:
     import hydra
 
     try:
+        _check_no_secret_overrides(sys.argv[1:])
         _check_group_choices(sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -32,7 +32,9 @@ class ModelConfig:
     chat_template: str | None = None  # jinja override; null = the tokenizer's own template
     eoi_suffix: str | None = None  # template text after the instruction; null = derived from the template
     refusal_strings: list[str] = field(default_factory=lambda: ["I"])  # first token of each = refusal tokens
-    refusal_token_ids: list[int] | None = None  # explicit ids (Gemma 235285, Llama-3 40); overrides refusal_strings
+    refusal_token_ids: list[int] | None = (
+        None  # explicit ids (Gemma 235285, Llama-3 40); overrides refusal_strings
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto = cuda if available, else cpu
     attn_implementation: str | None = "eager"  # Gemma-2 needs eager for its attention softcap
@@ -132,13 +134,18 @@ def to_dict(obj: Any) -> Any:
 
 @dataclass
 class PromptSource:
-    """One prompt set: the organism grammar, or a local file / HF dataset (issue: real datasets)."""
+    """One prompt set: the organism grammar, a local file, or an HF dataset (conf/data/{harmful,harmless})."""
 
+    name: str = "organism"
     source: Literal["organism", "file", "hf"] = "organism"
-    path: str | None = None  # local CSV / JSON / JSONL / Parquet, or an HF dataset id
+    path: str | None = None  # local CSV / JSON / JSONL / Parquet file, or an HF dataset id (source=hf)
+    config: str | None = None  # HF dataset config name
+    split: str | None = None  # HF split
     column: str = "instruction"  # the column holding the instruction
     category_column: str | None = None
-    split: str | None = None  # HF split
+    filter_column: str | None = None  # keep only rows whose filter_column == filter_value
+    filter_value: str | None = None
+    license: str | None = None  # shown in the report (Alpaca is CC BY-NC 4.0)
 
 
 @dataclass
@@ -202,7 +209,9 @@ class FMConfig:
     coefficient: float = -3.0
     batch_size: int = 256
     readout: Literal["regression", "classification"] = "regression"  # which FM's w and V are read out
-    confirm_tolerance: float = 0.25  # |joint − sum of singles| (refusal-score units) a confirmed pair must exceed
+    confirm_tolerance: float = (
+        0.25  # |joint − sum of singles| (refusal-score units) a confirmed pair must exceed
+    )
     chunk: int = 512  # masks per resumable part file
 
 
@@ -215,6 +224,11 @@ class RedundancyConfig:
     top_awake: int = 20  # per prompt, strongest awakened latents kept in H
     bos_clamp_value: float = 0.0
     coefficient: float = -3.0
+    weak_coefficient: float = 0.0  # weaker ablation of M (zero-ablation) where M alone may not jailbreak
+    reinject_scale: float = 2.0  # H scaled by this in the M-ablated run: its awakened contribution added once more
+    bos_features: Literal["awakened", "minimal", "both"] = "awakened"  # which latents the <bos> clamp sets
+    max_new_tokens: int | None = None  # null = model.max_new_tokens
+    batch_size: int = 16  # prompts per forward (the full-width SAE scan holds [B, T, width] per layer)
 
 
 @dataclass
@@ -224,6 +238,9 @@ class EvaluateConfig:
     n_random: int = 3  # random same-size feature sets per prompt
     max_new_tokens: int | None = None  # null = model.max_new_tokens
     batch_size: int = 32
+    max_prompts: int | None = None  # harmful and harmless eval prompts evaluated; null = all of data.n_eval
+    coefficient: float = -3.0  # scale of ablated SAE latents (candidates, minimal sets, random sets)
+    fm_top: int = 5  # FM top features (by |w_i|, not already in M) added to M in "minimal_plus_fm"
 
 
 @dataclass
@@ -261,4 +278,51 @@ class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     run_dir: str | None = None  # null = runs/<model>/<timestamp>
     seed: int = 0
-    stages: list[str] = field(default_factory=lambda: ["direction", "candidates", "greedy", "fm", "redundancy", "evaluate"])
+    stages: list[str] = field(
+        default_factory=lambda: ["direction", "candidates", "greedy", "fm", "redundancy", "evaluate"]
+    )
+
+
+# (dotted field, check, what it must be): numeric settings that make no sense fail at start-up.
+_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("data.n_train", lambda v: v > 0, "a positive integer"),
+    ("data.n_val", lambda v: v > 0, "a positive integer"),
+    ("data.n_eval", lambda v: v > 0, "a positive integer"),
+    ("model.max_new_tokens", lambda v: v > 0, "a positive integer"),
+    ("search.direction.prune_last_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("search.direction.kl_threshold", lambda v: v > 0, "positive"),
+    ("search.direction.batch_size", lambda v: v > 0, "a positive integer"),
+    ("search.candidates.top_k", lambda v: v > 0, "a positive integer"),
+    ("search.greedy.max_prompts", lambda v: v > 0, "a positive integer"),
+    ("search.greedy.batch_size", lambda v: v > 0, "a positive integer"),
+    ("search.fm.n_masks", lambda v: v >= 16, "at least 16"),
+    ("search.fm.max_prompts", lambda v: v > 0, "a positive integer"),
+    ("search.fm.rank", lambda v: v > 0, "a positive integer"),
+    ("search.fm.l2", lambda v: v >= 0, "non-negative"),
+    ("search.fm.lr", lambda v: v > 0, "positive"),
+    ("search.fm.epochs", lambda v: v > 0, "a positive integer"),
+    ("search.fm.heldout_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("search.fm.batch_size", lambda v: v > 0, "a positive integer"),
+    ("search.evaluate.n_random", lambda v: v >= 0, "non-negative"),
+    ("search.evaluate.batch_size", lambda v: v > 0, "a positive integer"),
+)
+_COEFFICIENTS = ("candidates", "greedy", "fm", "redundancy")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range checks that types alone cannot express; each failure is one UserError line."""
+    for dotted, ok, what in _RULES:
+        value: Any = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part, None)
+        if value is not None and not ok(value):
+            raise UserError(f"{dotted}={value} makes no sense: it must be {what}")
+    for stage in _COEFFICIENTS:
+        c = getattr(cfg.search, stage).coefficient
+        if not math.isfinite(c):
+            raise UserError(f"search.{stage}.coefficient={c} must be a finite number (e.g. -3 or 0)")
+        if c >= 1:
+            raise UserError(f"search.{stage}.coefficient={c} would amplify the latents, not ablate them; use a value < 1 (0 = zero-ablation, -3 = refusal_sae's Gemma setting)")
+    if cfg.sae.layers is not None and len(set(cfg.sae.layers)) != len(cfg.sae.layers):
+        raise UserError(f"sae.layers={cfg.sae.layers} repeats a layer")
+    return cfg

@@ -53,30 +53,73 @@ def _from_organism(harmful: bool, split: str, seed: int) -> PromptSet:
     )  # fmt: skip
 
 
-def read_prompt_file(src: PromptSource, harmful: bool) -> PromptSet:
-    """Instructions from a local CSV / JSON / JSONL / Parquet file (one line error on any problem)."""
+_READERS = {".csv": "read_csv", ".json": "read_json", ".jsonl": "read_ndjson", ".parquet": "read_parquet"}
+
+
+def _read_frame(src: PromptSource):
+    """The source's rows as a polars DataFrame; every problem is one UserError line."""
     import polars as pl
 
     if not src.path:
-        raise UserError("data source 'file' needs a path (data.harmful.path=...)")
+        raise UserError(
+            f"data source '{src.source}' of prompt set '{src.name}' needs a path (data.harmful.path=...)"
+        )
+    if src.source == "hf":
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(src.path, src.config, split=src.split or "train")
+        except Exception as err:  # offline, unknown id, gated: datasets raises many types
+            raise UserError(
+                f"dataset '{src.path}' could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                f"where the hub is unreachable, point data.<set>.source=file and data.<set>.path at a local CSV/JSON/JSONL/Parquet copy"
+            ) from None
+        return ds.to_polars()
     path = Path(src.path).expanduser()
     if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist")
-    readers = {".csv": pl.read_csv, ".json": pl.read_json, ".jsonl": pl.read_ndjson, ".parquet": pl.read_parquet}
-    reader = readers.get(path.suffix.lower())
+        raise UserError(f"prompt file {path} does not exist; check data.<set>.path")
+    reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"prompt file {path} has suffix '{path.suffix}'; use .csv, .json, .jsonl or .parquet")
+    if path.stat().st_size == 0:
+        raise UserError(f"prompt file {path} is empty")
     try:
-        frame = reader(path)
+        return getattr(pl, reader)(path)
     except Exception as err:  # polars raises many error types for malformed files
-        raise UserError(f"prompt file {path} is not valid {path.suffix[1:].upper()}: {str(err).splitlines()[0]}") from None
-    if src.column not in frame.columns:
-        raise UserError(f"prompt file {path} has no column '{src.column}' (columns: {frame.columns}); set data.<set>.column")
-    texts = [t for t in frame[src.column].cast(pl.Utf8).to_list() if t and t.strip()]
-    if not texts:
-        raise UserError(f"prompt file {path} has no prompts in column '{src.column}'")
-    cats = frame[src.category_column].cast(pl.Utf8).to_list() if src.category_column in frame.columns else ["none"] * len(texts)
-    return PromptSet(texts, harmful, cats[: len(texts)], [])
+        raise UserError(
+            f"prompt file {path} is not valid {path.suffix[1:].upper()}: {str(err).splitlines()[0][:160]}"
+        ) from None
+
+
+def read_prompt_source(src: PromptSource, harmful: bool) -> PromptSet:
+    """Instructions of a file or HF source, filtered, in file order."""
+    import polars as pl
+
+    frame = _read_frame(src)
+    where = f"prompt source '{src.name}' ({src.path})"
+    for col, key in (
+        (src.column, "column"),
+        (src.filter_column, "filter_column"),
+        (src.category_column, "category_column"),
+    ):
+        if col is not None and col not in frame.columns:
+            raise UserError(f"{where} has no column '{col}' (columns: {frame.columns}); set data.<set>.{key}")
+    if src.filter_column is not None:
+        frame = frame.filter(
+            pl.col(src.filter_column).cast(pl.Utf8).fill_null("") == (src.filter_value or "")
+        )
+    frame = frame.filter(
+        pl.col(src.column).is_not_null() & (pl.col(src.column).cast(pl.Utf8).str.strip_chars() != "")
+    )
+    if frame.height == 0:
+        raise UserError(f"{where} has no prompts in column '{src.column}'")
+    texts = frame[src.column].cast(pl.Utf8).to_list()
+    cats = (
+        frame[src.category_column].cast(pl.Utf8).fill_null("none").to_list()
+        if src.category_column
+        else ["none"] * len(texts)
+    )
+    return PromptSet(texts, harmful, cats, [])
 
 
 def load_prompts(cfg: DataConfig) -> Prompts:
@@ -88,22 +131,33 @@ def load_prompts(cfg: DataConfig) -> Prompts:
     for harmful, src in ((True, cfg.harmful), (False, cfg.harmless)):
         label = "harmful" if harmful else "harmless"
         if src.source == "organism":
+            # the grammar's own splits are disjoint by template instance
             parts = {s: _from_organism(harmful, s, cfg.seed) for s in ("train", "val", "test")}
-            need = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_eval}
-            for s, n in need.items():
-                if len(parts[s]) < n:
-                    raise UserError(f"data.n_{'eval' if s == 'test' else s}={n} exceeds the {len(parts[s])} {label} organism prompts of split '{s}'")
-            sets[label] = (parts["train"].take(cfg.n_train), parts["val"].take(cfg.n_val), parts["test"].take(cfg.n_eval))
-        elif src.source == "file":
-            full = read_prompt_file(src, harmful)
-            idx = list(range(len(full)))
-            random.Random(f"{cfg.seed}-{label}").shuffle(idx)
-            total = cfg.n_train + cfg.n_val + cfg.n_eval
-            if len(idx) < total:
-                raise UserError(f"{label} prompt file has {len(idx)} prompts but n_train+n_val+n_eval={total}; lower them")
-            a, b = cfg.n_train, cfg.n_train + cfg.n_val
-            sets[label] = (full.subset(idx[:a]), full.subset(idx[a:b]), full.subset(idx[b:total]))
-        else:
-            raise UserError(f"data source '{src.source}' is not available in this build; use organism or file")
+            need = {
+                "train": ("n_train", cfg.n_train),
+                "val": ("n_val", cfg.n_val),
+                "test": ("n_eval", cfg.n_eval),
+            }
+            for split, (key, n) in need.items():
+                if len(parts[split]) < n:
+                    raise UserError(
+                        f"data.{key}={n} exceeds the {len(parts[split])} {label} organism prompts of split '{split}'"
+                    )
+            sets[label] = (
+                parts["train"].take(cfg.n_train),
+                parts["val"].take(cfg.n_val),
+                parts["test"].take(cfg.n_eval),
+            )
+            continue
+        full = read_prompt_source(src, harmful)
+        idx = list(range(len(full)))
+        random.Random(f"{cfg.seed}-{label}").shuffle(idx)
+        total = cfg.n_train + cfg.n_val + cfg.n_eval
+        if len(idx) < total:
+            raise UserError(
+                f"{label} prompt source '{src.name}' has {len(idx)} prompts but data.n_train+n_val+n_eval={total}; lower them"
+            )
+        a, b = cfg.n_train, cfg.n_train + cfg.n_val
+        sets[label] = (full.subset(idx[:a]), full.subset(idx[a:b]), full.subset(idx[b:total]))
     (th, vh, eh), (tl, vl, el) = sets["harmful"], sets["harmless"]
     return Prompts(th, tl, vh, vl, eh, el)

@@ -73,7 +73,9 @@ class SlicedSAE:
 
     def to(self, device=None, dtype=None) -> SlicedSAE:
         def mv(t):
-            return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            return (
+                None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            )
 
         topk = None
         if self.topk_full is not None:
@@ -117,11 +119,17 @@ class SlicedSAE:
 
 def architecture_of(sae) -> str:
     cfg = getattr(sae, "cfg", None)
-    arch = cfg.architecture() if cfg is not None and callable(getattr(cfg, "architecture", None)) else "jumprelu"
+    arch = (
+        cfg.architecture() if cfg is not None and callable(getattr(cfg, "architecture", None)) else "jumprelu"
+    )
     if arch not in ("jumprelu", "standard", "topk"):
-        raise UserError(f"SAE architecture '{arch}' is not supported; use a JumpReLU, ReLU (standard) or TopK SAE")
+        raise UserError(
+            f"SAE architecture '{arch}' is not supported; use a JumpReLU, ReLU (standard) or TopK SAE"
+        )
     if arch == "topk" and getattr(cfg, "rescale_acts_by_decoder_norm", False):
-        raise UserError("TopK SAEs with rescale_acts_by_decoder_norm are not supported; fold the decoder norm first")
+        raise UserError(
+            "TopK SAEs with rescale_acts_by_decoder_norm are not supported; fold the decoder norm first"
+        )
     return arch
 
 
@@ -185,7 +193,9 @@ def _load_one(cfg: SAEConfig, layer: int, organism_dir: Path | None, device: str
     try:
         return SAE.from_pretrained(cfg.release, sae_id, device=device, dtype=dtype)
     except ValueError as err:
-        raise UserError(f"sae-lens does not know SAE {cfg.release}/{sae_id}: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"sae-lens does not know SAE {cfg.release}/{sae_id}: {str(err).splitlines()[0]}"
+        ) from None
     except OSError as err:
         raise UserError(
             f"SAE {cfg.release}/{sae_id} is not in the local Hugging Face cache and could not be downloaded "
@@ -200,7 +210,9 @@ def load_saes(cfg: SAEConfig, model) -> LoadedSAEs:
     organism_dir = None
     if cfg.source == "organism":
         if model.cfg.source != "organism":
-            raise UserError("sae=organism only fits model=organism; pick the SAEs of your model (e.g. sae=gemma_scope_16k)")
+            raise UserError(
+                "sae=organism only fits model=organism; pick the SAEs of your model (e.g. sae=gemma_scope_16k)"
+            )
         from .organism.store import ensure_organism
 
         organism_dir = ensure_organism(model.cfg.organism_recipe)
@@ -209,7 +221,9 @@ def load_saes(cfg: SAEConfig, model) -> LoadedSAEs:
         raise UserError("sae.layers is empty; give at least one layer")
     for layer in layers:
         if not 0 <= layer < model.n_layers:
-            raise UserError(f"layer {layer} is out of range: model '{model.cfg.name}' has layers 0..{model.n_layers - 1}")
+            raise UserError(
+                f"layer {layer} is out of range: model '{model.cfg.name}' has layers 0..{model.n_layers - 1}"
+            )
     saes = {}
     for layer in layers:
         sae = _load_one(cfg, layer, organism_dir, str(model.device), dtype).eval()
@@ -222,16 +236,25 @@ def check_sae(sae, layer: int, model) -> None:
     """Width, hook and normalisation checks; each failure is one UserError line."""
     d_in = int(sae.W_enc.shape[0])
     if d_in != model.d_model:
-        raise UserError(f"the layer-{layer} SAE has d_in={d_in} but the model's d_model is {model.d_model}; use the SAEs of this model")
+        raise UserError(
+            f"the layer-{layer} SAE has d_in={d_in} but the model's d_model is {model.d_model}; use the SAEs of this model"
+        )
     read = hook_layer(sae)
     if read is None:
         hook = sae.cfg.metadata.hook_name
-        raise UserError(f"the layer-{layer} SAE hooks '{hook}', which is not a residual-stream output (blocks.L.hook_resid_post)")
+        raise UserError(
+            f"the layer-{layer} SAE hooks '{hook}', which is not a residual-stream output (blocks.L.hook_resid_post)"
+        )
+    if not 0 <= read < model.n_layers:
+        raise UserError(
+            f"the SAE hook module model.layers.{read} does not exist (model has {model.n_layers} layers); "
+            "use SAEs trained on this model"
+        )
     if read != layer:
         raise UserError(f"the SAE configured for layer {layer} reads layer {read} (hook {sae.cfg.metadata.hook_name})")
-    if not 0 <= read < model.n_layers:
-        raise UserError(f"the SAE hook module model.layers.{read} does not exist (model has {model.n_layers} layers)")
     norm = getattr(sae.cfg, "normalize_activations", "none") or "none"
     if norm != "none":
-        raise UserError(f"the layer-{layer} SAE expects normalize_activations='{norm}'; fold the scale into its weights first")
+        raise UserError(
+            f"the layer-{layer} SAE expects normalize_activations='{norm}'; fold the scale into its weights first"
+        )
     architecture_of(sae)

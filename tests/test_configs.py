@@ -20,6 +20,8 @@ def test_every_option_composes(group, name):
     assert isinstance(cfg, RunConfig)
     if group in ("model", "sae", "data", "search"):
         assert getattr(cfg, group).name == name
+    if group.startswith("data/"):
+        assert getattr(cfg.data, group.split("/")[1]).name == name
 
 
 def test_defaults_are_the_organism():
