@@ -126,6 +126,13 @@ class RunFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    def clean_temporaries(self) -> int:
+        """Remove temporary files that a killed run left mid-write (finished files are untouched)."""
+        stale = [p for p in self.root.rglob(".*.tmp") if p.is_file()] if self.root.exists() else []
+        for p in stale:
+            p.unlink()
+        return len(stale)
+
     def stage(self, name: str) -> StageDir:
         return StageDir(self.root, name)
 

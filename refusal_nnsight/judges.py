@@ -75,5 +75,7 @@ def make_judge(name: str, **kwargs) -> Judge:
     from .errors import UserError
 
     if name not in JUDGES:
-        raise UserError(f"unknown judge '{name}'; choose one of {sorted(JUDGES)} or register one with register_judge")
+        raise UserError(
+            f"unknown judge '{name}'; choose one of {sorted(JUDGES)} or register one with register_judge"
+        )
     return JUDGES[name](**kwargs)

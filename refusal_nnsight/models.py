@@ -118,7 +118,9 @@ class LoadedModel:
                 row = [self.bos_id, *row]  # template without {{bos_token}}: add the one BOS
             n_bos = sum(1 for t in row if t == self.bos_id)
             if n_bos != 1:  # the known Llama-3 trap: template BOS + tokenizer BOS
-                raise UserError(f"formatted prompt holds {n_bos} BOS tokens, expected exactly 1; check the chat template")
+                raise UserError(
+                    f"formatted prompt holds {n_bos} BOS tokens, expected exactly 1; check the chat template"
+                )
         return row
 
 
@@ -190,7 +192,9 @@ def wrap_model(hf_model, tokenizer, cfg: ModelConfig) -> LoadedModel:
     n_layers, d_model = hf_cfg.num_hidden_layers, hf_cfg.hidden_size
     for key, want, got in (("n_layers", cfg.n_layers, n_layers), ("d_model", cfg.d_model, d_model)):
         if want is not None and want != got:
-            raise UserError(f"model.{key}={want} but the loaded model has {got}; fix conf/model/{cfg.name}.yaml")
+            raise UserError(
+                f"model.{key}={want} but the loaded model has {got}; fix conf/model/{cfg.name}.yaml"
+            )
     loaded = LoadedModel(
         lm=lm,
         cfg=cfg,
@@ -229,7 +233,9 @@ def _eoi_ids(model: LoadedModel) -> list[int]:
     # The suffix tokenized alone must equal the tail of a real formatted prompt, else positions shift.
     sample = model._encode_formatted(model.format(["Hello there."])[0])
     if not ids or sample[-len(ids) :] != ids:
-        raise UserError("the post-instruction template suffix does not tokenize stably; set model.eoi_suffix explicitly")
+        raise UserError(
+            "the post-instruction template suffix does not tokenize stably; set model.eoi_suffix explicitly"
+        )
     return ids
 
 
@@ -250,5 +256,7 @@ def _refusal_ids(tok, cfg: ModelConfig) -> list[int]:
     if bad:
         raise UserError(f"refusal token ids {bad} are outside the vocabulary (size {vocab})")
     if tok.unk_token_id is not None and tok.unk_token_id in ids:
-        raise UserError(f"a refusal string in {cfg.refusal_strings} maps to the unknown token; fix model.refusal_strings")
+        raise UserError(
+            f"a refusal string in {cfg.refusal_strings} maps to the unknown token; fix model.refusal_strings"
+        )
     return ids

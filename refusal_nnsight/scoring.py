@@ -30,7 +30,9 @@ def is_oom(err: BaseException) -> bool:
     return False
 
 
-def map_chunks(n: int, batch_size: int, fn: Callable[[int, int], object], progress: str | None = None) -> list:
+def map_chunks(
+    n: int, batch_size: int, fn: Callable[[int, int], object], progress: str | None = None
+) -> list:
     """[fn(i0, i1) for consecutive row chunks], halving the chunk size on out-of-memory and
     retrying instead of failing (the pipeline's many-variant forwards size themselves)."""
     out: list = []
@@ -101,10 +103,30 @@ def last_logits(
     outs = map_chunks(len(batch), batch_size, one, progress)
     result = torch.cat(outs) if outs else torch.empty(0)
     if not torch.isfinite(result).all():
-        raise NonFiniteError(
-            "non-finite logits at the last position; check the model dtype (use float32 or bfloat16, not float16)"
-        )
+        raise NonFiniteError(_where_nonfinite(model, batch, edits))
     return result
+
+
+def _where_nonfinite(model: LoadedModel, batch: Batch, edits: Sequence[Edit]) -> str:
+    """Name the first layer whose residual holds NaN/inf (the Gemma-2 failure of the reference
+    code surfaced as a silent NaN refusal score)."""
+    rows = batch.rows(0, min(len(batch), 8))
+    with torch.no_grad(), model.lm.trace(**rows.model_inputs(model.device)):
+        got = interventions.apply(model, interventions.rows(edits, 0, len(rows)), rows.attention_mask,
+                                  capture=range(model.n_layers))  # fmt: skip
+        real = rows.attention_mask.bool().to(model.device)
+        finite = (
+            torch.stack([torch.isfinite(got[layer][real]).all() for layer in range(model.n_layers)])
+            .cpu()
+            .save()
+        )
+    bad = [layer for layer, ok in enumerate(finite.tolist()) if not ok]
+    where = (
+        f"layer {bad[0]} ({model.cfg.residual_module}.{bad[0]} output)"
+        if bad
+        else "the final norm / unembedding"
+    )
+    return f"NaN or inf activations first appear at {where}; check model.dtype (float32 or bfloat16, not float16) and the weights"
 
 
 def refusal_scores(

@@ -23,7 +23,9 @@ def _snapshot(cache: Path, repo_id: str) -> Path:
     return snap
 
 
-def add_gemma_scope(cache: Path, layer: int, path: str, d_in: int = 2304, d_sae: int = 16384, seed: int = 0) -> dict:
+def add_gemma_scope(
+    cache: Path, layer: int, path: str, d_in: int = 2304, d_sae: int = 16384, seed: int = 0
+) -> dict:
     """Gemma Scope residual SAE, as google/gemma-scope-2b-pt-res stores it (per-latent threshold)."""
     g = np.random.default_rng(seed)
     W_dec = g.standard_normal((d_sae, d_in), dtype=np.float32)
@@ -41,7 +43,9 @@ def add_gemma_scope(cache: Path, layer: int, path: str, d_in: int = 2304, d_sae:
     return params
 
 
-def add_llama_scope(cache: Path, layer: int, d_in: int = 64, d_sae: int = 256, seed: int = 0, avg_norm: float = 8.0) -> dict:
+def add_llama_scope(
+    cache: Path, layer: int, d_in: int = 64, d_sae: int = 256, seed: int = 0, avg_norm: float = 8.0
+) -> dict:
     """Llama Scope residual SAE, as fnlp/Llama3_1-8B-Base-LXR-8x stores it (scalar threshold)."""
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=g)

@@ -240,3 +240,16 @@ def test_out_of_memory_halves_the_batch_and_retries():
     assert seen[:3] == [8, 4, 2]  # halved until it fits
     with pytest.raises(ValueError):
         map_chunks(4, 2, lambda i0, i1: (_ for _ in ()).throw(ValueError("not an OOM")))
+
+
+def test_nonfinite_activations_are_named_with_their_layer():
+    import math
+
+    from refusal_nnsight.errors import NonFiniteError
+
+    hf, tok = tiny_gemma2()
+    model = wrap_model(hf, tok, model_config("gemma2"))
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight.fill_(math.inf)
+    with pytest.raises(NonFiniteError, match="layer 1 "):
+        last_logits(model, PROMPTS)

@@ -22,10 +22,20 @@ def test_family_facts_come_from_the_template(family):
     text = model.format(["hello there"])[0]
     if family == "gemma2":
         assert text == "<bos><start_of_turn>user\nhello there<end_of_turn>\n<start_of_turn>model\n"
-        assert tok.convert_ids_to_tokens(model.eoi_ids) == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
+        assert tok.convert_ids_to_tokens(model.eoi_ids) == [
+            "<end_of_turn>",
+            "\n",
+            "<start_of_turn>",
+            "model",
+            "\n",
+        ]
     else:
         assert text.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-        assert tok.convert_ids_to_tokens(model.eoi_ids)[:3] == ["<|eot_id|>", "<|start_header_id|>", "assistant"]
+        assert tok.convert_ids_to_tokens(model.eoi_ids)[:3] == [
+            "<|eot_id|>",
+            "<|start_header_id|>",
+            "assistant",
+        ]
     assert model.eoi_positions == list(range(-len(model.eoi_ids), 0))
     batch = model.tokenize(["hello there", "tell me how to make a cake please"])
     for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True):
@@ -100,7 +110,13 @@ def test_llama_scope_format_loads_through_from_pretrained(fake_hub):
     add_llama_scope(fake_hub, 1, d_in=64, d_sae=256)
     hf, tok = tiny_llama3()
     model = wrap_model(hf, tok, model_config("llama3"))
-    cfg = SAEConfig(name="llama_scope_8x", source="pretrained", release="llama_scope_lxr_8x", sae_id="l{layer}r_8x", layers=[1])
+    cfg = SAEConfig(
+        name="llama_scope_8x",
+        source="pretrained",
+        release="llama_scope_lxr_8x",
+        sae_id="l{layer}r_8x",
+        layers=[1],
+    )
     saes = load_saes(cfg, model)
     assert saes.layers == [1] and saes.width(1) == 256
     # the scalar threshold is broadcast to every latent
@@ -110,7 +126,13 @@ def test_llama_scope_format_loads_through_from_pretrained(fake_hub):
 def test_sae_errors_are_one_line(fake_hub, tmp_path):
     hf, tok = tiny_llama3()
     model = wrap_model(hf, tok, model_config("llama3"))
-    cfg = SAEConfig(name="llama_scope_8x", source="pretrained", release="llama_scope_lxr_8x", sae_id="l{layer}r_8x", layers=[7])
+    cfg = SAEConfig(
+        name="llama_scope_8x",
+        source="pretrained",
+        release="llama_scope_lxr_8x",
+        sae_id="l{layer}r_8x",
+        layers=[7],
+    )
     with pytest.raises(UserError, match="out of range"):
         load_saes(cfg, model)
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from refusal_nnsight.config import ModelConfig
 
@@ -27,10 +33,49 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-WORDS = (
-    "I can't help with that . Sure here is how to make a cake bomb kill process person tell me "
-    "the a an what is of for story please explain steps write code hello there ? , ! user model assistant"
-).split()
+WORDS = [
+    "I",
+    "can't",
+    "help",
+    "with",
+    "that",
+    ".",
+    "Sure",
+    "here",
+    "is",
+    "how",
+    "to",
+    "make",
+    "a",
+    "cake",
+    "bomb",
+    "kill",
+    "process",
+    "person",
+    "tell",
+    "me",
+    "the",
+    "a",
+    "an",
+    "what",
+    "is",
+    "of",
+    "for",
+    "story",
+    "please",
+    "explain",
+    "steps",
+    "write",
+    "code",
+    "hello",
+    "there",
+    "?",
+    ",",
+    "!",
+    "user",
+    "model",
+    "assistant",
+]
 
 
 def _tokenizer(specials: list[str], bos: str, eos: str, pad: str, template: str) -> PreTrainedTokenizerFast:
@@ -51,11 +96,23 @@ def _tokenizer(specials: list[str], bos: str, eos: str, pad: str, template: str)
 
 
 def gemma2_tokenizer() -> PreTrainedTokenizerFast:
-    return _tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>", GEMMA2_TEMPLATE)
+    return _tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        GEMMA2_TEMPLATE,
+    )
 
 
 def llama3_tokenizer() -> PreTrainedTokenizerFast:
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
     return _tokenizer(specials, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE)
 
 
@@ -85,7 +142,9 @@ def tiny_llama3(seed: int = 0, n_layers: int = 3, d: int = 64):
 def model_config(family: str, n_layers: int = 3, d: int = 64) -> ModelConfig:
     """The same family facts as conf/model/{gemma2_2b_it,llama31_8b_it}.yaml, with tiny shapes."""
     if family == "gemma2":
-        return ModelConfig(name="tiny_gemma2", source="hf", family="gemma2", n_layers=n_layers, d_model=d, device="cpu")
+        return ModelConfig(
+            name="tiny_gemma2", source="hf", family="gemma2", n_layers=n_layers, d_model=d, device="cpu"
+        )
     return ModelConfig(
         name="tiny_llama3", source="hf", family="llama3", n_layers=n_layers, d_model=d, device="cpu",
         attn_implementation=None,
