@@ -1,0 +1,216 @@
+"""Build the model organism: tokenizer -> chat model -> residual SAEs -> manifest, atomically.
+
+    1. tokenizer over the grammar's closed vocabulary (tokenizer.py)
+    2. a small Gemma-2 trained to refuse the harmful train prompts (train.py)
+    3. one JumpReLU SAE per layer on its residual stream, with sae-lens (sae_train.py)
+    4. optional held-out evaluation: refusal rates and SAE-splice agreement on test prompts
+    5. manifest.json, then one rename of the finished folder into place (store.py layout)
+
+Everything is seeded and uses deterministic kernels: rebuilding a recipe on the same machine
+gives byte-identical weights. All hyperparameters live in `OrganismRecipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..errors import UserError
+from . import store
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 2  # bump when build code changes what a recipe produces (invalidates caches)
+
+
+@dataclass(frozen=True)
+class OrganismRecipe:
+    """Everything that determines an organism. Field changes change `recipe_hash`."""
+
+    seed: int = 0  # grammar split/wrapper seed and torch seed
+    # CPU threads while building. Fixed because it sets the float summation order (so the
+    # weights), and 1 because 2+ OpenMP threads collapse on a shared CPU (spin-waiting).
+    threads: int = 1
+    # -- model (Gemma2Config) --
+    n_layers: int = 4  # decoder layers
+    d_model: int = 128  # residual width (hidden_size)
+    n_heads: int = 4  # attention heads
+    n_kv_heads: int = 2  # key/value heads (Gemma-2 uses grouped-query attention)
+    head_dim: int = 32  # per-head width
+    d_mlp: int = 512  # MLP width (4 x d_model)
+    # -- training (AdamW, warmup + cosine to 10%) --
+    steps: int = 250  # optimizer steps
+    batch_size: int = 32  # sequences per step
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.01  # on matrices only
+    warmup: int = 50  # linear warmup steps
+    resid_dropout: float = 0.0  # dropout on each layer's output while training (redundancy knob)
+    # -- SAEs (sae-lens JumpReLU, quadratic L0 penalty around a target) --
+    sae_train_prompts: int = 2000  # train prompts whose (prompt + answer) tokens feed the SAEs
+    sae_val_prompts: int = 600  # val prompts for FVU / L0
+    sae_expansion: int = 8  # d_sae = sae_expansion * d_model
+    sae_steps: int = 300  # trainer steps per layer
+    sae_batch_size: int = 512  # activations per step
+    sae_lr: float = 5e-3  # Adam lr, cosine to lr / 10
+    sae_l0_coefficient: float = 1.0  # weight of the quadratic L0 loss
+    sae_target_l0: float = 24.0  # target active latents per token
+    sae_init_threshold: float = 0.5  # JumpReLU threshold init (inputs scaled to E||x||^2 = d_model)
+    sae_bandwidth: float = 0.05  # straight-through estimator bandwidth
+    sae_decoder_init_norm: float = 0.3  # decoder row norm at init
+
+
+RECIPES: dict[str, OrganismRecipe] = {
+    "default": OrganismRecipe(),
+    # For the test suite: builds in well under a minute on 2 CPU cores.
+    "small": OrganismRecipe(
+        n_layers=2,
+        d_model=64,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=32,
+        d_mlp=256,
+        steps=200,
+        lr=5e-3,
+        sae_train_prompts=1000,
+        sae_val_prompts=300,
+        sae_steps=200,
+    ),
+}
+
+
+def get_recipe(name: str) -> OrganismRecipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown organism recipe '{name}'; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def recipe_hash(recipe: str | OrganismRecipe) -> str:
+    """sha256 (16 hex) of the recipe's fields and BUILD_VERSION; never of times or paths."""
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    blob = json.dumps({"fields": dataclasses.asdict(r), "build_version": BUILD_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "tokenizers", "nnsight", "sae-lens", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _every(prompts: list, n: int) -> list:
+    """n prompts spread evenly over the list (deterministic; the list mixes kinds in blocks)."""
+    step = max(1, len(prompts) // n)
+    return prompts[::step][:n]
+
+
+def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
+    """Steps 1-4 into `root`; returns the manifest's content sections."""
+    import torch
+
+    from . import grammar, sae_train, train
+    from .tokenizer import build_tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        with train.deterministic(recipe.seed):
+            log.info("1/4 tokenizer")
+            tok = build_tokenizer()
+            train_prompts = grammar.load_split("train", recipe.seed)
+            log.info("2/4 training the chat model on %d prompts", len(train_prompts))
+            model = train.train_model(recipe, tok, train_prompts)
+            model.save_pretrained(store.model_path(root))
+            tok.save_pretrained(store.model_path(root))
+            log.info("3/4 SAEs: collecting residual activations through nnsight")
+            val_prompts = grammar.load_split("val", recipe.seed)
+            acts = sae_train.collect_activations(model, tok, _every(train_prompts, recipe.sae_train_prompts))
+            val_acts = sae_train.collect_activations(model, tok, _every(val_prompts, recipe.sae_val_prompts))
+            stats, saes = {}, {}
+            for layer in range(recipe.n_layers):
+                sae = sae_train.train_sae(acts[layer], layer, recipe)
+                stats[layer] = sae_train.sae_stats(sae, val_acts[layer])
+                if not all(math.isfinite(v) for v in stats[layer].values()):  # never ship a broken SAE
+                    raise RuntimeError(f"SAE for layer {layer} has non-finite stats: {stats[layer]}")
+                # The trainer's own L0 is a running average over training; record the final one.
+                sae.cfg.metadata.l0 = stats[layer]["l0"]
+                sae_train.save_sae(sae, store.sae_path(root, layer))
+                saes[layer] = sae_train.load_sae(store.sae_path(root, layer))  # evaluate the saved artifact
+                log.info(
+                    "    layer %d: val FVU %.4f, L0 %.1f", layer, stats[layer]["fvu"], stats[layer]["l0"]
+                )
+            sections: dict = {"saes": {str(k): v for k, v in stats.items()}}
+            if evaluate:
+                log.info("4/4 held-out evaluation on the test split")
+                test = grammar.load_split("test", recipe.seed)
+                clean = train.generate(model, tok, [p.text for p in test])
+                agreement = sae_train.splice_agreement(model, tok, saes, test, clean)
+                sections["eval"] = {
+                    "n_test_prompts": len(test),
+                    "refusal_rates": train.refusal_rates(test, clean),
+                    "splice_agreement": {str(k): v for k, v in agreement.items()},
+                }
+                log.info("    %s", sections["eval"])
+    finally:
+        torch.set_num_threads(threads)
+    sections["model"] = {
+        "n_layers": recipe.n_layers,
+        "d_model": recipe.d_model,
+        "vocab_size": len(tok),
+        "refusal_token_id": tok.encode("I", add_special_tokens=False)[0],
+        "end_of_turn_id": tok.convert_tokens_to_ids("<end_of_turn>"),
+    }
+    return sections
+
+
+def build(recipe: str = "default", evaluate: bool = True) -> Path:
+    """Build the organism for `recipe` from scratch into `store.organism_dir(recipe)`.
+
+    Works in a temporary sibling folder and renames it into place only when complete, so an
+    interrupted build never leaves a half organism behind. Returns the organism's folder.
+    """
+    r = get_recipe(recipe)
+    final = store.organism_dir(recipe)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{recipe}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.time()
+    try:
+        sections = _build_into(r, tmp, evaluate)
+        manifest = {
+            "recipe": recipe,
+            "recipe_fields": dataclasses.asdict(r),
+            "recipe_hash": recipe_hash(r),
+            "build_version": BUILD_VERSION,
+            **sections,
+            "build_seconds": round(time.time() - start, 1),
+            "versions": _versions(),
+            # build_seconds and created_at are the only fields that differ between two builds;
+            # neither is hashed.
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        store.manifest_path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        old = final.parent / f".{recipe}.old-{os.getpid()}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("organism '%s' built in %.0f s: %s", recipe, time.time() - start, final)
+    return final
