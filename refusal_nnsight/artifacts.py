@@ -29,12 +29,19 @@ import torch
 STAGES = ("direction", "candidates", "greedy", "fm", "redundancy", "evaluate")
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through `write(tmp)` to a temporary sibling, then rename over `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,7 +65,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> Path:
     text = json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n"
-    return _atomic(path, lambda p: p.write_text(text))
+    return atomic_write(path, lambda p: p.write_text(text))
 
 
 def read_json(path: Path) -> Any:
@@ -67,7 +74,7 @@ def read_json(path: Path) -> Any:
 
 def write_parquet(path: Path, frame) -> Path:
     """A polars DataFrame → Parquet (deterministic: no statistics timestamps, fixed compression)."""
-    return _atomic(path, lambda p: frame.write_parquet(p, compression="zstd", statistics=False))
+    return atomic_write(path, lambda p: frame.write_parquet(p, compression="zstd", statistics=False))
 
 
 def read_parquet(path: Path):
@@ -81,7 +88,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict |
     from safetensors.torch import save_file
 
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda p: save_file(clean, str(p)))
+    atomic_write(path, lambda p: save_file(clean, str(p)))
     if metadata is not None:
         write_json(path.with_suffix(".json"), metadata)
     return path
@@ -94,7 +101,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda p: p.write_text(text))
+    return atomic_write(path, lambda p: p.write_text(text))
 
 
 class StageDir:

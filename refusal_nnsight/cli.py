@@ -67,7 +67,19 @@ def compose(overrides: list[str] | None = None):
     _check_no_secret_overrides(overrides or [])
     _check_group_choices(overrides or [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_run_config(hydra_compose(config_name="config", overrides=overrides or []))
+        return to_run_config(hydra_compose(config_name="config", overrides=expand_overrides(overrides or [])))
+
+
+def expand_overrides(argv: list[str]) -> list[str]:
+    """Let every dataclass field be overridden, even where a YAML file leaves it at its default:
+    `a.b=v` becomes Hydra's add-or-override `++a.b=v`. Unknown keys are still refused, with one
+    line, when the composed config is checked against the dataclasses."""
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        plain = sep and "." in key and not key.startswith(("+", "~", "hydra.", "-"))
+        out.append(f"++{arg}" if plain and key.split(".")[0] not in ("hydra",) else arg)
+    return out
 
 
 def _task(dcfg) -> None:
@@ -106,6 +118,7 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = expand_overrides(sys.argv[1:])
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
     app()
 

@@ -143,6 +143,9 @@ def _hf_missing(repo: str, err: Exception) -> UserError:
 def load_hf(cfg: ModelConfig):
     """(hf_model, tokenizer) for cfg: the organism from its cache folder, or an HF repo id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the toolkit's own progress bars are enough
 
     if cfg.source == "organism":
         from .organism.store import ensure_organism

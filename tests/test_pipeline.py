@@ -1,0 +1,53 @@
+"""The whole pipeline on the small organism (experiment=smoke): summary.json has every key other
+tools read, the report and figures exist, and a rerun of the same run_dir resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refusal_nnsight import pipeline
+from refusal_nnsight.cli import compose
+
+SUMMARY_KEYS = """
+baseline.harmful_refusal_rate baseline.harmless_refusal_rate
+direction.layer direction.position direction.bypass_score direction.induce_score direction.kl
+direction.ablation_jailbreak_rate direction.actadd_harmless_refusal_rate
+candidates.n_features candidates.all_ablated_jailbreak_rate
+greedy.n_prompts greedy.median_set_size greedy.one_minimal_rate greedy.jailbreak_rate
+greedy.random_same_size_jailbreak_rate greedy.forward_median_set_size
+fm.n_masks fm.heldout_accuracy fm.linear_heldout_accuracy fm.heldout_r2 fm.linear_heldout_r2 fm.top_pair_confirmed_rate
+redundancy.n_awakened redundancy.m_jailbreak_rate redundancy.m_plus_h_jailbreak_rate
+redundancy.reinject_refusal_rate redundancy.bos_clamp_jailbreak_change
+ground_truth.minimal_set_cue_precision ground_truth.fm_finds_compositional_pair
+timing.total_s timing.direction_s timing.candidates_s timing.greedy_s timing.fm_s timing.redundancy_s timing.evaluate_s
+""".split()
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        assert part in d, f"summary.json lacks {dotted}"
+        d = d[part]
+    return d
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(small_organism, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose(["experiment=smoke", f"run_dir={run_dir}"])
+    pipeline.run(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        _get(summary, key)
+    assert summary["baseline"]["harmful_refusal_rate"] > 0.5
+    assert summary["greedy"]["one_minimal_rate"] == 1.0
+    assert (run_dir / "report.md").read_text().strip()
+    assert list((run_dir / "figures").glob("*.png"))
+    for stage in cfg.stages:
+        assert (run_dir / stage / "done.json").exists()
+    # resume: every stage is loaded, the numbers are the same
+    again = pipeline.run(cfg)
+    again.pop("timing")
+    summary.pop("timing")
+    assert json.loads(json.dumps(again)) == summary
