@@ -169,6 +169,7 @@ class DirectionConfig:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0  # discard candidates whose induce score is below this
     batch_size: int = 32
+    fallback: Literal["lowest_bypass", "fewest_failures"] = "lowest_bypass"  # when no candidate survives (ours)
 
 
 @dataclass

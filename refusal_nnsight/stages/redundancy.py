@@ -1,0 +1,382 @@
+"""Redundancy ("hydra") features and the <bos> clamp (SPEC.md "Redundancy ... and the <bos> experiment").
+
+For each dissected harmful prompt with minimal set M (stage greedy):
+
+1. Scan. Every latent of every SAE layer is encoded on the clean run and on the M-ablated run,
+   over the real prompt positions (padding excluded). A latent at layer L is read from the
+   residual *before* layer L's own edit — as sae-lens's spliced-in SAE reads it — so a latent
+   counts as awake only if upstream computation woke it, not because the encoder of a
+   neighbour picks up the −4·f·W_dec push of an ablated latent at the same site. Awakened =
+   clean max ≤ dormant_max and ablated max > awake_min, M excluded; H = the top_awake of them.
+2. Causal tests, each one batched generation + refusal score over all prompts (per-row edits):
+   * m / m_plus_h: M vs M ∪ H at the greedy coefficient c. M jailbreaks by construction, so the
+     rates saturate; the mean score change s(M∪H) − s(M) is reported too.
+   * m_weak / m_plus_h_weak: the same at weak_coefficient (default 0, zero-ablation), where M
+     alone need not jailbreak. "M minus its strongest feature" was rejected: M is 1-minimal, so
+     that fails by construction, and H (awakened by all of M) is the wrong set for a smaller
+     ablation. H is re-scanned under the weak ablation, so each test ablates what it wakes.
+   * reinject: in the M-ablated run, H is scaled by reinject_scale (default 2: its awakened
+     contribution added once more). If H carries refusal, refusal returns.
+   * bos_clamp: M ablated as in `m`, plus the `bos_features` latents (default H) clamped to
+     bos_clamp_value at the <bos> position only. With the default (H, 0) this undoes the
+     awakening at <bos> alone. The clamp is applied before M's edit at a shared layer, so it
+     sees the same pre-edit residual as the scan.
+   Jailbroken = refusal score < 0 and the judge finds no refusal.
+
+A phenomenon the model does not show is reported as measured (0, or None with a reason in
+`notes`), never manufactured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from .. import interventions
+from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
+from ..config import RedundancyConfig
+from ..data import Prompts
+from ..errors import NonFiniteError
+from ..generation import generate
+from ..interventions import FeatureEdit
+from ..models import Batch, LoadedModel
+from ..saes import LoadedSAEs
+from ..scoring import refusal_scores
+
+log = logging.getLogger(__name__)
+
+Feature = tuple[int, int]  # (layer, latent index)
+CONDITIONS = ("clean", "m", "m_plus_h", "m_weak", "m_plus_h_weak", "reinject", "bos_clamp")
+
+
+@dataclass
+class RedundancyResult:
+    awakened: (
+        pl.DataFrame
+    )  # prompt_idx, ablation (strong|weak), layer, feature, clean_max, ablated_max, ablated_bos, rank, in_h
+    tests: pl.DataFrame  # prompt_idx, condition, n_edited, refusal_score, judge_refused, jailbroken, response
+    notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
+
+    def summary(self) -> dict:
+        """Flat headline numbers (the pipeline prefixes them with "redundancy.")."""
+        return summarise(self.awakened, self.tests)
+
+    def save(self, out: StageDir) -> None:
+        write_parquet(out.file("awakened.parquet"), self.awakened)
+        write_parquet(out.file("tests.parquet"), self.tests)
+        write_json(out.file("notes.json"), self.notes)
+        out.mark_done({"summary": self.summary()})
+
+    @classmethod
+    def load(cls, out: StageDir) -> RedundancyResult:
+        return cls(
+            read_parquet(out.file("awakened.parquet")),
+            read_parquet(out.file("tests.parquet")),
+            read_json(out.file("notes.json")),
+        )
+
+
+def find_awakened(
+    clean_max: dict[int, torch.Tensor], ablated_max: dict[int, torch.Tensor], exclude: Sequence[Feature], cfg
+) -> list[tuple[int, int, float, float]]:
+    """Dormant → awake latents of one prompt, strongest first.
+
+    clean_max / ablated_max: layer → [width] max activation over the prompt's positions.
+    Returns (layer, feature, clean_max, ablated_max) with clean ≤ cfg.dormant_max and
+    ablated > cfg.awake_min, `exclude` (the ablated set M) left out.
+    """
+    skip = {(int(a), int(b)) for a, b in exclude}
+    found = []
+    for layer in sorted(clean_max):
+        c, a = clean_max[layer], ablated_max[layer]
+        for f in torch.nonzero((c <= cfg.dormant_max) & (a > cfg.awake_min)).flatten().tolist():
+            if (layer, f) not in skip:
+                found.append((layer, f, float(c[f]), float(a[f])))
+    found.sort(key=lambda r: (-r[3], r[0], r[1]))
+    return found
+
+
+def scan(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    batch: Batch,
+    edits: Sequence,
+    batch_size: int,
+    layers: Sequence[int] | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Max over real positions [N, width] and value at <bos> [N, width] of every latent, per layer.
+
+    Each layer's latents are encoded from its residual before that layer's own edits.
+    """
+    read = list(saes.layers if layers is None else layers)
+    maxes: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
+    at_bos: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
+    edit_layers = {layer for e in edits for layer in e.layers}
+    for i0 in range(0, len(batch), batch_size):
+        chunk = batch.rows(i0, min(i0 + batch_size, len(batch)))
+        chunk_edits = interventions.rows(edits, i0, i0 + len(chunk))
+        mask = chunk.attention_mask.to(model.device)
+        real = mask.bool()[..., None]
+        first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
+        rows = torch.arange(len(chunk), device=model.device)
+        saved: dict[int, tuple] = {}
+        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device)):
+            for layer in sorted(set(read) | edit_layers):
+                if layer in read:
+                    x = interventions.apply(model, [], chunk.attention_mask, capture=[layer])[layer]
+                    # full-width slice made here, one layer at a time: all layers at once would
+                    # hold a second copy of every SAE (GBs for Gemma Scope)
+                    sae = saes.slice(layer).to(model.device, torch.float32)
+                    f = sae.encode(x.float())  # [B, T, width]
+                    top = f.masked_fill(~real, float("-inf")).amax(1)
+                    saved[layer] = (top.cpu().save(), f[rows, first].cpu().save())
+                here = [e for e in chunk_edits if layer in e.layers]
+                if here:
+                    interventions.apply(model, here, chunk.attention_mask)
+        for layer, (top, bos) in saved.items():
+            maxes[layer].append(top)
+            at_bos[layer].append(bos)
+    out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
+    out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
+    for layer, t in out_max.items():
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"non-finite SAE activations at layer {layer} in the redundancy scan")
+    return out_max, out_bos
+
+
+def row_edits(
+    saes: LoadedSAEs,
+    rows: Sequence[dict[Feature, float]],
+    device,
+    mode: str = "scale",
+    positions: interventions.Positions = "all",
+) -> list[FeatureEdit]:
+    """One FeatureEdit per layer from per-row {feature: value} (scale c or clamp v) maps.
+
+    Rows may edit different features with different values (M at −3 and H at +2 in one edit),
+    so every latent of a layer is encoded from the same pre-edit residual.
+    """
+    by_layer: dict[int, set[int]] = {}
+    for row in rows:
+        for layer, f in row:
+            by_layer.setdefault(int(layer), set()).add(int(f))
+    edits = []
+    for layer, feats in sorted(by_layer.items()):
+        feats = sorted(feats)
+        col = {f: j for j, f in enumerate(feats)}
+        value = torch.zeros(len(rows), len(feats))
+        mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            for (lay, f), v in row.items():
+                if lay == layer:
+                    value[i, col[f]], mask[i, col[f]] = v, True
+        sae = saes.slice(layer, feats).to(device, torch.float32)
+        edits.append(FeatureEdit(sae, value=value, mode=mode, mask=mask, positions=positions))
+    return edits
+
+
+def run(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    greedy,
+    prompts: Prompts,
+    cfg: RedundancyConfig,
+    out: StageDir,
+    judge,
+) -> RedundancyResult:
+    """Scan for awakened latents after ablating each prompt's minimal set, then test them causally."""
+    dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
+    notes: dict[str, str] = {}
+    if not dissected:
+        notes["all"] = "greedy found no minimal set: there is nothing to ablate"
+        result = RedundancyResult(_awakened_frame([]), _tests_frame([]), notes)
+        result.save(out)
+        return result
+    minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
+    texts = [prompts.eval_harmful.instructions[i] for i in dissected]
+    batch = model.tokenize(texts)
+    c, weak = cfg.coefficient, cfg.weak_coefficient
+
+    def ablate(sets: Sequence[Sequence[Feature]], coeff: float) -> list[FeatureEdit]:
+        return row_edits(saes, [dict.fromkeys(s, coeff) for s in sets], model.device)
+
+    log.info("redundancy: scanning %d prompts x %d SAE layers", len(texts), len(saes.layers))
+    clean_max, _ = scan(model, saes, batch, [], cfg.batch_size)
+    rows, h_sets = [], {}
+    for name, coeff in (("strong", c), ("weak", weak)):
+        abl_max, abl_bos = scan(model, saes, batch, ablate(minimal, coeff), cfg.batch_size)
+        h_sets[name] = []
+        for i, idx in enumerate(dissected):
+            found = find_awakened(
+                {k: v[i] for k, v in clean_max.items()},
+                {k: v[i] for k, v in abl_max.items()},
+                minimal[i],
+                cfg,
+            )
+            for rank, (layer, f, cm, am) in enumerate(found):
+                bos = float(abl_bos[layer][i, f])
+                rows.append((idx, name, layer, f, cm, am, bos, rank, rank < cfg.top_awake))
+            h_sets[name].append([(layer, f) for layer, f, _, _ in found[: cfg.top_awake]])
+    awakened = _awakened_frame(rows)
+    h, h_weak = h_sets["strong"], h_sets["weak"]
+    if not any(h):
+        notes["n_awakened"] = (
+            f"no latent is dormant (max <= {cfg.dormant_max}) on the clean run and awake "
+            f"(max > {cfg.awake_min}) after ablating M at {c}"
+        )
+
+    m_h, m_h_weak = _union(minimal, h), _union(minimal, h_weak)
+    bos_set = {"awakened": h, "minimal": minimal, "both": m_h}[cfg.bos_features]
+    bos_clamp = row_edits(
+        saes,
+        [dict.fromkeys(s, cfg.bos_clamp_value) for s in bos_set],
+        model.device,
+        mode="clamp",
+        positions="bos",
+    )
+    reinject = [
+        {**dict.fromkeys(m, c), **dict.fromkeys(x, cfg.reinject_scale)}
+        for m, x in zip(minimal, h, strict=True)
+    ]
+    conditions = {  # name → (edits, number of latents edited per prompt)
+        "clean": ([], [0] * len(texts)),
+        "m": (ablate(minimal, c), _sizes(minimal)),
+        "m_plus_h": (ablate(m_h, c), _sizes(m_h)),
+        "m_weak": (ablate(minimal, weak), _sizes(minimal)),
+        "m_plus_h_weak": (ablate(m_h_weak, weak), _sizes(m_h_weak)),
+        "reinject": (row_edits(saes, reinject, model.device), _sizes(m_h)),
+        # the clamp goes first: at a shared layer it reads the residual before M's edit
+        "bos_clamp": (bos_clamp + ablate(minimal, c), _sizes(bos_set)),
+    }
+    max_new = cfg.max_new_tokens or model.cfg.max_new_tokens
+    test_rows = []
+    for name, (edits, sizes) in tqdm(conditions.items(), desc="redundancy tests", leave=False):
+        scores = refusal_scores(model, batch, edits, cfg.batch_size)
+        texts_out = generate(model, batch, edits, max_new, cfg.batch_size)
+        refused = judge.refused(texts, texts_out)
+        for i, idx in enumerate(dissected):
+            s = float(scores[i])
+            test_rows.append(
+                (idx, name, sizes[i], s, bool(refused[i]), s < 0 and not refused[i], texts_out[i])
+            )
+    tests = _tests_frame(test_rows)
+    notes.update(_reasons(awakened, tests, cfg))
+    last = max(saes.layers)
+    at_last = sum(all(layer == last for layer, _ in m) for m in minimal)
+    if at_last:
+        # a latent is read before its own layer's edit, so nothing can wake downstream of the last SAE layer
+        notes["n_awakened"] = "; ".join(filter(None, [notes.get("n_awakened"),
+            f"{at_last} of {len(minimal)} minimal sets lie only in the last SAE layer ({last}), downstream of "
+            "which no latent can wake; n_awakened averages over all prompts"]))  # fmt: skip
+    result = RedundancyResult(awakened, tests, notes)
+    log.info("redundancy: %s", result.summary())
+    result.save(out)
+    return result
+
+
+def _union(a: list[list[Feature]], b: list[list[Feature]]) -> list[list[Feature]]:
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def _sizes(sets: list[list[Feature]]) -> list[int]:
+    return [len(s) for s in sets]
+
+
+def _awakened_frame(rows: list[tuple]) -> pl.DataFrame:
+    schema = {
+        "prompt_idx": pl.Int64, "ablation": pl.Utf8, "layer": pl.Int64, "feature": pl.Int64,
+        "clean_max": pl.Float64, "ablated_max": pl.Float64, "ablated_bos": pl.Float64,
+        "rank": pl.Int64, "in_h": pl.Boolean,
+    }  # fmt: skip
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _tests_frame(rows: list[tuple]) -> pl.DataFrame:
+    schema = {
+        "prompt_idx": pl.Int64, "condition": pl.Utf8, "n_edited": pl.Int64, "refusal_score": pl.Float64,
+        "judge_refused": pl.Boolean, "jailbroken": pl.Boolean, "response": pl.Utf8,
+    }  # fmt: skip
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _rate(tests: pl.DataFrame, condition: str, prompts: list[int] | None = None, col: str = "jailbroken"):
+    t = tests.filter(pl.col("condition") == condition)
+    if prompts is not None:
+        t = t.filter(pl.col("prompt_idx").is_in(prompts))
+    return None if t.height == 0 else float(t[col].cast(pl.Float64).mean())
+
+
+def _h_prompts(awakened: pl.DataFrame, ablation: str = "strong") -> list[int]:
+    return sorted(
+        set(awakened.filter((pl.col("ablation") == ablation) & pl.col("in_h"))["prompt_idx"].to_list())
+    )
+
+
+def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
+    """Headline numbers from the two tables (so a loaded result summarises identically)."""
+    prompts = sorted(set(tests["prompt_idx"].to_list()))
+    n = len(prompts)
+    strong = awakened.filter(pl.col("ablation") == "strong")
+    with_h = _h_prompts(awakened)
+    m_rate = _rate(tests, "m")
+    bos_rate = _rate(tests, "bos_clamp")
+    # restoration is asked only where M did jailbreak and something woke up
+    broken = tests.filter((pl.col("condition") == "m") & pl.col("jailbroken"))["prompt_idx"].to_list()
+    restore = [p for p in with_h if p in broken]
+    reinject = _rate(tests, "reinject", restore)
+    score = tests.pivot(on="condition", index="prompt_idx", values="refusal_score") if n else None
+    delta = None
+    if score is not None and with_h:
+        d = score.filter(pl.col("prompt_idx").is_in(with_h))
+        delta = float((d["m_plus_h"] - d["m"]).mean())
+    return {
+        "n_prompts": n,
+        "n_awakened": strong.height / n if n else None,  # all awakened latents, before the top_awake cut
+        "h_size": strong.filter(pl.col("in_h")).height / n if n else None,
+        "n_prompts_with_h": len(with_h),
+        "clean_jailbreak_rate": _rate(tests, "clean"),
+        "m_jailbreak_rate": m_rate,
+        "m_plus_h_jailbreak_rate": _rate(tests, "m_plus_h"),
+        "m_plus_h_score_change": delta,
+        "m_weak_jailbreak_rate": _rate(tests, "m_weak"),
+        "m_plus_h_weak_jailbreak_rate": _rate(tests, "m_plus_h_weak"),
+        "reinject_refusal_rate": None if reinject is None else 1.0 - reinject,
+        "bos_clamp_jailbreak_rate": bos_rate,
+        # relative change, like the paper's "−80%": (rate with clamp − rate of M) / rate of M
+        "bos_clamp_jailbreak_change": (bos_rate - m_rate) / m_rate
+        if m_rate and bos_rate is not None
+        else None,
+        "h_active_at_bos": float(strong.filter(pl.col("in_h") & (pl.col("ablated_bos") > 0)).height / n)
+        if n
+        else None,
+    }
+
+
+def _reasons(awakened: pl.DataFrame, tests: pl.DataFrame, cfg: RedundancyConfig) -> dict[str, str]:
+    """Why a summary number is None or trivially 0: said once, next to the number."""
+    s = summarise(awakened, tests)
+    notes = {}
+    if s["reinject_refusal_rate"] is None:
+        notes["reinject_refusal_rate"] = "no prompt has both an M-ablated jailbreak and an awakened set H"
+    if s["bos_clamp_jailbreak_change"] is None:
+        notes["bos_clamp_jailbreak_change"] = "ablating M jailbroke no prompt, so there is no rate to change"
+    else:
+        by = tests.pivot(on="condition", index="prompt_idx", values="refusal_score")
+        if float((by["bos_clamp"] - by["m"]).abs().max()) < 1e-5:
+            notes["bos_clamp_jailbreak_change"] = (
+                f"clamping the {cfg.bos_features} latents at <bos> to {cfg.bos_clamp_value} left every refusal "
+                "score unchanged (to 1e-5): a no-op on this model, change 0 as measured"
+            )
+    if s["m_plus_h_score_change"] is None:
+        notes["m_plus_h_score_change"] = "no prompt has an awakened set H"
+    elif s["m_plus_h_score_change"] > 0:
+        notes["m_plus_h_score_change"] = (
+            f"ablating H with M raised the refusal score by {s['m_plus_h_score_change']:.2f} on average: the "
+            "awakened latents lean toward compliance, the opposite of compensating for M"
+        )
+    return notes

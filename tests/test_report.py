@@ -1,0 +1,123 @@
+"""report.md and figures from stand-in stage results; stages that did not run are skipped with a note."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+import torch
+
+from refusal_nnsight.artifacts import RunFolder
+from refusal_nnsight.report import FIGURES, write_report
+
+
+@dataclass
+class Direction:
+    table: pl.DataFrame
+    layer: int = 1
+    position: int = -1
+    direction: torch.Tensor = field(default_factory=lambda: torch.ones(4))
+    fallback: bool = True
+    fallback_reason: str = "every candidate had KL > 0.1"
+
+
+@dataclass
+class Candidates:
+    table: pl.DataFrame
+
+    @property
+    def features(self):
+        return list(zip(self.table["layer"], self.table["feature"], strict=True))
+
+
+@dataclass
+class Greedy:
+    minimal_sets: dict
+    trajectory: pl.DataFrame
+
+
+@dataclass
+class FM:
+    fit: pl.DataFrame
+    interactions: pl.DataFrame
+
+
+@dataclass
+class Redundancy:
+    awakened: pl.DataFrame
+    notes: dict
+
+
+@dataclass
+class Evaluate:
+    completions: pl.DataFrame
+
+
+def _results() -> dict:
+    direction = Direction(pl.DataFrame({
+        "position": [p for p in (-2, -1) for _ in range(3)], "layer": [0, 1, 2] * 2,
+        "bypass_score": [1.0, -2.0, 0.5, 0.3, -3.0, 2.0], "kept": [True, True, False, True, True, False]}))  # fmt: skip
+    candidates = Candidates(pl.DataFrame({"layer": [0, 0, 1, 2], "feature": [4, 9, 17, 3],
+                                          "cosine": [0.4, 0.2, 0.6, 0.1], "rank_in_layer": [0, 1, 0, 0]}))  # fmt: skip
+    greedy = Greedy({0: [(1, 17)], 3: [(0, 4), (2, 3)]}, pl.DataFrame({
+        "prompt_idx": [0, 0, 0, 3, 3], "method": ["backward"] * 5, "step": [0, 1, 2, 0, 1],
+        "score": [-4.0, -3.0, -1.0, -2.0, -0.5]}))  # fmt: skip
+    fm = FM(
+        pl.DataFrame({"prompt_idx": [0] * 4, "model": ["fm", "linear"] * 2,
+                      "task": ["regression"] * 2 + ["classification"] * 2,
+                      "heldout_r2": [0.9, 0.6, None, None], "heldout_accuracy": [0.95, 0.9, 0.97, 0.8]}),
+        pl.DataFrame({"prompt_idx": [0, 0], "feature_i": ["L1/F17", "L0/F4"], "feature_j": ["L0/F4", "L2/F3"],
+                      "v_dot": [1.5, -0.7], "confirmed": [True, False]}),
+    )  # fmt: skip
+    red = Redundancy(pl.DataFrame({
+        "prompt_idx": [0, 0, 3], "ablation": ["strong", "weak", "strong"], "layer": [2, 2, 1], "feature": [8, 8, 30],
+        "clean_max": [0.0, 0.0, 0.0], "ablated_max": [2.5, 0.9, 1.2], "in_h": [True, True, True]}),
+        {"bos_clamp_jailbreak_change": "no awakened latent is active at <bos>"})  # fmt: skip
+    ev = Evaluate(pl.DataFrame({"condition": ["none", "none", "minimal", "none"], "harmful": [True, True, True, False],
+                                "is_jailbreak_substring": [False, True, True, True]}))  # fmt: skip
+    return {"direction": direction, "candidates": candidates, "greedy": greedy, "fm": fm,
+            "redundancy": red, "evaluate": ev}  # fmt: skip
+
+
+CFG = {
+    "model": {"name": "gemma2_2b_it", "repo_id": "google/gemma-2-2b-it", "dtype": "bfloat16", "max_new_tokens": 64},
+    "sae": {"name": "gemma_scope_16k", "source": "pretrained", "release": "gemma-scope-2b-pt-res-canonical",
+            "sae_id": "layer_{layer}/width_16k/canonical", "neuronpedia": "gemma-2-2b/{layer}-gemmascope-res-16k"},
+    "data": {"name": "organism", "n_train": 128, "n_val": 32, "n_eval": 64, "seed": 0},
+    "search": {"name": "default", "greedy": {"coefficient": -3.0}}, "judge": {"name": "substring"}, "seed": 0,
+    "stages": ["direction", "candidates", "greedy", "fm", "redundancy", "evaluate"],
+}  # fmt: skip
+SUMMARY = {"model": "gemma2_2b_it", "direction": {"layer": 1, "kl": 0.05}, "redundancy": {"n_awakened": 1.5},
+           "timing": {"direction_s": 1.2, "total_s": 9.0}}  # fmt: skip
+
+
+def test_report_and_every_figure_from_stand_ins(tmp_path):
+    run = RunFolder(tmp_path)
+    (tmp_path / "greedy").mkdir()
+    (tmp_path / "greedy" / "sets.parquet").write_bytes(b"x")
+    path = write_report(run, SUMMARY, _results(), CFG)
+    text = path.read_text()
+    for name, *_ in FIGURES:
+        png = run.figure(name)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"figures/{name}.png" in text
+    assert "gemma2_2b_it" in text and "google/gemma-2-2b-it" in text and "n_train=128" in text
+    assert "| direction.kl | 0.05 |" in text and "| redundancy.n_awakened | 1.5 |" in text
+    assert "https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-res-16k/17" in text
+    assert "`greedy/sets.parquet`" in text and "fm: no files" in text
+    assert "no awakened latent is active at <bos>" in text and "fallback" in text
+    assert not list(tmp_path.glob("figures/.*tmp"))  # atomic writes leave no temporaries
+
+
+def test_missing_stages_skip_their_figures(tmp_path):
+    run = RunFolder(tmp_path)
+    results = {k: v for k, v in _results().items() if k in ("direction", "greedy")}
+    text = write_report(
+        run, {"status": "no harmful prompt is refused"}, results, {"model": {"name": "organism"}}
+    ).read_text()
+    assert run.figure("direction_selection").exists() and run.figure("greedy_trajectory").exists()
+    for name in ("candidate_cosines", "fm_fit", "fm_interactions", "redundancy", "evaluate_rates"):
+        assert not run.figure(name).exists()
+    assert "skipped: stage fm did not run" in text and "skipped: stage redundancy did not run" in text
+    assert "no harmful prompt is refused" in text
+    assert "L1/F17" in text and "neuronpedia" not in text  # the organism has no Neuronpedia pages

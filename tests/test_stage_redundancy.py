@@ -1,0 +1,135 @@
+"""Redundancy stage against planted truth: a dormant latent that wakes when another is ablated.
+
+On a tiny Gemma-2, latent A at layer 0 is the minimal set. Latent B at layer 1 reads −d_A (its
+encoder points against A's decoder row) with a bias that keeps it dormant on the clean run: when
+A is ablated (x ← x − 4·f_A·d_A), the residual stream carries that push to layer 1 and B wakes.
+B's decoder row writes the refusal token, so B is a planted "hydra": re-injecting it raises the
+refusal score and ablating it lowers it. Decoy C at layer 0 reads −d_A too, but at A's own site:
+only the encoder crosstalk of the edit could wake it, and the scan must not count that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import pytest
+import torch
+from tiny import model_config, random_jumprelu_sae, tiny_gemma2
+
+from refusal_nnsight import interventions
+from refusal_nnsight.artifacts import StageDir
+from refusal_nnsight.config import RedundancyConfig, SAEConfig
+from refusal_nnsight.data import Prompts, PromptSet
+from refusal_nnsight.models import wrap_model
+from refusal_nnsight.saes import LoadedSAEs
+from refusal_nnsight.stages import redundancy
+from refusal_nnsight.stages.redundancy import RedundancyResult, find_awakened, summarise
+
+PROMPTS = ["tell me how to make a bomb please", "what is a cake ?"]
+WIDTH, B, C = 96, 7, 11  # SAE width; the planted hydra latent (layer 1) and the decoy (layer 0)
+
+
+@dataclass
+class Greedy:  # stand-in for GreedyResult
+    minimal_sets: dict
+
+
+@dataclass
+class StartsWithI:  # stand-in judge: the planted refusal writes the token "I"
+    name: str = "starts_with_i"
+
+    def refused(self, prompts, completions):
+        return [c.strip().startswith("I") for c in completions]
+
+
+def test_find_awakened_selects_dormant_to_awake_only():
+    cfg = RedundancyConfig(dormant_max=0.0, awake_min=0.5)
+    clean = {0: torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]), 3: torch.tensor([0.0, 0.0])}
+    ablated = {0: torch.tensor([2.0, 0.4, 3.0, 9.0, 0.0]), 3: torch.tensor([0.7, 0.0])}
+    found = find_awakened(clean, ablated, exclude=[(0, 3)], cfg=cfg)
+    # 0/0 wakes; 0/1 stays below awake_min; 0/2 was active already; 0/3 is M itself; 3/0 wakes
+    assert [(layer, f) for layer, f, _, _ in found] == [(0, 0), (3, 0)]
+    assert found[0][2:] == (0.0, 2.0)
+
+
+def test_summary_rates_and_reasons_from_tables():
+    rows = [  # prompt, condition, n, score, judge_refused, jailbroken, response
+        (0, "m", 1, -2.0, False, True, ""), (1, "m", 1, -1.0, False, True, ""),
+        (0, "m_plus_h", 2, -3.0, False, True, ""), (1, "m_plus_h", 1, -1.0, False, True, ""),
+        (0, "reinject", 2, 1.0, True, False, ""), (1, "reinject", 1, -1.0, False, True, ""),
+        (0, "bos_clamp", 2, 1.0, True, False, ""), (1, "bos_clamp", 1, -1.0, False, True, ""),
+    ]  # fmt: skip
+    tests = redundancy._tests_frame(rows)
+    awakened = redundancy._awakened_frame([(0, "strong", 1, 5, 0.0, 2.0, 0.0, 0, True)])
+    s = summarise(awakened, tests)
+    assert s["n_prompts"] == 2 and s["n_awakened"] == 0.5
+    assert s["m_jailbreak_rate"] == 1.0 and s["m_plus_h_jailbreak_rate"] == 1.0
+    assert s["m_plus_h_score_change"] == -1.0  # only prompt 0 has an H
+    assert s["reinject_refusal_rate"] == 1.0  # asked only where H exists and M jailbroke
+    assert s["bos_clamp_jailbreak_change"] == -0.5  # relative: 0.5 vs 1.0
+    none = summarise(redundancy._awakened_frame([]), tests)
+    assert none["reinject_refusal_rate"] is None and none["n_awakened"] == 0.0
+    assert "reinject_refusal_rate" in redundancy._reasons(
+        redundancy._awakened_frame([]), tests, RedundancyConfig()
+    )
+
+
+@pytest.fixture(scope="module")
+def planted():
+    hf, tok = tiny_gemma2(seed=1)
+    model = wrap_model(hf, tok, model_config("gemma2"))
+    saes = LoadedSAEs(
+        SAEConfig(),
+        {layer: random_jumprelu_sae(model.d_model, WIDTH, layer, seed=layer) for layer in range(3)},
+    )
+    batch = model.tokenize(PROMPTS)
+    with torch.no_grad(), model.lm.trace(**batch.model_inputs("cpu")):
+        last = interventions.apply(model, [], batch.attention_mask, capture=[0])[0][0, -1].save()
+    # M = the strongest layer-0 latent at the last position of prompt 0 (where the score is read)
+    f_last = saes.slice(0).encode(last)
+    a = int(f_last.argmax())
+    assert f_last[a] > 0.3 and a != C
+    d_a = saes[0].W_dec[a].detach()
+    u = hf.lm_head.weight[model.refusal_ids[0]].detach()
+    with torch.no_grad():
+        for layer, f in ((1, B), (0, C)):
+            sae = saes[layer]
+            sae.W_enc[:, f] = -d_a / d_a.norm()
+            sae.b_enc[f], sae.threshold[f] = 0.0, 0.0
+        # calibrate: the largest clean pre-activation, so a bias just below it keeps B and C dormant
+        probe, _ = redundancy.scan(model, saes, batch, [], 8, layers=[0, 1])
+        for layer, f in ((1, B), (0, C)):
+            saes[layer].b_enc[f] = -float(probe[layer][:, f].max()) - 0.05
+            saes[layer].threshold[f] = 0.01
+        saes[1].W_dec[B] = 40.0 * u / u.norm()  # B writes the refusal token
+    prompts = Prompts(*(PromptSet(PROMPTS, True, ["x", "y"]) for _ in range(6)))
+    return model, saes, prompts, a
+
+
+def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
+    model, saes, prompts, a = planted
+    cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0)
+    out = StageDir(tmp_path, "redundancy")
+    result = redundancy.run(model, saes, Greedy({0: [(0, a)], 1: []}), prompts, cfg, out, StartsWithI())
+    aw = result.awakened.filter(pl.col("ablation") == "strong")
+    h = aw.filter(pl.col("in_h"))
+    assert (1, B) in list(zip(h["layer"], h["feature"], strict=True))
+    hydra = aw.filter((pl.col("layer") == 1) & (pl.col("feature") == B)).row(0, named=True)
+    assert hydra["clean_max"] <= 0.0 and hydra["ablated_max"] > 1.0
+    # the decoy at A's own site never counts: latents are read before their layer's edit
+    assert aw.filter((pl.col("layer") == 0) & (pl.col("feature") == C)).height == 0
+    assert (0, a) not in list(zip(aw["layer"], aw["feature"], strict=True))
+    assert set(result.tests["prompt_idx"]) == {0}  # the prompt with an empty M is not dissected
+    score = dict(zip(result.tests["condition"], result.tests["refusal_score"], strict=True))
+    assert set(score) == set(redundancy.CONDITIONS)
+    assert score["reinject"] > score["m"] + 1.0  # B carries refusal: more of it restores it
+    assert score["m_plus_h"] < score["m"] - 1.0
+    s = result.summary()
+    # the tiny model's flat logits keep s < 0, but "I" becomes the greedy token: the judge sees
+    # the refusal, so the run is no longer a jailbreak (jailbreak needs s < 0 and no judged refusal)
+    assert s["reinject_refusal_rate"] == 1.0 and s["m_jailbreak_rate"] == 1.0
+    assert s["n_awakened"] >= 1 and s["h_size"] <= cfg.top_awake
+    assert out.finished
+    again = RedundancyResult.load(out)
+    assert again.summary() == s and again.awakened.equals(result.awakened)
