@@ -191,7 +191,7 @@ class GreedyConfig:
     forward: bool = True  # also run forward greedy for comparison
     judge_confirm: bool = True  # confirm the final jailbreak with the generation judge
     batch_size: int = 64
-    max_passes: int = 1  # backward passes; >1 repeats a pass while it drops a feature (forces 1-minimality)
+    max_passes: int = 10  # backward passes until one drops nothing (effects are not monotone)
 
 
 @dataclass

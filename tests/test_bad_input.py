@@ -136,7 +136,7 @@ def _scratch_stage():
 
 def test_nothing_refused_writes_a_valid_empty_summary(small_organism, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    # "Sure" is the first token of every compliant answer: with it as the refusal token no
+    # "Sure" opens many compliant answers and never a refusal: with it as the refusal token no
     # harmful prompt scores as refused, so there is nothing to dissect.
     code, err = run_cli([*SMALL, "model.refusal_strings=[Sure]", f"run_dir={run_dir}"], monkeypatch, capsys)
     assert code == 0, err

@@ -1,0 +1,117 @@
+"""The library API: each stage as a plain function on your own nnsight model and SAEs, no Hydra.
+
+    import refusal_nnsight as rn
+    model = rn.load_model()                     # the organism; or rn.load_model(ModelConfig(...))
+    saes = rn.load_saes(model)
+    prompts = rn.load_prompts()
+    direction = rn.find_direction(model, prompts)
+    candidates = rn.candidate_features(model, saes, direction, prompts)
+    minimal = rn.greedy_minimal_set(model, saes, candidates, prompts)
+    interactions = rn.fit_interactions(model, saes, candidates, minimal, prompts)
+    redundant = rn.find_redundant(model, saes, minimal, prompts)
+    report = rn.evaluate(model, saes, direction, candidates, minimal, interactions, prompts)
+
+Each function takes the stage's config dataclass (defaults from refusal_nnsight.config) and an
+optional `out` folder; with `out=None` the stage's artifacts go to a temporary folder that is
+removed afterwards. Each returns the stage's result object (`.summary()`, its tables).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .artifacts import StageDir
+from .config import (
+    CandidatesConfig,
+    DataConfig,
+    DirectionConfig,
+    EvaluateConfig,
+    FMConfig,
+    GreedyConfig,
+    ModelConfig,
+    RedundancyConfig,
+    SAEConfig,
+)
+from .data import Prompts
+from .data import load_prompts as _load_prompts
+from .judges import make_judge
+from .models import LoadedModel, wrap_model
+from .models import load_model as _load_model
+from .saes import LoadedSAEs
+from .saes import load_saes as _load_saes
+
+__all__ = [
+    "load_model", "wrap_model", "load_saes", "load_prompts", "find_direction", "candidate_features",
+    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate",
+]  # fmt: skip
+
+
+def load_model(cfg: ModelConfig | None = None) -> LoadedModel:
+    """An nnsight model with its family facts (default: the organism, built on first use)."""
+    return _load_model(cfg or ModelConfig())
+
+
+def load_saes(model: LoadedModel, cfg: SAEConfig | None = None) -> LoadedSAEs:
+    """sae-lens SAEs by layer, checked against `model` (default: the organism's)."""
+    return _load_saes(cfg or SAEConfig(), model)
+
+
+def load_prompts(cfg: DataConfig | None = None) -> Prompts:
+    """Harmful / harmless train, val and eval sets (default: the organism's grammar)."""
+    return _load_prompts(cfg or DataConfig())
+
+
+def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], object]):
+    if out is not None:
+        stage = StageDir(Path(out), name)
+        result = fn(stage)
+        result.save(stage)
+        return result
+    with tempfile.TemporaryDirectory(prefix=f"refusal_nnsight_{name}_") as tmp:
+        return fn(StageDir(Path(tmp), name))
+
+
+def find_direction(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig | None = None, out=None):
+    """Stage 1a: difference-of-means refusal direction with Arditi et al.'s selection."""
+    from .stages import direction
+
+    return _in_stage("direction", out, lambda o: direction.run(model, prompts, cfg or DirectionConfig(), o))
+
+
+def candidate_features(model, saes, direction, prompts: Prompts, cfg: CandidatesConfig | None = None, out=None):
+    """Stage 1b: per SAE layer, the top-k features by decoder cosine with the direction."""
+    from .stages import candidates
+
+    return _in_stage("candidates", out, lambda o: candidates.run(model, saes, direction, prompts, cfg or CandidatesConfig(), o))
+
+
+def greedy_minimal_set(model, saes, candidates, prompts: Prompts, cfg: GreedyConfig | None = None, out=None, judge: str = "substring"):
+    """Stage 2: per harmful prompt, a verified 1-minimal jailbreaking feature set."""
+    from .stages import greedy
+
+    return _in_stage("greedy", out, lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge)))
+
+
+def fit_interactions(model, saes, candidates, minimal, prompts: Prompts, cfg: FMConfig | None = None, out=None, seed: int = 0):
+    """Stage 3: a factorization machine over ablation masks; top features and confirmed pairs."""
+    from .stages import fm
+
+    return _in_stage("fm", out, lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed))
+
+
+def find_redundant(model, saes, minimal, prompts: Prompts, cfg: RedundancyConfig | None = None, out=None, judge: str = "substring"):
+    """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests."""
+    from .stages import redundancy
+
+    return _in_stage("redundancy", out, lambda o: redundancy.run(model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge)))
+
+
+def evaluate(model, saes, direction, candidates, minimal, interactions, prompts: Prompts, cfg: EvaluateConfig | None = None,
+             out=None, judge: str = "substring", seed: int = 0):  # fmt: skip
+    """Judged generations under every intervention (stages that did not run may be None)."""
+    from .stages import evaluate as ev
+
+    return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
+                                                       cfg or EvaluateConfig(), o, make_judge(judge), seed))  # fmt: skip

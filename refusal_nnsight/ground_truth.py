@@ -1,0 +1,202 @@
+"""Planted-truth checks on the model organism: are the features we find the planted ones?
+
+The organism's grammar records, for every prompt, the harm cue words and their character spans
+(`meta["cues"]`, `meta["cue_spans"]`). A feature is "on the planted truth" when its strongest
+activations fall on those cue tokens or on the refusal decision (the post-instruction eoi
+positions of harmful prompts). Real datasets carry no cue metadata; every check then returns None.
+
+Definitions (ours; the paper has no planted truth):
+- top positions of a feature: its `k` largest activations (default 10) over all token positions
+  of a prompt set (BOS and template tokens included — a feature that peaks on <bos> is not on
+  the planted truth).
+- "mostly": at least half of those top positions lie on cue tokens or harmful eoi positions.
+- a token lies on a cue when its character offsets in the formatted prompt overlap a cue span.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import polars as pl
+import torch
+
+from . import interventions
+from .engine import Feature
+
+log = logging.getLogger(__name__)
+
+MOSTLY = 0.5  # fraction of a feature's top positions that must be on cue / eoi tokens
+TOP_K = 10  # top positions per feature
+
+
+def feature_activations(
+    model, saes, features: Sequence[Feature], instructions: Sequence[str], edits=(), batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Activations of `features` on each prompt: a list of [T_i, F] (unpadded, position 0 = BOS).
+
+    Reads the (optionally edited) residual of each needed layer through `interventions.apply`'s
+    capture, then encodes it with the sliced SAE of that layer's features.
+    """
+    feats = [(int(a), int(b)) for a, b in features]
+    by_layer: dict[int, list[int]] = {}
+    for col, (layer, _) in enumerate(feats):
+        by_layer.setdefault(layer, []).append(col)
+    slices = {layer: saes.slice(layer, [feats[c][1] for c in cols]).to(model.device, torch.float32)
+              for layer, cols in by_layer.items()}  # fmt: skip
+    layers = sorted(by_layer)
+    out: list[torch.Tensor] = []
+    for i0 in range(0, len(instructions), batch_size):
+        batch = model.tokenize(list(instructions[i0 : i0 + batch_size]))
+        with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
+            caps = interventions.apply(model, interventions.rows(list(edits), i0, i0 + len(batch)),
+                                       batch.attention_mask, capture=layers)  # fmt: skip
+            # one saved tensor: nnsight hands back saved values, not containers holding them
+            resid = torch.stack([caps[layer] for layer in layers]).save()  # [n_layers, B, T, d]
+        acts = torch.zeros(*batch.input_ids.shape, len(feats))
+        for k, layer in enumerate(layers):
+            acts[..., by_layer[layer]] = slices[layer].encode(resid[k].float()).float().cpu()
+        for r in range(len(batch)):
+            n = int(batch.attention_mask[r].sum())
+            out.append(acts[r, acts.shape[1] - n :])
+    return out
+
+
+def token_roles(model, instruction: str, cue_spans: Sequence[Sequence[int]]) -> list[int]:
+    """Per token of the formatted prompt: index of the cue span it overlaps, or -1 (unpadded order)."""
+    text = model.format([instruction])[0]
+    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = list(enc["offset_mapping"])
+    ids = model.tokenize([instruction]).input_ids[0].tolist()
+    if len(ids) == len(offsets) + 1:  # tokenize() added the one BOS the template lacked
+        offsets = [(0, 0), *offsets]
+    if len(ids) != len(offsets):
+        raise ValueError("token offsets do not line up with the tokenized prompt")
+    start = text.find(instruction.strip())  # the template trims the instruction
+    roles = []
+    for a, b in offsets:
+        role = -1
+        for k, (c, d) in enumerate(cue_spans):
+            if a < start + d and start + c < b and b > a:
+                role = k
+                break
+        roles.append(role)
+    return roles
+
+
+def _has_cues(prompt_set) -> bool:
+    return bool(prompt_set.meta) and all("cue_spans" in m for m in prompt_set.meta)
+
+
+def top_positions(model, saes, features: Sequence[Feature], prompts, k: int = TOP_K,
+                  sets: Sequence[str] = ("harmful", "harmless")) -> pl.DataFrame:  # fmt: skip
+    """Each feature's k strongest activations over the eval prompt sets.
+
+    Columns: feature (index into `features`), set, prompt_i, position (unpadded), activation,
+    on_cue (token overlaps a planted cue span), on_eoi (an eoi position of a harmful prompt).
+    """
+    rows = []
+    pools = {"harmful": prompts.eval_harmful, "harmless": prompts.eval_harmless}
+    acts_by_set = {
+        name: feature_activations(model, saes, features, pools[name].instructions) for name in sets
+    }
+    n_eoi = len(model.eoi_positions)
+    for j in range(len(features)):
+        cand: list[tuple[float, str, int, int, int]] = []  # (activation, set, prompt, position, length)
+        for name, acts in acts_by_set.items():
+            for i, a in enumerate(acts):
+                for t in a[:, j].nonzero().flatten().tolist():
+                    cand.append((float(a[t, j]), name, i, t, a.shape[0]))
+        cand.sort(key=lambda c: (-c[0], c[1], c[2], c[3]))
+        for act, name, i, t, n in cand[:k]:
+            ps = pools[name]
+            on_cue = False
+            if _has_cues(ps):
+                on_cue = token_roles(model, ps.instructions[i], ps.meta[i]["cue_spans"])[t] >= 0
+            on_eoi = name == "harmful" and t >= n - n_eoi
+            rows.append({"feature": j, "set": name, "prompt_i": i, "position": t, "activation": act,
+                         "on_cue": on_cue, "on_eoi": on_eoi})  # fmt: skip
+    schema = {"feature": pl.Int64, "set": pl.Utf8, "prompt_i": pl.Int64, "position": pl.Int64,
+              "activation": pl.Float64, "on_cue": pl.Boolean, "on_eoi": pl.Boolean}  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
+
+
+def feature_top_positions(model, saes, feature: Feature, prompts, k: int = TOP_K) -> pl.DataFrame:
+    """Where one feature's k strongest activations fall over the eval harmful + harmless prompts."""
+    return top_positions(model, saes, [feature], prompts, k).drop("feature")
+
+
+def minimal_set_cue_precision(model, saes, minimal_sets: dict[int, list[Feature]], prompts,
+                              k: int = TOP_K) -> float | None:  # fmt: skip
+    """Fraction of the distinct minimal-set features whose top-k activations over the harmful eval
+    prompts lie mostly (≥ 50%) on planted cue tokens or harmful eoi positions. None without cues."""
+    if not _has_cues(prompts.eval_harmful):
+        return None
+    feats = sorted({(int(a), int(b)) for m in minimal_sets.values() for a, b in m})
+    if not feats:
+        return None
+    tops = top_positions(model, saes, feats, prompts, k, sets=("harmful",))
+    per = tops.group_by("feature").agg((pl.col("on_cue") | pl.col("on_eoi")).mean().alias("frac"))
+    frac = dict(zip(per["feature"].to_list(), per["frac"].to_list(), strict=True))
+    hits = [frac.get(j, 0.0) >= MOSTLY for j in range(len(feats))]  # never active → not on cue
+    return sum(hits) / len(hits)
+
+
+def compositional_pair_found(result, prompts, model, saes, strict: bool = False) -> int | None:
+    """1 if a confirmed FM pair of a dissected compositional prompt joins its verb and its object.
+
+    For each dissected harmful prompt of kind "compositional" (cues = verb, object head word):
+    strict — one feature of a confirmed pair peaks (its strongest activation on that prompt) on
+    the verb token and the other peaks on the object token; loose (features less clean) — one
+    fires (> 0) on the verb token and the other on the object token. 1 if any pair passes either
+    (only the strict one when `strict`; logged with the criterion), 0 if none does, None when no
+    compositional prompt was dissected or the prompts carry no cue metadata.
+    """
+    ps = prompts.eval_harmful
+    if not _has_cues(ps):
+        return None
+    dissected = sorted(set(result.fit["prompt_idx"].to_list()))
+    comp = [
+        i
+        for i in dissected
+        if ps.meta[i].get("kind") == "compositional" and len(ps.meta[i]["cue_spans"]) >= 2
+    ]
+    if not comp:
+        return None
+    for idx in comp:
+        pairs = result.interactions.filter((pl.col("prompt_idx") == idx) & pl.col("confirmed")).to_dicts()
+        if not pairs:
+            continue
+        feats = sorted(
+            {(p["layer_i"], p["latent_i"]) for p in pairs} | {(p["layer_j"], p["latent_j"]) for p in pairs}
+        )
+        col = {f: c for c, f in enumerate(feats)}
+        instr = ps.instructions[idx]
+        acts = feature_activations(model, saes, feats, [instr])[0]  # [T, F]
+        roles = torch.tensor(token_roles(model, instr, ps.meta[idx]["cue_spans"][:2]))
+
+        for p in pairs:
+            ci, cj = col[(p["layer_i"], p["latent_i"])], col[(p["layer_j"], p["latent_j"])]
+            if {_peak_role(acts[:, ci], roles), _peak_role(acts[:, cj], roles)} == {0, 1}:
+                log.info(
+                    "compositional pair (strict) on prompt %d: %s × %s", idx, p["feature_i"], p["feature_j"]
+                )
+                return 1
+            fires = [[_fires(acts[:, c], roles, r) for r in (0, 1)] for c in (ci, cj)]
+            if not strict and ((fires[0][0] and fires[1][1]) or (fires[0][1] and fires[1][0])):
+                log.info(
+                    "compositional pair (loose) on prompt %d: %s × %s", idx, p["feature_i"], p["feature_j"]
+                )
+                return 1
+    return 0
+
+
+def _peak_role(acts: torch.Tensor, roles: torch.Tensor) -> int:
+    """Cue index (0 verb, 1 object, -1 none) of the token where `acts` [T] peaks; -1 if never active."""
+    return int(roles[int(acts.argmax())]) if acts.max() > 0 else -1
+
+
+def _fires(acts: torch.Tensor, roles: torch.Tensor, role: int) -> bool:
+    """Whether `acts` [T] is > 0 on some token of cue `role`."""
+    on = roles == role
+    return bool(on.any() and acts[on].max() > 0)

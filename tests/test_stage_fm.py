@@ -1,0 +1,276 @@
+"""Stage 3 against planted truth: the FM recovers a planted pairwise interaction that a linear
+model cannot fit, does no better than linear without one, fits deterministically, and `run`
+confirms a planted pair causally, resumes from its mask parts and round-trips through its files.
+The compositional ground-truth check is tested on planted activations."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+import torch
+
+from refusal_nnsight import ground_truth
+from refusal_nnsight.artifacts import StageDir
+from refusal_nnsight.config import FMConfig
+from refusal_nnsight.stages import fm
+from refusal_nnsight.stages.fm import FactorizationMachine, FMResult, LinearModel, fit, metrics, sample_masks
+
+
+def planted(n: int, interaction: bool, seed: int = 0):
+    """Masks over n features and y = 1 + 0.5·m3 − 2·m1·m4 (or − 1·m1) + N(0, 0.1²); split 80/20."""
+    g = torch.Generator().manual_seed(seed)
+    X = sample_masks(n, 2048, g).float()
+    y = 1 + 0.5 * X[:, 3] + (-2 * X[:, 1] * X[:, 4] if interaction else -1.0 * X[:, 1])
+    y = y + 0.1 * torch.randn(len(X), generator=g)
+    held = torch.zeros(len(X), dtype=torch.bool)
+    held[torch.randperm(len(X), generator=g)[: len(X) // 5]] = True
+    return X, y, held
+
+
+def fit_both(X, y, held, task="regression"):
+    cfg = FMConfig()
+    f, lin = FactorizationMachine(X.shape[1], cfg.rank, seed=0), LinearModel(X.shape[1])
+    fit(f, X[~held], y[~held], task, cfg)
+    fit(lin, X[~held], y[~held], task, cfg)
+    return f, lin, metrics(f, X[held], y[held], task), metrics(lin, X[held], y[held], task)
+
+
+def test_fm_forward_is_the_explicit_pairwise_sum():
+    f = FactorizationMachine(6, 3, seed=1)
+    with torch.no_grad():
+        f.w.copy_(torch.randn(6))
+        f.w0.fill_(0.7)
+    X = (torch.rand(20, 6) < 0.5).float()
+    vv = f.V @ f.V.T
+    want = (
+        f.w0
+        + X @ f.w
+        + torch.stack([sum(vv[i, j] * x[i] * x[j] for i in range(6) for j in range(i + 1, 6)) for x in X])
+    )
+    assert torch.allclose(f(X), want, atol=1e-5)
+
+
+def test_fm_recovers_a_planted_interaction_that_linear_cannot_fit():
+    X, y, held = planted(12, interaction=True)
+    f, lin, m_fm, m_lin = fit_both(X, y, held)
+    vv = f.interactions().detach()
+    iu = torch.triu_indices(12, 12, 1)
+    top = vv[iu[0], iu[1]].abs().argmax()
+    assert (int(iu[0][top]), int(iu[1][top])) == (1, 4)
+    assert vv[1, 4] < -1.5  # ≈ −2 in score units
+    assert abs(float(f.w[3].detach()) - 0.5) < 0.15 and abs(float(f.w0.detach()) - 1) < 0.15
+    assert m_fm["r2"] > 0.95 and m_fm["r2"] > m_lin["r2"] + 0.2
+    # classification on jailbreak-like labels: the FM is at least as accurate
+    _, _, c_fm, c_lin = fit_both(X, (y < 0).float(), held, "classification")
+    assert c_fm["accuracy"] >= c_lin["accuracy"] and c_fm["accuracy"] > 0.95
+
+
+def test_linear_is_as_good_without_an_interaction():
+    X, y, held = planted(12, interaction=False)
+    f, lin, m_fm, m_lin = fit_both(X, y, held)
+    assert m_lin["r2"] >= m_fm["r2"] - 0.01
+    assert abs(float(lin.w[1].detach()) + 1) < 0.05 and abs(float(lin.w[3].detach()) - 0.5) < 0.05
+    assert f.interactions().abs().max() < 0.3  # no spurious strong pair
+
+
+def test_fit_is_deterministic_given_the_seed():
+    X, y, held = planted(8, interaction=True)
+    cfg = FMConfig(epochs=50)
+    a, b, c = (
+        FactorizationMachine(8, 4, seed=3),
+        FactorizationMachine(8, 4, seed=3),
+        FactorizationMachine(8, 4, seed=4),
+    )
+    for m in (a, b, c):
+        fit(m, X, y, "regression", cfg)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert not torch.equal(a.V, c.V)
+
+
+def test_sample_masks_are_distinct_and_stratified_by_size():
+    m = sample_masks(20, 600, torch.Generator().manual_seed(0))
+    assert m.shape == (600, 20)
+    assert not m[0].any() and m[1].all()
+    assert len({r.numpy().tobytes() for r in m}) == 600
+    sizes = torch.bincount(m.sum(1), minlength=21)
+    assert (sizes[2:19] > 15).all()  # roughly uniform over sizes, not binomial around 10
+    assert torch.equal(
+        sample_masks(4, 100, torch.Generator()).sum(0), torch.full((4,), 8)
+    )  # all 16 enumerated
+    again = sample_masks(20, 600, torch.Generator().manual_seed(0))
+    assert torch.equal(m, again)
+
+
+# --- run(): an oracle-backed engine instead of a model -----------------------------------------
+
+POOL = [
+    {"layer": 0, "latent": i, "source": "minimal" if i < 3 else "candidate", "max_act": 1.0} for i in range(8)
+]
+
+
+def oracle_score(masks: torch.Tensor) -> torch.Tensor:
+    """s = 2 − 1.0·m0 − 0.5·m2 − 3·m1·m3: features 1 and 3 only matter together."""
+    m = masks.float()
+    return 2 - 1.0 * m[:, 0] - 0.5 * m[:, 2] - 3 * m[:, 1] * m[:, 3]
+
+
+class FakeEngine:
+    evaluated = 0
+
+    def __init__(self, model, saes, pool, value, batch_size):
+        self.size = len(pool)
+
+    def scores(self, batch, masks):
+        FakeEngine.evaluated += masks.shape[0]
+        return oracle_score(masks.reshape(-1, self.size))
+
+
+def fake_run(monkeypatch, out):
+    monkeypatch.setattr(fm, "AblationEngine", FakeEngine)
+    monkeypatch.setattr(fm, "build_pool", lambda *a: [dict(p) for p in POOL])
+    model = SimpleNamespace(tokenize=lambda instr: instr[0])
+    sets = pl.DataFrame(
+        {
+            "prompt_idx": [3, 5],
+            "instruction": ["a", "b"],
+            "layers": [[0, 0, 0]] * 2,
+            "latents": [[0, 1, 2]] * 2,
+        }
+    )
+    cfg = FMConfig(n_masks=200, max_prompts=1, chunk=64, top_pairs=3)
+    return fm.run(
+        model, None, SimpleNamespace(features=[]), SimpleNamespace(sets=sets), None, cfg, out, seed=0
+    )
+
+
+def test_run_confirms_the_planted_pair_resumes_and_round_trips(monkeypatch, tmp_path):
+    out = StageDir(tmp_path / "a", "fm")
+    res = fake_run(monkeypatch, out)
+    assert res.dataset.height == 200 and set(res.dataset["prompt_idx"]) == {3}  # max_prompts=1
+    assert res.dataset["split"].to_list().count("heldout") == 40
+    top = res.interactions.row(0, named=True)
+    assert (top["latent_i"], top["latent_j"]) == (1, 3) and top["v_dot"] < -2 and top["confirmed"]
+    assert top["joint_effect"] == pytest.approx(-3.0) and top["sum_singles"] == pytest.approx(0.0)
+    assert res.top_features["latent"][0] == 0  # the largest |w_i|
+    s = res.summary()
+    assert s["heldout_r2"] > 0.99 and s["heldout_r2"] > s["linear_heldout_r2"] + 0.1
+    assert s["n_masks"] == 200 and 0 < s["top_pair_confirmed_rate"] <= 1
+    assert out.finished
+
+    loaded = FMResult.load(out)
+    for name in fm.SCHEMAS:
+        assert getattr(loaded, name).equals(getattr(res, name))
+    assert loaded.weights.keys() == res.weights.keys()
+    assert all(torch.equal(loaded.weights[k], v) for k, v in res.weights.items())
+
+    FakeEngine.evaluated = 0
+    again = fake_run(monkeypatch, out)
+    assert FakeEngine.evaluated == 1 + 3 * 3  # only the causal pair checks; masks came from parts
+    assert again.dataset.equals(res.dataset)
+    other = StageDir(tmp_path / "b", "fm")
+    fake_run(monkeypatch, other)
+    for name in ("dataset", "fit", "interactions"):  # byte-identical Parquet across runs
+        assert out.file(f"{name}.parquet").read_bytes() == other.file(f"{name}.parquet").read_bytes()
+
+
+def test_compositional_pair_found_on_planted_activations(monkeypatch):
+    from tiny import model_config, tiny_gemma2
+
+    from refusal_nnsight.models import wrap_model
+
+    model = wrap_model(*tiny_gemma2(), model_config("gemma2"))
+    text = "tell me how to kill a person"
+    meta = {"kind": "compositional", "cues": ["kill", "person"], "cue_spans": [[15, 19], [22, 28]]}
+    prompts = SimpleNamespace(eval_harmful=SimpleNamespace(instructions=[text], meta=[meta]))
+    roles = torch.tensor(ground_truth.token_roles(model, text, meta["cue_spans"]))
+    # feature → (cue it peaks on, cue it also fires on weakly); -1 = no cue (<bos> here)
+    fires = {(1, 10): (0, None), (1, 11): (1, None), (2, 5): (-1, None), (2, 6): (-1, 1)}
+
+    def fake_acts(model, saes, features, instructions, edits=(), batch_size=32):
+        a = torch.zeros(len(roles), len(features))
+        for c, f in enumerate(features):
+            peak, weak = fires[f]
+            a[(roles == peak).nonzero().flatten()[0], c] = 1.0
+            if weak is not None:
+                a[roles == weak, c] = 0.3
+        return [a]
+
+    monkeypatch.setattr(ground_truth, "feature_activations", fake_acts)
+
+    def result(pair, confirmed=True):
+        row = {"prompt_idx": 0, "feature_i": "i", "layer_i": pair[0][0], "latent_i": pair[0][1], "feature_j": "j",
+               "layer_j": pair[1][0], "latent_j": pair[1][1], "confirmed": confirmed}  # fmt: skip
+        return SimpleNamespace(fit=pl.DataFrame({"prompt_idx": [0]}), interactions=pl.DataFrame([row]))
+
+    assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None) == 1
+    assert (
+        ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None, strict=True)
+        == 1
+    )
+    assert ground_truth.compositional_pair_found(result([(1, 10), (2, 5)]), prompts, model, None) == 0
+    loose = result([(1, 10), (2, 6)])  # (2, 6) peaks off the cues but also fires on the object
+    assert ground_truth.compositional_pair_found(loose, prompts, model, None) == 1
+    assert ground_truth.compositional_pair_found(loose, prompts, model, None, strict=True) == 0
+    assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)], False), prompts, model, None) == 0
+    meta["kind"] = "cue"
+    assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None) is None
+
+
+def test_feature_activations_match_sae_lens_on_the_residual():
+    """The activation reader (used for pools and ground truth) = sae-lens encode of layer L's output."""
+    from tiny import model_config, random_jumprelu_sae, tiny_gemma2
+
+    from refusal_nnsight.models import wrap_model
+    from refusal_nnsight.saes import LoadedSAEs
+
+    hf, tok = tiny_gemma2()
+    model = wrap_model(hf, tok, model_config("gemma2"))
+    sae = random_jumprelu_sae(model.d_model, 64, 1)
+    with torch.no_grad():
+        sae.b_enc.add_(0.3)  # make latents fire on a random model
+    saes = LoadedSAEs(None, {1: sae})
+    texts = ["hello there", "tell me how to make a bomb please"]
+    feats = [(1, 3), (1, 10), (1, 40)]
+    got = ground_truth.feature_activations(model, saes, feats, texts)
+    for text, acts in zip(texts, got, strict=True):
+        batch = model.tokenize([text])
+        with torch.no_grad():
+            hidden = hf(**batch.model_inputs("cpu"), output_hidden_states=True).hidden_states[2][0]
+        assert acts.shape == (batch.input_ids.shape[1], 3)
+        assert torch.allclose(acts, sae.encode(hidden)[:, [3, 10, 40]], atol=1e-5)
+    assert sum(float(a.sum()) for a in got) > 0
+
+
+def test_organism_fm_on_one_prompt(request, tmp_path):
+    """Small organism, end to end: the pool holds M plus active candidates, every mask is scored
+    by the engine (the all-off mask reproduces the clean score), and both models are fitted."""
+    from test_stage_direction import load_small_organism
+
+    from refusal_nnsight.config import CandidatesConfig, DirectionConfig, GreedyConfig, SAEConfig
+    from refusal_nnsight.judges import SubstringJudge
+    from refusal_nnsight.saes import load_saes
+    from refusal_nnsight.stages import candidates, direction, greedy
+
+    model, prompts = load_small_organism(request)
+    saes = load_saes(SAEConfig(), model)
+    d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
+    c = candidates.run(model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"))
+    g = greedy.run(model, saes, c, prompts, GreedyConfig(max_prompts=1, forward=False, judge_confirm=False),
+                   StageDir(tmp_path, "greedy"), SubstringJudge())  # fmt: skip
+    res = fm.run(
+        model, saes, c, g, prompts, FMConfig(n_masks=256, max_prompts=1), StageDir(tmp_path, "fm"), seed=0
+    )
+    (idx, minimal), row = next(iter(g.minimal_sets.items())), g.sets.row(0, named=True)
+    pool = res.pools.filter(pl.col("prompt_idx") == idx)
+    assert set(minimal) <= set(zip(pool["layer"], pool["latent"], strict=True))
+    assert set(pool.filter(pl.col("source") == "minimal")["feature"]) == set(row["features"])
+    data = res.dataset.filter(pl.col("prompt_idx") == idx)
+    assert data.height == min(256, 2**pool.height)
+    off = data.filter(pl.col("size") == 0)["score"][0]
+    assert off == pytest.approx(row["clean_score"], abs=1e-4)
+    assert res.fit.height == 4 and res.fit["heldout_accuracy"].is_not_null().all()
+    s = res.summary()
+    assert all(s[k] is not None for k in ("heldout_accuracy", "linear_heldout_accuracy", "heldout_r2"))
