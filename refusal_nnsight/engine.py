@@ -68,9 +68,9 @@ class AblationEngine:
         if len(batch) != 1:
             raise ValueError("scores() takes one prompt; use scores_rows for one variant per prompt")
         masks = masks.reshape(-1, self.size)
-        return refusal_scores(
-            self.model, batch.repeat(masks.shape[0]), self.edits(masks), self.batch_size, progress
-        )
+        # One prompt row up to the first edited layer, then broadcast to the V variants: the
+        # unedited layers below it run once per chunk instead of once per variant.
+        return refusal_scores(self.model, batch, self.edits(masks), self.batch_size, progress, variants=masks.shape[0])
 
     def scores_rows(
         self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None

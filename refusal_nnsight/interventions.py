@@ -196,7 +196,12 @@ def edits_by_layer(edits: Sequence[Edit], n_layers: int) -> tuple[list[Edit], di
 
 
 def apply(
-    model, edits: Sequence[Edit], attention_mask: torch.Tensor, step: int = 0, capture: Sequence[int] = ()
+    model,
+    edits: Sequence[Edit],
+    attention_mask: torch.Tensor,
+    step: int = 0,
+    capture: Sequence[int] = (),
+    expand_to: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """Apply `edits` inside the current nnsight trace (or generation step) of `model`.
 
@@ -204,6 +209,10 @@ def apply(
     place "bos"/offset positions and to keep left padding untouched. Modules are visited in
     forward order, as nnsight requires, so reads of residuals go through `capture`: the edited
     residual [B, T, d] of each captured layer is returned (not saved; call .save() on what you keep).
+
+    `expand_to=V` runs ONE prompt row up to the first edited layer and broadcasts its residual to
+    V rows there (V edit variants of one prompt): the unedited layers below are computed once,
+    not V times. Attention masks and rotary tables of batch 1 broadcast over the V rows.
     """
     pre, by_layer = edits_by_layer(edits, model.n_layers)
     layers = model.layers()
@@ -215,9 +224,18 @@ def apply(
         first = layers[0]
         first.input = _edit_all(pre, first.input, mask, step, where_cache)
     captured: dict[int, torch.Tensor] = {}
-    for layer in sorted(set(by_layer) | set(capture)):
+    visit = set(by_layer) | set(capture)
+    expand_at = None
+    if expand_to is not None:
+        expand_at = min(by_layer) if by_layer else model.n_layers - 1
+        visit.add(expand_at)
+    for layer in sorted(visit):
         module = layers[layer]
-        if layer in by_layer:
+        if layer == expand_at:
+            x = module.output
+            x = x.expand(expand_to, *x.shape[1:])
+            module.output = _edit_all(by_layer.get(layer, ()), x, mask, step, where_cache)
+        elif layer in by_layer:
             module.output = _edit_all(by_layer[layer], module.output, mask, step, where_cache)
         if layer in capture:
             captured[layer] = module.output

@@ -82,28 +82,34 @@ def last_logits(
     batch_size: int = 32,
     what: str = "logits",
     progress: str | None = None,
+    variants: int | None = None,
 ) -> torch.Tensor:
     """Next-token logits [N, V] (what="logits") or refusal scores [N] (what="score") at position −1.
 
     `edits` may carry per-row masks over all N rows; they are sliced per chunk. Only the last
     position's logits are computed (`logits_to_keep=1`), and only the score leaves the trace
-    when what="score".
+    when what="score". `variants=N` with a one-prompt batch evaluates N edit variants of that
+    prompt, computing the layers below the first edited one once (interventions.apply expand_to).
     """
     batch = _as_batch(model, prompts)
+    if variants is not None and len(batch) != 1:
+        raise ValueError("variants= needs a batch of one prompt")
+    n = len(batch) if variants is None else variants
 
     def one(i0: int, i1: int) -> torch.Tensor:
-        chunk = batch.rows(i0, i1)
+        chunk = batch.rows(i0, i1) if variants is None else batch
+        expand = None if variants is None else i1 - i0
         with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
-            interventions.apply(model, interventions.rows(edits, i0, i1), chunk.attention_mask)
+            interventions.apply(model, interventions.rows(edits, i0, i1), chunk.attention_mask, expand_to=expand)
             logits = model.lm.output.logits[:, -1, :]
             out = refusal_score_from_logits(logits, model.refusal_ids) if what == "score" else logits.float()
             saved = out.cpu().save()
         return saved
 
-    outs = map_chunks(len(batch), batch_size, one, progress)
+    outs = map_chunks(n, batch_size, one, progress)
     result = torch.cat(outs) if outs else torch.empty(0)
     if not torch.isfinite(result).all():
-        raise NonFiniteError(_where_nonfinite(model, batch, edits))
+        raise NonFiniteError(_where_nonfinite(model, batch if variants is None else batch.repeat(n), edits))
     return result
 
 
@@ -135,6 +141,7 @@ def refusal_scores(
     edits: Sequence[Edit] = (),
     batch_size: int = 32,
     progress: str | None = None,
+    variants: int | None = None,
 ) -> torch.Tensor:
-    """Refusal score s [N] of each prompt under `edits` (s > 0 ⇒ refusal)."""
-    return last_logits(model, prompts, edits, batch_size, what="score", progress=progress)
+    """Refusal score s [N] of each prompt under `edits` (s > 0 ⇒ refusal); see last_logits."""
+    return last_logits(model, prompts, edits, batch_size, what="score", progress=progress, variants=variants)

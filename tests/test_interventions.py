@@ -253,3 +253,20 @@ def test_nonfinite_activations_are_named_with_their_layer():
         hf.model.layers[1].mlp.down_proj.weight.fill_(math.inf)
     with pytest.raises(NonFiniteError, match="layer 1 "):
         last_logits(model, PROMPTS)
+
+
+def test_engine_variants_share_the_unedited_layers_and_equal_repeated_rows(setup):
+    from refusal_nnsight.engine import AblationEngine
+    from refusal_nnsight.saes import LoadedSAEs
+
+    model, _, sae = setup
+    saes = LoadedSAEs(None, {LAYER: sae})
+    pool = [(LAYER, f) for f in range(0, 256, 16)]
+    engine = AblationEngine(model, saes, pool, value=-3.0, batch_size=3)
+    masks = torch.rand(7, len(pool), generator=torch.Generator().manual_seed(3)) > 0.5
+    masks[0] = False  # the clean variant rides along
+    prompt = model.tokenize([PROMPTS[1]])
+    shared = engine.scores(prompt, masks)  # layers < LAYER run once per chunk, then broadcast
+    repeated = last_logits(model, prompt.repeat(7), engine.edits(masks), what="score")
+    assert torch.allclose(shared, repeated, atol=1e-5)
+    assert torch.allclose(shared[0], last_logits(model, prompt, what="score")[0], atol=1e-5)
