@@ -22,7 +22,15 @@ log = logging.getLogger("refusal_nnsight")
 
 # Override keys that look like credentials: secrets come from the environment (NDIF_API_KEY,
 # HF_TOKEN) or nnsight's own config, and must never reach .hydra/*.yaml, logs or run files.
-_SECRET_KEY = re.compile(r"(token|api_?key|secret|password|credential)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(^|[._])(token|api_?key|secret|password|credentials?)$", re.IGNORECASE)
+
+
+def _register_resolvers() -> None:
+    """`${rn_default:VALUE,DEFAULT}`: DEFAULT when VALUE is null (oc.select only covers missing keys)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("rn_default"):
+        OmegaConf.register_new_resolver("rn_default", lambda value, default: default if value in (None, "") else value)
 
 
 def _check_no_secret_overrides(argv: list[str]) -> None:
@@ -66,6 +74,7 @@ def compose(overrides: list[str] | None = None):
 
     _check_no_secret_overrides(overrides or [])
     _check_group_choices(overrides or [])
+    _register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_run_config(hydra_compose(config_name="config", overrides=expand_overrides(overrides or [])))
 
@@ -119,6 +128,7 @@ def main() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.argv[1:] = expand_overrides(sys.argv[1:])
+    _register_resolvers()
     app = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
     app()
 

@@ -44,12 +44,21 @@ def add_gemma_scope(
 
 
 def add_llama_scope(
-    cache: Path, layer: int, d_in: int = 64, d_sae: int = 256, seed: int = 0, avg_norm: float = 8.0
+    cache: Path,
+    layer: int,
+    d_in: int = 64,
+    d_sae: int = 256,
+    seed: int = 0,
+    avg_norm: float = 8.0,
+    plant: torch.Tensor | None = None,
 ) -> dict:
-    """Llama Scope residual SAE, as fnlp/Llama3_1-8B-Base-LXR-8x stores it (scalar threshold)."""
+    """Llama Scope residual SAE, as fnlp/Llama3_1-8B-Base-LXR-8x stores it (scalar threshold).
+    `plant` [d_in]: latent 0 reads and writes exactly this direction."""
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    if plant is not None:
+        W_dec[0] = plant / plant.norm()
     state = {
         "encoder.weight": (W_dec * 0.5).contiguous(),  # [d_sae, d_in]; loader transposes to W_enc
         "encoder.bias": torch.randn(d_sae, generator=g) * 0.05,

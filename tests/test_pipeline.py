@@ -51,3 +51,13 @@ def test_smoke_pipeline_end_to_end(small_organism, tmp_path):
     again.pop("timing")
     summary.pop("timing")
     assert json.loads(json.dumps(again)) == summary
+
+
+def test_default_run_folder_is_runs_model_timestamp(small_organism, tmp_path, monkeypatch, capsys):
+    from cli_runner import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["experiment=smoke", "stages=[direction]"], monkeypatch, capsys)
+    assert code == 0, err
+    (run,) = (tmp_path / "runs" / "organism").iterdir()
+    assert (run / "summary.json").exists() and (run / ".hydra" / "config.yaml").exists()
