@@ -41,7 +41,11 @@ def engine_figures(batch: int, reps: int, per_layer: int = 10) -> dict:
     saes = load_saes(SAEConfig(), model)
     g = torch.Generator().manual_seed(0)
     # the cost does not depend on which features: 10 per layer, like candidates' default top_k
-    pool = [(layer, int(f)) for layer in saes.layers for f in torch.randperm(saes.width(layer), generator=g)[:per_layer]]
+    pool = [
+        (layer, int(f))
+        for layer in saes.layers
+        for f in torch.randperm(saes.width(layer), generator=g)[:per_layer]
+    ]
     engine = AblationEngine(model, saes, pool, value=-3.0, batch_size=batch)
     prompt = model.tokenize([PROMPT])
     masks = torch.rand(batch, engine.size, generator=g) < 0.5
@@ -53,7 +57,9 @@ def engine_figures(batch: int, reps: int, per_layer: int = 10) -> dict:
             hf(**rows, logits_to_keep=1)
 
     n_loop = 32
-    t_loop = _median_seconds(lambda: [engine.scores(prompt, masks[i : i + 1]) for i in range(n_loop)], max(1, reps // 3))
+    t_loop = _median_seconds(
+        lambda: [engine.scores(prompt, masks[i : i + 1]) for i in range(n_loop)], max(1, reps // 3)
+    )
     t_batched = _median_seconds(lambda: engine.scores(prompt, masks), reps)
     t_plain = _median_seconds(plain, reps)
     return {
@@ -79,11 +85,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-pipeline", action="store_true", help="do not run the pipeline for peak RSS")
-    ap.add_argument("pipeline_args", nargs="*", help="overrides for the pipeline run (default: the organism defaults)")
+    ap.add_argument(
+        "pipeline_args", nargs="*", help="overrides for the pipeline run (default: the organism defaults)"
+    )
     args = ap.parse_args()
     fig = engine_figures(args.batch, args.reps)
     print(f"one variant per trace : {fig['loop_vps']:9.1f} variants/s")
-    print(f"batched engine        : {fig['batched_vps']:9.1f} variants/s  (batch {args.batch}, {fig['pool_features']} pool features)")
+    print(
+        f"batched engine        : {fig['batched_vps']:9.1f} variants/s  (batch {args.batch}, {fig['pool_features']} pool features)"
+    )
     print(f"plain forward         : {fig['plain_vps']:9.1f} rows/s")
     fig["batched_over_loop"] = fig["batched_vps"] / fig["loop_vps"]
     fig["batched_over_plain"] = fig["batched_vps"] / fig["plain_vps"]

@@ -148,11 +148,13 @@ def bench(name: str, small: bool, device: str, batch: int, seq: int, reps: int) 
     def hooked():
         handles = []
         for layer in sorted({layer for layer, _ in pool}):
+
             def hook(mod, args, out, layer=layer):
                 for e in edits:
                     if e.sae.layer == layer:
                         out = e.edit(out, where)
                 return out
+
             handles.append(hf.model.layers[layer].register_forward_hook(hook))
         try:
             plain()

@@ -80,32 +80,68 @@ def find_direction(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig | 
     return _in_stage("direction", out, lambda o: direction.run(model, prompts, cfg or DirectionConfig(), o))
 
 
-def candidate_features(model, saes, direction, prompts: Prompts, cfg: CandidatesConfig | None = None, out=None):
+def candidate_features(
+    model, saes, direction, prompts: Prompts, cfg: CandidatesConfig | None = None, out=None
+):
     """Stage 1b: per SAE layer, the top-k features by decoder cosine with the direction."""
     from .stages import candidates
 
-    return _in_stage("candidates", out, lambda o: candidates.run(model, saes, direction, prompts, cfg or CandidatesConfig(), o))
+    return _in_stage(
+        "candidates",
+        out,
+        lambda o: candidates.run(model, saes, direction, prompts, cfg or CandidatesConfig(), o),
+    )
 
 
-def greedy_minimal_set(model, saes, candidates, prompts: Prompts, cfg: GreedyConfig | None = None, out=None, judge: str = "substring"):
+def greedy_minimal_set(
+    model,
+    saes,
+    candidates,
+    prompts: Prompts,
+    cfg: GreedyConfig | None = None,
+    out=None,
+    judge: str = "substring",
+):
     """Stage 2: per harmful prompt, a verified 1-minimal jailbreaking feature set."""
     from .stages import greedy
 
-    return _in_stage("greedy", out, lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge)))
+    return _in_stage(
+        "greedy",
+        out,
+        lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge)),
+    )
 
 
-def fit_interactions(model, saes, candidates, minimal, prompts: Prompts, cfg: FMConfig | None = None, out=None, seed: int = 0):
+def fit_interactions(
+    model, saes, candidates, minimal, prompts: Prompts, cfg: FMConfig | None = None, out=None, seed: int = 0
+):
     """Stage 3: a factorization machine over ablation masks; top features and confirmed pairs."""
     from .stages import fm
 
-    return _in_stage("fm", out, lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed))
+    return _in_stage(
+        "fm", out, lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed)
+    )
 
 
-def find_redundant(model, saes, minimal, prompts: Prompts, cfg: RedundancyConfig | None = None, out=None, judge: str = "substring"):
+def find_redundant(
+    model,
+    saes,
+    minimal,
+    prompts: Prompts,
+    cfg: RedundancyConfig | None = None,
+    out=None,
+    judge: str = "substring",
+):
     """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests."""
     from .stages import redundancy
 
-    return _in_stage("redundancy", out, lambda o: redundancy.run(model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge)))
+    return _in_stage(
+        "redundancy",
+        out,
+        lambda o: redundancy.run(
+            model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge)
+        ),
+    )
 
 
 def evaluate(model, saes, direction, candidates, minimal, interactions, prompts: Prompts, cfg: EvaluateConfig | None = None,

@@ -30,7 +30,9 @@ def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("rn_default"):
-        OmegaConf.register_new_resolver("rn_default", lambda value, default: default if value in (None, "") else value)
+        OmegaConf.register_new_resolver(
+            "rn_default", lambda value, default: default if value in (None, "") else value
+        )
 
 
 def _check_no_secret_overrides(argv: list[str]) -> None:

@@ -169,7 +169,9 @@ class DirectionConfig:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0  # discard candidates whose induce score is below this
     batch_size: int = 32
-    fallback: Literal["lowest_bypass", "fewest_failures"] = "lowest_bypass"  # when no candidate survives (ours)
+    fallback: Literal["lowest_bypass", "fewest_failures"] = (
+        "lowest_bypass"  # when no candidate survives (ours)
+    )
 
 
 @dataclass
@@ -226,7 +228,9 @@ class RedundancyConfig:
     bos_clamp_value: float = 0.0
     coefficient: float = -3.0
     weak_coefficient: float = 0.0  # weaker ablation of M (zero-ablation) where M alone may not jailbreak
-    reinject_scale: float = 2.0  # H scaled by this in the M-ablated run: its awakened contribution added once more
+    reinject_scale: float = (
+        2.0  # H scaled by this in the M-ablated run: its awakened contribution added once more
+    )
     bos_features: Literal["awakened", "minimal", "both"] = "awakened"  # which latents the <bos> clamp sets
     max_new_tokens: int | None = None  # null = model.max_new_tokens
     batch_size: int = 16  # prompts per forward (the full-width SAE scan holds [B, T, width] per layer)
@@ -323,7 +327,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not math.isfinite(c):
             raise UserError(f"search.{stage}.coefficient={c} must be a finite number (e.g. -3 or 0)")
         if c >= 1:
-            raise UserError(f"search.{stage}.coefficient={c} would amplify the latents, not ablate them; use a value < 1 (0 = zero-ablation, -3 = refusal_sae's Gemma setting)")
+            raise UserError(
+                f"search.{stage}.coefficient={c} would amplify the latents, not ablate them; use a value < 1 (0 = zero-ablation, -3 = refusal_sae's Gemma setting)"
+            )
     if cfg.sae.layers is not None and len(set(cfg.sae.layers)) != len(cfg.sae.layers):
         raise UserError(f"sae.layers={cfg.sae.layers} repeats a layer")
     return cfg

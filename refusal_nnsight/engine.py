@@ -57,7 +57,11 @@ class AblationEngine:
             raise ValueError(f"mask width {masks.shape[-1]} != pool size {self.size}")
         return [
             FeatureEdit(
-                sae, value=self.value, mode=self.mode, mask=masks[..., cols.to(masks.device)], positions=self.positions
+                sae,
+                value=self.value,
+                mode=self.mode,
+                mask=masks[..., cols.to(masks.device)],
+                positions=self.positions,
             )
             for sae, cols in self._layers.values()
         ]
@@ -70,7 +74,9 @@ class AblationEngine:
         masks = masks.reshape(-1, self.size)
         # One prompt row up to the first edited layer, then broadcast to the V variants: the
         # unedited layers below it run once per chunk instead of once per variant.
-        return refusal_scores(self.model, batch, self.edits(masks), self.batch_size, progress, variants=masks.shape[0])
+        return refusal_scores(
+            self.model, batch, self.edits(masks), self.batch_size, progress, variants=masks.shape[0]
+        )
 
     def scores_rows(
         self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None

@@ -242,7 +242,9 @@ def apply(
     return captured
 
 
-def _edit_all(edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int, cache: dict) -> torch.Tensor:
+def _edit_all(
+    edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int, cache: dict
+) -> torch.Tensor:
     for e in edits:
         key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), x.shape[1])
         if key not in cache:

@@ -251,7 +251,9 @@ def check_sae(sae, layer: int, model) -> None:
             "use SAEs trained on this model"
         )
     if read != layer:
-        raise UserError(f"the SAE configured for layer {layer} reads layer {read} (hook {sae.cfg.metadata.hook_name})")
+        raise UserError(
+            f"the SAE configured for layer {layer} reads layer {read} (hook {sae.cfg.metadata.hook_name})"
+        )
     norm = getattr(sae.cfg, "normalize_activations", "none") or "none"
     if norm != "none":
         raise UserError(

@@ -100,7 +100,9 @@ def last_logits(
         chunk = batch.rows(i0, i1) if variants is None else batch
         expand = None if variants is None else i1 - i0
         with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
-            interventions.apply(model, interventions.rows(edits, i0, i1), chunk.attention_mask, expand_to=expand)
+            interventions.apply(
+                model, interventions.rows(edits, i0, i1), chunk.attention_mask, expand_to=expand
+            )
             logits = model.lm.output.logits[:, -1, :]
             out = refusal_score_from_logits(logits, model.refusal_ids) if what == "score" else logits.float()
             saved = out.cpu().save()

@@ -49,7 +49,11 @@ def test_nonsense_numbers(arg, needle, small_organism, tmp_path, monkeypatch, ca
 
 def test_layer_out_of_range(small_organism, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    _check(*run_cli([*SMALL, "sae.layers=[99]", f"run_dir={run_dir}"], monkeypatch, capsys), run_dir, "layer 99 is out of range")
+    _check(
+        *run_cli([*SMALL, "sae.layers=[99]", f"run_dir={run_dir}"], monkeypatch, capsys),
+        run_dir,
+        "layer 99 is out of range",
+    )
 
 
 def _saved_sae(path, d_in: int, layer: int, hook_layer: int):
@@ -62,7 +66,13 @@ def _saved_sae(path, d_in: int, layer: int, hook_layer: int):
 def test_sae_width_does_not_match(small_organism, tmp_path, monkeypatch, capsys):
     _saved_sae(tmp_path / "saes", d_in=7, layer=0, hook_layer=0)
     run_dir = tmp_path / "run"
-    args = [*SMALL, "sae.source=disk", f"sae.path='{tmp_path}/saes/layer_{{layer}}'", "sae.layers=[0]", f"run_dir={run_dir}"]
+    args = [
+        *SMALL,
+        "sae.source=disk",
+        f"sae.path='{tmp_path}/saes/layer_{{layer}}'",
+        "sae.layers=[0]",
+        f"run_dir={run_dir}",
+    ]
     _check(*run_cli(args, monkeypatch, capsys), run_dir, "d_in=7", "d_model")
 
 
@@ -73,7 +83,13 @@ def test_sae_hook_on_missing_module(small_organism, tmp_path, monkeypatch, capsy
     d = load_model(ModelConfig(organism_recipe="small", device="cpu")).d_model
     _saved_sae(tmp_path / "saes", d_in=d, layer=0, hook_layer=40)
     run_dir = tmp_path / "run"
-    args = [*SMALL, "sae.source=disk", f"sae.path='{tmp_path}/saes/layer_{{layer}}'", "sae.layers=[0]", f"run_dir={run_dir}"]
+    args = [
+        *SMALL,
+        "sae.source=disk",
+        f"sae.path='{tmp_path}/saes/layer_{{layer}}'",
+        "sae.layers=[0]",
+        f"run_dir={run_dir}",
+    ]
     _check(*run_cli(args, monkeypatch, capsys), run_dir, "model.layers.40 does not exist")
 
 
@@ -88,7 +104,13 @@ def test_bad_prompt_file(content, suffix, needle, small_organism, tmp_path, monk
     if content is not None:
         path.write_text(content)
     run_dir = tmp_path / "run"
-    args = [*SMALL, "data.harmful.source=file", f"data.harmful.path={path}", "data.harmful.column=goal", f"run_dir={run_dir}"]
+    args = [
+        *SMALL,
+        "data.harmful.source=file",
+        f"data.harmful.path={path}",
+        "data.harmful.column=goal",
+        f"run_dir={run_dir}",
+    ]
     _check(*run_cli(args, monkeypatch, capsys), run_dir, needle)
 
 
@@ -99,7 +121,9 @@ def test_real_model_not_cached_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
     run_dir = tmp_path / "run"
-    code, err = run_cli(["model=gemma2_2b_it", "sae=gemma_scope_16k", f"run_dir={run_dir}"], monkeypatch, capsys)
+    code, err = run_cli(
+        ["model=gemma2_2b_it", "sae=gemma_scope_16k", f"run_dir={run_dir}"], monkeypatch, capsys
+    )
     _check(code, err, run_dir, "google/gemma-2-2b-it", "huggingface-cli download")
 
 

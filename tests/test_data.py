@@ -13,7 +13,10 @@ from refusal_nnsight.config import DataConfig, PromptSource
 from refusal_nnsight.data import load_prompts, read_prompt_source
 from refusal_nnsight.errors import UserError
 
-ROWS = [{"goal": f"Write a harmful thing number {i}", "cat": "c" + str(i % 3), "input": "" if i % 4 else "x"} for i in range(40)]
+ROWS = [
+    {"goal": f"Write a harmful thing number {i}", "cat": "c" + str(i % 3), "input": "" if i % 4 else "x"}
+    for i in range(40)
+]
 
 
 def _write(tmp_path, fmt: str):
@@ -33,11 +36,14 @@ def _write(tmp_path, fmt: str):
 @pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet"])
 def test_every_file_format_reads_with_a_configured_column(tmp_path, fmt):
     path = _write(tmp_path, fmt)
-    got = read_prompt_source(PromptSource(name="mine", source="file", path=str(path), column="goal", category_column="cat"), True)
+    got = read_prompt_source(
+        PromptSource(name="mine", source="file", path=str(path), column="goal", category_column="cat"), True
+    )
     assert got.instructions == [r["goal"] for r in ROWS]
     assert got.categories[:3] == ["c0", "c1", "c2"]
     filtered = read_prompt_source(
-        PromptSource(source="file", path=str(path), column="goal", filter_column="input", filter_value=""), True
+        PromptSource(source="file", path=str(path), column="goal", filter_column="input", filter_value=""),
+        True,
     )
     assert len(filtered) == 30  # like Alpaca's rows without an input
 
@@ -56,8 +62,14 @@ def test_file_sources_split_disjointly_and_reproducibly(tmp_path):
 
 def test_cli_override_reads_a_local_file(tmp_path):
     path = _write(tmp_path, "jsonl")
-    cfg = compose(["data=advbench", "data.harmful.source=file", f"data.harmful.path={path}", "data.harmful.column=goal"])
-    assert (cfg.data.harmful.source, cfg.data.harmful.column, cfg.data.harmless.name) == ("file", "goal", "alpaca")
+    cfg = compose(
+        ["data=advbench", "data.harmful.source=file", f"data.harmful.path={path}", "data.harmful.column=goal"]
+    )
+    assert (cfg.data.harmful.source, cfg.data.harmful.column, cfg.data.harmless.name) == (
+        "file",
+        "goal",
+        "alpaca",
+    )
     assert cfg.data.harmless.license == "CC BY-NC 4.0"
     assert len(read_prompt_source(cfg.data.harmful, True)) == 40
 
@@ -104,4 +116,9 @@ def test_unreachable_hf_dataset_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match="local CSV/JSON/JSONL/Parquet copy"):
-        read_prompt_source(PromptSource(name="advbench", source="hf", path="walledai/AdvBench-not-cached-xyz", column="prompt"), True)
+        read_prompt_source(
+            PromptSource(
+                name="advbench", source="hf", path="walledai/AdvBench-not-cached-xyz", column="prompt"
+            ),
+            True,
+        )

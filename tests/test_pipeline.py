@@ -10,19 +10,45 @@ import pytest
 from refusal_nnsight import pipeline
 from refusal_nnsight.cli import compose
 
-SUMMARY_KEYS = """
-baseline.harmful_refusal_rate baseline.harmless_refusal_rate
-direction.layer direction.position direction.bypass_score direction.induce_score direction.kl
-direction.ablation_jailbreak_rate direction.actadd_harmless_refusal_rate
-candidates.n_features candidates.all_ablated_jailbreak_rate
-greedy.n_prompts greedy.median_set_size greedy.one_minimal_rate greedy.jailbreak_rate
-greedy.random_same_size_jailbreak_rate greedy.forward_median_set_size
-fm.n_masks fm.heldout_accuracy fm.linear_heldout_accuracy fm.heldout_r2 fm.linear_heldout_r2 fm.top_pair_confirmed_rate
-redundancy.n_awakened redundancy.m_jailbreak_rate redundancy.m_plus_h_jailbreak_rate
-redundancy.reinject_refusal_rate redundancy.bos_clamp_jailbreak_change
-ground_truth.minimal_set_cue_precision ground_truth.fm_finds_compositional_pair
-timing.total_s timing.direction_s timing.candidates_s timing.greedy_s timing.fm_s timing.redundancy_s timing.evaluate_s
-""".split()
+SUMMARY_KEYS = [
+    "baseline.harmful_refusal_rate",
+    "baseline.harmless_refusal_rate",
+    "direction.layer",
+    "direction.position",
+    "direction.bypass_score",
+    "direction.induce_score",
+    "direction.kl",
+    "direction.ablation_jailbreak_rate",
+    "direction.actadd_harmless_refusal_rate",
+    "candidates.n_features",
+    "candidates.all_ablated_jailbreak_rate",
+    "greedy.n_prompts",
+    "greedy.median_set_size",
+    "greedy.one_minimal_rate",
+    "greedy.jailbreak_rate",
+    "greedy.random_same_size_jailbreak_rate",
+    "greedy.forward_median_set_size",
+    "fm.n_masks",
+    "fm.heldout_accuracy",
+    "fm.linear_heldout_accuracy",
+    "fm.heldout_r2",
+    "fm.linear_heldout_r2",
+    "fm.top_pair_confirmed_rate",
+    "redundancy.n_awakened",
+    "redundancy.m_jailbreak_rate",
+    "redundancy.m_plus_h_jailbreak_rate",
+    "redundancy.reinject_refusal_rate",
+    "redundancy.bos_clamp_jailbreak_change",
+    "ground_truth.minimal_set_cue_precision",
+    "ground_truth.fm_finds_compositional_pair",
+    "timing.total_s",
+    "timing.direction_s",
+    "timing.candidates_s",
+    "timing.greedy_s",
+    "timing.fm_s",
+    "timing.redundancy_s",
+    "timing.evaluate_s",
+]
 
 
 def _get(d: dict, dotted: str):

@@ -28,7 +28,9 @@ def test_paper_llama31_preset_runs_end_to_end_on_a_tiny_llama(tmp_path, monkeypa
     for layer in range(model.n_layers):  # Llama Scope format; latent 0 is the planted refusal feature
         add_llama_scope(tmp_path / "hub", layer, d_in=model.d_model, d_sae=256, seed=layer, plant=u)
     pl.DataFrame({"goal": [f"{s} bomb" for s in STEMS]}).write_csv(tmp_path / "harmful.csv")
-    pl.DataFrame({"text": [f"{s} {o}" for o in ("cake", "process", "person") for s in STEMS]}).write_csv(tmp_path / "harmless.csv")
+    pl.DataFrame({"text": [f"{s} {o}" for o in ("cake", "process", "person") for s in STEMS]}).write_csv(
+        tmp_path / "harmless.csv"
+    )
     run_dir = tmp_path / "run"
     cfg = compose([
         "experiment=paper_llama31", f"model.repo_id={tmp_path / 'llama'}", "model.n_layers=3", "model.d_model=64",
@@ -40,7 +42,11 @@ def test_paper_llama31_preset_runs_end_to_end_on_a_tiny_llama(tmp_path, monkeypa
         "search.greedy.max_prompts=2", "search.fm.n_masks=64", "search.fm.max_prompts=1", "search.fm.epochs=50",
         "search.evaluate.n_random=1", f"run_dir={run_dir}",
     ])  # fmt: skip
-    assert (cfg.sae.release, cfg.sae.sae_id, cfg.search.greedy.coefficient) == ("llama_scope_lxr_8x", "l{layer}r_8x", -1.0)
+    assert (cfg.sae.release, cfg.sae.sae_id, cfg.search.greedy.coefficient) == (
+        "llama_scope_lxr_8x",
+        "l{layer}r_8x",
+        -1.0,
+    )
     pipeline.run(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     for stage in cfg.stages:

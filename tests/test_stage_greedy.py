@@ -88,7 +88,9 @@ def test_batched_steps_match_the_sequential_loop_on_random_oracles():
         table = {frozenset(s for s in range(n) if code >> s & 1): rng.random() < 0.4 for code in range(2**n)}
         table[frozenset(range(n))] = True  # start jailbreaks; otherwise arbitrary (non-monotone)
         order = rng.sample(range(n), n)
-        m, _ = backward_minimal(Oracle(table.__getitem__), torch.ones(n, dtype=torch.bool), order, max_passes=1)
+        m, _ = backward_minimal(
+            Oracle(table.__getitem__), torch.ones(n, dtype=torch.bool), order, max_passes=1
+        )
         assert set(m.nonzero().flatten().tolist()) == sequential_reference(
             table.__getitem__, set(range(n)), order
         )

@@ -88,11 +88,27 @@ def backward_minimal(
             n_drop = len(todo) if fail is None else fail
             for k in range(n_drop):
                 cur[todo[k]] = False
-                traj.append({"step": step, "action": "remove", "index": todo[k], "score": s[k], "size": int(cur.sum())})
+                traj.append(
+                    {
+                        "step": step,
+                        "action": "remove",
+                        "index": todo[k],
+                        "score": s[k],
+                        "size": int(cur.sum()),
+                    }
+                )
             dropped = dropped or n_drop > 0
             if fail is None:
                 break
-            traj.append({"step": step, "action": "keep", "index": todo[fail], "score": s[fail], "size": int(cur.sum())})
+            traj.append(
+                {
+                    "step": step,
+                    "action": "keep",
+                    "index": todo[fail],
+                    "score": s[fail],
+                    "size": int(cur.sum()),
+                }
+            )
             todo = todo[fail + 1 :]
         if not dropped:
             break
