@@ -24,12 +24,21 @@ def _snapshot(cache: Path, repo_id: str) -> Path:
 
 
 def add_gemma_scope(
-    cache: Path, layer: int, path: str, d_in: int = 2304, d_sae: int = 16384, seed: int = 0
+    cache: Path,
+    layer: int,
+    path: str,
+    d_in: int = 2304,
+    d_sae: int = 16384,
+    seed: int = 0,
+    plant: torch.Tensor | None = None,
 ) -> dict:
-    """Gemma Scope residual SAE, as google/gemma-scope-2b-pt-res stores it (per-latent threshold)."""
+    """Gemma Scope residual SAE, as google/gemma-scope-2b-pt-res stores it (per-latent threshold).
+    `plant` [d_in]: latent 0 reads and writes exactly this direction."""
     g = np.random.default_rng(seed)
     W_dec = g.standard_normal((d_sae, d_in), dtype=np.float32)
     W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    if plant is not None:
+        W_dec[0] = (plant / plant.norm()).numpy()
     params = {
         "W_enc": (W_dec.T * 0.5).astype(np.float32),
         "W_dec": W_dec,
