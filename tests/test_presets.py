@@ -19,54 +19,6 @@ from refusal_nnsight import pipeline
 from refusal_nnsight.cli import compose
 
 
-@pytest.mark.slow
-def test_paper_llama31_preset_runs_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch):
-    import huggingface_hub.constants as C
-
-    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, u = planted_refusal_model()  # refuses exactly the prompts that contain "bomb", via u
-    model.lm._module.save_pretrained(tmp_path / "llama")
-    model.tokenizer.save_pretrained(tmp_path / "llama")
-    for layer in range(model.n_layers):  # Llama Scope format; latent 0 is the planted refusal feature
-        add_llama_scope(tmp_path / "hub", layer, d_in=model.d_model, d_sae=256, seed=layer, plant=u)
-    pl.DataFrame({"goal": [f"{s} bomb" for s in STEMS]}).write_csv(tmp_path / "harmful.csv")
-    pl.DataFrame({"text": [f"{s} {o}" for o in ("cake", "process", "person") for s in STEMS]}).write_csv(
-        tmp_path / "harmless.csv"
-    )
-    run_dir = tmp_path / "run"
-    cfg = compose([
-        "experiment=paper_llama31", f"model.repo_id={tmp_path / 'llama'}", "model.n_layers=3", "model.d_model=64",
-        "model.dtype=float32", "model.device=cpu", f"model.refusal_token_ids=[{model.tokenizer.convert_tokens_to_ids('I')}]",
-        "model.max_new_tokens=4",
-        "data.harmful.source=file", f"data.harmful.path={tmp_path / 'harmful.csv'}", "data.harmful.column=goal",
-        "data.harmless.source=file", f"data.harmless.path={tmp_path / 'harmless.csv'}", "data.harmless.column=text",
-        "data.n_train=4", "data.n_val=2", "data.n_eval=2",
-        "search.greedy.max_prompts=2", "search.fm.n_masks=64", "search.fm.max_prompts=1", "search.fm.epochs=50",
-        "search.evaluate.n_random=1", f"run_dir={run_dir}",
-    ])  # fmt: skip
-    assert (cfg.sae.release, cfg.sae.sae_id, cfg.search.greedy.coefficient) == (
-        "llama_scope_lxr_8x",
-        "l{layer}r_8x",
-        -1.0,
-    )
-    pipeline.run(cfg)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for stage in cfg.stages:
-        assert (run_dir / stage / "done.json").exists(), stage
-    # the planted model refuses by its first token only (its generations are random words), so
-    # the checks read refusal scores, not the generation judge
-    assert summary["candidates"]["n_refused_eval"] == 2
-    assert summary["candidates"]["all_ablated_score_jailbreak_rate"] == 1.0
-    assert summary["direction"]["bypass_score"] < 0
-    assert summary["greedy"]["one_minimal_rate"] == 1.0
-    # the planted latent (0) of some layer is the whole minimal set
-    sets = pl.read_parquet(run_dir / "greedy" / "sets.parquet")
-    assert all(latents == [0] for latents in sets["latents"].to_list())
-    assert "neuronpedia.org/llama3.1-8b/" in (run_dir / "report.md").read_text()
-
-
 def planted_gemma2(seed: int = 1, d: int = 2304, n_layers: int = 2):
     """A tiny Gemma-2 (d_model 2304, as Gemma Scope needs) that refuses exactly the prompts that
     contain "bomb": layer 0 attends uniformly and copies the u-component of "bomb" forward; every
@@ -90,46 +42,76 @@ def planted_gemma2(seed: int = 1, d: int = 2304, n_layers: int = 2):
     return hf, tok, u
 
 
-@pytest.mark.slow
-def test_paper_gemma2_preset_runs_end_to_end_on_a_tiny_gemma2(tmp_path, monkeypatch):
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline fake HF cache that sae-lens's loaders read from."""
     import huggingface_hub.constants as C
 
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf, tok, u = planted_gemma2()
-    hf.save_pretrained(tmp_path / "gemma")
-    tok.save_pretrained(tmp_path / "gemma")
-    # the 65k canonical SAE of layer 0 (sae-lens maps the id to this average_l0 folder)
-    add_gemma_scope(tmp_path / "hub", 0, "layer_0/width_65k/average_l0_73", d_sae=65536, plant=u)
+    return tmp_path / "hub"
+
+
+def _run_preset(tmp_path, experiment: str, hf, tok, model_overrides: list[str]) -> tuple[object, dict]:
+    """Save the stand-in like a hub checkout, write bomb / harmless prompt files, run the preset
+    with small search sizes; return (config, summary)."""
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
     pl.DataFrame({"goal": [f"{s} bomb" for s in STEMS]}).write_csv(tmp_path / "harmful.csv")
-    pl.DataFrame({"text": [f"{s} {o}" for o in ("cake", "process", "person") for s in STEMS]}).write_csv(
-        tmp_path / "harmless.csv"
-    )
+    harmless = [f"{s} {o}" for o in ("cake", "process", "person") for s in STEMS]
+    pl.DataFrame({"text": harmless}).write_csv(tmp_path / "harmless.csv")
     run_dir = tmp_path / "run"
     cfg = compose([
-        "experiment=paper_gemma2", f"model.repo_id={tmp_path / 'gemma'}", "model.n_layers=2",
+        f"experiment={experiment}", f"model.repo_id={tmp_path / 'model'}", *model_overrides,
         "model.dtype=float32", "model.device=cpu", f"model.refusal_token_ids=[{tok.convert_tokens_to_ids('I')}]",
-        "model.max_new_tokens=4", "sae.layers=[0]",
+        "model.max_new_tokens=4",
         "data.harmful.source=file", f"data.harmful.path={tmp_path / 'harmful.csv'}", "data.harmful.column=goal",
         "data.harmless.source=file", f"data.harmless.path={tmp_path / 'harmless.csv'}", "data.harmless.column=text",
         "data.n_train=4", "data.n_val=2", "data.n_eval=2",
         "search.greedy.max_prompts=2", "search.fm.n_masks=64", "search.fm.max_prompts=1", "search.fm.epochs=50",
         "search.evaluate.n_random=1", f"run_dir={run_dir}",
     ])  # fmt: skip
-    assert (cfg.sae.release, cfg.sae.sae_id, cfg.model.d_model) == (
-        "gemma-scope-2b-pt-res-canonical",
-        "layer_{layer}/width_65k/canonical",
-        2304,
-    )
-    assert cfg.search.greedy.coefficient == -3.0
     pipeline.run(cfg)
-    summary = json.loads((run_dir / "summary.json").read_text())
     for stage in cfg.stages:
         assert (run_dir / stage / "done.json").exists(), stage
+    return cfg, json.loads((run_dir / "summary.json").read_text())
+
+
+def _check_planted_refusal_found(run_dir, summary: dict, neuronpedia: str) -> None:
+    # the stand-ins refuse by their first token only (their generations are random words), so the
+    # checks read refusal scores, not the generation judge
     assert summary["candidates"]["n_refused_eval"] == 2
     assert summary["candidates"]["all_ablated_score_jailbreak_rate"] == 1.0
+    assert summary["direction"]["bypass_score"] < 0
     assert summary["greedy"]["one_minimal_rate"] == 1.0
     sets = pl.read_parquet(run_dir / "greedy" / "sets.parquet")
-    assert all(latents == [0] for latents in sets["latents"].to_list())
-    assert "neuronpedia.org/gemma-2-2b/0-gemmascope-res-65k" in (run_dir / "report.md").read_text()
+    assert all(latents == [0] for latents in sets["latents"].to_list())  # exactly the planted latent
+    assert neuronpedia in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_paper_llama31_preset_runs_end_to_end_on_a_tiny_llama(tmp_path, hub):
+    model, u = planted_refusal_model()  # refuses exactly the prompts that contain "bomb", via u
+    for layer in range(model.n_layers):  # Llama Scope format; latent 0 is the planted refusal feature
+        add_llama_scope(hub, layer, d_in=model.d_model, d_sae=256, seed=layer, plant=u)
+    cfg, summary = _run_preset(tmp_path, "paper_llama31", model.lm._module, model.tokenizer,
+                               ["model.n_layers=3", "model.d_model=64"])  # fmt: skip
+    assert (cfg.sae.release, cfg.sae.sae_id, cfg.search.greedy.coefficient) == (
+        "llama_scope_lxr_8x",
+        "l{layer}r_8x",
+        -1.0,
+    )
+    _check_planted_refusal_found(tmp_path / "run", summary, "neuronpedia.org/llama3.1-8b/")
+
+
+@pytest.mark.slow
+def test_paper_gemma2_preset_runs_end_to_end_on_a_tiny_gemma2(tmp_path, hub):
+    hf, tok, u = planted_gemma2()
+    # the 65k canonical SAE of layer 0 (sae-lens maps the id to this average_l0 folder)
+    add_gemma_scope(hub, 0, "layer_0/width_65k/average_l0_73", d_sae=65536, plant=u)
+    cfg, summary = _run_preset(tmp_path, "paper_gemma2", hf, tok, ["model.n_layers=2", "sae.layers=[0]"])
+    assert (cfg.sae.release, cfg.sae.sae_id, cfg.model.d_model) == (
+        "gemma-scope-2b-pt-res-canonical", "layer_{layer}/width_65k/canonical", 2304)  # fmt: skip
+    assert cfg.search.greedy.coefficient == -3.0
+    _check_planted_refusal_found(tmp_path / "run", summary, "neuronpedia.org/gemma-2-2b/0-gemmascope-res-65k")
