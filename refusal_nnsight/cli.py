@@ -89,7 +89,7 @@ def expand_overrides(argv: list[str]) -> list[str]:
     for arg in argv:
         key, sep, _ = arg.partition("=")
         plain = sep and "." in key and not key.startswith(("+", "~", "hydra.", "-"))
-        out.append(f"++{arg}" if plain and key.split(".")[0] not in ("hydra",) else arg)
+        out.append(f"++{arg}" if plain else arg)
     return out
 
 

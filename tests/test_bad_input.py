@@ -63,17 +63,20 @@ def _saved_sae(path, d_in: int, layer: int, hook_layer: int):
     sae.save_model(str(path / f"layer_{layer}"))
 
 
-def test_sae_width_does_not_match(small_organism, tmp_path, monkeypatch, capsys):
-    _saved_sae(tmp_path / "saes", d_in=7, layer=0, hook_layer=0)
-    run_dir = tmp_path / "run"
-    args = [
+def _disk_sae_args(tmp_path, run_dir) -> list[str]:
+    return [
         *SMALL,
         "sae.source=disk",
         f"sae.path='{tmp_path}/saes/layer_{{layer}}'",
         "sae.layers=[0]",
         f"run_dir={run_dir}",
     ]
-    _check(*run_cli(args, monkeypatch, capsys), run_dir, "d_in=7", "d_model")
+
+
+def test_sae_width_does_not_match(small_organism, tmp_path, monkeypatch, capsys):
+    _saved_sae(tmp_path / "saes", d_in=7, layer=0, hook_layer=0)
+    run_dir = tmp_path / "run"
+    _check(*run_cli(_disk_sae_args(tmp_path, run_dir), monkeypatch, capsys), run_dir, "d_in=7", "d_model")
 
 
 def test_sae_hook_on_missing_module(small_organism, tmp_path, monkeypatch, capsys):
@@ -83,14 +86,11 @@ def test_sae_hook_on_missing_module(small_organism, tmp_path, monkeypatch, capsy
     d = load_model(ModelConfig(organism_recipe="small", device="cpu")).d_model
     _saved_sae(tmp_path / "saes", d_in=d, layer=0, hook_layer=40)
     run_dir = tmp_path / "run"
-    args = [
-        *SMALL,
-        "sae.source=disk",
-        f"sae.path='{tmp_path}/saes/layer_{{layer}}'",
-        "sae.layers=[0]",
-        f"run_dir={run_dir}",
-    ]
-    _check(*run_cli(args, monkeypatch, capsys), run_dir, "model.layers.40 does not exist")
+    _check(
+        *run_cli(_disk_sae_args(tmp_path, run_dir), monkeypatch, capsys),
+        run_dir,
+        "model.layers.40 does not exist",
+    )
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,11 @@ def test_uncached_real_model_is_one_line(monkeypatch, tmp_path):
     assert "google/gemma-2-2b-it" in msg and "download" in msg and "\n" not in msg
 
 
+LLAMA_SCOPE = SAEConfig(
+    name="llama_scope_8x", source="pretrained", release="llama_scope_lxr_8x", sae_id="l{layer}r_8x"
+)
+
+
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
     import huggingface_hub.constants as C
@@ -110,13 +115,7 @@ def test_llama_scope_format_loads_through_from_pretrained(fake_hub):
     add_llama_scope(fake_hub, 1, d_in=64, d_sae=256)
     hf, tok = tiny_llama3()
     model = wrap_model(hf, tok, model_config("llama3"))
-    cfg = SAEConfig(
-        name="llama_scope_8x",
-        source="pretrained",
-        release="llama_scope_lxr_8x",
-        sae_id="l{layer}r_8x",
-        layers=[1],
-    )
+    cfg = dataclasses.replace(LLAMA_SCOPE, layers=[1])
     saes = load_saes(cfg, model)
     assert saes.layers == [1] and saes.width(1) == 256
     # the scalar threshold is broadcast to every latent
@@ -126,13 +125,7 @@ def test_llama_scope_format_loads_through_from_pretrained(fake_hub):
 def test_sae_errors_are_one_line(fake_hub, tmp_path):
     hf, tok = tiny_llama3()
     model = wrap_model(hf, tok, model_config("llama3"))
-    cfg = SAEConfig(
-        name="llama_scope_8x",
-        source="pretrained",
-        release="llama_scope_lxr_8x",
-        sae_id="l{layer}r_8x",
-        layers=[7],
-    )
+    cfg = dataclasses.replace(LLAMA_SCOPE, layers=[7])
     with pytest.raises(UserError, match="out of range"):
         load_saes(cfg, model)
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):

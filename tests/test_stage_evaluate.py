@@ -89,6 +89,7 @@ def test_conditions_schema_and_per_row_sets(setup, tmp_path):
     out = StageDir(tmp_path, "evaluate")
     result = evaluate.run(model, saes, Direction(torch.randn(model.d_model), 1), Candidates([(0, 1), (2, 2)]),
                           Greedy(minimal), fm, prompts, cfg, out, SubstringJudge(), seed=0)  # fmt: skip
+    result.save(out)  # the caller saves, as the pipeline does
     c = result.completions
     for col in (
         "category",

@@ -141,9 +141,11 @@ def fake_run(monkeypatch, out):
         }
     )
     cfg = FMConfig(n_masks=200, max_prompts=1, chunk=64, top_pairs=3)
-    return fm.run(
+    res = fm.run(
         model, None, SimpleNamespace(features=[]), SimpleNamespace(sets=sets), None, cfg, out, seed=0
     )
+    res.save(out)  # the caller saves, as the pipeline does
+    return res
 
 
 def test_run_confirms_the_planted_pair_resumes_and_round_trips(monkeypatch, tmp_path):

@@ -194,6 +194,7 @@ def test_run_dissects_eligible_prompts_resumes_and_round_trips(monkeypatch, tmp_
     out = StageDir(tmp_path, "greedy")
     cfg = GreedyConfig(order="cosine")
     res = greedy.run(model, None, candidates, ps, cfg, out, SubstringJudge())
+    res.save(out)  # the caller saves, as the pipeline does
     assert res.sets["prompt_idx"].to_list() == [0, 1]  # prompt 2 is not refused at baseline
     assert res.minimal_sets[0] == [(2, 0), (2, 9), (3, 1)]  # planted {4, 5, 6}; ties in cosine → index order
     assert res.minimal_sets[1] == [(0, 3), (3, 4)]

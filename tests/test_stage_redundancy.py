@@ -112,6 +112,7 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0)
     out = StageDir(tmp_path, "redundancy")
     result = redundancy.run(model, saes, Greedy({0: [(0, a)], 1: []}), prompts, cfg, out, StartsWithI())
+    result.save(out)  # the caller saves, as the pipeline does
     aw = result.awakened.filter(pl.col("ablation") == "strong")
     h = aw.filter(pl.col("in_h"))
     assert (1, B) in list(zip(h["layer"], h["feature"], strict=True))

@@ -222,7 +222,6 @@ def run(
     metrics = {"judge": judge.name, "direction_kl": kl}
     result = EvaluateResult(completions, random_sets, metrics)
     log.info("evaluate: %s", result.summary())
-    result.save(out)
     return result
 
 

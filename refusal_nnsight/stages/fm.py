@@ -381,5 +381,4 @@ def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, 
     result = FMResult(
         **{name: pl.DataFrame(rows[name], schema=s) for name, s in SCHEMAS.items()}, weights=weights
     )
-    result.save(out)
     return result

@@ -352,5 +352,4 @@ def run(model, saes, candidates, prompts, cfg: GreedyConfig, out: StageDir, judg
     result = GreedyResult(
         pl.DataFrame(sets, schema=SETS_SCHEMA), pl.DataFrame(traj, schema=TRAJECTORY_SCHEMA)
     )
-    result.save(out)
     return result

@@ -195,7 +195,6 @@ def run(
     if not dissected:
         notes["all"] = "greedy found no minimal set: there is nothing to ablate"
         result = RedundancyResult(_awakened_frame([]), _tests_frame([]), notes)
-        result.save(out)
         return result
     minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
     texts = [prompts.eval_harmful.instructions[i] for i in dissected]
@@ -275,7 +274,6 @@ def run(
             "which no latent can wake; n_awakened averages over all prompts"]))  # fmt: skip
     result = RedundancyResult(awakened, tests, notes)
     log.info("redundancy: %s", result.summary())
-    result.save(out)
     return result
 
 
