@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .artifacts import StageDir
 from .config import (
+    BackendConfig,
     CandidatesConfig,
     DataConfig,
     DirectionConfig,
@@ -48,9 +49,19 @@ __all__ = [
 ]  # fmt: skip
 
 
-def load_model(cfg: ModelConfig | None = None) -> LoadedModel:
-    """An nnsight model with its family facts (default: the organism, built on first use)."""
-    return _load_model(cfg or ModelConfig())
+def load_model(cfg: ModelConfig | None = None, backend: str | BackendConfig = "local") -> LoadedModel:
+    """An nnsight model with its family facts (default: the organism, built on first use).
+
+    backend="ndif" builds a meta model and runs every stage step as one NDIF session job
+    (NDIF_API_KEY from the environment or nnsight's config); "ndif_check" runs the same jobs
+    through nnsight's request serialization against an in-process strict server.
+    """
+    bcfg = backend if isinstance(backend, BackendConfig) else BackendConfig(name=backend)
+    if bcfg.name == "local":
+        return _load_model(cfg or ModelConfig())
+    from .backends import load_model as load_on_backend
+
+    return load_on_backend(cfg or ModelConfig(), bcfg)
 
 
 def load_saes(model: LoadedModel, cfg: SAEConfig | None = None) -> LoadedSAEs:

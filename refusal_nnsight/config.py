@@ -268,7 +268,10 @@ class JudgeConfig:
 
 @dataclass
 class BackendConfig:
+    """Where traces run: local weights, NDIF (remote sessions), or NDIF's path checked in-process."""
+
     name: Literal["local", "ndif", "ndif_check"] = "local"
+    host: str | None = None  # ndif: API host; null = nnsight's config (NDIF_HOST, https://api.ndif.us)
 
 
 @dataclass

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 
 from . import interventions
+from .backends import run_chunks
 from .interventions import Edit
 from .models import Batch, LoadedModel
-from .scoring import map_chunks
 
 
 def generate(
@@ -30,15 +30,16 @@ def generate(
     max_new = max_new_tokens or model.cfg.max_new_tokens
     tok = model.tokenizer
 
-    def one(i0: int, i1: int) -> list[str]:
+    def one(i0: int, i1: int) -> torch.Tensor:
         chunk = batch.rows(i0, i1)
         with warnings.catch_warnings(), torch.no_grad():
             # An open tracer.all() loop ends by nnsight's "was never reached" warning, by design.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
             ids = _generate_chunk(model, chunk, interventions.rows(edits, i0, i1), max_new)
-        return tok.batch_decode(ids[:, chunk.input_ids.shape[1] :].cpu(), skip_special_tokens=True)
+        return ids[:, chunk.input_ids.shape[1] :]  # the new tokens; decoded here, not where the model is
 
-    return [text for part in map_chunks(len(batch), batch_size, one, progress) for text in part]
+    parts = run_chunks(model, len(batch), batch_size, one, progress)
+    return [text for ids in parts for text in tok.batch_decode(ids.cpu(), skip_special_tokens=True)]
 
 
 def _generate_chunk(model: LoadedModel, chunk: Batch, edits: Sequence[Edit], max_new: int) -> torch.Tensor:

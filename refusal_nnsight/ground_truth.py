@@ -22,6 +22,7 @@ import polars as pl
 import torch
 
 from . import interventions
+from .backends import run_chunks
 from .engine import Feature
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,26 @@ def feature_activations(
     slices = {layer: saes.slice(layer, [feats[c][1] for c in cols]).to(model.device, torch.float32)
               for layer, cols in by_layer.items()}  # fmt: skip
     layers = sorted(by_layer)
-    out: list[torch.Tensor] = []
-    for i0 in range(0, len(instructions), batch_size):
-        batch = model.tokenize(list(instructions[i0 : i0 + batch_size]))
-        with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
-            caps = interventions.apply(model, interventions.rows(list(edits), i0, i0 + len(batch)),
-                                       batch.attention_mask, capture=layers)  # fmt: skip
+    batch = model.tokenize(list(instructions))
+
+    def one(i0: int, i1: int) -> tuple[int, int, torch.Tensor]:
+        chunk = batch.rows(i0, i1)
+        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
+            caps = interventions.apply(model, interventions.rows(list(edits), i0, i1),
+                                       chunk.attention_mask, capture=layers)  # fmt: skip
             # one saved tensor: nnsight hands back saved values, not containers holding them
             resid = torch.stack([caps[layer] for layer in layers]).save()  # [n_layers, B, T, d]
-        acts = torch.zeros(*batch.input_ids.shape, len(feats))
+        return i0, i1, resid
+
+    out: list[torch.Tensor] = []
+    for i0, i1, resid in run_chunks(model, len(batch), batch_size, one):
+        mask = batch.rows(i0, i1).attention_mask
+        acts = torch.zeros(*mask.shape, len(feats))
         for k, layer in enumerate(layers):
-            acts[..., by_layer[layer]] = slices[layer].encode(resid[k].float()).float().cpu()
-        for r in range(len(batch)):
-            n = int(batch.attention_mask[r].sum())
+            sae = slices[layer].to(resid.device)
+            acts[..., by_layer[layer]] = sae.encode(resid[k].float()).float().cpu()
+        for r in range(mask.shape[0]):
+            n = int(mask[r].sum())
             out.append(acts[r, acts.shape[1] - n :])
     return out
 

@@ -168,7 +168,7 @@ class Reconstruction:
         return self
 
     def edit(self, x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
-        x_hat = (self.sae.encode(x) @ self.sae.W_dec + self.sae.b_dec).to(x.dtype)
+        x_hat = self.sae.decode(self.sae.encode(x)).to(x.dtype)
         if where is None:
             return x_hat
         return torch.where(where[..., None], x_hat, x)

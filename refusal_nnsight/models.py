@@ -69,9 +69,20 @@ class LoadedModel:
     eoi_ids: list[int]  # token ids of the template suffix after the instruction
     refusal_ids: list[int]
     bos_id: int | None
-    device: torch.device
     dtype: torch.dtype
     extra: dict = field(default_factory=dict)
+    remote: object | None = None  # backends.Remote when the traces run on NDIF (or ndif_check)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are. Inside a remote session this is the server's device; a meta
+        client model (backend=ndif) keeps its host-side tensors on the CPU."""
+        device = self.lm.device
+        return torch.device("cpu") if device.type == "meta" else device
+
+    def __getstate__(self) -> dict:
+        # A remote session ships this object by value; the Remote (and its backend) stays here.
+        return {**self.__dict__, "remote": None}
 
     @property
     def eoi_positions(self) -> list[int]:
@@ -181,8 +192,12 @@ def wrap_model(hf_model, tokenizer, cfg: ModelConfig) -> LoadedModel:
     from nnsight import TransformersModel
 
     device = _resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    hf_model = hf_model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
+    _prepare_tokenizer(tokenizer, cfg)
+    return wrap_lm(TransformersModel(hf_model, tokenizer=tokenizer), cfg)
+
+
+def _prepare_tokenizer(tokenizer, cfg: ModelConfig) -> None:
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     if getattr(tokenizer, "chat_template", None) is None:
@@ -190,8 +205,13 @@ def wrap_model(hf_model, tokenizer, cfg: ModelConfig) -> LoadedModel:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = TransformersModel(hf_model, tokenizer=tokenizer)
-    hf_cfg = hf_model.config
+
+
+def wrap_lm(lm, cfg: ModelConfig) -> LoadedModel:
+    """LoadedModel around an nnsight TransformersModel: real weights, or a meta model (NDIF)."""
+    tokenizer = lm.tokenizer
+    _prepare_tokenizer(tokenizer, cfg)
+    hf_cfg = lm.config
     n_layers, d_model = hf_cfg.num_hidden_layers, hf_cfg.hidden_size
     for key, want, got in (("n_layers", cfg.n_layers, n_layers), ("d_model", cfg.d_model, d_model)):
         if want is not None and want != got:
@@ -207,8 +227,7 @@ def wrap_model(hf_model, tokenizer, cfg: ModelConfig) -> LoadedModel:
         eoi_ids=[],
         refusal_ids=[],
         bos_id=tokenizer.bos_token_id,
-        device=device,
-        dtype=dtype,
+        dtype=DTYPES[cfg.dtype],
     )
     try:
         loaded.layers()[0]

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from .artifacts import RunFolder, StageDir, write_json
+from .backends import load_model
 from .config import RunConfig, to_dict
 from .data import load_prompts
 from .errors import NothingToDissect, UserError
 from .judges import make_judge
-from .models import load_model
 from .saes import load_saes
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def run(cfg: RunConfig) -> dict:
     if run_folder.clean_temporaries():
         log.info("removed temporary files of an interrupted run")
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.backend)  # local weights, or a meta model whose traces run on NDIF
     saes = load_saes(cfg.sae, model)
     prompts = load_prompts(cfg.data)
     judge = make_judge(cfg.judge.name)
@@ -120,6 +120,9 @@ def run(cfg: RunConfig) -> dict:
         else:
             summary.setdefault(name, {}).update(part)
     summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results)
+    if model.remote is not None:  # costs of the run, kept with the timings (not a result)
+        timing["remote_jobs"] = model.remote.jobs
+        timing["remote_payload_mb"] = round(model.remote.payload_bytes / 2**20, 3)
     _finish(run_folder, summary, timing, results, cfg, t0)
     return summary
 

@@ -52,24 +52,33 @@ class SlicedSAE:
         return int(self.features.numel())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] → latent activations of S [..., S], computed in the weights' dtype."""
+        """x [..., d] → latent activations of S [..., S], computed in the weights' dtype.
+
+        The weights follow x to its device (a no-op when they are there already): inside a
+        remote session the slices arrive on the CPU and the residual lives on the server's GPU.
+        """
+        dev = x.device
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
-            x = x - self.b_dec
+            x = x - self.b_dec.to(dev)
         if self.architecture == "topk":
             W, b, k = self.topk_full
-            pre = x @ W + b
+            pre = x @ W.to(dev) + b.to(dev)
             top = pre.topk(k, dim=-1)
             full = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-            return full[..., self.features]
-        pre = x @ self.W_enc + self.b_enc
+            return full[..., self.features.to(dev)]
+        pre = x @ self.W_enc.to(dev) + self.b_enc.to(dev)
         if self.threshold is None:
             return torch.relu(pre)
-        return torch.relu(pre) * (pre > self.threshold)
+        return torch.relu(pre) * (pre > self.threshold.to(dev))
 
     def decode_delta(self, delta_f: torch.Tensor) -> torch.Tensor:
         """[..., S] change of latents → [..., d] change of the residual (decoder is linear)."""
-        return delta_f @ self.W_dec
+        return delta_f @ self.W_dec.to(delta_f.device)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """[..., S] latents → [..., d] reconstruction from S alone (all latents: x̂ = D(f))."""
+        return f @ self.W_dec.to(f.device) + self.b_dec.to(f.device)
 
     def to(self, device=None, dtype=None) -> SlicedSAE:
         def mv(t):

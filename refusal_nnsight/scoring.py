@@ -8,51 +8,17 @@ s = log p(R) − log(1 − p(R)); s > 0 means the model is about to refuse.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import interventions
+from .backends import run_chunks
 from .errors import NonFiniteError
 from .interventions import Edit
 from .models import Batch, LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-def is_oom(err: BaseException) -> bool:
-    """CUDA (or other accelerator) out-of-memory, however nnsight wrapped it."""
-    while err is not None:
-        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def map_chunks(
-    n: int, batch_size: int, fn: Callable[[int, int], object], progress: str | None = None
-) -> list:
-    """[fn(i0, i1) for consecutive row chunks], halving the chunk size on out-of-memory and
-    retrying instead of failing (the pipeline's many-variant forwards size themselves)."""
-    out: list = []
-    i0, size = 0, max(1, batch_size)
-    with tqdm(total=n, desc=progress, disable=progress is None, leave=False) as bar:
-        while i0 < n:
-            i1 = min(i0 + size, n)
-            try:
-                out.append(fn(i0, i1))
-            except Exception as err:
-                if not is_oom(err) or size == 1:
-                    raise
-                size = max(1, size // 2)
-                log.warning("out of memory at batch size %d; retrying with %d", i1 - i0, size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            bar.update(i1 - i0)
-            i0 = i1
-    return out
 
 
 def refusal_score_from_logits(logits: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
@@ -108,7 +74,7 @@ def last_logits(
             saved = out.cpu().save()
         return saved
 
-    outs = map_chunks(n, batch_size, one, progress)
+    outs = run_chunks(model, n, batch_size, one, progress)
     result = torch.cat(outs) if outs else torch.empty(0)
     if not torch.isfinite(result).all():
         raise NonFiniteError(_where_nonfinite(model, batch if variants is None else batch.repeat(n), edits))
@@ -119,15 +85,20 @@ def _where_nonfinite(model: LoadedModel, batch: Batch, edits: Sequence[Edit]) ->
     """Name the first layer whose residual holds NaN/inf (the Gemma-2 failure of the reference
     code surfaced as a silent NaN refusal score)."""
     rows = batch.rows(0, min(len(batch), 8))
-    with torch.no_grad(), model.lm.trace(**rows.model_inputs(model.device)):
-        got = interventions.apply(model, interventions.rows(edits, 0, len(rows)), rows.attention_mask,
-                                  capture=range(model.n_layers))  # fmt: skip
-        real = rows.attention_mask.bool().to(model.device)
-        finite = (
-            torch.stack([torch.isfinite(got[layer][real]).all() for layer in range(model.n_layers)])
-            .cpu()
-            .save()
-        )
+
+    def one(i0: int, i1: int) -> torch.Tensor:
+        with torch.no_grad(), model.lm.trace(**rows.model_inputs(model.device)):
+            got = interventions.apply(model, interventions.rows(edits, 0, len(rows)), rows.attention_mask,
+                                      capture=range(model.n_layers))  # fmt: skip
+            real = rows.attention_mask.bool().to(model.device)
+            finite = (
+                torch.stack([torch.isfinite(got[layer][real]).all() for layer in range(model.n_layers)])
+                .cpu()
+                .save()
+            )
+        return finite
+
+    (finite,) = run_chunks(model, 1, 1, one)
     bad = [layer for layer, ok in enumerate(finite.tolist()) if not ok]
     where = (
         f"layer {bad[0]} ({model.cfg.residual_module}.{bad[0]} output)"

@@ -29,3 +29,18 @@ def small_organism(organism_home):
     from refusal_nnsight.organism.store import ensure_organism
 
     return ensure_organism("small")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(small_organism, tmp_path_factory):
+    """(RunConfig, run folder, summary) of one local experiment=smoke pipeline run, shared by the
+    tests that check its outputs and those that compare other backends or resumes with it."""
+    import json
+
+    from refusal_nnsight import pipeline
+    from refusal_nnsight.cli import compose
+
+    run_dir = tmp_path_factory.mktemp("smoke_local") / "run"
+    cfg = compose(["experiment=smoke", f"run_dir={run_dir}"])
+    pipeline.run(cfg)
+    return cfg, run_dir, json.loads((run_dir / "summary.json").read_text())

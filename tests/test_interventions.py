@@ -225,7 +225,7 @@ def test_positions_bos_and_offsets(setup):
 
 
 def test_out_of_memory_halves_the_batch_and_retries():
-    from refusal_nnsight.scoring import map_chunks
+    from refusal_nnsight.backends import map_chunks
 
     seen = []
 

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from refusal_nnsight import pipeline
-from refusal_nnsight.cli import compose
 
 SUMMARY_KEYS = [
     "baseline.harmful_refusal_rate",
@@ -59,11 +58,9 @@ def _get(d: dict, dotted: str):
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end(small_organism, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = compose(["experiment=smoke", f"run_dir={run_dir}"])
-    pipeline.run(cfg)
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_smoke_pipeline_end_to_end(smoke_run):
+    cfg, run_dir, summary = smoke_run
+    summary = json.loads(json.dumps(summary))  # a copy: the fixture is shared
     for key in SUMMARY_KEYS:
         _get(summary, key)
     assert summary["baseline"]["harmful_refusal_rate"] > 0.5

@@ -33,6 +33,7 @@ from ..artifacts import (
     write_parquet,
     write_tensors,
 )
+from ..backends import run_chunks
 from ..config import DirectionConfig
 from ..data import Prompts
 from ..errors import NonFiniteError, NothingToDissect, UserError
@@ -133,9 +134,8 @@ def mean_residuals(
     allowed) act before the read; sums are float64 so a bf16 model's many rows do not swamp a small difference.
     """
     layers = list(range(model.n_layers))
-    total = torch.zeros(len(positions), len(layers), model.d_model, dtype=torch.float64)
-    for i0 in tqdm(range(0, len(batch), batch_size), desc=progress, disable=progress is None, leave=False):
-        i1 = min(i0 + batch_size, len(batch))
+
+    def one(i0: int, i1: int) -> torch.Tensor:
         chunk = batch.rows(i0, i1)
         # logits_to_keep=1: the head's output is not needed, keep its cost to one position
         with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
@@ -144,6 +144,10 @@ def mean_residuals(
             )
             at_eoi = torch.stack([acts[layer][:, positions, :] for layer in layers], dim=2)  # [B, P, L, d]
             part = at_eoi.double().sum(0).cpu().save()
+        return part
+
+    total = torch.zeros(len(positions), len(layers), model.d_model, dtype=torch.float64)
+    for part in run_chunks(model, len(batch), batch_size, one, progress):
         total += part
     return total / len(batch)
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import interventions
 from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
+from ..backends import run_chunks
 from ..config import RedundancyConfig
 from ..data import Prompts
 from ..errors import NonFiniteError
@@ -114,33 +115,36 @@ def scan(
     Each layer's latents are encoded from its residual before that layer's own edits.
     """
     read = list(saes.layers if layers is None else layers)
-    maxes: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
-    at_bos: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
     edit_layers = {layer for e in edits for layer in e.layers}
-    for i0 in range(0, len(batch), batch_size):
-        chunk = batch.rows(i0, min(i0 + batch_size, len(batch)))
-        chunk_edits = interventions.rows(edits, i0, i0 + len(chunk))
-        mask = chunk.attention_mask.to(model.device)
-        real = mask.bool()[..., None]
-        first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
-        rows = torch.arange(len(chunk), device=model.device)
-        saved: dict[int, tuple] = {}
-        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device)):
+
+    def one(i0: int, i1: int) -> tuple[int, int, torch.Tensor]:
+        """The residuals [len(read), B, T, d] of the read layers, each before that layer's edits."""
+        chunk = batch.rows(i0, i1)
+        chunk_edits = interventions.rows(edits, i0, i1)
+        got = []
+        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
             for layer in sorted(set(read) | edit_layers):
                 if layer in read:
-                    x = interventions.apply(model, [], chunk.attention_mask, capture=[layer])[layer]
-                    # full-width slice made here, one layer at a time: all layers at once would
-                    # hold a second copy of every SAE (GBs for Gemma Scope)
-                    sae = saes.slice(layer).to(model.device, torch.float32)
-                    f = sae.encode(x.float())  # [B, T, width]
-                    top = f.masked_fill(~real, float("-inf")).amax(1)
-                    saved[layer] = (top.cpu().save(), f[rows, first].cpu().save())
+                    got.append(interventions.apply(model, [], chunk.attention_mask, capture=[layer])[layer])
                 here = [e for e in chunk_edits if layer in e.layers]
                 if here:
                     interventions.apply(model, here, chunk.attention_mask)
-        for layer, (top, bos) in saved.items():
-            maxes[layer].append(top)
-            at_bos[layer].append(bos)
+            resid = torch.stack(got).save()  # one saved tensor; stays on the device locally
+        return i0, i1, resid
+
+    # The residuals come back and are encoded here, one layer at a time, with the full-width SAE:
+    # a remote job ships only sliced SAEs, and all layers at once would copy every SAE (GBs).
+    maxes: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
+    at_bos: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
+    for i0, i1, resid in run_chunks(model, len(batch), batch_size, one):
+        mask = batch.rows(i0, i1).attention_mask.to(resid.device)
+        real = mask.bool()[..., None]
+        first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
+        rows = torch.arange(mask.shape[0], device=resid.device)
+        for k, layer in enumerate(sorted(read)):
+            f = saes.slice(layer).to(resid.device, torch.float32).encode(resid[k].float())  # [B, T, width]
+            maxes[layer].append(f.masked_fill(~real, float("-inf")).amax(1).cpu())
+            at_bos[layer].append(f[rows, first].cpu())
     out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
     out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
     for layer, t in out_max.items():
