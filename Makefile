@@ -33,8 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/cpu.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check refusal_nnsight tests
-	$(BIN)/ruff format --check refusal_nnsight tests
+	$(BIN)/ruff check refusal_nnsight tests hydra_plugins
+	$(BIN)/ruff format --check refusal_nnsight tests hydra_plugins
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,6 +10,9 @@ runs/<model>/<timestamp>/
     done.json             written last: the stage finished (resume skips it)
     *.parquet *.safetensors *.json
 
+A multirun (Hydra's sweep dir) holds one such run folder per job, <sweep>/<job number>/, and
+the table over them: sweep_summary.parquet and sweep_summary.md.
+
 Every file is written to a temporary sibling and renamed, so a killed run never leaves a
 half-written artifact; only Parquet, safetensors and JSON are written (never pickle).
 """
@@ -159,5 +162,35 @@ class RunFolder:
     def report(self) -> Path:
         return self.root / "report.md"
 
+    @property
+    def overrides(self) -> Path:
+        """The command-line overrides of the run, as Hydra saved them."""
+        return self.root / ".hydra" / "overrides.yaml"
+
     def figure(self, name: str) -> Path:
         return self.root / "figures" / f"{name}.png"
+
+
+class SweepFolder:
+    """A multirun's folder: a run folder per job (any depth below it), and the table over them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def jobs(self) -> list[RunFolder]:
+        """Finished job folders (summary.json beside .hydra/overrides.yaml), in job-number order."""
+        roots = [p.parent for p in self.root.rglob("summary.json") if RunFolder(p.parent).overrides.is_file()]
+        return [RunFolder(r) for r in sorted(roots, key=lambda r: _natural(r.relative_to(self.root)))]
+
+    @property
+    def table(self) -> Path:
+        return self.root / "sweep_summary.parquet"
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / "sweep_summary.md"
+
+
+def _natural(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key that puts job 10 after job 9."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in path.parts]

@@ -1,7 +1,9 @@
 """`refusal-nnsight`: the Hydra app. The only module that imports hydra.
 
 compose conf/ → typed RunConfig (config.from_dict) → pipeline.run. User mistakes end with one
-line on stderr and exit code 2.
+line on stderr and exit code 2. `-m` runs a sweep: one run folder per job (Hydra's sweep
+<dir>/<job number>), any launcher (`hydra/launcher=ray`: hydra_plugins/refusal_nnsight_ray), and
+SweepSummaryCallback tabulates the jobs when the sweep ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 import shutil
 import sys
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from .errors import UserError
 
@@ -54,6 +58,24 @@ def _check_group_choices(argv: list[str]) -> None:
                 if not (CONF_DIR / key / f"{name}.yaml").exists():
                     options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
                     raise UserError(f"unknown {key} '{name}'; choose one of {options}")
+
+
+def _check_run_dir_not_swept(argv: list[str]) -> None:
+    """run_dir names one folder: a run's, or in a multirun the sweep's (jobs in run_dir/<job number>)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    for arg in argv:
+        if arg.lstrip("+").partition("=")[0] == "run_dir":
+            try:
+                (override,) = OverridesParser.create().parse_overrides([arg])
+            except OverrideParseException:
+                continue  # Hydra reports the syntax error itself
+            if override.is_sweep_override():
+                raise UserError(
+                    "run_dir cannot be swept: it names one folder (in a multirun the sweep folder, "
+                    "with a subfolder per job); sweep other keys, e.g. -m run_dir=runs/mine seed=0,1"
+                )
 
 
 def to_run_config(dcfg):
@@ -112,6 +134,23 @@ def _task(dcfg) -> None:
         sys.exit(err.exit_code)
 
 
+class SweepSummaryCallback(Callback):
+    """conf/config.yaml `hydra.callbacks`: when a multirun ends, on whichever launcher, tabulate its
+    jobs (sweep_summary.parquet / .md in the sweep folder; refusal_nnsight.sweep)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from . import sweep
+        from .artifacts import SweepFolder
+
+        folder = SweepFolder(str(config.hydra.sweep.dir))
+        try:
+            _, text = sweep.summarize(folder.root)
+        except UserError as err:  # e.g. every job stopped before writing summary.json
+            log.warning("no sweep summary: %s", err)
+            return
+        log.info("sweep summary: %s\n%s", folder.markdown, text)
+
+
 def _keep_only_log(run_dir: Path) -> None:
     """A run that failed on bad input leaves nothing but its log (Hydra wrote .hydra/ already)."""
     for path in run_dir.iterdir():
@@ -126,6 +165,7 @@ def main() -> None:
     try:
         _check_no_secret_overrides(sys.argv[1:])
         _check_group_choices(sys.argv[1:])
+        _check_run_dir_not_swept(sys.argv[1:])
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,140 @@
+"""`refusal-nnsight-sweep-summary DIR`: one table over the jobs of a sweep.
+
+Every job folder under DIR (summary.json beside .hydra/overrides.yaml, as a multirun writes
+them) becomes a row: the job's folder, its command-line overrides as columns
+(`search.candidates.top_k`), and summary.json's figures flattened to dotted columns
+(`greedy.median_set_size`; a figure whose name is also an override key is kept as
+`summary.<name>`). The table goes to DIR/sweep_summary.parquet and DIR/sweep_summary.md, each
+written atomically, and the markdown is printed. `refusal-nnsight -m` writes the same table when
+its sweep ends (cli.SweepSummaryCallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+from .artifacts import SweepFolder, read_json, write_parquet, write_text
+from .errors import UserError
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"greedy": {"n_prompts": 4}} → {"greedy.n_prompts": 4}; a list becomes one JSON-text cell."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, list) else value
+    return out
+
+
+def parse_overrides(lines: list[str]) -> dict[str, Any]:
+    """Hydra's saved overrides (`++search.greedy.coefficient=-3`, `experiment=smoke`) → {key: value}.
+
+    The `+`/`++`/`~` prefixes go (the CLI adds `++` to every dotted key); numbers and
+    true/false/null are read as such, anything else (`[direction,candidates]`) stays as typed.
+    """
+    out: dict[str, Any] = {}
+    for line in lines:
+        key, _, text = str(line).partition("=")
+        out[key.lstrip("+~")] = _scalar(text) if text else None
+    return out
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None}.get(text.lower(), text)
+
+
+def collect(root: str | Path) -> pl.DataFrame:
+    """The table of every finished job under `root`: one row per job, in job-number order."""
+    folder = SweepFolder(root)
+    if not folder.root.is_dir():
+        raise UserError(f"{root} is not a folder; give a sweep folder, e.g. runs/multirun/<timestamp>")
+    jobs = folder.jobs()
+    if not jobs:
+        raise UserError(
+            f"no job folders under {root} (a job folder holds summary.json and .hydra/overrides.yaml)"
+        )
+    overrides = [parse_overrides(yaml.safe_load(job.overrides.read_text()) or []) for job in jobs]
+    taken = {"job"} | {key for row in overrides for key in row}
+    rows = []
+    for job, asked in zip(jobs, overrides, strict=True):
+        figures = flatten(read_json(job.summary))
+        row = {"job": job.root.relative_to(folder.root).as_posix(), **asked}
+        row.update({(f"summary.{k}" if k in taken else k): v for k, v in figures.items()})
+        rows.append(row)
+    names = list(dict.fromkeys(name for row in rows for name in row))  # first-seen order
+    return pl.DataFrame([_column(name, [row.get(name) for row in rows]) for name in names])
+
+
+def _column(name: str, values: list) -> pl.Series:
+    """One typed column: bool, int, float (ints and floats mixed), or text for anything else."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, bool) for v in present):
+        return pl.Series(name, values, dtype=pl.Boolean)
+    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pl.Series(name, values, dtype=pl.Int64)
+    if present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return pl.Series(name, [None if v is None else float(v) for v in values], dtype=pl.Float64)
+    text = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+    return pl.Series(name, text, dtype=pl.String)
+
+
+def to_markdown(frame: pl.DataFrame) -> str:
+    """A GitHub markdown table; floats to 4 significant digits, missing values blank."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def summarize(root: str | Path) -> tuple[pl.DataFrame, str]:
+    """Collect the table, write DIR/sweep_summary.parquet and .md; return it and its markdown.
+    Bad input raises UserError before anything is written."""
+    frame = collect(root)
+    text = to_markdown(frame)
+    folder = SweepFolder(root)
+    write_parquet(folder.table, frame)
+    write_text(folder.markdown, text + "\n")
+    return frame, text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="refusal-nnsight-sweep-summary",
+        description="Tabulate every job's summary.json and overrides under a sweep folder.",
+    )
+    parser.add_argument("dir", type=Path, help="the sweep folder, e.g. runs/multirun/<timestamp>")
+    args = parser.parse_args(argv)
+    try:
+        _, text = summarize(args.dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
