@@ -36,16 +36,18 @@ def _median_seconds(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def engine_figures(batch: int, reps: int, per_layer: int = 10) -> dict:
+def engine_figures(batch: int, reps: int) -> dict:
+    import refusal_nnsight as rn
+
     model = load_model(ModelConfig(device="cpu"))
     saes = load_saes(SAEConfig(), model)
     g = torch.Generator().manual_seed(0)
-    # the cost does not depend on which features: 10 per layer, like candidates' default top_k
-    pool = [
-        (layer, int(f))
-        for layer in saes.layers
-        for f in torch.randperm(saes.width(layer), generator=g)[:per_layer]
-    ]
+    # The pool the pipeline ablates: the candidates stage's top-10 features per layer by decoder
+    # cosine with the refusal direction. The engine's cost depends on it (a feature that is zero
+    # on a variant's row is computed once for all the variants that differ only in it).
+    prompts = rn.load_prompts()
+    direction = rn.find_direction(model, prompts)
+    pool = rn.candidate_features(model, saes, direction, prompts).features
     engine = AblationEngine(model, saes, pool, value=-3.0, batch_size=batch)
     prompt = model.tokenize([PROMPT])
     masks = torch.rand(batch, engine.size, generator=g) < 0.5
@@ -57,9 +59,7 @@ def engine_figures(batch: int, reps: int, per_layer: int = 10) -> dict:
             hf(**rows, logits_to_keep=1)
 
     n_loop = 32
-    t_loop = _median_seconds(
-        lambda: [engine.scores(prompt, masks[i : i + 1]) for i in range(n_loop)], max(1, reps // 3)
-    )
+    t_loop = _median_seconds(lambda: [engine.scores(prompt, masks[i : i + 1]) for i in range(n_loop)], reps)
     t_batched = _median_seconds(lambda: engine.scores(prompt, masks), reps)
     t_plain = _median_seconds(plain, reps)
     return {

@@ -5,6 +5,9 @@ pool (True = edit that feature). `AblationEngine` builds one `FeatureEdit` per l
 per-row mask selects each variant's features, repeats the prompt's row once per variant, and
 reads only the refusal score at the last position. Greedy, fm, redundancy and evaluate all go
 through it, so their cost is (#variants / batch size) forwards instead of #variants traces.
+Within a forward, the prompt's row runs once up to the first edited layer, and on CPU variants
+that are still identical (masks differing only in features that are zero on their row) are
+computed as one row until they diverge (interventions._apply_shared).
 """
 
 from __future__ import annotations

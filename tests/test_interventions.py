@@ -270,3 +270,39 @@ def test_engine_variants_share_the_unedited_layers_and_equal_repeated_rows(setup
     repeated = last_logits(model, prompt.repeat(7), engine.edits(masks), what="score")
     assert torch.allclose(shared, repeated, atol=1e-5)
     assert torch.allclose(shared[0], last_logits(model, prompt, what="score")[0], atol=1e-5)
+
+
+def test_engine_computes_each_distinct_row_once_and_stays_exact(setup, monkeypatch):
+    """Variants whose masks differ only in features that are zero on their row share that row
+    until the next edited layer; every variant's score still equals its own one-variant trace."""
+    from refusal_nnsight import interventions
+    from refusal_nnsight.engine import AblationEngine
+    from refusal_nnsight.saes import LoadedSAEs
+
+    model, _, sae = setup
+    other = random_jumprelu_sae(
+        model.d_model, 256, 0, seed=5, scope="gemma" if "gemma" in model.cfg.name else "llama"
+    )
+    with torch.no_grad():
+        other.b_enc.add_(0.3)
+        other.b_enc[:8] -= 100.0  # latents 0..7 of layer 0 never fire: ablating them changes nothing
+    saes = LoadedSAEs(None, {0: other, LAYER: sae})
+    pool = [(0, f) for f in range(0, 16)] + [(LAYER, f) for f in range(0, 64, 8)]
+    engine = AblationEngine(model, saes, pool, value=-3.0, batch_size=64)
+    masks = torch.rand(48, len(pool), generator=torch.Generator().manual_seed(7)) > 0.5
+    prompt = model.tokenize([PROMPTS[2]])
+
+    rows_per_layer = []
+    real = interventions.FeatureEdit.edit
+
+    def spy(self, x, where):
+        if x.shape[0] < 48:
+            rows_per_layer.append((self.sae.layer, x.shape[0]))
+        return real(self, x, where)
+
+    monkeypatch.setattr(interventions.FeatureEdit, "edit", spy)
+    shared = engine.scores(prompt, masks)
+    monkeypatch.setattr(interventions.FeatureEdit, "edit", real)
+    assert rows_per_layer and rows_per_layer[0][0] == 0  # layer 0 ran fewer rows than variants
+    one_by_one = torch.cat([engine.scores(prompt, masks[i : i + 1]) for i in range(len(masks))])
+    assert torch.allclose(shared, one_by_one, atol=1e-5)
