@@ -27,7 +27,7 @@ import io
 import linecache
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,14 +89,25 @@ def run_chunks(
 ) -> list:
     """[fn(i0, i1) per chunk of ≤ batch_size rows], where fn runs one trace: locally chunk by
     chunk, remotely as one session job (resubmitted at half the chunk size on out-of-memory)."""
+    return run_tasks(model, [(n, fn)], batch_size, progress)[0]
+
+
+def run_tasks(
+    model,
+    tasks: Sequence[tuple[int, Callable[[int, int], object]]],
+    batch_size: int,
+    progress: str | None = None,
+) -> list[list]:
+    """run_chunks for several (n, fn) tasks at once: locally one after another (each chunked as
+    run_chunks does), remotely ALL in one session job — e.g. the next greedy step of every prompt."""
     remote: Remote | None = model.remote
     if remote is None:
-        return map_chunks(n, batch_size, fn, progress)
+        return [map_chunks(n, batch_size, fn, progress) for n, fn in tasks]
     size = max(1, batch_size)
     while True:
-        spans = [(i0, min(i0 + size, n)) for i0 in range(0, n, size)]
+        spans = [(t, i0, min(i0 + size, n)) for t, (n, _) in enumerate(tasks) for i0 in range(0, n, size)]
         try:
-            return remote.job(model, spans, fn, progress)
+            outs = remote.job(model, spans, [fn for _, fn in tasks], progress)
         except UserError:
             raise
         except Exception as err:
@@ -104,16 +115,21 @@ def run_chunks(
                 raise remote.failure(err) from None
             size = max(1, size // 2)
             log.warning("%s job out of memory; resubmitting with batch size %d", remote.kind, size)
+            continue
+        per_task: list[list] = [[] for _ in tasks]
+        for (t, _, _), out in zip(spans, outs, strict=True):
+            per_task[t].append(out)
+        return per_task
 
 
-def _session_job(model, spans: list[tuple[int, int]], fn, backend) -> list:
+def _session_job(model, spans: list[tuple[int, int, int]], fns: list, backend) -> list:
     """One session: the loop below runs where the model is (the body is shipped as source)."""
     import nnsight
 
     with model.lm.session(backend=backend):
         outs = list()
-        for i0, i1 in spans:
-            outs.append(fn(i0, i1))
+        for t, i0, i1 in spans:
+            outs.append(fns[t](i0, i1))
         outs = nnsight.save(outs)
     return outs
 
@@ -132,12 +148,12 @@ class Remote:
     payload_bytes: int = 0
     stats: dict = field(default_factory=dict)
 
-    def job(self, model, spans, fn, progress: str | None) -> list:
+    def job(self, model, spans, fns, progress: str | None) -> list:
         backend = self.make_backend()
         if progress:
             log.info("%s job: %s (%d chunks)", self.kind, progress, len(spans))
         with torch.no_grad():
-            outs = _session_job(model, spans, fn, backend)
+            outs = _session_job(model, spans, fns, backend)
         self.jobs += 1
         self.payload_bytes += int(getattr(backend, "payload_bytes", 0) or 0)
         return outs

@@ -20,7 +20,7 @@ import torch
 from .interventions import FeatureEdit, Positions
 from .models import Batch, LoadedModel
 from .saes import LoadedSAEs
-from .scoring import refusal_scores
+from .scoring import refusal_scores, refusal_scores_many
 
 Feature = tuple[int, int]  # (layer, latent index)
 
@@ -80,6 +80,15 @@ class AblationEngine:
         return refusal_scores(
             self.model, batch, self.edits(masks), self.batch_size, progress, variants=masks.shape[0]
         )
+
+    def scores_many(self, requests: Sequence[tuple[Batch, torch.Tensor]]) -> list[torch.Tensor]:
+        """scores() of several (one-prompt batch, masks [V, F]) requests: each computed exactly as
+        scores() computes it; on a remote backend all of them travel as ONE job."""
+        asks = [
+            (batch, self.edits(m.reshape(-1, self.size)), m.reshape(-1, self.size).shape[0])
+            for batch, m in requests
+        ]
+        return refusal_scores_many(self.model, asks, self.batch_size)
 
     def scores_rows(
         self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None

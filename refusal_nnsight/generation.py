@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import interventions
-from .backends import run_chunks
+from .backends import run_chunks, run_tasks
 from .interventions import Edit
 from .models import Batch, LoadedModel
 
@@ -27,8 +27,29 @@ def generate(
     such as "bos" or eoi offsets exist only in the prompt forward.
     """
     batch = prompts if isinstance(prompts, Batch) else model.tokenize(list(prompts))
+    n, one = _generate_task(model, batch, edits, max_new_tokens or model.cfg.max_new_tokens)
+    return _decode(model, run_chunks(model, n, batch_size, one, progress))
+
+
+def generate_many(
+    model: LoadedModel,
+    requests: Sequence[tuple[Batch, Sequence[Edit]]],
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+) -> list[list[str]]:
+    """generate() of each (batch, edits) request; on a remote backend all requests are ONE job."""
     max_new = max_new_tokens or model.cfg.max_new_tokens
+    outs = run_tasks(model, [_generate_task(model, b, e, max_new) for b, e in requests], batch_size)
+    return [_decode(model, parts) for parts in outs]
+
+
+def _decode(model: LoadedModel, parts: list[torch.Tensor]) -> list[str]:
     tok = model.tokenizer
+    return [text for ids in parts for text in tok.batch_decode(ids.cpu(), skip_special_tokens=True)]
+
+
+def _generate_task(model: LoadedModel, batch: Batch, edits: Sequence[Edit], max_new: int):
+    """(n rows, fn(i0, i1) → the chunk's new token ids): one generate trace per chunk."""
 
     def one(i0: int, i1: int) -> torch.Tensor:
         chunk = batch.rows(i0, i1)
@@ -38,8 +59,7 @@ def generate(
             ids = _generate_chunk(model, chunk, interventions.rows(edits, i0, i1), max_new)
         return ids[:, chunk.input_ids.shape[1] :]  # the new tokens; decoded here, not where the model is
 
-    parts = run_chunks(model, len(batch), batch_size, one, progress)
-    return [text for ids in parts for text in tok.batch_decode(ids.cpu(), skip_special_tokens=True)]
+    return len(batch), one
 
 
 def _generate_chunk(model: LoadedModel, chunk: Batch, edits: Sequence[Edit], max_new: int) -> torch.Tensor:

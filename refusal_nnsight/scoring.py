@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import interventions
-from .backends import run_chunks
+from .backends import run_chunks, run_tasks
 from .errors import NonFiniteError
 from .interventions import Edit
 from .models import Batch, LoadedModel
@@ -58,6 +58,22 @@ def last_logits(
     prompt, computing the layers below the first edited one once (interventions.apply expand_to).
     """
     batch = _as_batch(model, prompts)
+    n, one = _logits_task(model, batch, edits, what, variants)
+    return _checked(model, batch, edits, variants, run_chunks(model, n, batch_size, one, progress))
+
+
+def refusal_scores_many(
+    model: LoadedModel, requests: Sequence[tuple[Batch, Sequence[Edit], int]], batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Refusal scores [V] for each (one-prompt batch, edits over V variants, V) request, as
+    last_logits(variants=V) computes them; on a remote backend all requests are ONE job."""
+    tasks = [_logits_task(model, batch, edits, "score", v) for batch, edits, v in requests]
+    outs = run_tasks(model, tasks, batch_size)
+    return [_checked(model, b, e, v, out) for (b, e, v), out in zip(requests, outs, strict=True)]
+
+
+def _logits_task(model: LoadedModel, batch: Batch, edits: Sequence[Edit], what: str, variants: int | None):
+    """(n rows, fn(i0, i1) → the chunk's scores or logits): one trace per chunk."""
     if variants is not None and len(batch) != 1:
         raise ValueError("variants= needs a batch of one prompt")
     n = len(batch) if variants is None else variants
@@ -74,10 +90,14 @@ def last_logits(
             saved = out.cpu().save()
         return saved
 
-    outs = run_chunks(model, n, batch_size, one, progress)
+    return n, one
+
+
+def _checked(model: LoadedModel, batch: Batch, edits, variants: int | None, outs: list) -> torch.Tensor:
     result = torch.cat(outs) if outs else torch.empty(0)
     if not torch.isfinite(result).all():
-        raise NonFiniteError(_where_nonfinite(model, batch if variants is None else batch.repeat(n), edits))
+        rows = batch if variants is None else batch.repeat(variants)
+        raise NonFiniteError(_where_nonfinite(model, rows, edits))
     return result
 
 

@@ -96,14 +96,14 @@ class _FakeRemote(backends.Remote):
         super().__init__("ndif", make_backend=lambda: None)
         self.limit, self.sizes = limit, []
 
-    def job(self, model, spans, fn, progress):
-        self.sizes.append(max(i1 - i0 for i0, i1 in spans))
+    def job(self, model, spans, fns, progress):
+        self.sizes.append(max(i1 - i0 for _, i0, i1 in spans))
         if self.sizes[-1] > self.limit:
             raise RuntimeError(
                 "server traceback...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
             )
         self.jobs += 1
-        return [fn(i0, i1) for i0, i1 in spans]
+        return [fns[t](i0, i1) for t, i0, i1 in spans]
 
 
 def test_remote_job_out_of_memory_resubmits_smaller():
@@ -117,7 +117,7 @@ def test_remote_job_out_of_memory_resubmits_smaller():
 
 def test_remote_job_error_is_one_line():
     class Failing(_FakeRemote):
-        def job(self, model, spans, fn, progress):
+        def job(self, model, spans, fns, progress):
             raise RuntimeError(
                 "Traceback (most recent call last):\n  File x\nValueError: shapes do not match"
             )

@@ -161,6 +161,9 @@ class FakeEngine:
         jail = and_or if batch == "p0" else (lambda s: {0, 7} <= s)
         return Oracle(jail)(masks.reshape(-1, self.size))
 
+    def scores_many(self, requests):
+        return [self.scores(batch, masks) for batch, masks in requests]
+
     def edits(self, masks):
         return masks
 
@@ -168,12 +171,15 @@ class FakeEngine:
 def fake_setup(monkeypatch):
     monkeypatch.setattr(greedy, "AblationEngine", FakeEngine)
 
-    def fake_generate(model, batch, edits, max_new_tokens):
+    def fake_generate(batch, edits):
         jail = and_or if batch == "p0" else (lambda s: {0, 7} <= s)
         s = frozenset(edits[0].nonzero().flatten().tolist())
         return ["Sure, here is how." if jail(s) else "I'm sorry, but I can't help with that."]
 
-    monkeypatch.setattr(greedy, "generate", fake_generate)
+    def fake_generate_many(model, requests, max_new_tokens):
+        return [fake_generate(batch, edits) for batch, edits in requests]
+
+    monkeypatch.setattr(greedy, "generate_many", fake_generate_many)
     model = SimpleNamespace(tokenize=lambda instr: f"p{instr[0][-1]}", cfg=SimpleNamespace(max_new_tokens=8))
     table = pl.DataFrame(
         {"layer": [f[0] for f in POOL], "feature": [f[1] for f in POOL], "cosine": [0.1] * 8}

@@ -16,7 +16,7 @@ with planted oracles.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from statistics import mean, median
 
@@ -28,12 +28,18 @@ from ..artifacts import StageDir, read_json, read_parquet, write_json, write_par
 from ..config import GreedyConfig
 from ..engine import AblationEngine, Feature
 from ..errors import NonFiniteError, UserError
-from ..generation import generate
+from ..generation import generate_many
+from ..models import Batch
 
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # masks [V, F] bool → refusal scores [V]
 Step = dict  # one trajectory entry: step, action, index (pool column), score, size
+# The search cores are generators: they yield a request ("score", masks [V, F]) or ("generate",
+# mask [F]) and are sent its answer (scores [V] / the completion). `drive` answers them with a
+# score function; `run` answers the next request of every prompt together (one NDIF job).
+Request = tuple[str, torch.Tensor]
+Steps = Generator[Request, object, object]
 
 
 def label(feature: Feature) -> str:
@@ -41,8 +47,9 @@ def label(feature: Feature) -> str:
     return f"L{feature[0]}/F{feature[1]}"
 
 
-def _scores(score: ScoreFn, masks: torch.Tensor) -> list[float]:
-    s = score(masks.bool())
+def _ask(masks: torch.Tensor) -> Generator[Request, torch.Tensor, list[float]]:
+    """Request the refusal scores of `masks` [V, F]; check and return them as floats."""
+    s = yield ("score", masks.bool())
     if s.shape != (masks.shape[0],):
         raise ValueError(f"score function returned shape {tuple(s.shape)} for {masks.shape[0]} masks")
     if not torch.isfinite(s).all():
@@ -50,9 +57,43 @@ def _scores(score: ScoreFn, masks: torch.Tensor) -> list[float]:
     return [float(v) for v in s.tolist()]
 
 
+def drive(steps: Steps, score: ScoreFn):
+    """Run a search core to its end, answering each score request with `score`."""
+    try:
+        kind, payload = next(steps)
+        while True:
+            if kind != "score":
+                raise ValueError(f"drive() answers score requests only, got {kind!r}")
+            kind, payload = steps.send(score(payload))
+    except StopIteration as done:
+        return done.value
+
+
 def backward_minimal(
     score: ScoreFn, start: torch.Tensor, order: Sequence[int], max_passes: int = 10
 ) -> tuple[torch.Tensor, list[Step]]:
+    """backward_minimal_steps answered by `score` (see there)."""
+    return drive(backward_minimal_steps(start, order, max_passes), score)
+
+
+def verify_one_minimal(score: ScoreFn, mask: torch.Tensor) -> bool:
+    """verify_one_minimal_steps answered by `score`."""
+    return drive(verify_one_minimal_steps(mask), score)
+
+
+def forward_greedy(score: ScoreFn, pool_mask: torch.Tensor) -> tuple[torch.Tensor, list[Step]]:
+    """forward_greedy_steps answered by `score`."""
+    return drive(forward_greedy_steps(pool_mask), score)
+
+
+def effect_order(score: ScoreFn, start: torch.Tensor) -> tuple[list[int], list[float], float]:
+    """effect_order_steps answered by `score`."""
+    return drive(effect_order_steps(start), score)
+
+
+def backward_minimal_steps(
+    start: torch.Tensor, order: Sequence[int], max_passes: int = 10
+) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, list[Step]]]:
     """Backward elimination from the ablated set `start` [F] bool, trying features in `order`.
 
     Sequential semantics: for f in order, drop f if (current set ∖ {f}) still jailbreaks (s < 0).
@@ -70,7 +111,7 @@ def backward_minimal(
     cur = start.clone().bool().flatten()
     seen: set[int] = set()
     seq = [i for i in [*order, *range(cur.numel())] if cur[i] and not (i in seen or seen.add(i))]
-    s0 = _scores(score, cur[None])[0]
+    s0 = (yield from _ask(cur[None]))[0]
     traj: list[Step] = [{"step": 0, "action": "start", "index": None, "score": s0, "size": int(cur.sum())}]
     if s0 >= 0:
         return cur, traj
@@ -82,7 +123,7 @@ def backward_minimal(
             variants = cur.repeat(len(todo), 1)
             for k, i in enumerate(todo):  # row k: cur without todo[0..k]
                 variants[k:, i] = False
-            s = _scores(score, variants)
+            s = yield from _ask(variants)
             step += 1
             fail = next((k for k, v in enumerate(s) if v >= 0), None)
             n_drop = len(todo) if fail is None else fail
@@ -116,12 +157,12 @@ def backward_minimal(
         kept = cur.nonzero().flatten()
         singles = cur.repeat(len(kept), 1)
         singles[torch.arange(len(kept)), kept] = False
-        if len(kept) == 0 or all(v >= 0 for v in _scores(score, singles)):
+        if len(kept) == 0 or all(v >= 0 for v in (yield from _ask(singles))):
             break
     return cur, traj
 
 
-def verify_one_minimal(score: ScoreFn, mask: torch.Tensor) -> bool:
+def verify_one_minimal_steps(mask: torch.Tensor) -> Generator[Request, torch.Tensor, bool]:
     """M jailbreaks (s < 0) and restoring any one of its features (ablating M ∖ {f}) gives s ≥ 0.
 
     One batched call: M itself plus its |M| one-feature restorations.
@@ -130,11 +171,13 @@ def verify_one_minimal(score: ScoreFn, mask: torch.Tensor) -> bool:
     idx = mask.nonzero().flatten()
     variants = mask.repeat(len(idx) + 1, 1)
     variants[torch.arange(1, len(idx) + 1), idx] = False
-    s = _scores(score, variants)
+    s = yield from _ask(variants)
     return s[0] < 0 and all(v >= 0 for v in s[1:])
 
 
-def forward_greedy(score: ScoreFn, pool_mask: torch.Tensor) -> tuple[torch.Tensor, list[Step]]:
+def forward_greedy_steps(
+    pool_mask: torch.Tensor,
+) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, list[Step]]]:
     """Forward greedy over `pool_mask` [F] bool: add the feature that lowers s most until s < 0.
 
     One batched call per step (every one-feature extension of the current set; the empty set
@@ -150,13 +193,13 @@ def forward_greedy(score: ScoreFn, pool_mask: torch.Tensor) -> tuple[torch.Tenso
         variants = cur.repeat(len(idx), 1)
         variants[torch.arange(len(idx)), idx] = True
         if not traj:
-            s = _scores(score, torch.cat([cur[None], variants]))
+            s = yield from _ask(torch.cat([cur[None], variants]))
             traj.append({"step": 0, "action": "start", "index": None, "score": s[0], "size": 0})
             if s[0] < 0:
                 return cur, traj
             s = s[1:]
         else:
-            s = _scores(score, variants)
+            s = yield from _ask(variants)
         step += 1
         k = min(range(len(s)), key=lambda j: (s[j], j))  # ties → lowest pool column
         cur[idx[k]], avail[idx[k]] = True, False
@@ -168,7 +211,9 @@ def forward_greedy(score: ScoreFn, pool_mask: torch.Tensor) -> tuple[torch.Tenso
     return cur, traj
 
 
-def effect_order(score: ScoreFn, start: torch.Tensor) -> tuple[list[int], list[float], float]:
+def effect_order_steps(
+    start: torch.Tensor,
+) -> Generator[Request, torch.Tensor, tuple[list[int], list[float], float]]:
     """Order for removal: least single-feature effect first (the strongest is kept longest).
 
     effect_i = s(nothing ablated) − s(only i ablated), one batched call. Returns (order over the
@@ -178,7 +223,7 @@ def effect_order(score: ScoreFn, start: torch.Tensor) -> tuple[list[int], list[f
     idx = start.nonzero().flatten().tolist()
     masks = torch.zeros(len(idx) + 1, start.numel(), dtype=torch.bool)
     masks[torch.arange(1, len(idx) + 1), torch.tensor(idx, dtype=torch.long)] = True
-    s = _scores(score, masks)
+    s = yield from _ask(masks)
     effects = [float("nan")] * start.numel()
     for k, i in enumerate(idx):
         effects[i] = s[0] - s[k + 1]
@@ -273,39 +318,35 @@ def _traj_rows(idx: int, method: str, traj: list[Step], pool: Sequence[Feature])
     return rows
 
 
-def dissect_prompt(
-    model, engine: AblationEngine, instruction: str, cfg: GreedyConfig, judge, order_by
-) -> dict:
-    """Stage 2 on one prompt: order, backward-eliminate, verify, judge, forward. Returns the part record."""
-    batch = model.tokenize([instruction])
-
-    def score(masks: torch.Tensor) -> torch.Tensor:
-        return engine.scores(batch, masks)
-
-    pool = engine.pool
+def dissect_steps(
+    pool: Sequence[Feature], instruction: str, cfg: GreedyConfig, judge, order_by
+) -> Generator[Request, object, dict]:
+    """Stage 2 on one prompt: order, backward-eliminate, verify, judge, forward. Yields the
+    score and generate requests it needs; returns the prompt's record."""
     start = torch.ones(len(pool), dtype=torch.bool)
-    order, effects, clean = effect_order(score, start)  # effects are recorded whatever the order
+    order, effects, clean = yield from effect_order_steps(start)  # effects are recorded whatever the order
     if order_by is not None:
         order = order_by
-    mask, traj = backward_minimal(score, start, order, cfg.max_passes)
+    mask, traj = yield from backward_minimal_steps(start, order, cfg.max_passes)
     if traj[0]["score"] >= 0:
         return {"skipped": f"ablating all {len(pool)} candidates gives score {traj[0]['score']:.3f} >= 0"}
     feats = [pool[i] for i in mask.nonzero().flatten().tolist()]
-    final = _scores(score, mask[None])[0]
+    final = (yield from _ask(mask[None]))[0]
+    one_minimal = yield from verify_one_minimal_steps(mask)
     record = {
         "instruction": instruction, "features": [label(f) for f in feats], "layers": [f[0] for f in feats],
-        "latents": [f[1] for f in feats], "size": len(feats), "one_minimal": verify_one_minimal(score, mask),
+        "latents": [f[1] for f in feats], "size": len(feats), "one_minimal": one_minimal,
         "clean_score": clean, "start_score": traj[0]["score"], "final_score": final, "judge_jailbreak": None,
         "completion": None, "forward_features": None, "forward_size": None, "forward_score": None,
         "order": cfg.order, "n_candidates": len(pool), "effects": effects,
     }  # fmt: skip
     if cfg.judge_confirm:
-        text = generate(model, batch, engine.edits(mask[None]), model.cfg.max_new_tokens)[0]
+        text = yield ("generate", mask)
         record["completion"] = text
         record["judge_jailbreak"] = not judge.refused([instruction], [text])[0]
     trajectory = _traj_rows(-1, "backward", traj, pool)
     if cfg.forward:
-        fmask, ftraj = forward_greedy(score, start)
+        fmask, ftraj = yield from forward_greedy_steps(start)
         fscore = ftraj[-1]["score"]
         record["forward_features"] = [label(pool[i]) for i in fmask.nonzero().flatten().tolist()]
         record["forward_score"] = fscore
@@ -313,6 +354,22 @@ def dissect_prompt(
         trajectory += _traj_rows(-1, "forward", ftraj, pool)
     record["trajectory"] = trajectory
     return record
+
+
+def _answer(model, engine: AblationEngine, asks: dict[int, Request], batches: dict[int, Batch]) -> dict:
+    """Answer the pending request of every prompt: all score requests together, then all
+    generate requests together (each one NDIF job; locally prompt by prompt, as scores())."""
+    replies: dict[int, object] = {}
+    score = [i for i, (kind, _) in asks.items() if kind == "score"]
+    if score:
+        out = engine.scores_many([(batches[i], asks[i][1]) for i in score])
+        replies.update(zip(score, out, strict=True))
+    gen = [i for i, (kind, _) in asks.items() if kind == "generate"]
+    if gen:
+        reqs = [(batches[i], engine.edits(asks[i][1][None])) for i in gen]
+        texts = generate_many(model, reqs, model.cfg.max_new_tokens)
+        replies.update((i, t[0]) for i, t in zip(gen, texts, strict=True))
+    return replies
 
 
 def eligible_prompts(candidates, max_prompts: int) -> list[int]:
@@ -334,14 +391,26 @@ def run(model, saes, candidates, prompts, cfg: GreedyConfig, out: StageDir, judg
     chosen = eligible_prompts(candidates, cfg.max_prompts)
     log.info("greedy: %d eligible prompts (refused, jailbroken by all %d candidates)", len(chosen), len(pool))
     records: dict[int, dict] = {}
-    for idx in tqdm(chosen, desc="greedy", leave=False):
+    searches: dict[int, Steps] = {}
+    for idx in chosen:
         part = out.part(f"prompt_{idx}.json")
         if part.exists():
             records[idx] = read_json(part)
-            continue
-        rec = dissect_prompt(model, engine, prompts.eval_harmful.instructions[idx], cfg, judge, order_by)
-        write_json(part, rec)
-        records[idx] = rec
+        else:
+            searches[idx] = dissect_steps(pool, prompts.eval_harmful.instructions[idx], cfg, judge, order_by)
+    batches = {idx: model.tokenize([prompts.eval_harmful.instructions[idx]]) for idx in searches}
+    # Lock-step: every round answers the next request of every unfinished prompt at once.
+    asks = {idx: next(steps) for idx, steps in searches.items()}
+    with tqdm(total=len(chosen), initial=len(records), desc="greedy", leave=False) as bar:
+        while asks:
+            for idx, reply in _answer(model, engine, asks, batches).items():
+                try:
+                    asks[idx] = searches[idx].send(reply)
+                except StopIteration as done:
+                    write_json(out.part(f"prompt_{idx}.json"), done.value)
+                    records[idx] = done.value
+                    del asks[idx]
+                    bar.update(1)
     sets, traj = [], []
     for idx, rec in sorted(records.items()):
         if "skipped" in rec:
