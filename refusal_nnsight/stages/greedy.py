@@ -7,10 +7,12 @@ M is checked for 1-minimality (restoring any one of its features brings refusal 
 configured, confirmed with the generation judge. Forward greedy (add the feature that lowers the
 score most, until jailbreak) is run for comparison.
 
-The search cores (`backward_minimal`, `verify_one_minimal`, `forward_greedy`) are pure: they see
-only a batched score function masks [V, F] bool → scores [V], which `run` backs with
-`AblationEngine.scores` (one batched forward for the V variants of one step), and the tests back
-with planted oracles.
+The search cores (`backward_minimal_steps`, `verify_one_minimal_steps`, `forward_greedy_steps`,
+`effect_order_steps`) are pure generators: they yield batched score requests (masks [V, F] bool)
+and are sent the refusal scores [V]. `backward_minimal` etc. drive them with a score function
+(the tests use planted oracles); `run` drives every prompt's search in lock-step and answers
+each round's requests with `AblationEngine.scores_many` — per prompt on a local model (one
+batched forward for the V variants of a step), one job for all prompts on NDIF.
 """
 
 from __future__ import annotations
