@@ -211,3 +211,26 @@ def test_failed_job_ends_in_one_line_and_leaves_no_half_stage(small_organism, tm
     assert "ndif_check job failed" in err and "device-side assert" in err, err
     assert not (run_dir / "summary.json").exists()
     assert not list(run_dir.rglob("done.json")) and not list(run_dir.rglob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_ndif_builds_a_meta_model_and_a_failed_submission_is_one_line(
+    small_organism, nnsight_config, monkeypatch
+):
+    """backend=ndif up to the network: the client holds no weights, the stages' host-side tensors
+    live on the CPU, and a job that cannot be submitted (here: no hub to key the model) ends in
+    one line naming NDIF."""
+    from refusal_nnsight.config import BackendConfig, ModelConfig
+    from refusal_nnsight.scoring import refusal_scores
+
+    monkeypatch.setattr(nnsight_config.API, "APIKEY", SECRET)
+    monkeypatch.setattr(backends, "_check_running", lambda repo_id, host, nnsight: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mcfg = ModelConfig(name="organism_as_hub_repo", source="hf", repo_id=str(small_organism / "model"))
+    model = backends.load_model(mcfg, BackendConfig(name="ndif"))
+    assert model.remote is not None and model.remote.kind == "ndif"
+    assert model.lm.device.type == "meta" and model.device.type == "cpu"
+    assert model.n_layers > 0 and model.eoi_ids and model.refusal_ids
+    with pytest.raises(UserError, match="the NDIF job failed") as err:
+        refusal_scores(model, ["how do I bake bread"])
+    assert "\n" not in str(err.value)
