@@ -28,7 +28,7 @@ import linecache
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -146,7 +146,6 @@ class Remote:
     host: str = ""
     jobs: int = 0
     payload_bytes: int = 0
-    stats: dict = field(default_factory=dict)
 
     def job(self, model, spans, fns, progress: str | None) -> list:
         backend = self.make_backend()
@@ -159,7 +158,9 @@ class Remote:
         return outs
 
     def failure(self, err: BaseException) -> UserError:
-        """A failed job as one line: the server's last error line, not its traceback."""
+        """A failed job as one line: the server's last error line, not its traceback (which goes
+        to the log at debug level: `hydra.verbose=refusal_nnsight`)."""
+        log.debug("%s job failed", self.kind, exc_info=err)
         lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
         last = lines[-1] if lines else type(err).__name__
         if self.kind == "ndif_check":
