@@ -143,7 +143,6 @@ class Remote:
 
     kind: str  # ndif | ndif_check
     make_backend: Callable[[], object]
-    host: str = ""
     jobs: int = 0
     payload_bytes: int = 0
 
@@ -168,13 +167,12 @@ class Remote:
         return UserError(f"the NDIF job failed ({type(err).__name__}): {last}")
 
 
-def shipped_modules() -> list[str]:
+def shipped_modules() -> None:
     """Register the toolkit for by-value pickling: an installed package's helpers are pickled by
     reference otherwise, and the server cannot import them."""
     import nnsight
 
     nnsight.register("refusal_nnsight")
-    return ["refusal_nnsight"]
 
 
 def in_process_ndif(server_lm):
@@ -306,12 +304,11 @@ def _load_ndif_check(mcfg: ModelConfig):
     path = server.lm._module.name_or_path
     client = wrap_lm(_meta_model(path, mcfg), mcfg)
     shipped_modules()
-    client.remote = Remote("ndif_check", lambda: in_process_ndif(server.lm), host="in-process")
+    client.remote = Remote("ndif_check", lambda: in_process_ndif(server.lm))
     return client
 
 
 def _load_ndif(mcfg: ModelConfig, bcfg: BackendConfig):
-    import nnsight
     from nnsight import CONFIG
 
     from .models import _hf_missing, wrap_lm
@@ -328,23 +325,20 @@ def _load_ndif(mcfg: ModelConfig, bcfg: BackendConfig):
             "no NDIF API key: set NDIF_API_KEY or run `python -c 'import nnsight; nnsight.login()'` "
             "(the key is never read from, or written to, the toolkit's configs)"
         )
-    _check_running(mcfg.repo_id, CONFIG.API.HOST, nnsight)
+    _check_running(mcfg.repo_id, CONFIG.API.HOST)
     try:
         lm = _meta_model(mcfg.repo_id, mcfg)
     except (OSError, ValueError) as err:
         raise _hf_missing(mcfg.repo_id, err) from None
     model = wrap_lm(lm, mcfg)
     shipped_modules()
-    model.remote = Remote(
-        "ndif",
-        lambda: lm._remote_backend(True, blocking=True, job_id=None, verbose=False),
-        host=CONFIG.API.HOST,
-    )
+    model.remote = Remote("ndif", lambda: lm._remote_backend(True, blocking=True, job_id=None, verbose=False))
     return model
 
 
-def _check_running(repo_id: str, host: str, nnsight) -> None:
+def _check_running(repo_id: str, host: str) -> None:
     """Fail in one line, before any job, when NDIF is unreachable or does not run the model."""
+    import nnsight
     from nnsight import ndif
 
     try:

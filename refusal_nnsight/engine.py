@@ -84,10 +84,8 @@ class AblationEngine:
     def scores_many(self, requests: Sequence[tuple[Batch, torch.Tensor]]) -> list[torch.Tensor]:
         """scores() of several (one-prompt batch, masks [V, F]) requests: each computed exactly as
         scores() computes it; on a remote backend all of them travel as ONE job."""
-        asks = [
-            (batch, self.edits(m.reshape(-1, self.size)), m.reshape(-1, self.size).shape[0])
-            for batch, m in requests
-        ]
+        masks = [m.reshape(-1, self.size) for _, m in requests]
+        asks = [(batch, self.edits(m), m.shape[0]) for (batch, _), m in zip(requests, masks, strict=True)]
         return refusal_scores_many(self.model, asks, self.batch_size)
 
     def scores_rows(

@@ -61,9 +61,8 @@ def feature_activations(
     for i0, i1, resid in run_chunks(model, len(batch), batch_size, one):
         mask = batch.rows(i0, i1).attention_mask
         acts = torch.zeros(*mask.shape, len(feats))
-        for k, layer in enumerate(layers):
-            sae = slices[layer].to(resid.device)
-            acts[..., by_layer[layer]] = sae.encode(resid[k].float()).float().cpu()
+        for k, layer in enumerate(layers):  # the slices follow resid's device (SlicedSAE.encode)
+            acts[..., by_layer[layer]] = slices[layer].encode(resid[k].float()).float().cpu()
         for r in range(mask.shape[0]):
             n = int(mask[r].sum())
             out.append(acts[r, acts.shape[1] - n :])

@@ -282,10 +282,7 @@ def _apply_shared(model, by_layer: dict, mask: torch.Tensor, step: int, cache: d
             row_of = torch.zeros(n_variants, dtype=torch.long, device=x.device)
         if layer in by_layer:
             (e,) = by_layer[layer]
-            key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), x.shape[1])
-            if key not in cache:
-                cache[key] = position_mask(e.positions, mask, step, x.shape[1])
-            where = cache[key]
+            where = _where(e, x.shape[1], mask, step, cache)
             active = e.sae.encode(x) != 0  # [R, T, S]
             if where is not None:
                 active = active & where[..., None]
@@ -305,11 +302,16 @@ def _edit_all(
     edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int, cache: dict
 ) -> torch.Tensor:
     for e in edits:
-        key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), x.shape[1])
-        if key not in cache:
-            cache[key] = position_mask(e.positions, attention_mask, step, x.shape[1])
-        x = e.edit(x, cache[key])
+        x = e.edit(x, _where(e, x.shape[1], attention_mask, step, cache))
     return x
+
+
+def _where(e: Edit, width: int, attention_mask: torch.Tensor, step: int, cache: dict) -> torch.Tensor | None:
+    """position_mask of `e`, made once per (positions, width) and shared by every layer's edits."""
+    key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), width)
+    if key not in cache:
+        cache[key] = position_mask(e.positions, attention_mask, step, width)
+    return cache[key]
 
 
 def rows(edits: Sequence[Edit], i0: int, i1: int) -> list[Edit]:

@@ -224,7 +224,7 @@ def test_ndif_builds_a_meta_model_and_a_failed_submission_is_one_line(
     from refusal_nnsight.scoring import refusal_scores
 
     monkeypatch.setattr(nnsight_config.API, "APIKEY", SECRET)
-    monkeypatch.setattr(backends, "_check_running", lambda repo_id, host, nnsight: None)
+    monkeypatch.setattr(backends, "_check_running", lambda repo_id, host: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mcfg = ModelConfig(name="organism_as_hub_repo", source="hf", repo_id=str(small_organism / "model"))
     model = backends.load_model(mcfg, BackendConfig(name="ndif"))

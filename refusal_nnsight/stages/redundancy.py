@@ -132,19 +132,20 @@ def scan(
             resid = torch.stack(got).save()  # one saved tensor; stays on the device locally
         return i0, i1, resid
 
-    # The residuals come back and are encoded here, one layer at a time, with the full-width SAE:
-    # a remote job ships only sliced SAEs, and all layers at once would copy every SAE (GBs).
+    # The residuals come back and are encoded here with the full-width SAE, one layer at a time
+    # (its slice made once, for every chunk): a remote job ships only sliced SAEs, and all layers
+    # at once would copy every SAE (GBs).
+    chunks = [(batch.rows(i0, i1).attention_mask.to(resid.device), resid)
+              for i0, i1, resid in run_chunks(model, len(batch), batch_size, one)]  # fmt: skip
     maxes: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
     at_bos: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
-    for i0, i1, resid in run_chunks(model, len(batch), batch_size, one):
-        mask = batch.rows(i0, i1).attention_mask.to(resid.device)
-        real = mask.bool()[..., None]
-        first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
-        rows = torch.arange(mask.shape[0], device=resid.device)
-        for k, layer in enumerate(sorted(read)):
-            f = saes.slice(layer).to(resid.device, torch.float32).encode(resid[k].float())  # [B, T, width]
-            maxes[layer].append(f.masked_fill(~real, float("-inf")).amax(1).cpu())
-            at_bos[layer].append(f[rows, first].cpu())
+    for k, layer in enumerate(sorted(read)):
+        sae = saes.slice(layer).to(chunks[0][1].device if chunks else model.device, torch.float32)
+        for mask, resid in chunks:
+            f = sae.encode(resid[k].float())  # [B, T, width]
+            first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
+            maxes[layer].append(f.masked_fill(~mask.bool()[..., None], float("-inf")).amax(1).cpu())
+            at_bos[layer].append(f[torch.arange(mask.shape[0], device=f.device), first].cpu())
     out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
     out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
     for layer, t in out_max.items():
