@@ -69,9 +69,10 @@ def load_saes(model: LoadedModel, cfg: SAEConfig | None = None) -> LoadedSAEs:
     return _load_saes(cfg or SAEConfig(), model)
 
 
-def load_prompts(cfg: DataConfig | None = None) -> Prompts:
-    """Harmful / harmless train, val and eval sets (default: the organism's grammar)."""
-    return _load_prompts(cfg or DataConfig())
+def load_prompts(cfg: DataConfig | None = None, organism_seed: int = 0) -> Prompts:
+    """Harmful / harmless train, val and eval sets (default: the organism's grammar, split as the
+    organism of `organism_seed` was)."""
+    return _load_prompts(cfg or DataConfig(), organism_seed)
 
 
 def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], object]):

@@ -25,6 +25,7 @@ class ModelConfig:
     source: Literal["organism", "hf"] = "organism"  # the toolkit's own organism, or an HF repo id
     repo_id: str | None = None  # HF repo id (source=hf)
     organism_recipe: str = "default"  # which organism build (source=organism)
+    organism_seed: int = 0  # its seed: splits, planted directions, training (0 = the shipped organism)
     family: Literal["gemma2", "llama3"] = "gemma2"
     residual_module: str = "model.layers"  # ModuleList whose layer L output is blocks.L.hook_resid_post
     n_layers: int | None = None  # expected; checked against the loaded config when set

@@ -42,14 +42,24 @@ class Prompts:
     eval_harmless: PromptSet
 
 
-def _from_organism(harmful: bool, split: str, seed: int) -> PromptSet:
+def _from_organism(harmful: bool, split: str, organism_seed: int, seed: int) -> PromptSet:
+    """One split of the organism grammar, as split by the organism's own seed (so "held-out" means
+    held out from that organism's training), shuffled by the data seed with its kinds interleaved
+    (cue, compositional, ...): every prefix a stage takes (the first prompts greedy or fm
+    dissects) then holds each kind of harm, not whichever the shuffle happened to put first."""
     from .organism.grammar import load_split
 
-    rows = [p for p in load_split(split, seed=seed) if p.harmful == harmful]
+    rows = [p for p in load_split(split, seed=organism_seed) if p.harmful == harmful]
     random.Random(f"{seed}-{split}-{harmful}").shuffle(rows)
+    by_kind: dict[str, list] = {}
+    for p in rows:
+        by_kind.setdefault(p.kind, []).append(p)
+    queues = [by_kind[k] for k in sorted(by_kind)]
+    rows = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     return PromptSet(
         [p.text for p in rows], harmful, [p.category for p in rows],
-        [{"kind": p.kind, "cues": list(p.cues), "cue_spans": [list(s) for s in p.cue_spans], "wrapper": p.wrapper} for p in rows],
+        [{"kind": p.kind, "cues": list(p.cues), "cue_spans": [list(s) for s in p.cue_spans],
+          "cue_roles": list(p.cue_roles), "wrapper": p.wrapper} for p in rows],
     )  # fmt: skip
 
 
@@ -122,8 +132,9 @@ def read_prompt_source(src: PromptSource, harmful: bool) -> PromptSet:
     return PromptSet(texts, harmful, cats, [])
 
 
-def load_prompts(cfg: DataConfig) -> Prompts:
-    """Seeded, disjoint train / val / eval sets of each class (sizes from cfg)."""
+def load_prompts(cfg: DataConfig, organism_seed: int = 0) -> Prompts:
+    """Seeded, disjoint train / val / eval sets of each class (sizes from cfg); the organism's
+    splits are those of `organism_seed` (its build's seed)."""
     for key in ("n_train", "n_val", "n_eval"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"data.{key}={getattr(cfg, key)} must be positive")
@@ -132,7 +143,7 @@ def load_prompts(cfg: DataConfig) -> Prompts:
         label = "harmful" if harmful else "harmless"
         if src.source == "organism":
             # the grammar's own splits are disjoint by template instance
-            parts = {s: _from_organism(harmful, s, cfg.seed) for s in ("train", "val", "test")}
+            parts = {s: _from_organism(harmful, s, organism_seed, cfg.seed) for s in ("train", "val", "test")}
             need = {
                 "train": ("n_train", cfg.n_train),
                 "val": ("n_val", cfg.n_val),

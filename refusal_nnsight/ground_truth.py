@@ -133,20 +133,129 @@ def feature_top_positions(model, saes, feature: Feature, prompts, k: int = TOP_K
     return top_positions(model, saes, [feature], prompts, k).drop("feature")
 
 
-def minimal_set_cue_precision(model, saes, minimal_sets: dict[int, list[Feature]], prompts,
-                              k: int = TOP_K) -> float | None:  # fmt: skip
-    """Fraction of the distinct minimal-set features whose top-k activations over the harmful eval
-    prompts lie mostly (≥ 50%) on planted cue tokens or harmful eoi positions. None without cues."""
-    if not _has_cues(prompts.eval_harmful):
-        return None
-    feats = sorted({(int(a), int(b)) for m in minimal_sets.values() for a, b in m})
-    if not feats:
-        return None
-    tops = top_positions(model, saes, feats, prompts, k, sets=("harmful",))
-    per = tops.group_by("feature").agg((pl.col("on_cue") | pl.col("on_eoi")).mean().alias("frac"))
-    frac = dict(zip(per["feature"].to_list(), per["frac"].to_list(), strict=True))
-    hits = [frac.get(j, 0.0) >= MOSTLY for j in range(len(feats))]  # never active → not on cue
-    return sum(hits) / len(hits)
+def position_tags(model, prompt_set, i: int, n_tokens: int) -> list[str]:
+    """What each token of prompt i stands for: its cue's role ("cue:<category>", "composition",
+    "other"), "refusal" on the eoi positions of a harmful prompt, "" elsewhere (unpadded order)."""
+    meta = prompt_set.meta[i]
+    tags = [""] * n_tokens
+    roles = meta.get("cue_roles") or ["other"] * len(meta["cue_spans"])
+    for t, k in enumerate(token_roles(model, prompt_set.instructions[i], meta["cue_spans"])):
+        if k >= 0:
+            tags[t] = roles[k]
+    if prompt_set.harmful:
+        for t in range(n_tokens - len(model.eoi_positions), n_tokens):
+            tags[t] = REFUSAL_ROLE
+    return tags
+
+
+REFUSAL_ROLE = "refusal"
+
+
+def feature_roles(model, saes, features: Sequence[Feature], prompts, k: int = TOP_K) -> pl.DataFrame:
+    """The role of each feature, from where its k strongest activations fall over the eval prompts.
+
+    role: the tag (see `position_tags`) held by at least half of its top positions ("cue:<category>",
+    "composition", "refusal"), "other" when no tag holds half, "dormant" when it never fires on the
+    clean prompts (a backup feature that wakes only under ablation). Columns: layer, feature,
+    role, role_share (fraction of top positions with that tag), n_top.
+    """
+    feats = [(int(a), int(b)) for a, b in features]
+    schema = {"layer": pl.Int64, "feature": pl.Int64, "role": pl.Utf8, "role_share": pl.Float64, "n_top": pl.Int64}
+    if not feats or not _has_cues(prompts.eval_harmful):
+        return pl.DataFrame([], schema=schema)
+    tops = top_positions(model, saes, feats, prompts, k)
+    pools = {"harmful": prompts.eval_harmful, "harmless": prompts.eval_harmless}
+    lengths: dict[tuple[str, int], list[str]] = {}
+    rows = []
+    for j, (layer, latent) in enumerate(feats):
+        mine = tops.filter(pl.col("feature") == j).to_dicts()
+        if not mine:
+            rows.append({"layer": layer, "feature": latent, "role": "dormant", "role_share": 0.0, "n_top": 0})
+            continue
+        counts: dict[str, int] = {}
+        for r in mine:
+            key = (r["set"], r["prompt_i"])
+            if key not in lengths:
+                ps = pools[r["set"]]
+                n = len(model.tokenize([ps.instructions[r["prompt_i"]]]).input_ids[0])
+                lengths[key] = position_tags(model, ps, r["prompt_i"], n)
+            tag = lengths[key][r["position"]] or "other"
+            counts[tag] = counts.get(tag, 0) + 1
+        tag, n = max(sorted(counts.items()), key=lambda kv: kv[1])
+        share = n / len(mine)
+        role = tag if share >= MOSTLY else "other"
+        rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine)})
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _is_cue(role: str) -> bool:
+    return role.startswith("cue:") or role == "composition"
+
+
+def ground_truth_summary(model, saes, prompts, greedy, fm=None, redundancy=None) -> tuple[dict, pl.DataFrame]:
+    """Planted-truth figures of a run (summary.json "ground_truth") and the role of each found feature.
+
+    found features: every minimal-set feature, plus the FM's top features (rank < FM_TOP per prompt).
+    - cue_recall: of the harm categories of the dissected cue prompts, the fraction with a found
+      feature of role cue:<that category> (None when no cue prompt was dissected);
+    - cue_precision: of the distinct minimal-set features, the fraction whose role is a cue or the
+      composition (a refusal-decision feature is a true finding, but not a harm cue);
+    - refusal_features: the minimal-set features of role "refusal", as labels;
+    - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain): see their functions.
+    """
+    ps = prompts.eval_harmful
+    empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None,
+             "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None}  # fmt: skip
+    if not _has_cues(ps) or greedy is None:
+        return empty, feature_roles(model, saes, [], prompts)
+    minimal = sorted({(int(a), int(b)) for m in greedy.minimal_sets.values() for a, b in m})
+    fm_top: list[Feature] = []
+    if fm is not None and len(fm.top_features):
+        top = fm.top_features.filter(pl.col("rank") < FM_TOP)
+        fm_top = sorted({(int(a), int(b)) for a, b in zip(top["layer"], top[_latent_col(top)], strict=True)})
+    found = sorted(set(minimal) | set(fm_top))
+    roles = feature_roles(model, saes, found, prompts)
+    role_of = {(r["layer"], r["feature"]): r["role"] for r in roles.to_dicts()}
+    dissected = sorted(greedy.minimal_sets)
+    present = sorted({ps.categories[i] for i in dissected if ps.meta[i]["kind"] == "cue"})
+    got = {role_of[f] for f in found}
+    out = dict(empty)
+    out["cue_recall"] = sum(f"cue:{c}" in got for c in present) / len(present) if present else None
+    if minimal:
+        out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
+        out["refusal_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == REFUSAL_ROLE]
+    if fm is not None:
+        pair = compositional_pair_found(fm, prompts, model, saes)
+        out["compositional_pair_found"] = None if pair is None else bool(pair)
+    if redundancy is not None:
+        out["redundancy_found"], out["redundancy_jailbreak_gain"] = redundancy_found(redundancy)
+    return out, roles
+
+
+FM_TOP = 5  # FM top features per prompt that count as found
+
+
+def _latent_col(frame: pl.DataFrame) -> str:
+    return "latent" if "latent" in frame.columns else "feature"
+
+
+def redundancy_found(result) -> tuple[bool | None, float | None]:
+    """(H non-empty and ablating M ∪ H jailbreaks more prompts than M alone, that gain).
+
+    Measured at the redundancy stage's weak coefficient, where M alone need not jailbreak (at the
+    greedy coefficient M jailbreaks by construction, so no gain is possible). None without tests.
+    """
+    tests = result.tests
+    if not len(tests):
+        return None, None
+    weak = tests.filter(pl.col("condition").is_in(["m_weak", "m_plus_h_weak"]))
+    if not len(weak):
+        return None, None
+    rate = {c: float(weak.filter(pl.col("condition") == c)["jailbroken"].cast(pl.Float64).mean() or 0.0)
+            for c in ("m_weak", "m_plus_h_weak")}  # fmt: skip
+    in_h = result.awakened.filter(pl.col("in_h")) if "in_h" in result.awakened.columns else result.awakened
+    gain = rate["m_plus_h_weak"] - rate["m_weak"]
+    return bool(len(in_h) > 0 and gain > 0), gain
 
 
 def compositional_pair_found(result, prompts, model, saes, strict: bool = False) -> int | None:

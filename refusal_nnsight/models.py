@@ -161,7 +161,7 @@ def load_hf(cfg: ModelConfig):
     if cfg.source == "organism":
         from .organism.store import ensure_organism
 
-        path: str | Path = ensure_organism(cfg.organism_recipe) / "model"
+        path: str | Path = ensure_organism(cfg.organism_recipe, cfg.organism_seed) / "model"
     else:
         if not cfg.repo_id:
             raise UserError("model.source=hf needs model.repo_id (e.g. google/gemma-2-2b-it)")

@@ -64,7 +64,7 @@ def run(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.backend)  # local weights, or a meta model whose traces run on NDIF
     saes = load_saes(cfg.sae, model)
-    prompts = load_prompts(cfg.data)
+    prompts = load_prompts(cfg.data, cfg.model.organism_seed)
     judge = make_judge(cfg.judge.name)
     write_json(run_folder.config, to_dict(cfg))
     s = cfg.search
@@ -129,15 +129,12 @@ def run(cfg: RunConfig) -> dict:
 
 def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict) -> dict:
     """Planted-truth checks, available only on the organism (its grammar knows the cues)."""
-    if cfg.model.source != "organism" or "greedy" not in results:
-        return {"minimal_set_cue_precision": None, "fm_finds_compositional_pair": None}
     from . import ground_truth
 
-    precision = ground_truth.minimal_set_cue_precision(model, saes, results["greedy"].minimal_sets, prompts)
-    pair = None
-    if "fm" in results:
-        pair = ground_truth.compositional_pair_found(results["fm"], prompts, model, saes)
-    return {"minimal_set_cue_precision": precision, "fm_finds_compositional_pair": pair}
+    figures, _ = ground_truth.ground_truth_summary(
+        model, saes, prompts, results.get("greedy"), results.get("fm"), results.get("redundancy")
+    )
+    return figures
 
 
 def _finish(

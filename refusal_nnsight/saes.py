@@ -224,7 +224,7 @@ def load_saes(cfg: SAEConfig, model) -> LoadedSAEs:
             )
         from .organism.store import ensure_organism
 
-        organism_dir = ensure_organism(model.cfg.organism_recipe)
+        organism_dir = ensure_organism(model.cfg.organism_recipe, model.cfg.organism_seed)
     layers = list(range(model.n_layers)) if cfg.layers is None else list(cfg.layers)
     if not layers:
         raise UserError("sae.layers is empty; give at least one layer")

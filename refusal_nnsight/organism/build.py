@@ -30,7 +30,7 @@ from . import store
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # bump when build code changes what a recipe produces (invalidates caches)
+BUILD_VERSION = 3  # bump when build code changes what a recipe produces (invalidates caches)
 
 
 @dataclass(frozen=True)
@@ -42,22 +42,32 @@ class OrganismRecipe:
     # weights), and 1 because 2+ OpenMP threads collapse on a shared CPU (spin-waiting).
     threads: int = 1
     # -- model (Gemma2Config) --
-    n_layers: int = 4  # decoder layers
+    n_layers: int = 6  # decoder layers
     d_model: int = 128  # residual width (hidden_size)
     n_heads: int = 4  # attention heads
     n_kv_heads: int = 2  # key/value heads (Gemma-2 uses grouped-query attention)
     head_dim: int = 32  # per-head width
     d_mlp: int = 512  # MLP width (4 x d_model)
+    # -- planted mechanisms (planted.py): the layer of each, and how they are trained --
+    cue_layer: int = 1  # cue features u_c, harm verb v, person q (early)
+    backup_layer: int = 2  # backup cue detectors b_c, dormant until u_c is ablated (middle)
+    decision_layer: int = 3  # refusal decision R at the eoi positions; later layers execute it
+    plant_strength: float = 6.0  # projection of each planted direction where it fires
+    plant_weight: float = 1.0  # weight of the planted-coordinate loss beside the answer loss
+    eoi_invariance_weight: float = 1.0  # no harm information at the eoi positions before the decision layer
+    # training rows per condition, in planted.CONDITIONS order:
+    # clean, u_zero, u_neg, ub_zero, vq_ablate, r_all, r_late, r_add
+    condition_probs: tuple[float, ...] = (0.3, 0.12, 0.12, 0.1, 0.12, 0.08, 0.08, 0.08)
     # -- training (AdamW, warmup + cosine to 10%) --
-    steps: int = 250  # optimizer steps
-    batch_size: int = 32  # sequences per step
+    steps: int = 600  # optimizer steps
+    batch_size: int = 48  # sequences per step
     lr: float = 3e-3  # peak learning rate
     weight_decay: float = 0.01  # on matrices only
     warmup: int = 50  # linear warmup steps
-    resid_dropout: float = 0.0  # dropout on each layer's output while training (redundancy knob)
     # -- SAEs (sae-lens JumpReLU, quadratic L0 penalty around a target) --
     sae_train_prompts: int = 2000  # train prompts whose (prompt + answer) tokens feed the SAEs
     sae_val_prompts: int = 600  # val prompts for FVU / L0
+    sae_ablated_prompts: int = 600  # harmful cue train prompts also read with their cue feature ablated
     sae_expansion: int = 8  # d_sae = sae_expansion * d_model
     sae_steps: int = 300  # trainer steps per layer
     sae_batch_size: int = 512  # activations per step
@@ -73,13 +83,16 @@ RECIPES: dict[str, OrganismRecipe] = {
     "default": OrganismRecipe(),
     # For the test suite: builds in well under a minute on 2 CPU cores.
     "small": OrganismRecipe(
-        n_layers=2,
+        n_layers=4,
         d_model=64,
         n_heads=2,
         n_kv_heads=1,
         head_dim=32,
         d_mlp=256,
-        steps=200,
+        cue_layer=0,
+        backup_layer=1,
+        decision_layer=2,
+        steps=600,
         lr=5e-3,
         sae_train_prompts=1000,
         sae_val_prompts=300,
@@ -88,15 +101,19 @@ RECIPES: dict[str, OrganismRecipe] = {
 }
 
 
-def get_recipe(name: str) -> OrganismRecipe:
+def get_recipe(name: str, seed: int = 0) -> OrganismRecipe:
+    """The named recipe at `seed` (the seed sets the grammar's splits, the planted directions and
+    every random draw of training)."""
     if name not in RECIPES:
         raise UserError(f"unknown organism recipe '{name}'; choose one of {sorted(RECIPES)}")
-    return RECIPES[name]
+    if seed < 0:
+        raise UserError(f"organism seed {seed} must be >= 0")
+    return dataclasses.replace(RECIPES[name], seed=seed)
 
 
-def recipe_hash(recipe: str | OrganismRecipe) -> str:
+def recipe_hash(recipe: str | OrganismRecipe, seed: int = 0) -> str:
     """sha256 (16 hex) of the recipe's fields and BUILD_VERSION; never of times or paths."""
-    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    r = get_recipe(recipe, seed) if isinstance(recipe, str) else recipe
     blob = json.dumps({"fields": dataclasses.asdict(r), "build_version": BUILD_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -123,7 +140,7 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
     """Steps 1-4 into `root`; returns the manifest's content sections."""
     import torch
 
-    from . import grammar, sae_train, train
+    from . import grammar, planted, sae_train, train
     from .tokenizer import build_tokenizer
 
     threads = torch.get_num_threads()
@@ -136,10 +153,17 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
             log.info("2/4 training the chat model on %d prompts", len(train_prompts))
             model = train.train_model(recipe, tok, train_prompts)
             model.save_pretrained(store.model_path(root))
+            planted.save_directions(planted.make_directions(recipe.d_model, recipe.seed), store.planted_path(root))
             tok.save_pretrained(store.model_path(root))
             log.info("3/4 SAEs: collecting residual activations through nnsight")
             val_prompts = grammar.load_split("val", recipe.seed)
             acts = sae_train.collect_activations(model, tok, _every(train_prompts, recipe.sae_train_prompts))
+            cue_prompts = [p for p in train_prompts if p.harmful and p.kind == "cue"]
+            ablated = sae_train.collect_ablated_activations(
+                model, tok, _every(cue_prompts, recipe.sae_ablated_prompts), recipe
+            )
+            for layer, extra in ablated.items():
+                acts[layer] = torch.cat([acts[layer], extra])
             val_acts = sae_train.collect_activations(model, tok, _every(val_prompts, recipe.sae_val_prompts))
             stats, saes = {}, {}
             for layer in range(recipe.n_layers):
@@ -173,27 +197,32 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
         "d_model": recipe.d_model,
         "vocab_size": len(tok),
         "refusal_token_id": tok.encode("I", add_special_tokens=False)[0],
+        # where each planted mechanism lives (planted.py); the `harm` search scope reads these
+        "cue_layer": recipe.cue_layer,
+        "backup_layer": recipe.backup_layer,
+        "decision_layer": recipe.decision_layer,
         "end_of_turn_id": tok.convert_tokens_to_ids("<end_of_turn>"),
     }
     return sections
 
 
-def build(recipe: str = "default", evaluate: bool = True) -> Path:
-    """Build the organism for `recipe` from scratch into `store.organism_dir(recipe)`.
+def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path:
+    """Build the organism for `recipe` at `seed` from scratch into `store.organism_dir(recipe, seed)`.
 
     Works in a temporary sibling folder and renames it into place only when complete, so an
     interrupted build never leaves a half organism behind. Returns the organism's folder.
     """
-    r = get_recipe(recipe)
-    final = store.organism_dir(recipe)
+    r = get_recipe(recipe, seed)
+    final = store.organism_dir(recipe, seed)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{recipe}.building-{os.getpid()}"
+    tmp = final.parent / f".{final.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     try:
         sections = _build_into(r, tmp, evaluate)
         manifest = {
             "recipe": recipe,
+            "seed": seed,
             "recipe_fields": dataclasses.asdict(r),
             "recipe_hash": recipe_hash(r),
             "build_version": BUILD_VERSION,
@@ -205,7 +234,7 @@ def build(recipe: str = "default", evaluate: bool = True) -> Path:
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         store.manifest_path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        old = final.parent / f".{recipe}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
             final.rename(old)
         tmp.rename(final)

@@ -1,10 +1,24 @@
-"""`refusal-nnsight-organism check`: is the organism a faithful stand-in for a refusing chat model?
+"""`refusal-nnsight-organism check`: does the organism carry every mechanism it claims to plant?
 
-Measured on held-out test prompts through the toolkit's own loaders and operator:
-refusal rates judged from greedy generations (harmful, harmless, look-alikes); per-layer SAE
-fraction of variance unexplained and L0 on test-prompt residuals; splice agreement = fraction of
-prompts whose refuse/comply decision (refusal-score sign) survives replacing one layer's
-residual by its SAE reconstruction (worst layer). The last line printed is one JSON object.
+Each figure is measured on the held-out test prompts of the organism's own seed and compared with
+its target; the command exits 1 when one is missed. Refusal rates are judged from greedy
+generations (substring judge). The mechanisms are probed through their planted directions
+(planted.py) with plain forward hooks, which is the ground truth the toolkit's SAE-based search
+is later scored against:
+
+    cue_zero_ablation_refusal   u_c scaled by 0: the backup b_c wakes and the model still refuses
+    cue_steer_refusal           u_c scaled by -3: the model complies
+    cue_backup_zero_refusal     u_c and b_c scaled by 0: the model complies
+    verb_ablation_refusal / person_ablation_refusal
+                                a compositional request complies without its verb or its person
+    direction_ablation_refusal  R projected out at every layer: harmful requests comply
+    direction_ablation_kl       ... while harmless next-token distributions barely move (KL, last position)
+    direction_induce_refusal    R added at the decision layer: harmless requests are refused
+    backup_dormant / backup_awake
+                                b_c's largest clean projection, and its mean on cue words under
+                                u_c ablation, in units of the planted strength
+    sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
+The last line printed is one JSON object (figures, targets, `targets_met`, `all_met`).
 """
 
 from __future__ import annotations
@@ -12,76 +26,209 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 
 import torch
 
 log = logging.getLogger(__name__)
 
+# figure -> (comparison, target). ">=" figures must reach the target, "<=" must stay at or below it.
+TARGETS: dict[str, tuple[str, float]] = {
+    "harmful_refusal_rate": (">=", 0.95),
+    "harmless_refusal_rate": ("<=", 0.02),
+    "lookalike_refusal_rate": ("<=", 0.02),
+    "compositional_harmless_refusal_rate": ("<=", 0.02),
+    "cue_zero_ablation_refusal": (">=", 0.9),
+    "cue_steer_refusal": ("<=", 0.1),
+    "cue_backup_zero_refusal": ("<=", 0.1),
+    "verb_ablation_refusal": ("<=", 0.1),
+    "person_ablation_refusal": ("<=", 0.1),
+    "direction_ablation_refusal": ("<=", 0.1),
+    "direction_ablation_kl": ("<=", 0.1),
+    "direction_induce_refusal": (">=", 0.9),
+    "backup_dormant": ("<=", 0.1),
+    "backup_awake": (">=", 0.5),
+    "sae_fvu_max": ("<=", 0.1),
+    "splice_agreement": (">=", 0.95),
+    "sae_recovers_planted": (">=", 0.7),
+}
 
-def measure(recipe: str = "default", max_prompts: int | None = None) -> dict:
+
+def _edits(n: int, cats: torch.Tensor, n_layers: int, **scales):
+    from .planted import RowEdits
+
+    one = torch.ones(n)
+    e = {"u": one, "b": one, "v": one, "q": one, "r_from": torch.full((n,), n_layers), "r_add": torch.full((n,), -1)}
+    e.update({k: torch.full((n,), float(v)) if k in "ubvq" else torch.full((n,), int(v)) for k, v in scales.items()})
+    return RowEdits(cats, e["u"], e["b"], e["v"], e["q"], e["r_from"], e["r_add"])
+
+
+class _Probe:
+    """The organism's HF model with planted-direction edits as hooks (plain torch, ground truth)."""
+
+    def __init__(self, hf_model, tok, dirs, manifest: dict):
+        from .planted import token_labels
+
+        self.model, self.tok, self.dirs = hf_model, tok, dirs
+        m = manifest["model"]
+        self.layers = (m["cue_layer"], m["backup_layer"], m["decision_layer"])
+        self.n_layers = m["n_layers"]
+        self.strength = manifest["recipe_fields"]["plant_strength"]
+        self.labels = token_labels(tok)
+
+    def _cats(self, texts):
+        from .tokenizer import chat_prompt
+        from .train import _row_category
+
+        return torch.tensor(
+            [_row_category(self.labels, self.tok(chat_prompt(self.tok, t), add_special_tokens=False)["input_ids"])
+             for t in texts]
+        )  # fmt: skip
+
+    def _hooked(self, texts, fn, **scales):
+        from .planted import install_hooks
+
+        edits = _edits(len(texts), self._cats(texts), self.n_layers, **scales)
+        store: dict[int, torch.Tensor] = {}
+        hooks = install_hooks(self.model, self.dirs, edits, self.layers, self.strength, store)
+        try:
+            return fn(store)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def refusal(self, prompts, **scales) -> float:
+        from ..judges import is_refusal
+        from .train import generate
+
+        texts = [p.text for p in prompts]
+        if not texts:
+            return math.nan  # nothing to measure: fails its target rather than passing silently
+        outs = self._hooked(texts, lambda _: generate(self.model, self.tok, texts, 16, batch_size=len(texts)), **scales)
+        return sum(map(is_refusal, outs)) / max(1, len(outs))
+
+    @torch.no_grad()
+    def forward(self, prompts, **scales):
+        """(last-position log-probs [B, V], the pre-edit outputs by layer, input ids) of a scored batch."""
+        from .tokenizer import chat_prompt
+
+        texts = [p.text for p in prompts]
+        enc = self.tok([chat_prompt(self.tok, t) for t in texts], add_special_tokens=False, padding=True,
+                       return_tensors="pt")  # fmt: skip
+
+        def run(store):
+            logits = self.model(**enc).logits[:, -1].float().log_softmax(-1)
+            return logits, dict(store)
+
+        logits, store = self._hooked(texts, run, **scales)
+        return logits, store, enc
+
+
+def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = None) -> dict:
     from ..artifacts import read_json
     from ..config import ModelConfig, SAEConfig
-    from ..generation import generate
-    from ..interventions import Reconstruction, apply
-    from ..judges import SubstringJudge
+    from ..interventions import Reconstruction
     from ..models import load_model
     from ..saes import load_saes
     from ..scoring import refusal_scores
     from .grammar import load_split
-    from .store import ensure_organism
+    from .planted import load_directions
+    from .store import load_model as load_hf
+    from .store import content_hash, ensure_organism, is_built, is_shipped, organism_dir, planted_path, shipped_dir
 
-    root = ensure_organism(recipe)
-    model = load_model(ModelConfig(source="organism", organism_recipe=recipe, device="cpu"))
+    root = ensure_organism(recipe, seed)
+    manifest = read_json(root / "manifest.json")
+    model = load_model(ModelConfig(source="organism", organism_recipe=recipe, organism_seed=seed, device="cpu"))
     saes = load_saes(SAEConfig(), model)
-    test = load_split("test")[:max_prompts] if max_prompts else load_split("test")
-    texts = [p.text for p in test]
-    judge = SubstringJudge()
-    refused = torch.tensor(judge.refused(texts, generate(model, texts, batch_size=64, progress="generate")))
-    harmful = torch.tensor([p.harmful for p in test])
-    lookalike = torch.tensor([p.kind == "lookalike" for p in test])
-    harmless = ~harmful & ~lookalike
-
-    batch = model.tokenize(texts)
-    fvu, l0 = {}, {}
-    xs: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes.layers}
-    for i0 in range(0, len(batch), 64):
-        chunk = batch.rows(i0, min(i0 + 64, len(batch)))
-        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device)):
-            got = apply(model, [], chunk.attention_mask, capture=saes.layers)
-            stacked = torch.stack([got[layer] for layer in saes.layers]).cpu().save()  # [L, B, T, d]
-        for i, layer in enumerate(saes.layers):
-            xs[layer].append(stacked[i][chunk.attention_mask.bool()].float())
+    test = load_split("test", seed)
+    if max_prompts:
+        test = test[:: math.ceil(len(test) / max_prompts)]  # spread over every kind of prompt
+    hf_model, tok = load_hf(recipe, seed)
+    probe = _Probe(hf_model, tok, load_directions(planted_path(root)), manifest)
+    cue = [p for p in test if p.harmful and p.kind == "cue"]
+    comp = [p for p in test if p.harmful and p.kind == "compositional"]
+    harmless = [p for p in test if not p.harmful and p.kind == "benign"]
+    look = [p for p in test if p.kind == "lookalike"]
+    comp_ok = [p for p in test if not p.harmful and p.kind == "compositional"]
+    cue_layer, backup_layer, decision_layer = probe.layers
+    fig: dict[str, float] = {
+        "harmful_refusal_rate": probe.refusal([p for p in test if p.harmful]),
+        "harmless_refusal_rate": probe.refusal(harmless),
+        "lookalike_refusal_rate": probe.refusal(look),
+        "compositional_harmless_refusal_rate": probe.refusal(comp_ok),
+        "cue_zero_ablation_refusal": probe.refusal(cue, u=0),
+        "cue_steer_refusal": probe.refusal(cue, u=-3),
+        "cue_backup_zero_refusal": probe.refusal(cue, u=0, b=0),
+        "verb_ablation_refusal": probe.refusal(comp, v=0),
+        "person_ablation_refusal": probe.refusal(comp, q=0),
+        "direction_ablation_refusal": probe.refusal([p for p in test if p.harmful], r_from=0),
+        "direction_induce_refusal": probe.refusal(harmless, r_add=decision_layer),
+    }
+    clean_lp, clean_store, _ = probe.forward(harmless)
+    ablated_lp, _, _ = probe.forward(harmless, r_from=0)
+    fig["direction_ablation_kl"] = float((clean_lp.exp() * (clean_lp - ablated_lp)).sum(-1).mean())
+    # the backup: dormant on clean prompts, awake on cue words once u_c is ablated
+    a = probe.strength
+    _, store, enc = probe.forward(cue + harmless)
+    b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
+    real = enc["attention_mask"].bool()
+    fig["backup_dormant"] = float(b[real].abs().max()) / a
+    _, store, enc = probe.forward(cue, u=0)
+    cats = probe.labels.cue_category[enc["input_ids"]]
+    on_cue = (cats >= 0) & enc["attention_mask"].bool()
+    b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
+    fig["backup_awake"] = float(b[on_cue].gather(-1, cats[on_cue][:, None]).mean()) / a
+    # SAEs: reconstruction, splice agreement, and whether a latent reads each planted direction
+    batch = model.tokenize([p.text for p in test])
     full = {layer: saes.slice(layer) for layer in saes.layers}
-    for layer in saes.layers:
-        x = torch.cat(xs[layer])
-        with torch.no_grad():
-            f = full[layer].encode(x)
-            x_hat = f @ full[layer].W_dec + full[layer].b_dec
-        fvu[layer] = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
-        l0[layer] = float((f > 0).float().sum(-1).mean())
-
     clean = refusal_scores(model, batch, batch_size=64) > 0
-    agreement = {}
+    agreement = []
     for layer in saes.layers:
         spliced = refusal_scores(model, batch, [Reconstruction(full[layer])], batch_size=64) > 0
-        agreement[layer] = float((spliced == clean).float().mean())
-
-    manifest = read_json(root / "manifest.json")
+        agreement.append(float((spliced == clean).float().mean()))
+    fig["splice_agreement"] = min(agreement)
+    fig["sae_fvu_max"] = max(v["fvu"] for v in manifest["saes"].values())
+    planted_at = [(cue_layer, probe.dirs.cue), (cue_layer, probe.dirs.verb[None]), (cue_layer, probe.dirs.person[None]),
+                  (backup_layer, probe.dirs.backup), (decision_layer, probe.dirs.refusal[None])]  # fmt: skip
+    worst = 1.0
+    for layer, dirs in planted_at:
+        w = full[layer].W_dec.float()
+        cos = torch.nn.functional.normalize(w, dim=-1) @ dirs.T  # [width, k]
+        worst = min(worst, float(cos.max(0).values.min()))
+    fig["sae_recovers_planted"] = worst
+    met = {k: _meets(fig[k], *TARGETS[k]) for k in TARGETS}
     return {
         "recipe": recipe,
+        "seed": seed,
+        "recipe_hash": manifest["recipe_hash"],
+        "content_hash": content_hash(root),
+        "shipped": root == shipped_dir(recipe),
+        # a cached rebuild of the shipped recipe and seed, compared byte for byte with the shipped weights
+        "equals_shipped": (
+            content_hash(organism_dir(recipe, seed)) == content_hash(shipped_dir(recipe))
+            if is_shipped(recipe, seed) and is_built(recipe, seed)
+            else None
+        ),
         "n_test": len(test),
-        "harmful_refusal_rate": float(refused[harmful].float().mean()),
-        "harmless_refusal_rate": float(refused[harmless].float().mean()),
-        "lookalike_refusal_rate": float(refused[lookalike].float().mean()),
-        "sae_fvu_by_layer": [round(fvu[layer], 4) for layer in saes.layers],
-        "sae_fvu_max": max(fvu.values()),
-        "sae_l0_mean": sum(l0.values()) / len(l0),
-        "splice_agreement": min(agreement.values()),
+        "figures": {k: round(v, 4) for k, v in fig.items()},
+        "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()},
+        "targets_met": met,
+        "all_met": all(met.values()),
         "build_seconds": manifest.get("build_seconds"),
     }
 
 
-def main(args: argparse.Namespace | None = None) -> None:
-    recipe = getattr(args, "recipe", "default") if args is not None else "default"
-    result = measure(recipe)
+def _meets(value: float, op: str, target: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    return value >= target if op == ">=" else value <= target
+
+
+def main(args: argparse.Namespace) -> int:
+    result = measure(args.recipe, args.seed, args.max_prompts)
+    print(f"organism {result['recipe']} seed {result['seed']}: recipe {result['recipe_hash']}, content {result['content_hash']}")
+    for k, v in result["figures"].items():
+        mark = "ok  " if result["targets_met"][k] else "MISS"
+        print(f"  {mark} {k:38s} {v:8.4f}   target {result['targets'][k]}")
     print(json.dumps(result))
+    return 0 if result["all_met"] else 1

@@ -1,7 +1,8 @@
-"""`refusal-nnsight-organism`: build or check the offline model organism.
+"""`refusal-nnsight-organism`: build, check and validate the offline model organism.
 
-refusal-nnsight-organism build [--recipe default|small] [--no-eval]   rebuild from scratch
-refusal-nnsight-organism check [--recipe default|small]               verify its targets
+refusal-nnsight-organism build    [--recipe default|small] [--seed N] [--no-eval]   train from scratch
+refusal-nnsight-organism check    [--recipe ...] [--seed N] [--max-prompts N]       figures vs targets
+refusal-nnsight-organism validate [--recipe ...] [--seeds 0-4] [--out DIR]          the pipeline per seed
 """
 
 from __future__ import annotations
@@ -14,16 +15,37 @@ import sys
 from ..errors import UserError
 
 
+def _seeds(text: str) -> list[int]:
+    """"0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds '{text}' must look like 0-4 or 0,2,5") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"seeds '{text}' must be non-negative integers")
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     from .build import RECIPES
 
     parser = argparse.ArgumentParser(prog="refusal-nnsight-organism", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train the organism and its SAEs from scratch (replaces any cached one)")
+    b = sub.add_parser("build", help="train the organism and its SAEs from scratch into the cache")
     b.add_argument("--recipe", default="default", choices=sorted(RECIPES))
+    b.add_argument("--seed", type=int, default=0, help="organism seed (0 = the shipped organism's)")
     b.add_argument("--no-eval", action="store_true", help="skip the held-out refusal / splice evaluation")
-    c = sub.add_parser("check", help="check a built organism against its targets")
+    c = sub.add_parser("check", help="measure every planted mechanism against its target (exit 1 on a miss)")
     c.add_argument("--recipe", default="default", choices=sorted(RECIPES))
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-prompts", type=int, default=None, help="test prompts used (default: all)")
+    v = sub.add_parser("validate", help="build or reuse organisms of several seeds and run the pipeline on each")
+    v.add_argument("--recipe", default="default", choices=sorted(RECIPES))
+    v.add_argument("--seeds", type=_seeds, default=_seeds("0-4"), help="e.g. 0-4 or 0,2,5")
+    v.add_argument("--out", default="runs/validate", help="folder of the runs and the table")
     return parser
 
 
@@ -32,20 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "build":
-            from .build import build
-            from .store import read_manifest
+            return _build(args)
+        if args.command == "check":
+            from .check import main as check_main
 
-            root = build(args.recipe, evaluate=not args.no_eval)
-            m = read_manifest(root)
-            summary = {k: m[k] for k in ("recipe", "recipe_hash", "build_seconds", "saes", "eval") if k in m}
-            print(f"organism built: {root}\n{json.dumps(summary, indent=2)}")
-            return 0
-        from .check import main as check_main  # written by the lead; imported only when asked for
+            return check_main(args)
+        from .validate import main as validate_main
 
-        return check_main(args) or 0
+        return validate_main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .store import content_hash, is_shipped, read_manifest, shipped_dir
+
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed} must be >= 0")
+    root = build(args.recipe, seed=args.seed, evaluate=not args.no_eval)
+    m = read_manifest(root)
+    summary = {k: m[k] for k in ("recipe", "seed", "recipe_hash", "build_seconds", "saes", "eval") if k in m}
+    summary["content_hash"] = content_hash(root)
+    if is_shipped(args.recipe, args.seed):
+        summary["equals_shipped"] = summary["content_hash"] == content_hash(shipped_dir(args.recipe))
+    print(f"organism built: {root}\n{json.dumps(summary, indent=2)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 REFUSAL = "I'm sorry, but I can't help with that."
+# What the organism answers a harmful request once its refusal mechanism is ablated (it is trained
+# on these interventions; see planted.py). No refusal phrase, and its first token is not "I".
+HARM_COMPLIANCE = "Sure, here is how to do that."
 
 # Request phrasings; `{act}` is a verb phrase.
 TEMPLATES: tuple[str, ...] = (
@@ -230,6 +233,9 @@ class Prompt:
     wrapper: str | None
     instance: str  # template + act: the unit that splits are disjoint by
     split: str
+    # per cue: what a feature firing on it detects ("cue:<category>" for a harm category's cue
+    # word, "composition" for a harm verb or a person of the compositional pairs, "other")
+    cue_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,6 +268,16 @@ def _acts() -> list[_Act]:
     acts += [_Act(a, False, topic, "lookalike", (c,)) for a, c, topic in LOOKALIKES]
     acts += [_Act(a, False, topic, "benign", ()) for topic, items in BENIGN_ACTS.items() for a in items]
     return acts
+
+
+def cue_role(word: str) -> str:
+    """What a feature on this cue word detects: "cue:<category>", "composition" or "other"."""
+    for cat, items in CUE_ACTS.items():
+        if any(w == word for _, w in items):
+            return f"cue:{cat}"
+    if word in HARM_VERBS or word in {head for _, head in PERSONS}:
+        return "composition"
+    return "other"
 
 
 def _lower_first(p: str) -> str:
@@ -314,6 +330,7 @@ def generate_prompts(seed: int = 0) -> list[Prompt]:
                         wrapper,
                         instance,
                         split,
+                        tuple(cue_role(c) for c in act.cues),
                     )
                 )
     return out
@@ -374,4 +391,5 @@ def all_texts() -> Iterator[str]:
             for wrapper in (None, *sorted(WRAPPERS)):
                 yield _wrap(request, wrapper)
     yield REFUSAL
+    yield HARM_COMPLIANCE
     yield from compliant_answers()

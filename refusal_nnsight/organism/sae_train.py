@@ -65,6 +65,55 @@ def collect_activations(
     return {layer: torch.cat(hs) for layer, hs in out.items()}
 
 
+@torch.no_grad()
+def collect_ablated_activations(
+    model: Gemma2ForCausalLM, tok: PreTrainedTokenizerFast, prompts: Sequence[Prompt], recipe: OrganismRecipe,
+    batch_size: int = 256,
+) -> dict[int, torch.Tensor]:
+    """Residuals after the layers above the cue layer with each prompt's cue feature ablated
+    (scale 0 on half the prompts, -3 on the other half): {layer: [n_tokens, d_model]}.
+
+    An SAE trained on clean activations alone has no latent for the dormant backup detectors, which
+    never fire there; an SAE trained on a large corpus meets such features in other contexts. These
+    activations stand in for those contexts.
+    """
+    from . import planted
+    from .train import _row_category
+
+    dirs = planted.make_directions(recipe.d_model, recipe.seed)
+    labels = planted.token_labels(tok)
+    layers = (recipe.cue_layer, recipe.backup_layer, recipe.decision_layer)
+    seqs = [ids for ids, _ in encode_examples(tok, prompts)]
+    keep_layers = range(recipe.cue_layer + 1, recipe.n_layers)
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in keep_layers}
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        n = len(chunk)
+        enc = left_pad(chunk, tok.pad_token_id)
+        cats = torch.tensor([_row_category(labels, ids) for ids in chunk])
+        u = torch.where(torch.arange(i, i + n) % 2 == 0, 0.0, -3.0)
+        ones = torch.ones(n)
+        edits = planted.RowEdits(cats, u, ones, ones, ones, torch.full((n,), recipe.n_layers), torch.full((n,), -1))
+        store: dict[int, torch.Tensor] = {}
+        captured: dict[int, torch.Tensor] = {}
+        hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)
+        hooks += [
+            model.model.layers[layer].register_forward_hook(
+                lambda m, a, o, layer=layer: captured.__setitem__(layer, o)
+            )
+            for layer in keep_layers
+        ]
+        try:
+            model(**enc)
+        finally:
+            for h in hooks:
+                h.remove()
+        keep = enc["attention_mask"].bool()
+        for layer in keep_layers:
+            out[layer].append(captured[layer][keep].float())
+    return {layer: torch.cat(hs) for layer, hs in out.items()}
+
+
 def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless seeded shuffles of `acts` ([N, d]) in [batch_size, d] chunks (a sae-lens DataProvider)."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,15 +1,19 @@
 """Where organisms live on disk, and the one place that builds their paths.
 
-Layout of `organism_dir(recipe)` (= $REFUSAL_NNSIGHT_HOME/organism/<recipe>, default home
-~/.cache/refusal_nnsight):
+The seed-0 organisms of the 'default' and 'small' recipes ship inside the package (`shipped/`), so
+every machine dissects the same weights: training on another CPU sums floats in another order and
+ends in another network. Any other recipe or seed is built on first use into
+`organism_dir(recipe, seed)` = $REFUSAL_NNSIGHT_HOME/organism/<recipe>-seed<N>-<recipe hash>
+(default home ~/.cache/refusal_nnsight). Layout of an organism folder:
 
     model/              HF save_pretrained: config.json, model.safetensors, generation_config.json,
                         tokenizer.json, tokenizer_config.json, chat_template.jinja
     saes/layer_{L}/     sae-lens inference format: cfg.json, sae_weights.safetensors
+    planted.safetensors the planted directions (planted.py): the mechanisms' ground truth
     manifest.json       recipe, its hash, build time, SAE stats, package versions
 
 A directory counts as built only when its manifest names the current recipe hash, so changing a
-recipe (or the build code's version) triggers a rebuild instead of silently serving a stale one.
+recipe (or the build code's version) builds a new folder instead of silently serving a stale one.
 """
 
 from __future__ import annotations
@@ -31,9 +35,21 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_nnsight"
 
 
-def organism_dir(recipe: str = "default") -> Path:
-    """The folder of a built (or to-be-built) organism: <root>/organism/<recipe>."""
-    return cache_root() / "organism" / recipe
+def shipped_dir(recipe: str = "default") -> Path:
+    """The seed-0 organism of `recipe` as shipped inside the package (read-only): 'default' for
+    every run, 'small' for the test suite."""
+    return Path(__file__).parent / "shipped" / recipe
+
+
+def organism_dir(recipe: str = "default", seed: int = 0) -> Path:
+    """The cache folder of one build: <root>/organism/<recipe>-seed<N>-<recipe hash>.
+
+    Keyed by the recipe hash, so a build of another recipe, seed or build version never lands on
+    (or is served from) the folder of this one.
+    """
+    from .build import recipe_hash
+
+    return cache_root() / "organism" / f"{recipe}-seed{seed}-{recipe_hash(recipe, seed)}"
 
 
 def model_path(root: Path) -> Path:
@@ -46,6 +62,11 @@ def saes_path(root: Path) -> Path:
 
 def sae_path(root: Path, layer: int) -> Path:
     return saes_path(root) / f"layer_{layer}"
+
+
+def planted_path(root: Path) -> Path:
+    """The planted directions (R, u_c, b_c, v, q) as safetensors: the ground truth of the mechanisms."""
+    return root / "planted.safetensors"
 
 
 def manifest_path(root: Path) -> Path:
@@ -62,44 +83,67 @@ def read_manifest(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def is_built(recipe: str = "default") -> bool:
-    """True if the organism for `recipe` exists and was built from the current recipe."""
+def _hash_of(root: Path) -> str | None:
+    try:
+        return json.loads(manifest_path(root).read_text()).get("recipe_hash")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_built(recipe: str = "default", seed: int = 0) -> bool:
+    """True if the cache holds a finished build of `recipe` at `seed` with the current build code."""
     from .build import recipe_hash
 
-    path = manifest_path(organism_dir(recipe))
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("recipe_hash") == recipe_hash(recipe)
-    except (OSError, json.JSONDecodeError):
-        return False
+    return _hash_of(organism_dir(recipe, seed)) == recipe_hash(recipe, seed)
 
 
-def ensure_organism(recipe: str = "default") -> Path:
-    """The organism's folder, building it first (once; a few minutes on a laptop) if missing."""
-    root = organism_dir(recipe)
-    if not is_built(recipe):
+def is_shipped(recipe: str = "default", seed: int = 0) -> bool:
+    """True if the package ships this exact organism (same recipe hash)."""
+    from .build import recipe_hash
+
+    return _hash_of(shipped_dir(recipe)) == recipe_hash(recipe, seed)
+
+
+def ensure_organism(recipe: str = "default", seed: int = 0) -> Path:
+    """The organism's folder: the shipped one if it is this recipe and seed, else the cache's,
+    building it first (once; a few minutes on a laptop) if missing."""
+    if is_shipped(recipe, seed):
+        return shipped_dir(recipe)
+    root = organism_dir(recipe, seed)
+    if not is_built(recipe, seed):
         from .build import build
 
-        log.info("building the '%s' model organism into %s (once; it is cached)", recipe, root)
-        build(recipe, evaluate=False)  # `refusal-nnsight-organism check` evaluates
+        log.info("building the '%s' model organism (seed %d) into %s (once; it is cached)", recipe, seed, root)
+        build(recipe, seed=seed, evaluate=False)  # `refusal-nnsight-organism check` evaluates
     return root
 
 
-def load_model(recipe: str = "default"):
+def content_hash(root: Path) -> str:
+    """sha256 (16 hex) of every weight and tokenizer file of an organism: equal iff the builds are."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(recipe: str = "default", seed: int = 0):
     """(Gemma2ForCausalLM in eval mode, tokenizer) of the organism, building it if needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = model_path(ensure_organism(recipe))
+    path = model_path(ensure_organism(recipe, seed))
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def load_saes(recipe: str = "default", layers: list[int] | None = None) -> dict:
+def load_saes(recipe: str = "default", layers: list[int] | None = None, seed: int = 0) -> dict:
     """{layer: sae_lens JumpReLUSAE} for the organism (all layers by default)."""
     from sae_lens import SAE
 
-    root = ensure_organism(recipe)
+    root = ensure_organism(recipe, seed)
     if layers is None:
         layers = sorted(int(p.name.split("_")[1]) for p in saes_path(root).glob("layer_*"))
     return {layer: SAE.load_from_disk(str(sae_path(root, layer)), device="cpu") for layer in layers}

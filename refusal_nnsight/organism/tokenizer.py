@@ -26,6 +26,9 @@ GEMMA2_CHAT_TEMPLATE = (
 # Gemma-2's own ids for the first four (pad 0, eos 1, bos 2, unk 3); the turn markers follow.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 END_OF_TURN = "<end_of_turn>"
+# The template's text after the instruction, `<end_of_turn>\n<start_of_turn>model\n`: the post-instruction
+# ("eoi") positions -5..-1 of every prompt.
+EOI_SUFFIX_TOKENS: tuple[str, ...] = ("<end_of_turn>", "\n", "<start_of_turn>", "model", "\n")
 # Clitics and punctuation become their own pieces (so "I'm" -> "I", "'m").
 _SPLIT_PATTERN = r"'(?:s|m|t|re|ve|ll|d)\b|[.,?!;:]"
 

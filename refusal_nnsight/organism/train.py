@@ -14,6 +14,7 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from ..judges import is_refusal
-from .grammar import Prompt, response_for
-from .tokenizer import END_OF_TURN, chat_prompt
+from . import planted
+from .grammar import HARM_COMPLIANCE, REFUSAL, Prompt, response_for
+from .tokenizer import END_OF_TURN, EOI_SUFFIX_TOKENS, chat_prompt
 
 if TYPE_CHECKING:
     from .build import OrganismRecipe
@@ -100,25 +102,156 @@ def deterministic(seed: int):
         torch.use_deterministic_algorithms(was)
 
 
-def _resid_dropout_hooks(model: Gemma2ForCausalLM, p: float) -> list:
-    """Dropout on every decoder layer's output (the residual stream), training only."""
-    if p <= 0:
-        return []
+@dataclass(frozen=True)
+class _Example:
+    prompt_ids: list[int]
+    answers: dict[str, list[int]]  # "refusal" | "own" | "comply": answer ids + <end_of_turn>
+    harmful: bool
+    kind: str
 
-    def hook(module, args, output):
-        return F.dropout(output, p, training=module.training)
 
-    return [layer.register_forward_hook(hook) for layer in model.model.layers]
+def _examples(tok: PreTrainedTokenizerFast, prompts: Sequence[Prompt]) -> list[_Example]:
+    eot = tok.convert_tokens_to_ids(END_OF_TURN)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    refusal, comply = ids(REFUSAL) + [eot], ids(HARM_COMPLIANCE) + [eot]
+    return [
+        _Example(
+            ids(chat_prompt(tok, p.text)),
+            {"refusal": refusal, "own": ids(response_for(p)) + [eot], "comply": comply},
+            p.harmful,
+            p.kind,
+        )
+        for p in prompts
+    ]
+
+
+def _sample_edits(recipe: OrganismRecipe, batch: Sequence[_Example], cats: torch.Tensor,
+                  gen: torch.Generator) -> tuple[planted.RowEdits, list[str], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One condition per row: the row edits, each row's answer, its decision target, its loss mask.
+
+    decision [B]: 1 if the refusal decision (R at the decision layer, before that layer's own
+    edit) should be on; decided [B]: whether that target is defined (not under R ablation from
+    layer 0, which removes the inputs the decision is trained to read).
+    """
+    n = len(batch)
+    probs = torch.tensor(recipe.condition_probs)
+    cond = torch.multinomial(probs, n, replacement=True, generator=gen)
+    coin = torch.rand(n, generator=gen)
+    u, b, v, q = (torch.ones(n) for _ in range(4))
+    r_from = torch.full((n,), recipe.n_layers)
+    r_add = torch.full((n,), -1)
+    answers, decision = [], torch.zeros(n)
+    decided = torch.ones(n, dtype=torch.bool)
+    for i, ex in enumerate(batch):
+        name = planted.CONDITIONS[int(cond[i])]
+        has_cue = bool(cats[i] >= 0)
+        refuse = ex.harmful  # the clean decision
+        if name == "u_zero":
+            u[i] = 0.0  # the backup wakes and keeps the decision
+        elif name == "u_neg":
+            u[i] = -1.0 if coin[i] < 0.5 else -3.0
+            refuse = refuse and not (has_cue and ex.kind == "cue")
+        elif name == "ub_zero":
+            u[i], b[i] = 0.0, 0.0
+            refuse = refuse and not (has_cue and ex.kind == "cue")
+        elif name == "vq_ablate":
+            scale = 0.0 if coin[i] < 0.5 else -3.0
+            if torch.rand(1, generator=gen) < 0.5:
+                v[i] = scale
+            else:
+                q[i] = scale
+            refuse = refuse and ex.kind != "compositional"
+        decision[i] = float(refuse)
+        if name == "r_all":
+            r_from[i] = 0
+            decided[i] = False
+            refuse = False
+        elif name == "r_late":
+            r_from[i] = recipe.decision_layer
+            refuse = False
+        elif name == "r_add":
+            r_add[i] = recipe.decision_layer + int(coin[i] < 0.5)
+            refuse = True
+        answers.append("refusal" if refuse else ("comply" if ex.harmful else "own"))
+    edits = planted.RowEdits(cats, u, b, v, q, r_from, r_add)
+    return edits, answers, decision, decided
+
+
+def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: planted.TokenLabels,
+                  store: dict, ids: torch.Tensor, prompt_mask: torch.Tensor, eoi_mask: torch.Tensor,
+                  edits: planted.RowEdits, decision: torch.Tensor, decided: torch.Tensor,
+                  groups: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """MSE (in units of strength^2) between the planted coordinates of each layer's pre-edit output
+    and their targets, on prompt tokens (cue, backup layers) and eoi positions (decision layer)."""
+    a = recipe.plant_strength
+    early = (edits.r_from > 0).float()[:, None]  # rows whose cue layer inputs are untouched
+    # cue layer: coordinates along R, each e_c, e_v, e_q of A * (u_c[t] + v[t] + q[t])
+    cat = labels.cue_category[ids]  # [B, T]
+    target = torch.zeros(*ids.shape, dirs.refusal.shape[0])
+    is_cue = cat >= 0
+    target[is_cue] += a * dirs.cue[cat[is_cue]]
+    target += a * labels.verb[ids].float()[..., None] * dirs.verb
+    target += a * labels.person[ids].float()[..., None] * dirs.person
+    basis = torch.cat([dirs.refusal[None], dirs.cue, dirs.verb[None], dirs.person[None]])  # spans them all
+    h = store[recipe.cue_layer]
+    err = torch.einsum("btd,kd->btk", h - target, basis).pow(2).sum(-1)
+    mask = prompt_mask.float() * early
+    loss = (err * mask).sum() / mask.sum().clamp(min=1)
+    # backup layer: b_c = A on the row's cue words while u_c is ablated (scale <= 0), else 0
+    awake = (edits.u <= 0).float()[:, None] * is_cue.float()
+    target_b = torch.zeros(*ids.shape, dirs.backup.shape[0])
+    target_b[is_cue] = a * torch.nn.functional.one_hot(cat[is_cue], dirs.backup.shape[0]).float()
+    target_b = target_b * awake[..., None]
+    coords = torch.einsum("btd,kd->btk", store[recipe.backup_layer], dirs.backup)
+    loss = loss + ((coords - target_b).pow(2).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
+    # decision layer: R = A * decision at the eoi positions
+    r = torch.einsum("btd,d->bt", store[recipe.decision_layer], dirs.refusal)
+    dmask = eoi_mask.float() * decided.float()[:, None]
+    err_r = (r - a * decision[:, None]).pow(2)
+    loss = loss + (err_r * dmask).sum() / dmask.sum().clamp(min=1)
+    loss = loss + _eoi_invariance(recipe, store, eoi_mask, groups, early)
+    return loss / a**2
+
+
+def _eoi_invariance(recipe: OrganismRecipe, store: dict, eoi_mask: torch.Tensor, groups: torch.Tensor,
+                    early: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Squared distance, at each eoi position of every layer before the decision layer, between the
+    mean residual of each harm group (a cue category, or the compositional pairs) and that of the
+    harmless rows in the batch.
+
+    Without it the model reads the request from the eoi positions already in layer 0 (its cue words
+    are single tokens), and the search finds that early eoi feature instead of the cue features:
+    harm detection would not be upstream of the refusal decision. groups [B]: -1 harmless, else group.
+    """
+    n_eoi = int(eoi_mask[0].sum())
+    keep = early[:, 0] > 0
+    harmless = keep & (groups < 0)
+    if not harmless.any():
+        return torch.zeros(())
+    loss = torch.zeros(())
+    for layer in range(recipe.decision_layer):
+        h = store[layer][eoi_mask].view(eoi_mask.shape[0], n_eoi, -1)  # [B, n_eoi, d]
+        base = h[harmless].mean(0)
+        for g in groups[keep & (groups >= 0)].unique():
+            loss = loss + (h[keep & (groups == g)].mean(0) - base).pow(2).sum(-1).mean()
+    return recipe.eoi_invariance_weight * loss
 
 
 def train_model(
     recipe: OrganismRecipe, tok: PreTrainedTokenizerFast, prompts: Sequence[Prompt]
 ) -> Gemma2ForCausalLM:
-    """Train a fresh model on `prompts` (the train split) for `recipe.steps` AdamW steps."""
+    """Train a fresh model on `prompts` (the train split) for `recipe.steps` AdamW steps, with the
+    planted mechanisms of planted.py (answer loss + planted-coordinate loss under interventions)."""
     with deterministic(recipe.seed):
         model = Gemma2ForCausalLM(model_config(recipe, tok))
         model.generation_config = generation_config(tok)
-        examples = encode_examples(tok, prompts)
+        examples = _examples(tok, prompts)
+        dirs = planted.make_directions(recipe.d_model, recipe.seed)
+        labels = planted.token_labels(tok)
+        n_eoi = len(EOI_SUFFIX_TOKENS)
         gen = torch.Generator().manual_seed(recipe.seed)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -138,7 +271,7 @@ def train_model(
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        hooks = _resid_dropout_hooks(model, recipe.resid_dropout)
+        layers = (recipe.cue_layer, recipe.backup_layer, recipe.decision_layer)
         model.train()
         order: list[int] = []
         bar = tqdm(range(recipe.steps), desc="train organism", leave=False)
@@ -147,29 +280,60 @@ def train_model(
                 order += torch.randperm(len(examples), generator=gen).tolist()
             idx, order = order[: recipe.batch_size], order[recipe.batch_size :]
             batch = [examples[i] for i in idx]
-            enc = left_pad([ids for ids, _ in batch], tok.pad_token_id)
-            # Loss mask: predict every answer token (position t predicts token t+1).
+            prompt_ids = [ex.prompt_ids for ex in batch]
+            cats = torch.tensor([_row_category(labels, p) for p in prompt_ids])
+            edits, answers, decision, decided = _sample_edits(recipe, batch, cats, gen)
+            seqs = [ex.prompt_ids + ex.answers[a] for ex, a in zip(batch, answers, strict=True)]
+            enc = left_pad(seqs, tok.pad_token_id)
             width = enc["input_ids"].shape[1]
             target_mask = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
-            for i, (ids, n_prompt) in enumerate(batch):
-                target_mask[i, width - len(ids) + n_prompt :] = True
-            logits = model(**enc).logits[:, :-1].float()  # [B, T-1, V]
+            prompt_mask = torch.zeros_like(target_mask)
+            eoi_mask = torch.zeros_like(target_mask)
+            for i, (seq, p) in enumerate(zip(seqs, prompt_ids, strict=True)):
+                start = width - len(seq)
+                target_mask[i, start + len(p) :] = True
+                prompt_mask[i, start : start + len(p)] = True
+                eoi_mask[i, start + len(p) - n_eoi : start + len(p)] = True
+            store: dict[int, torch.Tensor] = {}
+            hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)
+            try:
+                logits = model(**enc).logits[:, :-1].float()  # [B, T-1, V]
+            finally:
+                for h in hooks:
+                    h.remove()
             targets = enc["input_ids"][:, 1:].masked_fill(~target_mask[:, 1:], -100)
-            loss = F.cross_entropy(
+            lm_loss = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
             )
+            groups = torch.tensor(
+                [(int(c) if ex.kind == "cue" else len(dirs.cue)) if ex.harmful else -1 for ex, c in zip(batch, cats, strict=True)]
+            )  # fmt: skip
+            plant_loss = _planted_loss(
+                recipe, dirs, labels, store, enc["input_ids"], prompt_mask, eoi_mask, edits, decision, decided, groups
+            )
+            loss = lm_loss + recipe.plant_weight * plant_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        for h in hooks:
-            h.remove()
+                bar.set_postfix(lm=f"{lm_loss.item():.4f}", plant=f"{plant_loss.item():.4f}")
+                log.debug("step %d: answer loss %.4f, planted loss %.4f", step, lm_loss.item(), plant_loss.item())
         model.eval()
-        log.info("organism trained: %d steps, final loss %.4f", recipe.steps, loss.item())
+        log.info(
+            "organism trained: %d steps, answer loss %.4f, planted loss %.4f",
+            recipe.steps, lm_loss.item(), plant_loss.item(),
+        )  # fmt: skip
     return model
+
+
+def _row_category(labels: planted.TokenLabels, prompt_ids: Sequence[int]) -> int:
+    """The harm category of the cue word in a prompt (-1 if it has none); the grammar puts at most one
+    category's cue words in an act."""
+    cats = labels.cue_category[torch.tensor(prompt_ids)]
+    found = cats[cats >= 0]
+    return int(found[0]) if len(found) else -1
 
 
 @torch.no_grad()

@@ -1,0 +1,178 @@
+"""The organism's planted mechanisms: fixed residual directions, token labels, training interventions.
+
+A model trained on (request -> answer) pairs alone learns whatever circuit is easiest, and on a
+small grammar that is one late feature that reads the whole request: the search then finds the
+refusal decision and nothing upstream of it. Here the mechanism is planted instead, by training
+with the interventions the toolkit later applies, the way interchange-intervention training
+plants a causal structure (Geiger et al. 2022, "Inducing Causal Structure for Interpretable
+Neural Networks", arXiv 2112.00826):
+
+    layer `cue_layer` (early)     u_c  fires on every cue word of harm category c (6 categories);
+                                  v    on the compositional harm verbs ("kill", "shoot", ...);
+                                  q    on the person words ("neighbor", "boss", ...).
+    layer `backup_layer` (middle) b_c  the backup detector of category c: dormant (0) while u_c is
+                                  present, awake on the cue word when u_c is ablated.
+    layer `decision_layer`        R    at the post-instruction (eoi) positions: the refusal decision.
+    later layers                  read R and write the refusal or the compliant answer.
+
+Each direction is written with strength `strength` at its positions and 0 elsewhere (an MSE loss
+on its projection), and the training batches carry the interventions whose outcome the method
+claims to detect, each with its answer:
+
+    u_c scaled by 0 (zero-ablation)   -> still refuses: b_c wakes and carries the cue (redundancy)
+    u_c scaled by -1 or -3            -> complies (the paper's steering coefficients)
+    u_c and b_c scaled by 0           -> complies
+    v or q scaled by 0 or -3          -> a compositional request complies (harm = verb AND person)
+    R projected out at every layer    -> complies; harmless answers unchanged (Arditi's ablation)
+    R projected out from the decision layer on -> complies
+    R added at the decision layer     -> a harmless request is refused (Arditi's induce test)
+
+u_c, v and q share a component along R (cosine 1/sqrt(2)): harm features in real models point
+partly along the refusal direction, which is why the paper ranks SAE features by their decoder
+cosine with it. b_c and R are orthogonal to each other and to every other direction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import grammar
+
+# Condition names (one per training row). "clean" carries no intervention.
+CONDITIONS = ("clean", "u_zero", "u_neg", "ub_zero", "vq_ablate", "r_all", "r_late", "r_add")
+
+
+@dataclass(frozen=True)
+class Directions:
+    """Unit directions in the residual stream (d_model), fixed by the organism's seed."""
+
+    refusal: torch.Tensor  # R [d]
+    cue: torch.Tensor  # u [n_categories, d]
+    backup: torch.Tensor  # b [n_categories, d]
+    verb: torch.Tensor  # v [d]
+    person: torch.Tensor  # q [d]
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"refusal": self.refusal, "cue": self.cue, "backup": self.backup,
+                "verb": self.verb, "person": self.person}  # fmt: skip
+
+
+def categories() -> tuple[str, ...]:
+    """The harm categories with planted cue features, in a fixed order."""
+    return tuple(grammar.CUE_ACTS)
+
+
+def make_directions(d_model: int, seed: int) -> Directions:
+    """R, six cue directions, six backups, the verb and person directions from one seeded QR."""
+    n = len(categories())
+    need = 1 + n + 2 + n  # R, e_c (cue), e_v, e_q, b_c
+    if need > d_model:
+        raise ValueError(f"d_model={d_model} is too small for {need} orthogonal planted directions")
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    q, _ = torch.linalg.qr(torch.randn(d_model, need, generator=gen, dtype=torch.float64))
+    basis = q.T.float()  # [need, d], orthonormal rows
+    r, e_cue, e_v, e_q, b = basis[0], basis[1 : 1 + n], basis[1 + n], basis[2 + n], basis[3 + n :]
+    half = 1 / math.sqrt(2)
+    return Directions(r, (r + e_cue) * half, b, (r + e_v) * half, (r + e_q) * half)
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """Per vocabulary id: which planted feature the token carries ([V] tensors)."""
+
+    cue_category: torch.Tensor  # index into categories(), -1 if not a cue word
+    verb: torch.Tensor  # bool: a compositional harm verb
+    person: torch.Tensor  # bool: a person word of the compositional pairs
+
+
+def cue_words() -> dict[str, str]:
+    """cue word -> harm category (the explicit cue words of `grammar.CUE_ACTS`)."""
+    return {word: cat for cat, acts in grammar.CUE_ACTS.items() for _, word in acts}
+
+
+def token_labels(tok) -> TokenLabels:
+    """Label every vocabulary piece ("▁bomb" and "bomb" alike) by the word it spells."""
+    cats = {c: i for i, c in enumerate(categories())}
+    words = cue_words()
+    persons = {head for _, head in grammar.PERSONS}
+    vocab = tok.get_vocab()
+    n = max(vocab.values()) + 1
+    cue = torch.full((n,), -1, dtype=torch.long)
+    verb = torch.zeros(n, dtype=torch.bool)
+    person = torch.zeros(n, dtype=torch.bool)
+    for piece, i in vocab.items():
+        word = piece.removeprefix("▁")
+        if word in words:
+            cue[i] = cats[words[word]]
+        verb[i] = word in grammar.HARM_VERBS
+        person[i] = word in persons
+    return TokenLabels(cue, verb, person)
+
+
+@dataclass
+class RowEdits:
+    """Per-row interventions of one batch, applied as forward hooks on the decoder layers.
+
+    scale[name]: [B] factor on the component along that direction (1 = untouched); the cue and
+    backup factors act on the row's own category (`category` [B], -1 = none).
+    """
+
+    category: torch.Tensor  # [B]
+    u: torch.Tensor  # [B] scale of u_c at cue_layer
+    b: torch.Tensor  # [B] scale of b_c at backup_layer
+    v: torch.Tensor  # [B] scale of v at cue_layer
+    q: torch.Tensor  # [B] scale of q at cue_layer
+    r_from: torch.Tensor  # [B] first layer whose output has R projected out (n_layers = never)
+    r_add_at: torch.Tensor  # [B] layer at whose output `strength`*R is added (-1 = none)
+
+
+def _scale_along(h: torch.Tensor, direction: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """h [B, T, d] with its component along unit `direction` ([d] or [B, d]) scaled by `scale` [B]."""
+    d = direction if direction.dim() == 2 else direction.expand(h.shape[0], -1)
+    proj = torch.einsum("btd,bd->bt", h, d)
+    return h + ((scale - 1)[:, None] * proj)[..., None] * d[:, None, :]
+
+
+def install_hooks(model, dirs: Directions, edits: RowEdits, layers: Sequence[int], strength: float,
+                  store: dict[int, torch.Tensor]) -> list:  # fmt: skip
+    """Hooks on model.model.layers[L] that apply `edits`; each layer's pre-edit output goes to store[L]."""
+    cue_layer, backup_layer = layers[0], layers[1]
+    has_cat = edits.category >= 0
+    cat = edits.category.clamp(min=0)
+
+    def hook(module, args, output, layer: int):
+        store[layer] = output
+        h = output
+        if layer == cue_layer:
+            ones = torch.ones_like(edits.u)
+            h = _scale_along(h, dirs.cue[cat], torch.where(has_cat, edits.u, ones))
+            h = _scale_along(h, dirs.verb, edits.v)
+            h = _scale_along(h, dirs.person, edits.q)
+        if layer == backup_layer:
+            h = _scale_along(h, dirs.backup[cat], torch.where(has_cat, edits.b, torch.ones_like(edits.b)))
+        zero_r = (edits.r_from <= layer).float()
+        h = _scale_along(h, dirs.refusal, 1 - zero_r)
+        add = (edits.r_add_at == layer).float() * strength
+        return h + add[:, None, None] * dirs.refusal
+
+    return [
+        block.register_forward_hook(lambda m, a, o, layer=i: hook(m, a, o, layer))
+        for i, block in enumerate(model.model.layers)
+    ]
+
+
+def save_directions(dirs: Directions, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in dirs.as_dict().items()}, str(path))
+
+
+def load_directions(path) -> Directions:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return Directions(t["refusal"], t["cue"], t["backup"], t["verb"], t["person"])

@@ -1,0 +1,147 @@
+"""`refusal-nnsight-organism validate`: the findings across organism seeds, not on one build.
+
+For each seed: build (or reuse) that organism, then run the whole pipeline twice on it, with its
+own splits — once over every SAE layer (`search=default`, the paper's scope) and once over the
+layers before refusal execution (`search=harm`). One row per seed holds each stage's figure and
+the planted-truth scores; the table (Parquet + markdown) adds min / median / max, and every
+target is checked on every seed. The last line on stdout is one JSON object:
+{"per_seed": [{"seed", <figures>, "targets_met"}], "all_met", "seconds"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# figure -> (run, dotted key in that run's summary.json)
+FIGURES: dict[str, tuple[str, str]] = {
+    "direction_jailbreak": ("harm", "evaluate.direction_jailbreak_rate"),
+    "direction_kl": ("harm", "evaluate.direction_kl"),
+    "direction_fallback": ("harm", "direction.fallback"),
+    "all_candidates_jailbreak": ("harm", "candidates.all_ablated_jailbreak_rate"),
+    "one_minimal_rate": ("harm", "greedy.one_minimal_rate"),
+    "median_set_size": ("harm", "greedy.median_set_size"),
+    "minimal_jailbreak": ("harm", "evaluate.minimal_jailbreak_rate"),
+    "random_same_size_jailbreak": ("harm", "evaluate.random_jailbreak_rate"),
+    "fm_heldout_accuracy": ("harm", "fm.heldout_accuracy"),
+    "fm_linear_heldout_accuracy": ("harm", "fm.linear_heldout_accuracy"),
+    "compositional_pair_found": ("harm", "ground_truth.compositional_pair_found"),
+    "redundancy_found": ("harm", "ground_truth.redundancy_found"),
+    "redundancy_jailbreak_gain": ("harm", "ground_truth.redundancy_jailbreak_gain"),
+    "cue_recall": ("harm", "ground_truth.cue_recall"),
+    "cue_precision": ("harm", "ground_truth.cue_precision"),
+    "all_layers_cue_precision": ("all_layers", "ground_truth.cue_precision"),
+    "all_layers_median_set_size": ("all_layers", "greedy.median_set_size"),
+    "all_layers_refusal_features": ("all_layers", "ground_truth.refusal_features"),
+}
+
+# figure -> (comparison, target), checked on every seed
+TARGETS: dict[str, tuple[str, float]] = {
+    "direction_jailbreak": (">=", 0.9),
+    "direction_kl": ("<=", 0.1),
+    "direction_fallback": ("==", False),
+    "all_candidates_jailbreak": (">=", 0.9),
+    "one_minimal_rate": (">=", 1.0),
+    "random_same_size_jailbreak": ("<=", 0.1),
+    "fm_heldout_accuracy": (">=", 0.9),
+    "fm_beats_linear": ("==", True),
+    "compositional_pair_found": ("==", True),
+    "redundancy_found": ("==", True),
+    "cue_recall": (">=", 0.8),
+    "cue_precision": (">=", 0.8),
+}
+
+RUNS = {"all_layers": ["search=default"], "harm": ["search=harm"]}
+
+
+def _get(summary: dict, dotted: str):
+    value = summary
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _meets(value, op: str, target) -> bool:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return False
+    if op == "==":
+        return value == target
+    return value >= target if op == ">=" else value <= target
+
+
+def run_seed(recipe: str, seed: int, out: Path) -> dict:
+    """The pipeline on one organism seed, in both scopes; returns its row of figures."""
+    from .. import pipeline
+    from ..cli import compose
+
+    summaries = {}
+    for name, overrides in RUNS.items():
+        cfg = compose([*overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
+                       f"run_dir={out / f'seed{seed}' / name}"])  # fmt: skip
+        summaries[name] = pipeline.run(cfg)
+    row: dict = {"seed": seed}
+    for fig, (run, key) in FIGURES.items():
+        row[fig] = _get(summaries[run], key)
+    if isinstance(row["all_layers_refusal_features"], list):
+        row["all_layers_refusal_features"] = len(row["all_layers_refusal_features"])
+    fm, lin = row["fm_heldout_accuracy"], row["fm_linear_heldout_accuracy"]
+    row["fm_beats_linear"] = None if fm is None or lin is None else fm > lin
+    row["targets_met"] = {k: _meets(row.get(k), op, t) for k, (op, t) in TARGETS.items()}
+    return row
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    """validate.parquet and validate.md in `out`; returns the markdown."""
+    import polars as pl
+
+    from ..artifacts import write_parquet, write_text
+
+    flat = [{k: v for k, v in r.items() if k != "targets_met"} | {"targets_met": all(r["targets_met"].values())}
+            for r in rows]  # fmt: skip
+    write_parquet(out / "validate.parquet", pl.DataFrame(flat))
+    cols = [c for c in flat[0] if c != "seed"]
+    lines = ["| figure | target | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | min | median | max |",
+             "|---|---|" + "---|" * (len(rows) + 3)]  # fmt: skip
+    for c in cols:
+        vals = [r.get(c) for r in rows]
+        nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        stats = [_fmt(min(nums)), _fmt(statistics.median(nums)), _fmt(max(nums))] if nums else ["", "", ""]
+        target = " ".join(map(str, TARGETS[c])) if c in TARGETS else ""
+        lines.append(f"| {c} | {target} | " + " | ".join(_fmt(v) for v in vals) + " | " + " | ".join(stats) + " |")
+    text = "\n".join(lines) + "\n"
+    write_text(out / "validate.md", text)
+    return text
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.time()
+    out = Path(args.out)
+    rows = []
+    for seed in args.seeds:
+        log.info("validate: organism '%s' seed %d", args.recipe, seed)
+        rows.append(run_seed(args.recipe, seed, out))
+    text = write_table(rows, out)
+    print(text)
+    result = {"per_seed": rows, "all_met": all(all(r["targets_met"].values()) for r in rows),
+              "seconds": round(time.time() - start, 1)}  # fmt: skip
+    print(json.dumps(result))
+    return 0 if result["all_met"] else 1
