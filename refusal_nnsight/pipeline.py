@@ -21,6 +21,7 @@ from .data import load_prompts
 from .errors import NothingToDissect, UserError
 from .judges import make_judge
 from .saes import load_saes
+from .scoring import Criterion
 
 log = logging.getLogger(__name__)
 
@@ -82,43 +83,39 @@ def run(cfg: RunConfig) -> dict:
         summary["status"] = str(err)
         _finish(run_folder, summary, timing, results, cfg, t0)
         return summary
-    # 2. candidates — top-k decoder-cosine SAE features per layer; does ablating all jailbreak?
+    # One coefficient c for every SAE ablation; a flip (the model stops refusing) is decided by
+    # the criterion, whose score threshold the direction stage calibrated on val.
+    c = s.coefficient
+    flip = Criterion(s.greedy.criterion, results["direction"].score_threshold)
+    # 2. candidates — top-k decoder-cosine SAE features per searched layer; does ablating all flip?
     if "candidates" in wanted:
         results["candidates"] = _stage(run_folder, "candidates", timing,
-            lambda out: candidates.run(model, saes, results["direction"], prompts, s.candidates, out),
+            lambda out: candidates.run(model, saes, results["direction"], prompts, s.candidates, out, c, flip, judge),
             candidates.CandidatesResult)  # fmt: skip
     # 3. greedy — per harmful prompt, backward elimination to a verified 1-minimal set.
     if "greedy" in wanted:
         results["greedy"] = _stage(run_folder, "greedy", timing,
-            lambda out: greedy.run(model, saes, results["candidates"], prompts, s.greedy, out, judge),
+            lambda out: greedy.run(model, saes, results["candidates"], prompts, s.greedy, out, judge, c, flip),
             greedy.GreedyResult)  # fmt: skip
-    # 4. fm — factorization machine over ablation masks of the pool; confirm top pairs.
+    # 4. fm — factorization machine over ablation masks of the pool; confirm top pairs; prompt classifier.
     if "fm" in wanted:
         results["fm"] = _stage(run_folder, "fm", timing,
-            lambda out: fm.run(model, saes, results["candidates"], results["greedy"], prompts, s.fm, out, cfg.seed),
+            lambda out: fm.run(model, saes, results["candidates"], results["greedy"], prompts, s.fm, out, cfg.seed,
+                               c, flip),
             fm.FMResult)  # fmt: skip
     # 5. redundancy — dormant features that wake when the minimal set is ablated; <bos> clamp.
     if "redundancy" in wanted:
         results["redundancy"] = _stage(run_folder, "redundancy", timing,
-            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge),
+            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge, c),
             redundancy.RedundancyResult)  # fmt: skip
     # 6. evaluate — judged generations under every intervention, and random same-size baselines.
     if "evaluate" in wanted:
         results["evaluate"] = _stage(run_folder, "evaluate", timing,
             lambda out: evaluate.run(model, saes, results["direction"], results.get("candidates"), results.get("greedy"),
-                                     results.get("fm"), prompts, s.evaluate, out, judge, cfg.seed),
+                                     results.get("fm"), prompts, s.evaluate, out, judge, cfg.seed, c),
             evaluate.EvaluateResult)  # fmt: skip
     for name, result in results.items():
-        part = result.summary()
-        if name == "evaluate":  # evaluate reports under the sections its numbers belong to
-            for key, value in part.items():
-                section, _, field = key.partition(".")
-                target = summary.setdefault(section, {})
-                # the stage's own number wins (e.g. direction.kl of the selection on val); the
-                # evaluate stage's measurement of the same quantity on eval prompts is kept beside it
-                target["eval_" + field if field in target else field] = value
-        else:
-            summary.setdefault(name, {}).update(part)
+        summary.setdefault(name, {}).update(result.summary())
     summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results)
     if model.remote is not None:  # costs of the run, kept with the timings (not a result)
         timing["remote_jobs"] = model.remote.jobs
