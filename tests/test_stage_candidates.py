@@ -161,3 +161,18 @@ def test_organism_candidates_jailbreak_at_minus_three(request, tmp_path):
     s = result.summary()
     assert s["n_features"] == 10 * len(saes.layers) and s["n_refused_eval"] > 0
     assert s["all_ablated_flip_rate"] >= 0.9
+
+
+def test_search_harm_preset_and_one_coefficient():
+    """search=harm restricts candidates to the layers before the last 20% (Arditi's pruning); the
+    coefficient is one search.coefficient, set once (paper_llama31: -1) and no stage carries its own."""
+    from refusal_nnsight.cli import compose
+
+    harm = compose(["search=harm"]).search
+    assert harm.candidates.layers == {"before_last_fraction": 0.2}
+    assert select_layers(harm.candidates.layers, list(range(26)), 26) == list(range(20))  # Gemma-2: 0–19
+    llama = compose(["experiment=paper_llama31"]).search
+    assert llama.coefficient == -1.0
+    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+        assert not hasattr(getattr(llama, stage), "coefficient"), stage
+    assert compose().search.greedy.criterion == "first_token"  # agrees with the judge most often (greedy)
