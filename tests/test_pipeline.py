@@ -75,7 +75,13 @@ def test_smoke_pipeline_end_to_end(smoke_run):
         _get(summary, key)
     assert summary["evaluate"]["baseline_harmful_refusal_rate"] > 0.5
     assert summary["greedy"]["one_minimal_rate"] == 1.0
-    assert (run_dir / "report.md").read_text().strip()
+    report = (run_dir / "report.md").read_text()
+    assert report.strip()
+    # null, not 0, for what was not measured: every null a stage writes has its reason in the notes
+    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+        for key, value in summary[stage].items():
+            if value is None and not key.endswith("_n"):
+                assert f"- {stage}.{key}: " in report, f"{stage}.{key} is null without a reason"
     assert list((run_dir / "figures").glob("*.png"))
     for stage in cfg.stages:
         assert (run_dir / stage / "done.json").exists()

@@ -398,25 +398,29 @@ def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, 
         for name in SCHEMAS:
             rows[name] += got.get(name, [])
         weights.update(got["weights"])
-    if not chosen:
-        why = "greedy dissected no prompt: there is no pool to sample masks over"
-        notes.update(
-            dict.fromkeys(("n_masks_per_prompt", "heldout_accuracy", "top_pair_confirmed_rate"), why)
-        )
-    elif not rows["interactions"]:
-        notes["top_pair_confirmed_rate"] = "no pool had two features: there are no pairs"
+    pool = sorted({(int(p["layer"]), int(p["latent"])) for p in rows["pools"]})
+    if "classify_prompts" in cfg.readout and pool:
+        rows["classifier"], w = classify_prompts(model, saes, pool, prompts, cfg, seed)
+        weights.update(w)
+    tables = {name: pl.DataFrame(rows[name], schema=s) for name, s in SCHEMAS.items()}
+    result = FMResult(
+        **tables, weights=weights, coefficient=coefficient, criterion=mask_criterion(criterion).name
+    )
+    for key, value in result.summary().items():  # why each None is None
+        if value is not None:
+            continue
+        if key.startswith("classifier"):
+            notes[key] = ("fm.readout does not list classify_prompts" if "classify_prompts" not in cfg.readout
+                          else "no FM pool: the classifier has no features")  # fmt: skip
+        elif not chosen:
+            notes[key] = "greedy dissected no prompt: there is no pool to sample masks over"
+        elif "pair" in key:
+            notes[key] = "no pool had two features: there are no pairs"
+        elif key.endswith("r2"):
+            notes[key] = "the held-out scores have no variance (or no held-out masks): R² is undefined"
     if criterion.name == "judge":
         notes["heldout_accuracy"] = (
             "criterion=judge: the masks' flip labels come from the first-token criterion"
         )
-    pool = sorted({(int(p["layer"]), int(p["latent"])) for p in rows["pools"]})
-    if "classify_prompts" not in cfg.readout:
-        notes["classifier_heldout_accuracy"] = "fm.readout does not list classify_prompts"
-    elif not pool:
-        notes["classifier_heldout_accuracy"] = "no FM pool: the classifier has no features"
-    else:
-        rows["classifier"], w = classify_prompts(model, saes, pool, prompts, cfg, seed)
-        weights.update(w)
-    tables = {name: pl.DataFrame(rows[name], schema=s) for name, s in SCHEMAS.items()}
-    return FMResult(**tables, weights=weights, coefficient=coefficient, criterion=mask_criterion(criterion).name,
-                    notes=notes)  # fmt: skip
+    result.notes = notes
+    return result

@@ -390,24 +390,32 @@ def _result(
         sets.append({"prompt_idx": idx, **{k: rec[k] for k in SETS_SCHEMA if k != "prompt_idx"}})
         traj += [{**t, "prompt_idx": idx} for t in rec["trajectory"]]
         judged += [{**j, "prompt_idx": idx} for j in rec.get("judged") or []]
-    notes = {}
-    if not sets:
-        why = "no harmful eval prompt is both refused at baseline and flipped by ablating all candidates"
-        notes.update(dict.fromkeys(("median_one_minimal_set_size", "one_minimal_rate", "median_smallest_set_size",
-                                    "jailbreak_rate", "criterion_judge_agreement"), why))  # fmt: skip
-    elif not cfg.judge_confirm:
-        why = "greedy.judge_confirm is off: no generation was judged"
-        notes.update(dict.fromkeys(("jailbreak_rate", "criterion_judge_agreement"), why))
-    if sets and not cfg.forward:
-        notes["forward_median_set_size"] = "greedy.forward is off"
-    elif sets and not any(s["forward_size"] is not None for s in sets):
-        notes["forward_median_set_size"] = "forward greedy flipped no prompt"
-    return GreedyResult(
+    result = GreedyResult(
         pl.DataFrame(sets, schema=SETS_SCHEMA),
         pl.DataFrame(traj, schema=TRAJECTORY_SCHEMA),
         pl.DataFrame(judged, schema=JUDGED_SCHEMA),
         criterion.name,
         criterion.threshold,
         coefficient,
-        notes,
     )
+    result.notes = _reasons(result, cfg)
+    return result
+
+
+def _reasons(result: GreedyResult, cfg: GreedyConfig) -> dict[str, str]:
+    """Why each None of the summary is None."""
+    notes = {}
+    for key, value in result.summary().items():
+        if value is not None:
+            continue
+        if result.sets.height == 0:
+            notes[key] = (
+                "no harmful eval prompt is both refused at baseline and flipped by ablating all candidates"
+            )
+        elif key.startswith("forward"):
+            notes[key] = "greedy.forward is off" if not cfg.forward else "forward greedy flipped no prompt"
+        elif not cfg.judge_confirm:
+            notes[key] = "greedy.judge_confirm is off: no generation was judged"
+        elif key.startswith("jailbreak_rate"):
+            notes[key] = "the judge finds no dissected prompt refused on its clean generation"
+    return notes
