@@ -214,3 +214,25 @@ def test_two_runs_started_at_once_do_not_interleave(small_organism, tmp_path):
     (err,) = [err for code, err in results if code == 2]
     assert len(err.strip().splitlines()) == 1 and "is in use by another run" in err
     assert (run_dir / "summary.json").exists() and (run_dir / "evaluate" / "done.json").exists()
+
+
+# ------------------------------------------------------------------ memory
+
+
+def test_cpu_out_of_memory_halves_the_batch_and_batch_size_one_is_one_line():
+    from refusal_nnsight.backends import map_chunks
+    from refusal_nnsight.errors import UserError
+
+    cpu_oom = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"
+    seen = []
+
+    def fn(i0, i1):
+        seen.append(i1 - i0)
+        if i1 - i0 > 2:
+            raise RuntimeError(cpu_oom)
+        return list(range(i0, i1))
+
+    assert [x for part in map_chunks(6, 8, fn) for x in part] == list(range(6))
+    assert seen[:3] == [6, 4, 2]  # halved (8 → 4 → 2) as on a GPU
+    with pytest.raises(UserError, match="out of memory on this machine even at batch size 1"):
+        map_chunks(3, 4, lambda i0, i1: (_ for _ in ()).throw(MemoryError()))
