@@ -70,13 +70,17 @@ def _check_known_keys(argv: list[str]) -> None:
     (a mistyped key may hold a secret: `-m backend.key=...` would reach multirun.yaml)."""
     from .config import leaf_fields
 
-    known = set()
-    for name, _ in leaf_fields():
+    known, mappings = set(), []
+    for name, tp in leaf_fields():
         parts = name.split(".")
         known |= {".".join(parts[: i + 1]) for i in range(len(parts))}
+        if "dict" in str(tp):  # a mapping field takes sub-keys (search.candidates.layers.start=0)
+            mappings.append(name + ".")
     for arg in argv:
         key, sep, _ = arg.lstrip("+~").partition("=")
         if not sep or key.startswith("hydra") or "/" in key or key in GROUPS or key in known:
+            continue
+        if key.startswith(tuple(mappings)):
             continue
         parent = key.rpartition(".")[0]
         valid = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)

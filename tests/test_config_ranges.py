@@ -115,3 +115,12 @@ def test_the_config_hash_covers_every_field_that_changes_results():
         assert config_hash(compose(["experiment=smoke", override])) == base, override
     for override in ["search.fm.rank=4", "threads=2", "seed=1", "data.n_eval=4", "model.max_new_tokens=8"]:
         assert config_hash(compose(["experiment=smoke", override])) != base, override
+
+
+def test_unknown_keys_are_refused_before_hydra_sees_them():
+    from refusal_nnsight.cli import _check_known_keys
+
+    _check_known_keys(["model=organism", "data/harmful=advbench", "hydra.verbose=true", "threads=2",
+                       "+search.candidates.layers.before_layer=3", "~data.harmful.path", "-m"])  # fmt: skip
+    with pytest.raises(UserError, match=r"unknown config key 'search\.candidates\.topk'.*'top_k'"):
+        _check_known_keys(["search.candidates.topk=3"])
