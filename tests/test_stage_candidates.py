@@ -173,6 +173,6 @@ def test_search_harm_preset_and_one_coefficient():
     assert select_layers(harm.candidates.layers, list(range(26)), 26) == list(range(20))  # Gemma-2: 0–19
     llama = compose(["experiment=paper_llama31"]).search
     assert llama.coefficient == -1.0
-    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
-        assert not hasattr(getattr(llama, stage), "coefficient"), stage
+    for name in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+        assert not hasattr(getattr(llama, name), "coefficient"), name
     assert compose().search.greedy.criterion == "first_token"  # agrees with the judge most often (greedy)
