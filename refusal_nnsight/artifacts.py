@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from .config import STAGE_NEEDS
 from .errors import RunDirBusy
+from .validation import STAGE_NEEDS
 
 STAGES = tuple(STAGE_NEEDS)
 

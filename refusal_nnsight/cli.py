@@ -1,6 +1,6 @@
 """`refusal-nnsight`: the Hydra app. The only module that imports hydra.
 
-compose conf/ → typed RunConfig (config.from_dict, config.validate) → pipeline.run. User mistakes
+compose conf/ → typed RunConfig (config.from_dict, validation.validate) → pipeline.run. User mistakes
 end with one line on stderr and exit code 2. A single run's config and run folder are checked
 before Hydra writes anything (unknown keys, secrets, every range, a run folder holding another
 config's results or in use by another run). `--force-restart` is `force_restart=true`. `-m` runs a sweep: one run folder per job (Hydra's sweep
@@ -68,7 +68,7 @@ def _check_no_url_credentials(argv: list[str]) -> None:
 def _check_known_keys(argv: list[str]) -> None:
     """An override of a key no config dataclass has is refused before Hydra writes or echoes it
     (a mistyped key may hold a secret: `-m backend.key=...` would reach multirun.yaml)."""
-    from .config import leaf_fields
+    from .validation import leaf_fields
 
     known, mappings = set(), []
     for name, tp in leaf_fields():
@@ -134,10 +134,11 @@ def override_keys(overrides) -> set[str]:
 
 def to_run_config(dcfg, explicit=None):
     """Hydra's DictConfig → the typed, validated RunConfig (mistakes are UserErrors). `explicit`:
-    the keys set on the command line (config.validate refuses those that do not apply)."""
+    the keys set on the command line (validation.validate refuses those that do not apply)."""
     from omegaconf import OmegaConf
 
-    from .config import RunConfig, from_dict, validate
+    from .config import RunConfig, from_dict
+    from .validation import validate
 
     data = OmegaConf.to_container(dcfg, resolve=False)
     data.pop("hydra", None)

@@ -18,17 +18,18 @@ import torch
 
 from .artifacts import RunFolder, StageDir, read_json, write_json
 from .backends import load_model
-from .config import RunConfig, config_hash, result_fields, to_dict, validate
+from .config import RunConfig, to_dict
 from .data import check_readable, load_prompts
 from .errors import NothingToDissect, UserError
 from .judges import make_judge
 from .saes import load_saes
 from .scoring import Criterion
+from .validation import config_hash, result_fields, validate
 
 log = logging.getLogger(__name__)
 
 
-# The stages whose results each stage reads (config.STAGE_NEEDS, and evaluate's optional ones):
+# The stages whose results each stage reads (validation.STAGE_NEEDS, and evaluate's optional ones):
 # a stage is reused only while these are the results it was computed from.
 _READS = {
     "direction": (), "candidates": ("direction",), "greedy": ("candidates",), "fm": ("candidates", "greedy"),

@@ -1,4 +1,4 @@
-"""Every setting has a declared range, checked before anything is written (config.RULES); settings
+"""Every setting has a declared range, checked before anything is written (validation.RULES); settings
 that do not apply are refused; the config hash covers exactly the fields that change results."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import dataclasses
 import pytest
 
 from refusal_nnsight.cli import compose
-from refusal_nnsight.config import (
+from refusal_nnsight.config import RunConfig
+from refusal_nnsight.errors import UserError
+from refusal_nnsight.validation import (
     RULES,
-    RunConfig,
     config_hash,
     get_field,
     is_numeric,
     leaf_fields,
     validate,
 )
-from refusal_nnsight.errors import UserError
 
 NUMERIC = [name for name, tp in leaf_fields() if is_numeric(tp)]
 RULED = {rule.field for rule in RULES}
@@ -26,13 +26,15 @@ RULED = {rule.field for rule in RULES}
 def test_every_numeric_field_of_every_config_dataclass_has_a_range():
     assert "search.fm.chunk" in NUMERIC and "data.n_train" in NUMERIC  # the walk reaches every group
     missing = [name for name in NUMERIC if name not in RULED]
-    assert not missing, f"add a Rule for each of {missing} to config.RULES (e.g. count('{missing[0]}'))"
+    assert not missing, (
+        f"add a Rule for each of {missing} to RULES in refusal_nnsight/validation.py (e.g. count('{missing[0]}'))"
+    )
 
 
 def test_every_rule_names_a_field():
     fields = {name for name, _ in leaf_fields()}
     stale = sorted(RULED - fields)
-    assert not stale, f"config.RULES names fields that no longer exist: {stale}"
+    assert not stale, f"validation.RULES names fields that no longer exist: {stale}"
 
 
 def _set(cfg: RunConfig, dotted: str, value) -> None:
