@@ -156,7 +156,7 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
 
 # Fields that change no result: a run folder may be resumed with other values of these (the
 # batch sizes, the device, the backend; `stages` only picks which stages run). Every other
-# field is part of the run's config hash. `*` matches one dotted part.
+# field is part of the run's config hash (patterns as in fnmatch).
 NO_RESULT_FIELDS = ("run_dir", "force_restart", "stages", "backend.*", "model.device", "search.*.batch_size")
 
 _MISSING = object()
