@@ -243,6 +243,9 @@ class StageDir:
         return self.path / "parts" / self.key / name if self.key else self.path / "parts" / name
 
 
+_HELD: dict[Path, int] = {}  # run folders this process holds, with their nesting depth
+
+
 class RunFolder:
     """The run directory and every named file in it."""
 
@@ -263,8 +266,17 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the folder for one run: a second run on it is refused (RunDirBusy), never
-        interleaved. flock is released by the kernel when the holder dies, even by SIGKILL."""
+        interleaved. flock is released by the kernel when the holder dies, even by SIGKILL.
+        Re-entrant within a process (the CLI holds it around pipeline.run and its cleanup)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        held = self.root.resolve()
+        if held in _HELD:
+            _HELD[held] += 1
+            try:
+                yield
+            finally:
+                _HELD[held] -= 1
+            return
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -275,11 +287,13 @@ class RunFolder:
                 f"run_dir {self.root} is in use by another run (pid {holder}); wait for it to finish, "
                 "or give this run another run_dir"
             ) from None
+        _HELD[held] = 1
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             yield
         finally:
+            del _HELD[held]
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 

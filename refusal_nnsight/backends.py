@@ -332,7 +332,8 @@ def load_model(mcfg: ModelConfig, bcfg: BackendConfig):
     """The LoadedModel of `mcfg` on backend `bcfg`: local weights, or a meta model for NDIF."""
     from .models import load_model as load_local
 
-    check_hub(mcfg)
+    if bcfg.name != "ndif":  # NDIF's own checks (key, host, model) come first there
+        check_hub(mcfg)
     if bcfg.name == "local":
         return load_local(mcfg)
     if bcfg.name == "ndif_check":
@@ -390,6 +391,7 @@ def _load_ndif(mcfg: ModelConfig, bcfg: BackendConfig):
             "(the key is never read from, or written to, the toolkit's configs)"
         )
     _check_running(mcfg.repo_id, CONFIG.API.HOST)
+    check_hub(mcfg)  # the meta model still needs the config and tokenizer from the hub
     try:
         lm = _meta_model(mcfg.repo_id, mcfg)
     except (OSError, ValueError) as err:

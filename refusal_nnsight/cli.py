@@ -185,6 +185,7 @@ def _task(dcfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from . import pipeline
+    from .artifacts import RunFolder
     from .errors import RunDirBusy
 
     hydra_cfg = HydraConfig.get()
@@ -193,13 +194,22 @@ def _task(dcfg) -> None:
     try:
         cfg = to_run_config(dcfg, override_keys(hydra_cfg.overrides.task))
         cfg.run_dir = str(run_dir)
-        pipeline.run(cfg)
-    except UserError as err:
-        _log_to_file(f"error: {err}")  # the console gets it once, on stderr
-        print(f"error: {err}", file=sys.stderr)
-        if fresh and not isinstance(err, RunDirBusy) and not (run_dir / "config.json").exists():
-            _keep_only_log(run_dir)
-        sys.exit(err.exit_code)
+        with RunFolder(run_dir).lock():  # held through the cleanup: no other run's file is removed
+            try:
+                pipeline.run(cfg)
+            except UserError as err:
+                _stop(err, run_dir if fresh else None)
+    except UserError as err:  # a bad config, or the folder is in use by another run
+        _stop(err, run_dir if fresh and not isinstance(err, RunDirBusy) else None)
+
+
+def _stop(err: UserError, clean: Path | None) -> None:
+    """One `error:` line on stderr (and in the run's log); a fresh folder keeps only its log."""
+    _log_to_file(f"error: {err}")  # the console gets it once, on stderr
+    print(f"error: {err}", file=sys.stderr)
+    if clean is not None and not (clean / "config.json").exists():
+        _keep_only_log(clean)
+    sys.exit(err.exit_code)
 
 
 def _log_to_file(message: str) -> None:

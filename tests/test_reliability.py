@@ -185,11 +185,18 @@ def test_a_missing_artifact_is_never_read(small_organism, tmp_path, caplog):
 def test_a_held_run_folder_is_refused_in_one_line(small_organism, tmp_path, monkeypatch, capsys):
     from cli_runner import run_cli
 
-    from refusal_nnsight.artifacts import RunFolder
-
     run_dir = tmp_path / "run"
-    with RunFolder(run_dir).lock():
+    hold = (  # another process holds the folder, as a run in progress does
+        "import sys, time\nfrom refusal_nnsight.artifacts import RunFolder\n"
+        "with RunFolder(sys.argv[1]).lock():\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         code, err = run_cli([*QUICK, f"run_dir={run_dir}"], monkeypatch, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: run_dir ") and "is in use by another run (pid " in err
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing written, not even .hydra/
