@@ -11,8 +11,9 @@
     redundant = rn.find_redundant(model, saes, minimal, prompts)
     report = rn.evaluate(model, saes, direction, candidates, minimal, interactions, prompts)
 
-Each function takes the stage's config dataclass (defaults from refusal_nnsight.config) and an
-optional `out` folder; with `out=None` the stage's artifacts go to a temporary folder that is
+Each function takes the stage's config dataclass (defaults from refusal_nnsight.config), the
+ablation coefficient (`search.coefficient` of a run) and an optional `out` folder; the flip
+criterion is chosen in `candidate_features` and travels with its result; with `out=None` the stage's artifacts go to a temporary folder that is
 removed afterwards. Each returns the stage's result object (`.summary()`, its tables).
 """
 
@@ -93,15 +94,27 @@ def find_direction(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig | 
 
 
 def candidate_features(
-    model, saes, direction, prompts: Prompts, cfg: CandidatesConfig | None = None, out=None
+    model,
+    saes,
+    direction,
+    prompts: Prompts,
+    cfg: CandidatesConfig | None = None,
+    out=None,
+    coefficient: float = -3.0,
+    criterion: str = "first_token",
+    judge: str = "substring",
 ):
     """Stage 1b: per SAE layer, the top-k features by decoder cosine with the direction."""
+    from .scoring import Criterion
     from .stages import candidates
 
+    flip, cfg = Criterion(criterion, direction.score_threshold), cfg or CandidatesConfig()
     return _in_stage(
         "candidates",
         out,
-        lambda o: candidates.run(model, saes, direction, prompts, cfg or CandidatesConfig(), o),
+        lambda o: candidates.run(
+            model, saes, direction, prompts, cfg, o, coefficient, flip, make_judge(judge)
+        ),
     )
 
 
@@ -113,6 +126,7 @@ def greedy_minimal_set(
     cfg: GreedyConfig | None = None,
     out=None,
     judge: str = "substring",
+    coefficient: float = -3.0,
 ):
     """Stage 2: per harmful prompt, a verified 1-minimal jailbreaking feature set."""
     from .stages import greedy
@@ -120,19 +134,31 @@ def greedy_minimal_set(
     return _in_stage(
         "greedy",
         out,
-        lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge)),
-    )
+        lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge),
+                             coefficient, candidates.flip_criterion),
+    )  # fmt: skip
 
 
 def fit_interactions(
-    model, saes, candidates, minimal, prompts: Prompts, cfg: FMConfig | None = None, out=None, seed: int = 0
+    model,
+    saes,
+    candidates,
+    minimal,
+    prompts: Prompts,
+    cfg: FMConfig | None = None,
+    out=None,
+    seed: int = 0,
+    coefficient: float = -3.0,
 ):
     """Stage 3: a factorization machine over ablation masks; top features and confirmed pairs."""
     from .stages import fm
 
     return _in_stage(
-        "fm", out, lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed)
-    )
+        "fm",
+        out,
+        lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed, coefficient,
+                         candidates.flip_criterion),
+    )  # fmt: skip
 
 
 def find_redundant(
@@ -143,6 +169,7 @@ def find_redundant(
     cfg: RedundancyConfig | None = None,
     out=None,
     judge: str = "substring",
+    coefficient: float = -3.0,
 ):
     """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests."""
     from .stages import redundancy
@@ -151,15 +178,16 @@ def find_redundant(
         "redundancy",
         out,
         lambda o: redundancy.run(
-            model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge)
+            model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge), coefficient
         ),
     )
 
 
 def evaluate(model, saes, direction, candidates, minimal, interactions, prompts: Prompts, cfg: EvaluateConfig | None = None,
-             out=None, judge: str = "substring", seed: int = 0):  # fmt: skip
+             out=None, judge: str = "substring", seed: int = 0, coefficient: float = -3.0):  # fmt: skip
     """Judged generations under every intervention (stages that did not run may be None)."""
     from .stages import evaluate as ev
 
     return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
-                                                       cfg or EvaluateConfig(), o, make_judge(judge), seed))  # fmt: skip
+                                                       cfg or EvaluateConfig(), o, make_judge(judge), seed,
+                                                       coefficient))  # fmt: skip

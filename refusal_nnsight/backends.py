@@ -26,6 +26,7 @@ import importlib.abc
 import io
 import linecache
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,13 +51,27 @@ SERVER_PACKAGES = frozenset({
 # ---------------------------------------------------------------------------------- chunks
 
 
+# How an allocation failure reads: CUDA's OutOfMemoryError, torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory", c10/core/impl/alloc_cpu.cpp), an NDIF job's
+# error text, or Python's MemoryError.
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_oom(err: BaseException | None) -> bool:
-    """Accelerator out-of-memory, however nnsight (or an NDIF job error) wrapped it."""
+    """Out of memory on the accelerator or the CPU, however nnsight (or an NDIF job) wrapped it."""
     while err is not None:
-        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        text = str(err).lower()
+        if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(t in text for t in _OOM_TEXT):
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _too_big(where: str) -> UserError:
+    return UserError(
+        f"out of memory {where} even at batch size 1; shorten the prompts (data.max_tokens), "
+        "use fewer SAE layers (sae.layers), or a machine with more memory"
+    )
 
 
 def map_chunks(
@@ -66,14 +81,17 @@ def map_chunks(
     retrying instead of failing (the pipeline's many-variant forwards size themselves)."""
     out: list = []
     i0, size = 0, max(1, batch_size)
-    with tqdm(total=n, desc=progress, disable=progress is None, leave=False) as bar:
+    quiet = progress is None or bool(os.environ.get("TQDM_DISABLE"))  # as tqdm's own default does
+    with tqdm(total=n, desc=progress, disable=quiet, leave=False) as bar:
         while i0 < n:
             i1 = min(i0 + size, n)
             try:
                 out.append(fn(i0, i1))
             except Exception as err:
-                if not is_oom(err) or size == 1:
+                if not is_oom(err):
                     raise
+                if size == 1:
+                    raise _too_big("on this machine") from None
                 size = max(1, size // 2)
                 log.warning("out of memory at batch size %d; retrying with %d", i1 - i0, size)
                 if torch.cuda.is_available():
@@ -111,7 +129,9 @@ def run_tasks(
         except UserError:
             raise
         except Exception as err:
-            if not is_oom(err) or size == 1:
+            if is_oom(err) and size == 1:
+                raise _too_big(f"in the {remote.kind} job") from None
+            if not is_oom(err):
                 raise remote.failure(err) from None
             size = max(1, size // 2)
             log.warning("%s job out of memory; resubmitting with batch size %d", remote.kind, size)
@@ -265,10 +285,55 @@ def _execute(srv, compress: bool) -> bytes:
 # ---------------------------------------------------------------------------------- loading
 
 
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` (a proxy is trusted to work)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub(mcfg: ModelConfig) -> None:
+    """A hub model that is neither cached nor downloadable fails at once, in one line (the hub
+    client would retry its connection for most of a minute first). Cached but offline: the
+    cache is used without asking the hub (HF_HUB_OFFLINE for this process)."""
+    from pathlib import Path
+
+    import huggingface_hub.constants as hub
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = mcfg.repo_id
+    if mcfg.source != "hf" or not repo or Path(repo).expanduser().is_dir():
+        return
+    cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    if hub.HF_HUB_OFFLINE:
+        online = False
+    else:
+        online = _hub_reachable(hub.ENDPOINT)
+        if not online and cached:
+            log.info("the hub (%s) is unreachable; loading %s from the local cache", hub.ENDPOINT, repo)
+            hub.HF_HUB_OFFLINE = True
+    if not cached and not online:
+        why = "HF_HUB_OFFLINE is set" if hub.HF_HUB_OFFLINE else f"{hub.ENDPOINT} is unreachable"
+        raise UserError(
+            f"model '{repo}' is not in the local Hugging Face cache and {why}; on a machine with hub access run "
+            f"`hf download {repo}` (gated: accept the licence, set HF_TOKEN), then copy the cache here or point HF_HOME at it"
+        )
+
+
 def load_model(mcfg: ModelConfig, bcfg: BackendConfig):
     """The LoadedModel of `mcfg` on backend `bcfg`: local weights, or a meta model for NDIF."""
     from .models import load_model as load_local
 
+    if bcfg.name != "ndif":  # NDIF's own checks (key, host, model) come first there
+        check_hub(mcfg)
     if bcfg.name == "local":
         return load_local(mcfg)
     if bcfg.name == "ndif_check":
@@ -326,6 +391,7 @@ def _load_ndif(mcfg: ModelConfig, bcfg: BackendConfig):
             "(the key is never read from, or written to, the toolkit's configs)"
         )
     _check_running(mcfg.repo_id, CONFIG.API.HOST)
+    check_hub(mcfg)  # the meta model still needs the config and tokenizer from the hub
     try:
         lm = _meta_model(mcfg.repo_id, mcfg)
     except (OSError, ValueError) as err:

@@ -2,7 +2,8 @@
 
 YAML holds values, these dataclasses hold the schema. The CLI converts Hydra's DictConfig to
 `RunConfig` with `from_dict`, which rejects unknown keys and wrong types with a one-line
-`UserError`; no library function ever sees a DictConfig.
+`UserError`; no library function ever sees a DictConfig. Every numeric field has its valid range
+in refusal_nnsight/validation.py (RULES), checked by `validate` before anything is written.
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ class DataConfig:
     n_val: int = 32  # per class
     n_eval: int = 64  # harmful prompts dissected / evaluated (and as many harmless)
     seed: int = 0
+    # Prompts the model cannot read are refused before any stage runs (data.check_readable):
+    max_tokens: int | None = 512  # longest formatted prompt, in tokens; null = the model's context
+    max_unknown_fraction: float = 0.05  # of a prompt set's tokens that may be the tokenizer's <unk>
 
 
 @dataclass
@@ -175,12 +179,19 @@ class DirectionConfig:
     )
 
 
+# search.candidates.layers: null (every SAE layer), a list [0, 2, 5], a range {start: 0, stop: 6}
+# (stop excluded), {before_last_fraction: 0.2} (Arditi's pruning: layers < int(n·(1 − f))), or
+# {before_layer: L} (layers < L, e.g. a model's known refusal-decision layer).
+LayerSelection = list[int] | dict[str, float] | None
+LAYER_SELECTION_KEYS = ({"start", "stop"}, {"before_last_fraction"}, {"before_layer"})
+
+
 @dataclass
 class CandidatesConfig:
     """Stage 1b: SAE features closest to the refusal direction."""
 
     top_k: int = 10  # per SAE layer
-    coefficient: float = -3.0  # scale applied to ablated latents (refusal_sae: −3 Gemma, −1 Llama)
+    layers: LayerSelection = None  # which SAE layers candidates come from (see LayerSelection above)
     batch_size: int = 64  # prompts per forward in the all-of-C ablation check
 
 
@@ -188,11 +199,14 @@ class CandidatesConfig:
 class GreedyConfig:
     """Stage 2: backward elimination to a 1-minimal set, per harmful prompt."""
 
-    coefficient: float = -3.0
+    # When an ablation "flips" a prompt (the model stops refusing): score = refusal score below the
+    # threshold calibrated on val (direction.score_threshold); first_token = the greedy first token
+    # is not a refusal token; judge = the generation judge finds no refusal (a generation per variant).
+    criterion: Literal["score", "first_token", "judge"] = "first_token"
     order: Literal["effect", "cosine"] = "effect"  # which feature is tried for removal first
     max_prompts: int = 32  # harmful prompts dissected
-    forward: bool = True  # also run forward greedy for comparison
-    judge_confirm: bool = True  # confirm the final jailbreak with the generation judge
+    forward: bool = True  # also run forward greedy for comparison (and as a smaller verified set)
+    judge_confirm: bool = True  # generate M and its restorations: judge verdicts, criterion agreement
     batch_size: int = 64
     max_passes: int = 10  # backward passes until one drops nothing (effects are not monotone)
 
@@ -201,7 +215,7 @@ class GreedyConfig:
 class FMConfig:
     """Stage 3: factorization machine over ablation masks of the pool."""
 
-    n_masks: int = 2048  # per prompt
+    n_masks: int = 2048  # per prompt (summary: fm.n_masks_per_prompt, fm.n_masks_total)
     max_prompts: int = 4
     rank: int = 8
     l2: float = 1e-4
@@ -210,9 +224,14 @@ class FMConfig:
     heldout_fraction: float = 0.2
     top_pairs: int = 5
     extra_active: int = 0  # extra SAE features active on the prompt added to the pool
-    coefficient: float = -3.0
     batch_size: int = 256
-    readout: Literal["regression", "classification"] = "regression"  # which FM's w and V are read out
+    # Steps read out after the mask FMs (always fitted, regression and classification): the mask FM
+    # whose w and V rank features and pairs ("classification" if listed, else "regression"), and
+    # "classify_prompts": an FM on the pool features' activations, max-pooled over each prompt,
+    # telling harmful from harmless prompts (Yeo, Prakash et al. 2025), held out against linear.
+    readout: list[Literal["regression", "classification", "classify_prompts"]] = field(
+        default_factory=lambda: ["regression", "classify_prompts"]
+    )
     confirm_tolerance: float = (
         0.25  # |joint − sum of singles| (refusal-score units) a confirmed pair must exceed
     )
@@ -227,7 +246,6 @@ class RedundancyConfig:
     awake_min: float = 0.5  # ablated activation above this counts as awake
     top_awake: int = 20  # per prompt, strongest awakened latents kept in H
     bos_clamp_value: float = 0.0
-    coefficient: float = -3.0
     weak_coefficient: float = 0.0  # weaker ablation of M (zero-ablation) where M alone may not jailbreak
     reinject_scale: float = (
         2.0  # H scaled by this in the M-ablated run: its awakened contribution added once more
@@ -245,15 +263,18 @@ class EvaluateConfig:
     max_new_tokens: int | None = None  # null = model.max_new_tokens
     batch_size: int = 32
     max_prompts: int | None = None  # harmful and harmless eval prompts evaluated; null = all of data.n_eval
-    coefficient: float = -3.0  # scale of ablated SAE latents (candidates, minimal sets, random sets)
     fm_top: int = 5  # FM top features (by |w_i|, not already in M) added to M in "minimal_plus_fm"
 
 
 @dataclass
 class SearchConfig:
-    """Stage settings (conf/search/*.yaml: fast, default, paper)."""
+    """Stage settings (conf/search/*.yaml: fast, default, paper, harm)."""
 
     name: str = "default"
+    # The one ablation coefficient: every stage scales the ablated latents by c (error term kept).
+    # refusal_sae src/benchmark.py model_clamp_val: -3 for Gemma-2, -1 for Llama-3; 0 = zero-ablation
+    # (evaluate also reports the minimal sets at c = 0).
+    coefficient: float = -3.0
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     greedy: GreedyConfig = field(default_factory=GreedyConfig)
@@ -290,50 +311,8 @@ class RunConfig:
     stages: list[str] = field(
         default_factory=lambda: ["direction", "candidates", "greedy", "fm", "redundancy", "evaluate"]
     )
-
-
-# (dotted field, check, what it must be): numeric settings that make no sense fail at start-up.
-_RULES: tuple[tuple[str, Any, str], ...] = (
-    ("data.n_train", lambda v: v > 0, "a positive integer"),
-    ("data.n_val", lambda v: v > 0, "a positive integer"),
-    ("data.n_eval", lambda v: v > 0, "a positive integer"),
-    ("model.max_new_tokens", lambda v: v > 0, "a positive integer"),
-    ("search.direction.prune_last_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("search.direction.kl_threshold", lambda v: v > 0, "positive"),
-    ("search.direction.batch_size", lambda v: v > 0, "a positive integer"),
-    ("search.candidates.top_k", lambda v: v > 0, "a positive integer"),
-    ("search.greedy.max_prompts", lambda v: v > 0, "a positive integer"),
-    ("search.greedy.batch_size", lambda v: v > 0, "a positive integer"),
-    ("search.fm.n_masks", lambda v: v >= 16, "at least 16"),
-    ("search.fm.max_prompts", lambda v: v > 0, "a positive integer"),
-    ("search.fm.rank", lambda v: v > 0, "a positive integer"),
-    ("search.fm.l2", lambda v: v >= 0, "non-negative"),
-    ("search.fm.lr", lambda v: v > 0, "positive"),
-    ("search.fm.epochs", lambda v: v > 0, "a positive integer"),
-    ("search.fm.heldout_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("search.fm.batch_size", lambda v: v > 0, "a positive integer"),
-    ("search.evaluate.n_random", lambda v: v >= 0, "non-negative"),
-    ("search.evaluate.batch_size", lambda v: v > 0, "a positive integer"),
-)
-_COEFFICIENTS = ("candidates", "greedy", "fm", "redundancy")
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Range checks that types alone cannot express; each failure is one UserError line."""
-    for dotted, ok, what in _RULES:
-        value: Any = cfg
-        for part in dotted.split("."):
-            value = getattr(value, part, None)
-        if value is not None and not ok(value):
-            raise UserError(f"{dotted}={value} makes no sense: it must be {what}")
-    for stage in _COEFFICIENTS:
-        c = getattr(cfg.search, stage).coefficient
-        if not math.isfinite(c):
-            raise UserError(f"search.{stage}.coefficient={c} must be a finite number (e.g. -3 or 0)")
-        if c >= 1:
-            raise UserError(
-                f"search.{stage}.coefficient={c} would amplify the latents, not ablate them; use a value < 1 (0 = zero-ablation, -3 = refusal_sae's Gemma setting)"
-            )
-    if cfg.sae.layers is not None and len(set(cfg.sae.layers)) != len(cfg.sae.layers):
-        raise UserError(f"sae.layers={cfg.sae.layers} repeats a layer")
-    return cfg
+    # torch's CPU threads. Small models run fastest on one (no thread hand-offs per tiny matmul),
+    # and the thread count changes float sums in the last digits: results are reproducible at the
+    # count recorded in config.json. null = torch's default (all cores).
+    threads: int | None = 1
+    force_restart: bool = False  # discard the results already in run_dir and start again

@@ -172,3 +172,66 @@ def load_prompts(cfg: DataConfig, organism_seed: int = 0) -> Prompts:
         sets[label] = (full.subset(idx[:a]), full.subset(idx[a:b]), full.subset(idx[b:total]))
     (th, vh, eh), (tl, vl, el) = sets["harmful"], sets["harmless"]
     return Prompts(th, tl, vh, vl, eh, el)
+
+
+_SETS = ("train_harmful", "val_harmful", "eval_harmful", "train_harmless", "val_harmless", "eval_harmless")
+
+
+def check_readable(prompts: Prompts, model, cfg: DataConfig) -> None:
+    """Refuse, in one line, prompt sets the model cannot read, before any stage runs.
+
+    * a prompt longer than data.max_tokens, or than the model's context less the generation
+      budget, once formatted with the chat template (refused, not truncated: a cut prompt may
+      lose the very request the label is about);
+    * a share of <unk> tokens above data.max_unknown_fraction (real English on the organism,
+      whose tokenizer knows only its grammar's words);
+    * a chat control token inside a prompt (`<end_of_turn><start_of_turn>` would open turns of
+      its own: the model would read a conversation the data never meant).
+    """
+    tok = model.tokenizer
+    context = getattr(model.lm.config, "max_position_embeddings", None)
+    limits = [(cfg.max_tokens, f"data.max_tokens={cfg.max_tokens}")] if cfg.max_tokens else []
+    if context:
+        budget = context - model.cfg.max_new_tokens
+        limits.append(
+            (budget, f"the model's context ({context} tokens, less {model.cfg.max_new_tokens} generated)")
+        )
+    limit, why = min(limits, default=(None, ""), key=lambda x: x[0])
+    control = {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+    control |= set(tok.all_special_ids)
+    control.discard(tok.unk_token_id)
+    for label, src in (("harmful", cfg.harmful), ("harmless", cfg.harmless)):
+        source = "the organism grammar" if src.source == "organism" else f"'{src.path}'"
+        unknown = total = 0
+        long: list[tuple[str, int, int]] = []
+        for name in (s for s in _SETS if s.endswith(label)):
+            texts = getattr(prompts, name).instructions
+            if not texts:
+                continue
+            split = name.split("_")[0]
+            for i, ids in enumerate(tok(list(texts), add_special_tokens=False)["input_ids"]):
+                total += len(ids)
+                unknown += sum(1 for t in ids if t == tok.unk_token_id) if tok.unk_token_id is not None else 0
+                hit = next((t for t in ids if t in control), None)
+                if hit is not None:
+                    raise UserError(
+                        f"{label} prompt {split} #{i} of {source} holds the chat control token "
+                        f"{tok.convert_ids_to_tokens(hit)!r}, which would open a turn of its own; "
+                        "remove control tokens from the data"
+                    )
+            if limit is not None:
+                formatted = tok(model.format(texts), add_special_tokens=False)["input_ids"]
+                long += [(split, i, len(ids)) for i, ids in enumerate(formatted) if len(ids) > limit]
+        if long:
+            split, i, n = max(long, key=lambda x: x[2])
+            fix = "raise data.max_tokens" if why.startswith("data.") else "use a model with a longer context"
+            raise UserError(
+                f"{len(long)} {label} prompt(s) of {source} are longer than {why}, e.g. {split} #{i} "
+                f"with {n} tokens; shorten or drop them, or {fix} (prompts are refused, never truncated)"
+            )
+        if total and unknown / total > cfg.max_unknown_fraction:
+            raise UserError(
+                f"{unknown / total:.0%} of the {label} prompts' tokens are unknown (<unk>) to model "
+                f"'{model.cfg.name}' (data.max_unknown_fraction={cfg.max_unknown_fraction}): it cannot read "
+                f"{source}; the organism reads only its grammar (data=organism), other data needs a real model"
+            )

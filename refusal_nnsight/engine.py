@@ -81,12 +81,15 @@ class AblationEngine:
             self.model, batch, self.edits(masks), self.batch_size, progress, variants=masks.shape[0]
         )
 
-    def scores_many(self, requests: Sequence[tuple[Batch, torch.Tensor]]) -> list[torch.Tensor]:
+    def scores_many(
+        self, requests: Sequence[tuple[Batch, torch.Tensor]], what: str = "score"
+    ) -> list[torch.Tensor]:
         """scores() of several (one-prompt batch, masks [V, F]) requests: each computed exactly as
-        scores() computes it; on a remote backend all of them travel as ONE job."""
+        scores() computes it; on a remote backend all of them travel as ONE job. what="flip"
+        gives [V, 2] per request: (refusal score, first-token margin), for a flip `Criterion`."""
         masks = [m.reshape(-1, self.size) for _, m in requests]
         asks = [(batch, self.edits(m), m.shape[0]) for (batch, _), m in zip(requests, masks, strict=True)]
-        return refusal_scores_many(self.model, asks, self.batch_size)
+        return refusal_scores_many(self.model, asks, self.batch_size, what=what)
 
     def scores_rows(
         self, prompts: Sequence[str] | Batch, masks: torch.Tensor, progress: str | None = None

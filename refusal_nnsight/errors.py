@@ -23,3 +23,7 @@ class NonFiniteError(UserError):
 
 class NothingToDissect(UserError):
     """No harmful prompt is refused at baseline: the pipeline writes a valid, empty summary."""
+
+
+class RunDirBusy(UserError):
+    """Another run holds the run folder's lock: this one is refused, never interleaved."""

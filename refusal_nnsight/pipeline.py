@@ -2,7 +2,9 @@
 
 Each stage writes its folder in the run directory and a done.json marker last; a rerun with the
 same run_dir loads finished stages instead of recomputing them (greedy and fm also resume inside
-the stage, per prompt / per batch of masks).
+the stage, per prompt / per batch of masks). A run folder belongs to one config: run.json records
+its hash, a rerun under another config is refused (force_restart=true discards the old results),
+and a finished stage whose artifacts no longer match their recorded hashes is recomputed.
 """
 
 from __future__ import annotations
@@ -14,61 +16,134 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import RunFolder, StageDir, write_json
+from .artifacts import RunFolder, StageDir, read_json, write_json
 from .backends import load_model
 from .config import RunConfig, to_dict
-from .data import load_prompts
+from .data import check_readable, load_prompts
 from .errors import NothingToDissect, UserError
 from .judges import make_judge
 from .saes import load_saes
+from .scoring import Criterion
+from .validation import config_hash, result_fields, validate
 
 log = logging.getLogger(__name__)
+
+
+# The stages whose results each stage reads (validation.STAGE_NEEDS, and evaluate's optional ones):
+# a stage is reused only while these are the results it was computed from.
+_READS = {
+    "direction": (), "candidates": ("direction",), "greedy": ("candidates",), "fm": ("candidates", "greedy"),
+    "redundancy": ("greedy",), "evaluate": ("direction", "candidates", "greedy", "fm"),
+}  # fmt: skip
 
 
 def _stage(
     run: RunFolder, name: str, timing: dict, compute: Callable[[StageDir], object], result_cls
 ) -> object:
-    """Load a finished stage, or compute and save it; record its wall time."""
-    out = run.stage(name)
+    """Load a finished stage, or compute and save it; record its wall time.
+
+    A stage is loaded only when its done.json matches the run's config hash, the digests of the
+    stages it reads and the hashes of its own artifacts; otherwise it is recomputed, with a
+    warning when it had finished (a damaged or changed artifact is never read).
+    """
+    key, digests = run.config_hash, run.digests
+    out = run.stage(name, key, {d: digests[d] for d in _READS[name] if d in digests})
     start = time.perf_counter()
-    if out.finished:
+    damage = out.damage() if out.done.exists() else "not finished"
+    if damage is None:
         log.info("[%s] finished earlier; loading %s", name, out.path)
         result = result_cls.load(out)
     else:
-        log.info("[%s] running", name)
+        if out.done.exists():
+            log.warning("[%s] %s; recomputing %s", name, damage, name)
+        else:
+            log.info("[%s] running", name)
+        out.prepare()
         result = compute(out)
         result.save(out)
+    digests[name] = out.digest()
     timing[f"{name}_s"] = round(time.perf_counter() - start, 3)
     return result
 
 
+def claim(run_folder: RunFolder, cfg: RunConfig) -> str:
+    """The run's config hash, once the folder may hold its results (force_restart=true first
+    discards the results already there)."""
+    if cfg.force_restart:
+        if run_folder.has_results():
+            log.warning("force_restart: removing the results in %s", run_folder.root)
+        run_folder.clear_results()
+    return claim_check(run_folder, cfg)
+
+
+def claim_check(run_folder: RunFolder, cfg: RunConfig) -> str:
+    """Refuse, in one line naming the first differing field, a folder that holds results of
+    another config (or results without a recorded config); return the run's config hash."""
+    key = config_hash(cfg)
+    if cfg.force_restart:
+        return key
+    fix = "use a new run_dir, or force_restart=true (--force-restart) to discard them"
+    if not run_folder.identity.exists():
+        if run_folder.has_results():
+            raise UserError(
+                f"run_dir {run_folder.root} holds results without a recorded config (run.json); {fix}"
+            )
+        return key
+    recorded = read_json(run_folder.identity)
+    if recorded.get("config_hash") != key:
+        old, new = recorded.get("fields", {}), _plain(result_fields(cfg))
+        diff = next((k for k in [*new, *old] if old.get(k, "<absent>") != new.get(k, "<absent>")), "?")
+        raise UserError(
+            f"run_dir {run_folder.root} holds results of another config: {diff}="
+            f"{_short(old.get(diff, '<absent>'))} there, {_short(new.get(diff, '<absent>'))} now "
+            f"(only batch sizes, model.device, backend and stages may change on resume); {fix}"
+        )
+    return key
+
+
+def _plain(fields: dict) -> dict:
+    """JSON round trip, so that recorded and current values compare alike (tuples, floats)."""
+    import json
+
+    return json.loads(json.dumps(fields, default=str))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def run(cfg: RunConfig) -> dict:
     """Run the configured stages on cfg.model / cfg.sae; return summary.json's content."""
+    validate(cfg)
+    if not cfg.run_dir:
+        raise UserError("run_dir is not set")
+    run_folder = RunFolder(cfg.run_dir)
+    with run_folder.lock():  # a second run on this folder is refused, never interleaved
+        run_folder.config_hash = claim(run_folder, cfg)
+        return _run(cfg, run_folder)
+
+
+def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     from .stages import candidates, direction, evaluate, fm, greedy, redundancy
 
     t0 = time.perf_counter()
-    if not cfg.run_dir:
-        raise UserError("run_dir is not set")
-    unknown = [
-        s
-        for s in cfg.stages
-        if s not in ("direction", "candidates", "greedy", "fm", "redundancy", "evaluate")
-    ]
-    if unknown:
-        raise UserError(
-            f"unknown stage(s) {unknown}; stages are direction, candidates, greedy, fm, redundancy, evaluate"
-        )
-    run_folder = RunFolder(cfg.run_dir)
     if run_folder.clean_temporaries():
         log.info("removed temporary files of an interrupted run")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.backend)  # local weights, or a meta model whose traces run on NDIF
     saes = load_saes(cfg.sae, model)
+    _check_against_saes(cfg, saes)
     prompts = load_prompts(cfg.data, cfg.model.organism_seed)
+    check_readable(prompts, model, cfg.data)  # too long, unreadable (<unk>) or holding control tokens
     judge = make_judge(cfg.judge.name)
     write_json(run_folder.config, to_dict(cfg))
+    if not run_folder.identity.exists():
+        write_json(run_folder.identity, {"config_hash": run_folder.config_hash, "fields": result_fields(cfg)})
     s = cfg.search
-    timing: dict = {}
+    timing: dict = {"torch_threads": torch.get_num_threads()}
     results: dict = {}
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
     wanted = set(cfg.stages)
@@ -82,49 +157,56 @@ def run(cfg: RunConfig) -> dict:
         summary["status"] = str(err)
         _finish(run_folder, summary, timing, results, cfg, t0)
         return summary
-    # 2. candidates — top-k decoder-cosine SAE features per layer; does ablating all jailbreak?
+    # One coefficient c for every SAE ablation; a flip (the model stops refusing) is decided by
+    # the criterion, whose score threshold the direction stage calibrated on val.
+    c = s.coefficient
+    flip = Criterion(s.greedy.criterion, results["direction"].score_threshold)
+    # 2. candidates — top-k decoder-cosine SAE features per searched layer; does ablating all flip?
     if "candidates" in wanted:
         results["candidates"] = _stage(run_folder, "candidates", timing,
-            lambda out: candidates.run(model, saes, results["direction"], prompts, s.candidates, out),
+            lambda out: candidates.run(model, saes, results["direction"], prompts, s.candidates, out, c, flip, judge),
             candidates.CandidatesResult)  # fmt: skip
     # 3. greedy — per harmful prompt, backward elimination to a verified 1-minimal set.
     if "greedy" in wanted:
         results["greedy"] = _stage(run_folder, "greedy", timing,
-            lambda out: greedy.run(model, saes, results["candidates"], prompts, s.greedy, out, judge),
+            lambda out: greedy.run(model, saes, results["candidates"], prompts, s.greedy, out, judge, c, flip),
             greedy.GreedyResult)  # fmt: skip
-    # 4. fm — factorization machine over ablation masks of the pool; confirm top pairs.
+    # 4. fm — factorization machine over ablation masks of the pool; confirm top pairs; prompt classifier.
     if "fm" in wanted:
         results["fm"] = _stage(run_folder, "fm", timing,
-            lambda out: fm.run(model, saes, results["candidates"], results["greedy"], prompts, s.fm, out, cfg.seed),
+            lambda out: fm.run(model, saes, results["candidates"], results["greedy"], prompts, s.fm, out, cfg.seed,
+                               c, flip),
             fm.FMResult)  # fmt: skip
     # 5. redundancy — dormant features that wake when the minimal set is ablated; <bos> clamp.
     if "redundancy" in wanted:
         results["redundancy"] = _stage(run_folder, "redundancy", timing,
-            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge),
+            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge, c),
             redundancy.RedundancyResult)  # fmt: skip
     # 6. evaluate — judged generations under every intervention, and random same-size baselines.
     if "evaluate" in wanted:
         results["evaluate"] = _stage(run_folder, "evaluate", timing,
             lambda out: evaluate.run(model, saes, results["direction"], results.get("candidates"), results.get("greedy"),
-                                     results.get("fm"), prompts, s.evaluate, out, judge, cfg.seed),
+                                     results.get("fm"), prompts, s.evaluate, out, judge, cfg.seed, c),
             evaluate.EvaluateResult)  # fmt: skip
     for name, result in results.items():
-        part = result.summary()
-        if name == "evaluate":  # evaluate reports under the sections its numbers belong to
-            for key, value in part.items():
-                section, _, field = key.partition(".")
-                target = summary.setdefault(section, {})
-                # the stage's own number wins (e.g. direction.kl of the selection on val); the
-                # evaluate stage's measurement of the same quantity on eval prompts is kept beside it
-                target["eval_" + field if field in target else field] = value
-        else:
-            summary.setdefault(name, {}).update(part)
+        summary.setdefault(name, {}).update(result.summary())
     summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results)
     if model.remote is not None:  # costs of the run, kept with the timings (not a result)
         timing["remote_jobs"] = model.remote.jobs
         timing["remote_payload_mb"] = round(model.remote.payload_bytes / 2**20, 3)
     _finish(run_folder, summary, timing, results, cfg, t0)
     return summary
+
+
+def _check_against_saes(cfg: RunConfig, saes) -> None:
+    """Settings that need the loaded SAEs: top_k cannot exceed an SAE's width."""
+    k = cfg.search.candidates.top_k
+    narrowest = min(saes.layers, key=saes.width, default=None)
+    if narrowest is not None and k > saes.width(narrowest):
+        raise UserError(
+            f"search.candidates.top_k={k} exceeds the width of the SAE at layer {narrowest} "
+            f"({saes.width(narrowest)} latents); use at most that"
+        )
 
 
 def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict) -> dict:

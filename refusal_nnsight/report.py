@@ -97,11 +97,16 @@ def fig_greedy(path: Path, greedy, max_prompts: int = 12) -> str | None:
         return "the greedy trajectory is empty"
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
+    col = "margin" if "margin" in t.columns else "score"
     for idx in sorted(set(t["prompt_idx"].to_list()))[:max_prompts]:
         p = t.filter(pl.col("prompt_idx") == idx).sort("step")
-        ax.plot(p["step"].to_list(), p["score"].to_list(), marker=".", lw=1, label=f"prompt {idx}")
+        ax.plot(p["step"].to_list(), p[col].to_list(), marker=".", lw=1, label=f"prompt {idx}")
     ax.axhline(0, color="k", lw=0.8, ls="--")
-    ax.set(xlabel="step", ylabel="refusal score (s < 0: jailbreak)", title="Greedy backward elimination")
+    ax.set(
+        xlabel="step",
+        ylabel="flip margin (< 0: the model stops refusing)",
+        title="Greedy backward elimination",
+    )
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
     return None
@@ -306,6 +311,7 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, object], cfg_
         + "; ".join(f"{k}: {_inline(v)}" for k, v in search.items() if isinstance(v, dict)),
         "",
     ]  # fmt: skip
+    lines += _findings(summary, results, search)
     lines += ["## Headline numbers", "", "| quantity | value |", "|---|---|"]
     lines += [
         f"| {k} | {_fmt(v)} |" for k, v in _flat(summary) if not k.startswith("timing.") and k != "status"
@@ -366,11 +372,79 @@ def _features(results: dict, link: Callable[[int, int], str]) -> list[str]:
 
 
 def _notes(results: dict) -> list[str]:
+    """Why each null in summary.json is null (every stage's `notes`), and the direction fallback."""
     lines = []
     direction = results.get("direction")
     if direction is not None and getattr(direction, "fallback", False):
         lines.append(f"- direction: no candidate passed the filters; fallback: {direction.fallback_reason}")
-    red = results.get("redundancy")
-    for key, why in (getattr(red, "notes", None) or {}).items():
-        lines.append(f"- redundancy.{key}: {why}")
+    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+        for key, why in (getattr(results.get(stage), "notes", None) or {}).items():
+            lines.append(f"- {stage}.{key}: {why}")
     return lines or ["- none"]
+
+
+CRITERIA = {
+    "score": "the refusal score falls below the threshold τ calibrated on the val split",
+    "first_token": "the greedy first token is no longer a refusal token",
+    "judge": "the generation judge finds no refusal in the completion",
+}
+
+
+def _findings(summary: dict, results: dict, search: dict) -> list[str]:
+    """What the edit is, what a flip is, and the figures that answer the method's questions:
+    both coefficients, like-with-like rates, smallest sets, FM pair kinds, the prompt classifier."""
+    g, fm, ev, red = (summary.get(k) or {} for k in ("greedy", "fm", "evaluate", "redundancy"))
+    c = search.get("coefficient", ev.get("coefficient", g.get("coefficient")))
+    lines = ["## What the edit and a flip are", ""]
+    if c is not None:
+        lines.append(
+            f"- Edit: every SAE ablation scales the chosen latents by c = {_fmt(c)} (f_i ← c·f_i, the SAE error "
+            f"term kept, at every position){' — negative steering, not only removal' if c < 0 else ''}."
+        )
+    rd = search.get("redundancy") or {}
+    if red:
+        lines.append(
+            f"- Redundancy's weak ablation scales M by {_fmt(red.get('weak_coefficient'))}; its <bos> clamp sets the "
+            f"{rd.get('bos_features', 'awakened')} latents to {_fmt(rd.get('bos_clamp_value', 0.0))} at <bos> only."
+        )
+    crit = g.get("criterion") or (search.get("greedy") or {}).get("criterion")
+    if crit:
+        tau = g.get("score_threshold", (summary.get("direction") or {}).get("score_threshold"))
+        lines.append(f"- Flip criterion `{crit}`: a prompt flips when {CRITERIA.get(crit, crit)}"
+                     f" (score threshold τ = {_fmt(tau)}).")  # fmt: skip
+    if g.get("agreement_n"):
+        lines.append(
+            f"- Criterion–judge agreement on {g['agreement_n']} judged variants (M, its one-feature restorations, "
+            f"the forward set): configured ({crit}) {_fmt(g.get('criterion_judge_agreement'))}, score "
+            f"{_fmt(g.get('score_judge_agreement'))}, first_token {_fmt(g.get('first_token_judge_agreement'))}."
+        )
+    lines.append("")
+    if ev:
+        lines += ["## Jailbreak rates, like with like", "",
+                  "Each rate counts only prompts refused at baseline (judged clean generation); n = those prompts. "
+                  "Rates in one block are measured on the same prompts.", "",
+                  "| prompt set | condition | jailbreak rate | n |", "|---|---|---|---|"]  # fmt: skip
+        table = getattr(results.get("evaluate"), "comparison", None)
+        for r in table.iter_rows(named=True) if isinstance(table, pl.DataFrame) else []:
+            lines.append(f"| {r['prompt_set']} | {r['condition']} | {_fmt(r['jailbreak_rate'])} | {r['n']} |")
+        lines += ["", f"- Minimal sets at c = {_fmt(c)}: {_fmt(ev.get('minimal_jailbreak_rate'))}; at c = 0 "
+                  f"(zero-ablation): {_fmt(ev.get('minimal_zero_ablation_jailbreak_rate'))} "
+                  f"(n = {_fmt(ev.get('minimal_jailbreak_rate_n'))}).", ""]  # fmt: skip
+    if g.get("n_prompts"):
+        lines += ["## Minimal and smallest sets", "",
+                  f"- 1-minimal sets (backward elimination): median size {_fmt(g.get('median_one_minimal_set_size'))}; "
+                  f"smallest verified set (backward or forward): median {_fmt(g.get('median_smallest_set_size'))}, "
+                  f"smaller than the 1-minimal set on {_fmt(g.get('n_smallest_below_one_minimal'))} of "
+                  f"{g['n_prompts']} prompts.", ""]  # fmt: skip
+    if fm:
+        kinds = ", ".join(
+            f"{k} {_fmt(fm.get(f'n_{k}_pairs'))}" for k in ("synergy", "redundant", "suppression")
+        )
+        lines += ["## Interactions and the prompt classifier", "",
+                  f"- Confirmed FM pairs: {_fmt(fm.get('n_confirmed_pairs'))} ({kinds}).",
+                  f"- Masks: {_fmt(fm.get('n_masks_per_prompt'))} per prompt, {_fmt(fm.get('n_masks_total'))} in total.",
+                  f"- Prompt classifier (harmful vs harmless from the pool features' max-pooled activations), held-out "
+                  f"accuracy: FM {_fmt(fm.get('classifier_heldout_accuracy'))}, linear "
+                  f"{_fmt(fm.get('classifier_linear_heldout_accuracy'))} (n = {_fmt(fm.get('classifier_n_heldout'))}).",
+                  ""]  # fmt: skip
+    return lines if len(lines) > 3 else []

@@ -3,7 +3,7 @@
 Every job folder under DIR (summary.json beside .hydra/overrides.yaml, as a multirun writes
 them) becomes a row: the job's folder, its command-line overrides as columns
 (`search.candidates.top_k`), and summary.json's figures flattened to dotted columns
-(`greedy.median_set_size`; a figure whose name is also an override key is kept as
+(`greedy.median_one_minimal_set_size`; a figure whose name is also an override key is kept as
 `summary.<name>`). The table goes to DIR/sweep_summary.parquet and DIR/sweep_summary.md, each
 written atomically, and the markdown is printed. `refusal-nnsight -m` writes the same table when
 its sweep ends (cli.SweepSummaryCallback).
@@ -37,7 +37,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(lines: list[str]) -> dict[str, Any]:
-    """Hydra's saved overrides (`++search.greedy.coefficient=-3`, `experiment=smoke`) → {key: value}.
+    """Hydra's saved overrides (`++search.coefficient=-3`, `experiment=smoke`) → {key: value}.
 
     The `+`/`++`/`~` prefixes go (the CLI adds `++` to every dotted key); numbers and
     true/false/null are read as such, anything else (`[direction,candidates]`) stays as typed.

@@ -52,7 +52,7 @@ def test_bad_values_are_user_errors():
     with pytest.raises(UserError, match="unknown key"):
         from_dict(RunConfig, {"model": {"colour": "red"}})
     with pytest.raises(UserError, match="NaN"):
-        from_dict(RunConfig, {"search": {"greedy": {"coefficient": float("nan")}}})
+        from_dict(RunConfig, {"search": {"coefficient": float("nan")}})
 
 
 def test_cli_unknown_name_is_one_line_exit_2():

@@ -134,7 +134,9 @@ def test_remote_job_error_is_one_line():
 
 
 def _only_log(run_dir: Path) -> bool:
-    return all(p.suffix == ".log" for p in run_dir.iterdir()) if run_dir.exists() else True
+    return (
+        all(p.suffix == ".log" or p.name == ".lock" for p in run_dir.iterdir()) if run_dir.exists() else True
+    )
 
 
 def _no_secret(root: Path) -> None:

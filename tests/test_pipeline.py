@@ -10,24 +10,34 @@ import pytest
 from refusal_nnsight import pipeline
 
 SUMMARY_KEYS = [
-    "baseline.harmful_refusal_rate",
-    "baseline.harmless_refusal_rate",
+    "evaluate.baseline_harmful_refusal_rate",
+    "evaluate.baseline_harmless_refusal_rate",
     "direction.layer",
     "direction.position",
     "direction.bypass_score",
     "direction.induce_score",
     "direction.kl",
-    "direction.ablation_jailbreak_rate",
-    "direction.actadd_harmless_refusal_rate",
+    "evaluate.direction_ablation_jailbreak_rate",
+    "evaluate.direction_ablation_jailbreak_rate_n",
+    "evaluate.direction_actadd_harmless_refusal_rate",
     "candidates.n_features",
-    "candidates.all_ablated_jailbreak_rate",
+    "candidates.all_ablated_flip_rate",
+    "evaluate.candidates_ablated_jailbreak_rate",
     "greedy.n_prompts",
-    "greedy.median_set_size",
+    "greedy.median_one_minimal_set_size",
+    "greedy.median_smallest_set_size",
+    "greedy.criterion_judge_agreement",
     "greedy.one_minimal_rate",
     "greedy.jailbreak_rate",
-    "greedy.random_same_size_jailbreak_rate",
+    "evaluate.random_same_size_jailbreak_rate",
+    "evaluate.minimal_jailbreak_rate",
+    "evaluate.minimal_zero_ablation_jailbreak_rate",
     "greedy.forward_median_set_size",
-    "fm.n_masks",
+    "fm.n_masks_per_prompt",
+    "fm.n_masks_total",
+    "fm.n_synergy_pairs",
+    "fm.classifier_heldout_accuracy",
+    "fm.classifier_linear_heldout_accuracy",
     "fm.heldout_accuracy",
     "fm.linear_heldout_accuracy",
     "fm.heldout_r2",
@@ -63,9 +73,15 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     summary = json.loads(json.dumps(summary))  # a copy: the fixture is shared
     for key in SUMMARY_KEYS:
         _get(summary, key)
-    assert summary["baseline"]["harmful_refusal_rate"] > 0.5
+    assert summary["evaluate"]["baseline_harmful_refusal_rate"] > 0.5
     assert summary["greedy"]["one_minimal_rate"] == 1.0
-    assert (run_dir / "report.md").read_text().strip()
+    report = (run_dir / "report.md").read_text()
+    assert report.strip()
+    # null, not 0, for what was not measured: every null a stage writes has its reason in the notes
+    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+        for key, value in summary[stage].items():
+            if value is None and not key.endswith("_n"):
+                assert f"- {stage}.{key}: " in report, f"{stage}.{key} is null without a reason"
     assert list((run_dir / "figures").glob("*.png"))
     for stage in cfg.stages:
         assert (run_dir / stage / "done.json").exists()

@@ -82,7 +82,7 @@ def _check_planted_refusal_found(run_dir, summary: dict, neuronpedia: str) -> No
     # the stand-ins refuse by their first token only (their generations are random words), so the
     # checks read refusal scores, not the generation judge
     assert summary["candidates"]["n_refused_eval"] == 2
-    assert summary["candidates"]["all_ablated_score_jailbreak_rate"] == 1.0
+    assert summary["candidates"]["all_ablated_flip_rate"] == 1.0
     assert summary["direction"]["bypass_score"] < 0
     assert summary["greedy"]["one_minimal_rate"] == 1.0
     sets = pl.read_parquet(run_dir / "greedy" / "sets.parquet")
@@ -97,7 +97,7 @@ def test_paper_llama31_preset_runs_end_to_end_on_a_tiny_llama(tmp_path, hub):
         add_llama_scope(hub, layer, d_in=model.d_model, d_sae=256, seed=layer, plant=u)
     cfg, summary = _run_preset(tmp_path, "paper_llama31", model.lm._module, model.tokenizer,
                                ["model.n_layers=3", "model.d_model=64"])  # fmt: skip
-    assert (cfg.sae.release, cfg.sae.sae_id, cfg.search.greedy.coefficient) == (
+    assert (cfg.sae.release, cfg.sae.sae_id, cfg.search.coefficient) == (
         "llama_scope_lxr_8x",
         "l{layer}r_8x",
         -1.0,
@@ -113,5 +113,5 @@ def test_paper_gemma2_preset_runs_end_to_end_on_a_tiny_gemma2(tmp_path, hub):
     cfg, summary = _run_preset(tmp_path, "paper_gemma2", hf, tok, ["model.n_layers=2", "sae.layers=[0]"])
     assert (cfg.sae.release, cfg.sae.sae_id, cfg.model.d_model) == (
         "gemma-scope-2b-pt-res-canonical", "layer_{layer}/width_65k/canonical", 2304)  # fmt: skip
-    assert cfg.search.greedy.coefficient == -3.0
+    assert cfg.search.coefficient == -3.0
     _check_planted_refusal_found(tmp_path / "run", summary, "neuronpedia.org/gemma-2-2b/0-gemmascope-res-65k")

@@ -84,7 +84,8 @@ CFG = {
     "sae": {"name": "gemma_scope_16k", "source": "pretrained", "release": "gemma-scope-2b-pt-res-canonical",
             "sae_id": "layer_{layer}/width_16k/canonical", "neuronpedia": "gemma-2-2b/{layer}-gemmascope-res-16k"},
     "data": {"name": "organism", "n_train": 128, "n_val": 32, "n_eval": 64, "seed": 0},
-    "search": {"name": "default", "greedy": {"coefficient": -3.0}}, "judge": {"name": "substring"}, "seed": 0,
+    "search": {"name": "default", "coefficient": -3.0, "greedy": {"criterion": "first_token"}},
+    "judge": {"name": "substring"}, "seed": 0,
     "stages": ["direction", "candidates", "greedy", "fm", "redundancy", "evaluate"],
 }  # fmt: skip
 SUMMARY = {"model": "gemma2_2b_it", "direction": {"layer": 1, "kl": 0.05}, "redundancy": {"n_awakened": 1.5},
@@ -121,3 +122,49 @@ def test_missing_stages_skip_their_figures(tmp_path):
     assert "skipped: stage fm did not run" in text and "skipped: stage redundancy did not run" in text
     assert "no harmful prompt is refused" in text
     assert "L1/F17" in text and "neuronpedia" not in text  # the organism has no Neuronpedia pages
+
+
+FULL_SUMMARY = {
+    "model": "organism",
+    "greedy": {"n_prompts": 4, "criterion": "first_token", "coefficient": -3.0, "score_threshold": 1.25,
+               "criterion_judge_agreement": 0.97, "score_judge_agreement": 0.41, "first_token_judge_agreement": 0.97,
+               "agreement_n": 30, "median_one_minimal_set_size": 3.0, "median_smallest_set_size": 2.0,
+               "n_smallest_below_one_minimal": 1},
+    "fm": {"n_confirmed_pairs": 5, "n_synergy_pairs": 2, "n_redundant_pairs": 1, "n_suppression_pairs": 2,
+           "n_masks_per_prompt": 2048, "n_masks_total": 8192, "classifier_heldout_accuracy": 0.98,
+           "classifier_linear_heldout_accuracy": 0.93, "classifier_n_heldout": 192},
+    "evaluate": {"coefficient": -3.0, "minimal_jailbreak_rate": 0.9, "minimal_zero_ablation_jailbreak_rate": 0.0,
+                 "minimal_jailbreak_rate_n": 30},
+    "redundancy": {"weak_coefficient": 0.0, "bos_clamp_jailbreak_change": None},
+}  # fmt: skip
+
+
+@dataclass
+class EvaluateWithComparison:
+    completions: pl.DataFrame
+    comparison: pl.DataFrame
+    notes: dict
+
+
+def test_report_states_the_edit_criterion_and_honest_rates(tmp_path):
+    results = _results()
+    results["evaluate"] = EvaluateWithComparison(
+        results["evaluate"].completions,
+        pl.DataFrame({"prompt_set": ["fm_prompts", "fm_prompts"], "condition": ["minimal", "minimal_plus_fm"],
+                      "jailbreak_rate": [1.0, 1.0], "n": [4, 4]}),
+        {"candidates_ablated_jailbreak_rate": "condition candidates_ablated did not run"},
+    )  # fmt: skip
+    cfg = {
+        **CFG,
+        "search": {**CFG["search"], "redundancy": {"bos_features": "awakened", "bos_clamp_value": 0.0}},
+    }
+    text = write_report(RunFolder(tmp_path), FULL_SUMMARY, results, cfg).read_text()
+    assert "scales the chosen latents by c = -3" in text and "negative steering" in text
+    assert "Flip criterion `first_token`" in text and "τ = 1.25" in text
+    assert "configured (first_token) 0.97, score 0.41, first_token 0.97" in text
+    assert "| fm_prompts | minimal | 1 | 4 |" in text and "| fm_prompts | minimal_plus_fm | 1 | 4 |" in text
+    assert "at c = -3: 0.9; at c = 0 (zero-ablation): 0" in text
+    assert "median size 3; smallest verified set (backward or forward): median 2" in text
+    assert "(synergy 2, redundant 1, suppression 2)" in text
+    assert "FM 0.98, linear 0.93" in text and "2048 per prompt, 8192 in total" in text
+    assert "evaluate.candidates_ablated_jailbreak_rate: condition candidates_ablated did not run" in text

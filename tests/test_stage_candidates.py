@@ -4,6 +4,8 @@ planted-refusal model (see test_stage_direction.py) — while a no-op coefficien
 
 from __future__ import annotations
 
+import dataclasses
+
 import polars as pl
 import pytest
 import torch
@@ -12,10 +14,17 @@ from tiny import random_jumprelu_sae
 
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import CandidatesConfig, DirectionConfig, SAEConfig
+from refusal_nnsight.errors import UserError
 from refusal_nnsight.saes import LoadedSAEs
+from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import candidates as stage
 from refusal_nnsight.stages import direction
-from refusal_nnsight.stages.candidates import CandidatesResult, cosine_table, top_cosine_features
+from refusal_nnsight.stages.candidates import (
+    CandidatesResult,
+    cosine_table,
+    select_layers,
+    top_cosine_features,
+)
 
 PLANTED = 77  # the latent of the layer-0 SAE that reads and writes the refusal direction
 
@@ -68,14 +77,15 @@ def planted_stage1(tmp_path_factory):
 def test_ablating_candidates_jailbreaks_the_planted_model(planted_stage1):
     model, saes, d, prompts, root = planted_stage1
     out = StageDir(root, "candidates")
-    cfg = CandidatesConfig(top_k=4, coefficient=-3.0, batch_size=3)
-    result = stage.run(model, saes, d, prompts, cfg, out)
+    cfg = CandidatesConfig(top_k=4, batch_size=3)
+    result = stage.run(model, saes, d, prompts, cfg, out, -3.0, Criterion("score", d.score_threshold))
     result.save(out)
     s = result.summary()
     assert result.features[0] == (0, PLANTED) and s["n_features"] == 12
     assert s["cosine_max"] == pytest.approx(1.0, abs=1e-4)
     assert result.refused == [0, 1, 2, 3] and s["n_refused_eval"] == 4
-    assert s["all_ablated_score_jailbreak_rate"] == 1.0 and s["n_not_jailbroken"] == 0
+    assert s["all_ablated_flip_rate"] == 1.0 and s["n_not_flipped"] == 0 and s["all_ablated_flip_rate_n"] == 4
+    assert (s["coefficient"], s["criterion"], s["layers"]) == (-3.0, "score", [0, 1, 2])
     back = CandidatesResult.load(out)
     assert out.finished and back.table.equals(result.table) and back.prompts.equals(result.prompts)
     assert back.summary() == s and back.features == result.features
@@ -83,13 +93,59 @@ def test_ablating_candidates_jailbreaks_the_planted_model(planted_stage1):
 
 def test_a_noop_coefficient_is_reported_as_not_jailbroken(planted_stage1, tmp_path):
     model, saes, d, prompts, _ = planted_stage1
+    flip = Criterion("score", d.score_threshold)
     result = stage.run(
-        model, saes, d, prompts, CandidatesConfig(top_k=2, coefficient=1.0), StageDir(tmp_path, "candidates")
+        model, saes, d, prompts, CandidatesConfig(top_k=2), StageDir(tmp_path, "candidates"), 1.0, flip
     )
     p = result.prompts
     assert torch.allclose(torch.tensor(p["all_ablated_score"]), torch.tensor(p["clean_score"]), atol=1e-4)
-    assert result.summary()["all_ablated_score_jailbreak_rate"] == 0.0
-    assert result.summary()["n_not_jailbroken"] == 4
+    assert result.summary()["all_ablated_flip_rate"] == 0.0
+    assert result.summary()["n_not_flipped"] == 4
+
+
+def test_the_criterion_decides_refused_and_flipped(planted_stage1, tmp_path):
+    """refused / jailbroken follow the criterion's own margins: the first-token margin's sign,
+    or the refusal score against τ (a τ above every score calls every prompt flipped)."""
+    model, saes, d, prompts, _ = planted_stage1
+    cfg = CandidatesConfig(top_k=2)
+    ft = stage.run(
+        model, saes, d, prompts, cfg, StageDir(tmp_path, "candidates"), -3.0, Criterion("first_token")
+    )
+    p = ft.prompts
+    assert p["refused"].to_list() == (p["clean_first_token_margin"] > 0).to_list()
+    assert p["jailbroken"].to_list() == (p["all_ablated_first_token_margin"] < 0).to_list()
+    high = stage.run(
+        model, saes, d, prompts, cfg, StageDir(tmp_path, "candidates"), -3.0, Criterion("score", 1e6)
+    )
+    assert high.refused == [] and high.summary()["all_ablated_flip_rate"] is None
+
+
+def test_no_refused_prompt_gives_nulls_with_reasons(planted_stage1, tmp_path):
+    """Empty case: harmless prompts in the harmful eval slot; nothing is refused at baseline, so
+    the flip rate is not measured: None, not 0, with its reason."""
+    model, saes, d, prompts, _ = planted_stage1
+    swapped = dataclasses.replace(prompts, eval_harmful=prompts.eval_harmless)
+    flip = Criterion("score", d.score_threshold)
+    result = stage.run(model, saes, d, swapped, CandidatesConfig(top_k=2), StageDir(tmp_path, "candidates"),
+                       -3.0, flip)  # fmt: skip
+    s = result.summary()
+    assert s["n_refused_eval"] == 0 and s["all_ablated_flip_rate"] is None and s["n_not_flipped"] is None
+    assert "refused at baseline" in result.notes["all_ablated_flip_rate"]
+
+
+def test_layer_selection_list_range_and_before_last_fraction(planted_stage1, tmp_path):
+    sae_layers = [0, 2, 3, 5, 7, 9]
+    assert select_layers(None, sae_layers, 10) == sae_layers
+    assert select_layers([2, 5, 6], sae_layers, 10) == [2, 5]  # layers without an SAE are dropped
+    assert select_layers({"start": 2.0, "stop": 6.0}, sae_layers, 10) == [2, 3, 5]
+    assert select_layers({"before_last_fraction": 0.2}, sae_layers, 10) == [0, 2, 3, 5, 7]  # Arditi: < 8
+    assert select_layers({"before_layer": 4.0}, sae_layers, 10) == [0, 2, 3]
+    with pytest.raises(UserError, match="keeps none"):
+        select_layers([1], sae_layers, 10)
+    model, saes, d, prompts, _ = planted_stage1  # 3 layers: before_last_fraction 0.4 keeps layer 0
+    result = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=2, layers={"before_last_fraction": 0.4}),
+                       StageDir(tmp_path, "candidates"), -3.0, Criterion("score", d.score_threshold))  # fmt: skip
+    assert set(result.table["layer"]) == {0} and result.summary()["layers"] == [0]
 
 
 def test_organism_candidates_jailbreak_at_minus_three(request, tmp_path):
@@ -99,9 +155,24 @@ def test_organism_candidates_jailbreak_at_minus_three(request, tmp_path):
     from refusal_nnsight.saes import load_saes
 
     d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
-    result = stage.run(
-        model, load_saes(SAEConfig(), model), d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates")
-    )
+    saes = load_saes(SAEConfig(), model)
+    result = stage.run(model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"), -3.0,
+                       Criterion("first_token"))  # fmt: skip
     s = result.summary()
-    assert s["n_features"] == 10 * model.n_layers and s["n_refused_eval"] > 0
-    assert s["all_ablated_score_jailbreak_rate"] >= 0.9
+    assert s["n_features"] == 10 * len(saes.layers) and s["n_refused_eval"] > 0
+    assert s["all_ablated_flip_rate"] >= 0.9
+
+
+def test_search_harm_preset_and_one_coefficient():
+    """search=harm restricts candidates to the layers before the last 20% (Arditi's pruning); the
+    coefficient is one search.coefficient, set once (paper_llama31: -1) and no stage carries its own."""
+    from refusal_nnsight.cli import compose
+
+    harm = compose(["search=harm"]).search
+    assert harm.candidates.layers == {"before_last_fraction": 0.2}
+    assert select_layers(harm.candidates.layers, list(range(26)), 26) == list(range(20))  # Gemma-2: 0–19
+    llama = compose(["experiment=paper_llama31"]).search
+    assert llama.coefficient == -1.0
+    for name in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+        assert not hasattr(getattr(llama, name), "coefficient"), name
+    assert compose().search.greedy.criterion == "first_token"  # agrees with the judge most often (greedy)

@@ -207,3 +207,12 @@ def test_organism_direction_removes_most_of_the_refusal(request, tmp_path):
     clean = refusal_scores(model, harmful)
     ablated = refusal_scores(model, harmful, stage.ablation_edits(result))
     assert (clean > 0).all() and (ablated < clean - 2).all()
+
+
+def test_score_threshold_is_the_best_separating_midpoint():
+    from refusal_nnsight.scoring import calibrate_threshold
+
+    tau, acc = calibrate_threshold(torch.tensor([3.0, 4.0, 5.0]), torch.tensor([-2.0, -1.0, 0.5]))
+    assert tau == pytest.approx(1.75) and acc == 1.0  # midway between 0.5 and 3, not 0
+    tau, acc = calibrate_threshold(torch.tensor([1.0, 5.0]), torch.tensor([2.0, -3.0]))
+    assert acc == 0.75 and tau == pytest.approx(-1.0)  # two cuts tie at 3/4; the wider gap (-3, 1) wins

@@ -14,6 +14,7 @@ import torch
 from refusal_nnsight import ground_truth
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import FMConfig
+from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import fm
 from refusal_nnsight.stages.fm import FactorizationMachine, FMResult, LinearModel, fit, metrics, sample_masks
 
@@ -127,8 +128,12 @@ class FakeEngine:
         FakeEngine.evaluated += masks.shape[0]
         return oracle_score(masks.reshape(-1, self.size))
 
+    def scores_many(self, requests, what="score"):
+        out = [self.scores(b, m) for b, m in requests]  # first-token margin = score − 0.5 (planted)
+        return [torch.stack([s, s - 0.5], -1) for s in out] if what == "flip" else out
 
-def fake_run(monkeypatch, out):
+
+def fake_run(monkeypatch, out, criterion: Criterion | None = None):
     monkeypatch.setattr(fm, "AblationEngine", FakeEngine)
     monkeypatch.setattr(fm, "build_pool", lambda *a: [dict(p) for p in POOL])
     model = SimpleNamespace(tokenize=lambda instr: instr[0])
@@ -140,9 +145,10 @@ def fake_run(monkeypatch, out):
             "latents": [[0, 1, 2]] * 2,
         }
     )
-    cfg = FMConfig(n_masks=200, max_prompts=1, chunk=64, top_pairs=3)
+    cfg = FMConfig(n_masks=200, max_prompts=1, chunk=64, top_pairs=3, readout=["regression"])
+    flip = criterion or Criterion("first_token")
     res = fm.run(
-        model, None, SimpleNamespace(features=[]), SimpleNamespace(sets=sets), None, cfg, out, seed=0
+        model, None, SimpleNamespace(features=[]), SimpleNamespace(sets=sets), None, cfg, out, 0, -3.0, flip
     )
     res.save(out)  # the caller saves, as the pipeline does
     return res
@@ -156,10 +162,23 @@ def test_run_confirms_the_planted_pair_resumes_and_round_trips(monkeypatch, tmp_
     top = res.interactions.row(0, named=True)
     assert (top["latent_i"], top["latent_j"]) == (1, 3) and top["v_dot"] < -2 and top["confirmed"]
     assert top["joint_effect"] == pytest.approx(-3.0) and top["sum_singles"] == pytest.approx(0.0)
+    assert top["kind"] == "synergy"  # neither alone moves the score; together they drop it by 3
     assert res.top_features["latent"][0] == 0  # the largest |w_i|
     s = res.summary()
     assert s["heldout_r2"] > 0.99 and s["heldout_r2"] > s["linear_heldout_r2"] + 0.1
-    assert s["n_masks"] == 200 and 0 < s["top_pair_confirmed_rate"] <= 1
+    assert (
+        s["n_masks_per_prompt"] == 200 and s["n_masks_total"] == 200 and 0 < s["top_pair_confirmed_rate"] <= 1
+    )
+    confirmed = res.interactions.filter(pl.col("confirmed"))
+    assert s["n_synergy_pairs"] >= 1 and s["n_confirmed_pairs"] == confirmed.height
+    assert s["n_synergy_pairs"] + s["n_redundant_pairs"] + s["n_suppression_pairs"] == confirmed.height
+    # classification labels are the criterion's flips: first-token margin = score − 0.5 < 0
+    d = res.dataset
+    assert d["flipped"].to_list() == (d["score"] < 0.5).to_list()
+    assert (
+        s["classifier_heldout_accuracy"] is None
+        and "classify_prompts" in res.notes["classifier_heldout_accuracy"]
+    )
     assert out.finished
 
     loaded = FMResult.load(out)
@@ -171,11 +190,73 @@ def test_run_confirms_the_planted_pair_resumes_and_round_trips(monkeypatch, tmp_
     FakeEngine.evaluated = 0
     again = fake_run(monkeypatch, out)
     assert FakeEngine.evaluated == 1 + 3 * 3  # only the causal pair checks; masks came from parts
+    assert loaded.summary() == s
     assert again.dataset.equals(res.dataset)
     other = StageDir(tmp_path / "b", "fm")
     fake_run(monkeypatch, other)
     for name in ("dataset", "fit", "interactions"):  # byte-identical Parquet across runs
         assert out.file(f"{name}.parquet").read_bytes() == other.file(f"{name}.parquet").read_bytes()
+
+
+def test_n_masks_per_prompt_and_total_say_what_they_count(monkeypatch, tmp_path):
+    monkeypatch.setattr(fm, "AblationEngine", FakeEngine)
+    monkeypatch.setattr(fm, "build_pool", lambda *a: [dict(p) for p in POOL])
+    sets = pl.DataFrame(
+        {"prompt_idx": [3, 5], "instruction": ["a", "b"], "layers": [[0]] * 2, "latents": [[0]] * 2}
+    )
+    cfg = FMConfig(n_masks=64, max_prompts=2, epochs=20, top_pairs=1, readout=["regression"])
+    res = fm.run(SimpleNamespace(tokenize=lambda i: i[0]), None, SimpleNamespace(features=[]),
+                 SimpleNamespace(sets=sets), None, cfg, StageDir(tmp_path, "fm"), 0, -3.0, Criterion())  # fmt: skip
+    s = res.summary()
+    assert (s["n_masks_per_prompt"], s["n_masks_total"], s["n_prompts"]) == (64, 128, 2)
+
+
+def test_pair_kinds_from_planted_effects():
+    """Effects are score changes (negative = refusal removed); tolerance 0.25."""
+    assert fm.pair_kind(0.0, 0.0, -3.0, 0.25) == "synergy"  # neither alone, both together
+    assert fm.pair_kind(-2.0, -2.0, -2.0, 0.25) == "redundant"  # either alone does what both do
+    assert fm.pair_kind(-2.0, -1.0, -2.0, 0.25) == "suppression"  # ablating i silences j's effect
+    assert fm.pair_kind(-1.0, 1.5, -1.0, 0.25) == "suppression"  # j's own effect vanishes with i
+    assert fm.pair_kind(-1.0, -1.0, -2.1, 0.25) == "additive"
+
+
+def test_prompt_classifier_learns_a_planted_xor_that_linear_cannot(monkeypatch, tmp_path):
+    """Planted activations: a prompt is harmful iff exactly one of two pool features fires (XOR).
+    The FM's pairwise term classifies it; a linear model cannot (at most 3/4)."""
+    import random as _random
+
+    rng = _random.Random(0)
+
+    def make(n: int, tag: str) -> SimpleNamespace:
+        return SimpleNamespace(instructions=[f"{tag}{rng.randrange(2)}{i}" for i in range(n)])
+
+    def acts_of(text: str) -> torch.Tensor:
+        harmful, coin = text[0] == "h", int(text[1])
+        a, b = (coin, 1 - coin) if harmful else (coin, coin)  # harmful: 01 / 10; harmless: 00 / 11
+        return torch.tensor([[0.0, 0.0, 0.0], [a * 2.0, b * 1.5, rng.random() * 0.1]])  # [T, F]
+
+    monkeypatch.setattr(
+        fm, "feature_activations", lambda model, saes, feats, texts, **k: [acts_of(t) for t in texts]
+    )
+    prompts = SimpleNamespace(train_harmful=make(60, "h"), train_harmless=make(60, "l"), val_harmful=make(20, "h"),
+                              val_harmless=make(20, "l"), eval_harmful=make(20, "h"), eval_harmless=make(20, "l"))  # fmt: skip
+    cfg = FMConfig(epochs=600, lr=0.05, l2=1e-5)
+    rows, weights = fm.classify_prompts(None, None, [(0, 1), (0, 2), (1, 3)], prompts, cfg, seed=0)
+    acc = {(r["model"], r["split"]): r["accuracy"] for r in rows}
+    assert acc["fm", "heldout"] >= 0.95 and acc["linear", "heldout"] <= 0.8
+    assert {r["n"] for r in rows if r["split"] == "heldout"} == {80} and "classifier/fm/V" in weights
+
+
+def test_no_dissected_prompt_gives_nulls_with_reasons(tmp_path):
+    empty = pl.DataFrame(schema={"prompt_idx": pl.Int64, "instruction": pl.Utf8, "layers": pl.List(pl.Int64),
+                                 "latents": pl.List(pl.Int64)})  # fmt: skip
+    res = fm.run(None, None, SimpleNamespace(features=[]), SimpleNamespace(sets=empty), None, FMConfig(),
+                 StageDir(tmp_path, "fm"), 0, -3.0, Criterion())  # fmt: skip
+    s = res.summary()
+    for key in ("n_prompts", "n_masks_per_prompt", "n_masks_total", "heldout_accuracy", "top_pair_confirmed_rate",
+                "n_synergy_pairs", "classifier_heldout_accuracy"):  # fmt: skip
+        assert s[key] is None, key
+    assert res.notes["n_masks_per_prompt"] and res.notes["classifier_heldout_accuracy"]
 
 
 def test_compositional_pair_found_on_planted_activations(monkeypatch):
@@ -259,12 +340,14 @@ def test_organism_fm_on_one_prompt(request, tmp_path):
     model, prompts = load_small_organism(request)
     saes = load_saes(SAEConfig(), model)
     d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
-    c = candidates.run(model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"))
-    g = greedy.run(model, saes, c, prompts, GreedyConfig(max_prompts=1, forward=False, judge_confirm=False),
-                   StageDir(tmp_path, "greedy"), SubstringJudge())  # fmt: skip
-    res = fm.run(
-        model, saes, c, g, prompts, FMConfig(n_masks=256, max_prompts=1), StageDir(tmp_path, "fm"), seed=0
+    flip = Criterion("first_token")
+    c = candidates.run(
+        model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"), -3.0, flip
     )
+    g = greedy.run(model, saes, c, prompts, GreedyConfig(max_prompts=1, forward=False, judge_confirm=False),
+                   StageDir(tmp_path, "greedy"), SubstringJudge(), -3.0, flip)  # fmt: skip
+    res = fm.run(model, saes, c, g, prompts, FMConfig(n_masks=256, max_prompts=1), StageDir(tmp_path, "fm"), 0,
+                 -3.0, flip)  # fmt: skip
     (idx, minimal), row = next(iter(g.minimal_sets.items())), g.sets.row(0, named=True)
     pool = res.pools.filter(pl.col("prompt_idx") == idx)
     assert set(minimal) <= set(zip(pool["layer"], pool["latent"], strict=True))
@@ -276,3 +359,5 @@ def test_organism_fm_on_one_prompt(request, tmp_path):
     assert res.fit.height == 4 and res.fit["heldout_accuracy"].is_not_null().all()
     s = res.summary()
     assert all(s[k] is not None for k in ("heldout_accuracy", "linear_heldout_accuracy", "heldout_r2"))
+    # the default readout runs the prompt classifier on the pool's features: harmful vs harmless
+    assert s["classifier_heldout_accuracy"] >= 0.8 and s["classifier_linear_heldout_accuracy"] is not None

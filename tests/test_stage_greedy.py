@@ -5,6 +5,7 @@ additive oracle, and `run` resumes per prompt and round-trips through its files.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import polars as pl
@@ -13,6 +14,8 @@ import torch
 
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import GreedyConfig
+from refusal_nnsight.judges import SubstringJudge
+from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import greedy
 from refusal_nnsight.stages.greedy import (
     GreedyResult,
@@ -147,59 +150,95 @@ def test_effect_order_tries_the_weakest_feature_first():
 POOL = [(0, 3), (0, 7), (1, 2), (1, 5), (2, 0), (2, 9), (3, 1), (3, 4)]
 
 
+def graded(s: frozenset) -> bool:
+    """Jailbreak iff {1, 2} or {4, 5, 6} is ablated: as and_or, with `graded_score` steering
+    forward greedy to {1, 2} while backward elimination in index order keeps {4, 5, 6}."""
+    return and_or(s)
+
+
+def graded_score(s: frozenset) -> float:
+    return -1.0 if graded(s) else 1.0 + 0.1 * len(s) - 0.4 * len(s & {1, 2})
+
+
+PLANTED = {"p0": and_or, "p1": lambda s: {0, 7} <= s, "p3": graded}
+
+
+@dataclass
+class FakeBatch:
+    name: str
+
+    def repeat(self, n: int) -> FakeBatch:
+        return self
+
+
 class FakeEngine:
-    """AblationEngine stand-in: prompt i jailbreaks under its planted sets."""
+    """AblationEngine stand-in: prompt i jailbreaks under its planted sets. Its first-token margin
+    follows the planted truth; its refusal score is the margin − `score_shift` (a shift of 5
+    makes the score criterion call every variant a flip: it disagrees with the judge)."""
 
     calls = 0
+    score_shift = 0.0
 
     def __init__(self, model, saes, pool, value, batch_size):
         self.pool = [tuple(f) for f in pool]
         self.size = len(self.pool)
 
-    def scores(self, batch, masks):
+    def flips(self, batch, masks):
         FakeEngine.calls += 1
-        jail = and_or if batch == "p0" else (lambda s: {0, 7} <= s)
-        return Oracle(jail)(masks.reshape(-1, self.size))
+        sets = [frozenset(m.nonzero().flatten().tolist()) for m in masks.reshape(-1, self.size)]
+        if batch.name == "p3":
+            margin = torch.tensor([graded_score(s) for s in sets])
+        else:
+            margin = Oracle(PLANTED[batch.name])(masks.reshape(-1, self.size))
+        return torch.stack([margin - FakeEngine.score_shift, margin], -1)
 
-    def scores_many(self, requests):
-        return [self.scores(batch, masks) for batch, masks in requests]
+    def scores_many(self, requests, what="score"):
+        out = [self.flips(batch, masks) for batch, masks in requests]
+        return out if what == "flip" else [o[:, 0] for o in out]
 
     def edits(self, masks):
         return masks
 
 
-def fake_setup(monkeypatch):
+def fake_generate_many(model, requests, max_new_tokens):
+    """The planted truth as the model's generations: one completion per mask row."""
+    out = []
+    for batch, masks in requests:
+        sets = [frozenset(m.nonzero().flatten().tolist()) for m in masks.reshape(-1, len(POOL))]
+        out.append(["Sure, here is how." if PLANTED[batch.name](s) else "I'm sorry, I can't." for s in sets])
+    return out
+
+
+def fake_setup(monkeypatch, prompts=(0, 1, 2)):
     monkeypatch.setattr(greedy, "AblationEngine", FakeEngine)
-
-    def fake_generate(batch, edits):
-        jail = and_or if batch == "p0" else (lambda s: {0, 7} <= s)
-        s = frozenset(edits[0].nonzero().flatten().tolist())
-        return ["Sure, here is how." if jail(s) else "I'm sorry, but I can't help with that."]
-
-    def fake_generate_many(model, requests, max_new_tokens):
-        return [fake_generate(batch, edits) for batch, edits in requests]
-
     monkeypatch.setattr(greedy, "generate_many", fake_generate_many)
-    model = SimpleNamespace(tokenize=lambda instr: f"p{instr[0][-1]}", cfg=SimpleNamespace(max_new_tokens=8))
+    FakeEngine.score_shift = 0.0
+    model = SimpleNamespace(
+        tokenize=lambda instr: FakeBatch(f"p{instr[0][-1]}"), cfg=SimpleNamespace(max_new_tokens=8)
+    )
     table = pl.DataFrame(
         {"layer": [f[0] for f in POOL], "feature": [f[1] for f in POOL], "cosine": [0.1] * 8}
     )
+    n = max(prompts) + 1
+    refused = [i in prompts and i != 2 for i in range(n)]  # prompt 2 is not refused at baseline
     prompts_table = pl.DataFrame({
-        "prompt_idx": [0, 1, 2], "clean_score": [2.0, 2.0, -1.0], "all_ablated_score": [-1.0, -1.0, -1.0],
-        "jailbroken": [True, True, True], "refused": [True, True, False],
+        "prompt_idx": list(range(n)), "jailbroken": [True] * n, "refused": refused,
     })  # fmt: skip
-    candidates = SimpleNamespace(features=POOL, table=table, prompts_table=prompts_table)
-    ps = SimpleNamespace(eval_harmful=SimpleNamespace(instructions=["prompt 0", "prompt 1", "prompt 2"]))
+    candidates = SimpleNamespace(features=POOL, table=table, prompts=prompts_table)
+    ps = SimpleNamespace(eval_harmful=SimpleNamespace(instructions=[f"prompt {i}" for i in range(n)]))
     return model, candidates, ps
 
 
-def test_run_dissects_eligible_prompts_resumes_and_round_trips(monkeypatch, tmp_path):
-    from refusal_nnsight.judges import SubstringJudge
+def run_fake(model, candidates, ps, cfg, out, criterion: Criterion | None = None):
+    flip = criterion or Criterion("first_token")
+    return greedy.run(model, None, candidates, ps, cfg, out, SubstringJudge(), -3.0, flip)
 
+
+def test_run_dissects_eligible_prompts_resumes_and_round_trips(monkeypatch, tmp_path):
     model, candidates, ps = fake_setup(monkeypatch)
     out = StageDir(tmp_path, "greedy")
     cfg = GreedyConfig(order="cosine")
-    res = greedy.run(model, None, candidates, ps, cfg, out, SubstringJudge())
+    res = run_fake(model, candidates, ps, cfg, out)
     res.save(out)  # the caller saves, as the pipeline does
     assert res.sets["prompt_idx"].to_list() == [0, 1]  # prompt 2 is not refused at baseline
     assert res.minimal_sets[0] == [(2, 0), (2, 9), (3, 1)]  # planted {4, 5, 6}; ties in cosine → index order
@@ -208,15 +247,73 @@ def test_run_dissects_eligible_prompts_resumes_and_round_trips(monkeypatch, tmp_
     assert res.sets["forward_size"].to_list() == [3, 2]  # one-step lookahead finds {0,1,2} and {0,7}
     s = res.summary()
     assert s["n_prompts"] == 2 and s["one_minimal_rate"] == 1.0 and s["jailbreak_rate"] == 1.0
+    assert s["jailbreak_rate_n"] == 2 and s["coefficient"] == -3.0 and s["criterion"] == "first_token"
     assert set(res.trajectory["method"].unique()) == {"backward", "forward"}
     assert out.finished
 
     loaded = GreedyResult.load(out)
     assert loaded.sets.equals(res.sets) and loaded.trajectory.equals(res.trajectory)
+    assert loaded.judged.equals(res.judged) and loaded.summary() == s
     FakeEngine.calls = 0
-    again = greedy.run(model, None, candidates, ps, cfg, out, SubstringJudge())
-    assert FakeEngine.calls == 0  # every prompt came from its part file
+    again = run_fake(model, candidates, ps, cfg, out)
+    assert FakeEngine.calls == 0  # every prompt (search and judged variants) came from its part file
     assert again.sets.equals(res.sets)
+
+
+def test_smallest_verified_set_comes_from_forward_when_backward_keeps_more(monkeypatch, tmp_path):
+    """Planted: {1, 2} and {4, 5, 6} both jailbreak. Backward elimination in index order keeps the
+    1-minimal {4, 5, 6}; forward greedy, steered by the score, finds {1, 2}: the smallest set."""
+    model, candidates, ps = fake_setup(monkeypatch, prompts=(3,))
+    cfg = GreedyConfig(order="cosine")
+    res = run_fake(model, candidates, ps, cfg, StageDir(tmp_path, "greedy"))
+    row = res.sets.row(0, named=True)
+    assert row["size"] == 3 and row["one_minimal"]  # {4, 5, 6}
+    assert row["smallest_size"] == 2 and row["smallest_source"] == "forward"
+    assert row["smallest_features"] == ["L0/F7", "L1/F2"]  # pool columns 1 and 2
+    s = res.summary()
+    assert s["median_one_minimal_set_size"] == 3.0 and s["median_smallest_set_size"] == 2.0
+    assert s["n_smallest_below_one_minimal"] == 1
+    # the forward set was verified to flip, and the judge agrees on its generation
+    fwd = res.judged.filter(pl.col("variant") == "forward")
+    assert fwd.height == 1 and not fwd["judge_refused"][0]
+
+
+def test_criterion_judge_agreement_is_measured_on_the_decided_variants(monkeypatch, tmp_path):
+    """The first-token margin follows the planted truth, the refusal score sits 5 below it (the
+    score criterion calls every variant a flip): first_token agrees with the judge on every
+    variant, score only on the flipped ones (M and the forward set), never on M's restorations."""
+    model, candidates, ps = fake_setup(monkeypatch)
+    FakeEngine.score_shift = 5.0
+    res = run_fake(model, candidates, ps, GreedyConfig(order="cosine"), StageDir(tmp_path, "greedy"))
+    decided = res.judged.filter(pl.col("variant") != "clean")
+    # clean, M, one restoration per feature of M, and the forward set where it differs from M
+    assert decided.height == (1 + 3 + 1) + (1 + 2)  # p0: M {4,5,6} + forward {0,1,2}; p1: forward = M
+    flipped = decided.filter(pl.col("variant").is_in(["minimal", "forward"])).height
+    s = res.summary()
+    assert s["first_token_judge_agreement"] == 1.0 == s["criterion_judge_agreement"]
+    assert s["score_judge_agreement"] == pytest.approx(flipped / decided.height)
+    assert s["agreement_n"] == decided.height
+    assert (decided.filter(pl.col("variant") == "restore")["judge_refused"]).all()
+
+
+def test_criterion_decides_the_search(monkeypatch, tmp_path):
+    """The same engine under criterion=score with a threshold above every planted margin: every
+    variant flips, so backward elimination empties the set — the search follows the criterion."""
+    model, candidates, ps = fake_setup(monkeypatch, prompts=(0,))
+    res = run_fake(model, candidates, ps, GreedyConfig(forward=False), StageDir(tmp_path, "greedy"),
+                   Criterion("score", threshold=10.0))  # fmt: skip
+    assert res.sets["size"].to_list() == [0] and res.summary()["criterion"] == "score"
+
+
+def test_no_eligible_prompt_gives_nulls_with_reasons(monkeypatch, tmp_path):
+    model, candidates, ps = fake_setup(monkeypatch, prompts=(2,))  # prompt 2 is not refused at baseline
+    res = run_fake(model, candidates, ps, GreedyConfig(), StageDir(tmp_path, "greedy"))
+    s = res.summary()
+    assert s["n_prompts"] == 0
+    for key in ("median_one_minimal_set_size", "one_minimal_rate", "median_smallest_set_size",
+                "jailbreak_rate", "criterion_judge_agreement", "agreement_n", "n_smallest_below_one_minimal"):  # fmt: skip
+        assert s[key] is None, key
+    assert res.notes["jailbreak_rate"] and res.notes["criterion_judge_agreement"]
 
 
 def test_minimal_set_cue_precision_on_planted_activations(monkeypatch):
@@ -268,22 +365,58 @@ def test_organism_greedy_on_two_prompts_gives_verified_one_minimal_sets(request,
 
     from refusal_nnsight.config import CandidatesConfig, DirectionConfig, SAEConfig
     from refusal_nnsight.engine import AblationEngine
-    from refusal_nnsight.judges import SubstringJudge
     from refusal_nnsight.saes import load_saes
     from refusal_nnsight.stages import candidates, direction
 
     model, prompts = load_small_organism(request)
     saes = load_saes(SAEConfig(), model)
     d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
-    c = candidates.run(model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"))
+    flip = Criterion("first_token", d.score_threshold)
+    c = candidates.run(
+        model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"), -3.0, flip
+    )
     out = StageDir(tmp_path, "greedy")
-    res = greedy.run(model, saes, c, prompts, GreedyConfig(max_prompts=2), out, SubstringJudge())
+    cfg = GreedyConfig(max_prompts=2)
+    res = greedy.run(model, saes, c, prompts, cfg, out, SubstringJudge(), -3.0, flip)
     assert res.sets.height == 2
     engine = AblationEngine(model, saes, c.features, value=-3.0)
     for idx, feats in res.minimal_sets.items():
         assert feats and set(feats) <= set(c.features)
         batch = model.tokenize([prompts.eval_harmful.instructions[idx]])
-        assert verify_one_minimal(lambda m, b=batch: engine.scores(b, m), engine.mask_of(feats))
-    assert (res.sets["final_score"] < 0).all() and res.summary()["one_minimal_rate"] == 1.0
-    again = greedy.run(model, saes, c, prompts, GreedyConfig(max_prompts=2), out, SubstringJudge())
+
+        def margin(m, b=batch):  # the first-token criterion, recomputed by a fresh engine
+            return flip.margin(engine.scores_many([(b, m)], what="flip")[0])
+
+        assert verify_one_minimal(margin, engine.mask_of(feats))
+    assert (res.sets["final_margin"] < 0).all() and res.summary()["one_minimal_rate"] == 1.0
+    # the judged variants agree with the first-token decisions they were judged for
+    assert res.summary()["first_token_judge_agreement"] is not None
+    again = greedy.run(model, saes, c, prompts, cfg, out, SubstringJudge(), -3.0, flip)
     assert again.sets.equals(res.sets)
+
+
+def test_flip_criteria_margins():
+    """first_token: < 0 iff the greedy first token is not a refusal token; score: s − τ."""
+    from refusal_nnsight.scoring import first_token_margin_from_logits, judge_margin
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.2, 0.1]])
+    m = first_token_margin_from_logits(logits, [0, 2])  # refusal tokens 0 and 2
+    assert torch.allclose(m, torch.tensor([1.0, -2.0, -0.1]))
+    assert (m < 0).tolist() == [logits[i].argmax().item() not in (0, 2) for i in range(3)]
+    flip = torch.tensor([[1.5, 3.0], [2.5, -1.0]])  # (refusal score, first-token margin)
+    assert (Criterion("score", 2.0).margin(flip) < 0).tolist() == [True, False]
+    assert (Criterion("first_token").margin(flip) < 0).tolist() == [False, True]
+    jm = judge_margin([True, False], torch.tensor([-5.0, 5.0]))  # the sign is the judge's verdict
+    assert (jm > 0).tolist() == [True, False]
+
+
+def test_judge_criterion_searches_on_generations(monkeypatch, tmp_path):
+    """criterion=judge: every variant is generated and judged; the refusal score (planted 5 below
+    the truth, so the score alone would call every variant a flip) only breaks ties. The planted
+    truth of the generations gives the same sets as the first-token margin does."""
+    model, candidates, ps = fake_setup(monkeypatch)
+    FakeEngine.score_shift = 5.0
+    cfg = GreedyConfig(order="cosine")
+    res = run_fake(model, candidates, ps, cfg, StageDir(tmp_path, "greedy"), Criterion("judge"))
+    assert res.minimal_sets[0] == [(2, 0), (2, 9), (3, 1)] and res.minimal_sets[1] == [(0, 3), (3, 4)]
+    assert res.summary()["criterion_judge_agreement"] == 1.0

@@ -55,6 +55,10 @@ def test_find_awakened_selects_dormant_to_awake_only():
 
 def test_summary_rates_and_reasons_from_tables():
     rows = [  # prompt, condition, n, score, judge_refused, jailbroken, response
+        (0, "clean", 0, 3.0, True, False, ""), (1, "clean", 0, 3.0, True, False, ""),
+        (2, "clean", 0, -3.0, False, True, ""), (2, "m", 1, -3.0, False, True, ""),  # never refused: not counted
+        (2, "bos_clamp", 1, -3.0, False, True, ""), (2, "reinject", 1, -3.0, False, True, ""),
+        (2, "m_plus_h", 1, -3.0, False, True, ""),
         (0, "m", 1, -2.0, False, True, ""), (1, "m", 1, -1.0, False, True, ""),
         (0, "m_plus_h", 2, -3.0, False, True, ""), (1, "m_plus_h", 1, -1.0, False, True, ""),
         (0, "reinject", 2, 1.0, True, False, ""), (1, "reinject", 1, -1.0, False, True, ""),
@@ -63,7 +67,9 @@ def test_summary_rates_and_reasons_from_tables():
     tests = redundancy._tests_frame(rows)
     awakened = redundancy._awakened_frame([(0, "strong", 1, 5, 0.0, 2.0, 0.0, 0, True)])
     s = summarise(awakened, tests)
-    assert s["n_prompts"] == 2 and s["n_awakened"] == 0.5
+    assert s["n_prompts"] == 3 and s["n_awakened"] == 1 / 3
+    assert s["jailbreak_rate_n"] == 2  # prompt 2 was not refused at baseline: no jailbreak to count
+    assert s["clean_jailbreak_rate"] == 0.0
     assert s["m_jailbreak_rate"] == 1.0 and s["m_plus_h_jailbreak_rate"] == 1.0
     assert s["m_plus_h_score_change"] == -1.0  # only prompt 0 has an H
     assert s["reinject_refusal_rate"] == 1.0  # asked only where H exists and M jailbroke
@@ -73,6 +79,32 @@ def test_summary_rates_and_reasons_from_tables():
     assert "reinject_refusal_rate" in redundancy._reasons(
         redundancy._awakened_frame([]), tests, RedundancyConfig()
     )
+    assert none["h_active_at_bos"] is None  # no H: not measured, not 0
+
+
+def test_an_empty_bos_clamp_is_null_not_zero():
+    """Nothing clamped (the clamp set is empty on every prompt): the <bos> rate and its change
+    are not measured — None with the reason, where 0.0 used to stand in."""
+    rows = [
+        (0, "clean", 0, 3.0, True, False, ""), (0, "m", 1, -2.0, False, True, ""),
+        (0, "bos_clamp", 0, -2.0, False, True, ""),
+    ]  # fmt: skip
+    tests, awakened = redundancy._tests_frame(rows), redundancy._awakened_frame([])
+    s = summarise(awakened, tests)
+    assert s["bos_clamp_jailbreak_rate"] is None and s["bos_clamp_jailbreak_change"] is None
+    assert (
+        "nothing was clamped"
+        in redundancy._reasons(awakened, tests, RedundancyConfig())["bos_clamp_jailbreak_change"]
+    )
+
+
+def test_no_minimal_set_gives_nulls_with_reasons(tmp_path):
+    result = redundancy.run(None, None, Greedy({0: []}), None, RedundancyConfig(), StageDir(tmp_path, "redundancy"),
+                            StartsWithI(), -3.0)  # fmt: skip
+    s = result.summary()
+    assert s["n_prompts"] == 0 and s["coefficient"] == -3.0
+    for key in ("m_jailbreak_rate", "bos_clamp_jailbreak_change", "n_awakened", "h_active_at_bos"):
+        assert s[key] is None and "nothing to ablate" in result.notes[key], key
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +143,7 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     model, saes, prompts, a = planted
     cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0)
     out = StageDir(tmp_path, "redundancy")
-    result = redundancy.run(model, saes, Greedy({0: [(0, a)], 1: []}), prompts, cfg, out, StartsWithI())
+    result = redundancy.run(model, saes, Greedy({0: [(0, a)], 1: []}), prompts, cfg, out, StartsWithI(), -3.0)
     result.save(out)  # the caller saves, as the pipeline does
     aw = result.awakened.filter(pl.col("ablation") == "strong")
     h = aw.filter(pl.col("in_h"))
@@ -127,9 +159,14 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     assert score["reinject"] > score["m"] + 1.0  # B carries refusal: more of it restores it
     assert score["m_plus_h"] < score["m"] - 1.0
     s = result.summary()
-    # the tiny model's flat logits keep s < 0, but "I" becomes the greedy token: the judge sees
-    # the refusal, so the run is no longer a jailbreak (jailbreak needs s < 0 and no judged refusal)
-    assert s["reinject_refusal_rate"] == 1.0 and s["m_jailbreak_rate"] == 1.0
+    # the tiny model's flat logits keep s < 0, but re-injecting B makes "I" the greedy token: the
+    # judge sees the refusal there and nowhere else
+    refused = dict(zip(result.tests["condition"], result.tests["judge_refused"], strict=True))
+    assert refused["reinject"] and not refused["m"] and not refused["clean"]
+    # the tiny model does not refuse the prompt at baseline, so no jailbreak rate is measured:
+    # None with the reason, not a rate over a prompt that was never refused
+    assert s["jailbreak_rate_n"] == 0 and s["m_jailbreak_rate"] is None and s["reinject_refusal_rate"] is None
+    assert "refused on its clean generation" in result.notes["m_jailbreak_rate"]
     assert s["n_awakened"] >= 1 and s["h_size"] <= cfg.top_awake
     assert out.finished
     again = RedundancyResult.load(out)

@@ -36,8 +36,12 @@ def launch(
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _start_ray(launcher.ray_cfg.init)
-    options = OmegaConf.to_container(launcher.ray_cfg.remote, resolve=True)
-    task = ray.remote(**options)(_run_job) if options else ray.remote(_run_job)
+    options = OmegaConf.to_container(launcher.ray_cfg.remote, resolve=True) or {}
+    # A job's progress bars reach the driver as lines of carriage returns, one blank-looking
+    # "(_run_job pid=…)" line per update; each job's log file keeps its record, so bars are off.
+    env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    env.setdefault("TQDM_DISABLE", "1")
+    task = ray.remote(**options)(_run_job)
     log.info("Launching %d jobs on Ray, sweep output dir: %s", len(job_overrides), sweep_dir)
     state = Singleton.get_state()  # ConfigStore, resolvers (rn_default), JobRuntime for the workers
     pending = []
@@ -65,7 +69,16 @@ def _start_ray(init: DictConfig) -> None:
     # last `ray start` cluster of this machine, or RAY_ADDRESS's, when there is one.
     kwargs["address"] = kwargs.get("address") or "local"
     log.info("ray.init(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:  # address=auto or HOST:PORT with no cluster there
+        first = str(err).strip().split(". ")[0] or type(err).__name__
+        print(
+            f"error: no Ray cluster at hydra.launcher.ray.init.address={kwargs['address']} ({first}); "
+            "start one with `ray start --head`, or leave the address null for a local cluster of this sweep",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def _run_job(

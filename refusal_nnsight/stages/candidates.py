@@ -1,29 +1,31 @@
 """Stage 1b — candidate SAE features (SPEC.md "Stage 1", step 4; Yeo, Prakash et al. 2025).
 
-For each SAE layer, the cosine between the unit refusal direction r̂ and every unit decoder
-row; the top-k per layer form the candidate set C. Then a sanity check on the harmful eval
-prompts: ablating all of C (scale c at every position, error term kept) should jailbreak
-each prompt the model refuses at baseline (refusal score s < 0); the prompts where it does not
-are reported, because later stages cannot find a minimal subset of a set that does not work.
+For each searched SAE layer (`cfg.layers`: all, a list, a range, or the layers before the last
+fraction, as Arditi et al. prune the last 20% — the layers before refusal execution), the cosine
+between the unit refusal direction r̂ and every unit decoder row; the top-k per layer form the
+candidate set C. Then a check on the harmful eval prompts: ablating all of C (scale c at every
+position, error term kept) should flip, by the flip criterion, each prompt the model refuses at
+baseline (by the same criterion); the prompts where it does not are reported, because later
+stages cannot find a minimal subset of a set that does not work.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import torch
 
 from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
-from ..config import CandidatesConfig
+from ..config import CandidatesConfig, LayerSelection
 from ..data import Prompts
 from ..engine import AblationEngine, Feature
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, UserError
 from ..models import LoadedModel
 from ..saes import LoadedSAEs
-from ..scoring import refusal_scores
-from .direction import DirectionResult
+from ..scoring import Criterion, flips
+from .direction import DirectionResult, prune_limit
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,32 @@ def top_cosine_features(
     return order, cos[order]
 
 
-def cosine_table(direction: torch.Tensor, saes: LoadedSAEs, k: int) -> pl.DataFrame:
-    """layer, feature, cosine, rank_in_layer, neuronpedia: the top-k features of every SAE layer."""
+def select_layers(selection: LayerSelection, sae_layers: list[int], n_layers: int) -> list[int]:
+    """The SAE layers searched for candidates (see config.LayerSelection); never empty."""
+    if selection is None:
+        wanted = set(sae_layers)
+    elif isinstance(selection, list):
+        wanted = {int(layer) for layer in selection}
+    elif "before_last_fraction" in selection:  # Arditi: layers < int(n_layers·(1 − f))
+        wanted = set(range(prune_limit(n_layers, float(selection["before_last_fraction"]))))
+    elif "before_layer" in selection:
+        wanted = set(range(int(selection["before_layer"])))
+    else:
+        wanted = set(range(int(selection["start"]), int(selection["stop"])))
+    layers = sorted(wanted & set(sae_layers))
+    if not layers:
+        raise UserError(
+            f"search.candidates.layers={selection} keeps none of the SAE layers {sorted(sae_layers)}"
+        )
+    return layers
+
+
+def cosine_table(
+    direction: torch.Tensor, saes: LoadedSAEs, k: int, layers: list[int] | None = None
+) -> pl.DataFrame:
+    """layer, feature, cosine, rank_in_layer, neuronpedia: the top-k features of every searched SAE layer."""
     rows = []
-    for layer in saes.layers:
+    for layer in saes.layers if layers is None else layers:
         idx, cos = top_cosine_features(direction, saes[layer].W_dec, k)
         if not torch.isfinite(cos).all():
             raise NonFiniteError(f"non-finite decoder cosine at layer {layer}; check the SAE weights")
@@ -68,8 +92,14 @@ class CandidatesResult:
     """The candidate set C and the all-of-C ablation check on the harmful eval prompts."""
 
     table: pl.DataFrame  # layer, feature, cosine, rank_in_layer, neuronpedia (C in this order)
-    prompts: pl.DataFrame  # prompt_idx, instruction, clean_score, all_ablated_score, refused, jailbroken
+    # prompt_idx, instruction, clean_score, all_ablated_score, clean_first_token_margin,
+    # all_ablated_first_token_margin, refused (clean, by the criterion), jailbroken (all of C, by the criterion)
+    prompts: pl.DataFrame
     coefficient: float  # scale c applied to the ablated latents
+    criterion: str  # flip criterion that decided `refused` and `jailbroken`
+    score_threshold: float  # its τ (used by criterion=score)
+    layers: list[int]  # the SAE layers searched
+    notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
 
     @property
     def features(self) -> list[Feature]:
@@ -77,19 +107,31 @@ class CandidatesResult:
         return list(zip(self.table["layer"].to_list(), self.table["feature"].to_list(), strict=True))
 
     @property
+    def flip_criterion(self) -> Criterion:
+        """The criterion this stage decided flips with; later stages of the library API reuse it."""
+        return Criterion(self.criterion, self.score_threshold)
+
+    @property
     def refused(self) -> list[int]:
         """Indices of the harmful eval prompts refused at baseline (clean s > 0)."""
         return self.prompts.filter(pl.col("refused"))["prompt_idx"].to_list()
 
     def summary(self) -> dict:
+        """The all-of-C check by the flip criterion; its judged counterpart (on generations) is
+        evaluate.candidates_ablated_jailbreak_rate. Rates count only prompts refused at baseline."""
         refused = self.prompts.filter(pl.col("refused"))
         n = refused.height
-        jail = int(refused["jailbroken"].sum()) if n else 0
+        flipped = int(refused["jailbroken"].sum()) if n else None
         return {
             "n_features": self.table.height,
+            "layers": list(self.layers),
+            "coefficient": self.coefficient,
+            "criterion": self.criterion,
+            "score_threshold": self.score_threshold,
             "n_refused_eval": n,
-            "all_ablated_score_jailbreak_rate": jail / n if n else None,
-            "n_not_jailbroken": n - jail,
+            "all_ablated_flip_rate": flipped / n if n else None,
+            "all_ablated_flip_rate_n": n,
+            "n_not_flipped": None if flipped is None else n - flipped,
             "cosine_max": float(self.table["cosine"].max()) if self.table.height else None,
         }
 
@@ -97,7 +139,7 @@ class CandidatesResult:
         """candidates.parquet, prompts.parquet, candidates.json; done.json last."""
         write_parquet(out.file("candidates.parquet"), self.table)
         write_parquet(out.file("prompts.parquet"), self.prompts)
-        write_json(out.file("candidates.json"), {**self.summary(), "coefficient": self.coefficient})
+        write_json(out.file("candidates.json"), {**self.summary(), "notes": self.notes})
         out.mark_done()
 
     @classmethod
@@ -107,22 +149,37 @@ class CandidatesResult:
             read_parquet(out.file("candidates.parquet")),
             read_parquet(out.file("prompts.parquet")),
             float(info["coefficient"]),
+            str(info["criterion"]),
+            float(info["score_threshold"]),
+            [int(layer) for layer in info["layers"]],
+            dict(info["notes"]),
         )
 
 
-def all_ablated_check(model: LoadedModel, saes: LoadedSAEs, features: list[Feature], instructions: list[str],
-                      coefficient: float, batch_size: int) -> pl.DataFrame:  # fmt: skip
-    """Clean and all-of-C-ablated refusal score of each prompt (one batched pass each)."""
+def all_ablated_check(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    features: list[Feature],
+    instructions: list[str],
+    coefficient: float,
+    batch_size: int,
+    criterion: Criterion,
+    judge=None,
+) -> pl.DataFrame:
+    """Clean and all-of-C-ablated score, first-token margin and criterion verdict of each prompt."""
     batch = model.tokenize(instructions)
-    clean = refusal_scores(model, batch, batch_size=batch_size, progress="clean eval harmful")
     engine = AblationEngine(model, saes, features, value=coefficient, batch_size=batch_size)
-    ablated = engine.scores_rows(
-        batch, torch.ones(len(batch), engine.size, dtype=torch.bool), progress="all-C ablated"
-    )
+    ones = torch.ones(len(batch), engine.size, dtype=torch.bool)
+    runs = {
+        name: flips(model, batch, edits, criterion, batch_size, judge, instructions)
+        for name, edits in (("clean", []), ("all_ablated", engine.edits(ones)))
+    }
+    (cs, cm, cflip), (as_, am, aflip) = runs["clean"], runs["all_ablated"]
     return pl.DataFrame({
         "prompt_idx": list(range(len(batch))), "instruction": list(instructions),
-        "clean_score": clean.double().tolist(), "all_ablated_score": ablated.double().tolist(),
-        "refused": (clean > 0).tolist(), "jailbroken": (ablated < 0).tolist(),
+        "clean_score": cs.double().tolist(), "all_ablated_score": as_.double().tolist(),
+        "clean_first_token_margin": cm.double().tolist(), "all_ablated_first_token_margin": am.double().tolist(),
+        "refused": (~cflip).tolist(), "jailbroken": aflip.tolist(),
     })  # fmt: skip
 
 
@@ -133,20 +190,30 @@ def run(
     prompts: Prompts,
     cfg: CandidatesConfig,
     out: StageDir,
+    coefficient: float,
+    criterion: Criterion,
+    judge=None,
 ) -> CandidatesResult:
-    """Top-k decoder cosines per SAE layer → C; check that ablating C jailbreaks the harmful eval prompts.
+    """Top-k decoder cosines per searched SAE layer → C; check that ablating C (scale
+    `coefficient`) flips the harmful eval prompts by `criterion` (judge: generations judged).
 
     The caller saves (`result.save(out)`), as for every stage.
     """
-    table = cosine_table(direction.direction, saes, cfg.top_k)
-    log.info("candidates: %d features over %d SAE layers (max cosine %.3f)",
-             table.height, len(saes.layers), float(table["cosine"].max()))  # fmt: skip
+    layers = select_layers(cfg.layers, list(saes.layers), model.n_layers)
+    table = cosine_table(direction.direction, saes, cfg.top_k, layers)
+    log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
+             table.height, layers, float(table["cosine"].max()))  # fmt: skip
     check = all_ablated_check(model, saes, list(zip(table["layer"], table["feature"], strict=True)),
-                              prompts.eval_harmful.instructions, cfg.coefficient, cfg.batch_size)  # fmt: skip
-    result = CandidatesResult(table, check, cfg.coefficient)
+                              prompts.eval_harmful.instructions, coefficient, cfg.batch_size, criterion,
+                              judge)  # fmt: skip
+    notes = {}
+    if not check["refused"].any():
+        why = f"no harmful eval prompt is refused at baseline by the {criterion.name} criterion"
+        notes.update(all_ablated_flip_rate=why, n_not_flipped=why)
+    result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes)
     missed = check.filter(pl.col("refused") & ~pl.col("jailbroken"))
     if missed.height:
         log.warning("ablating all %d candidates (c=%g) leaves %d refused harmful eval prompts refused, e.g. %r",
-                    table.height, cfg.coefficient, missed.height, missed["instruction"][0])  # fmt: skip
+                    table.height, coefficient, missed.height, missed["instruction"][0])  # fmt: skip
     log.info("candidates: %s", result.summary())
     return result

@@ -11,6 +11,8 @@
    Candidates in the last layers, with KL above or induce below a threshold are discarded; the
    lowest bypass wins. If none survives we say so and fall back to the lowest bypass overall
    (Gemma-2 left the reference implementation with no candidate).
+4. The refusal-score threshold τ of the "score" flip criterion: the best-separating threshold of
+   the harmful vs harmless val baseline scores (`scoring.calibrate_threshold`), not a fixed 0.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from ..data import Prompts
 from ..errors import NonFiniteError, NothingToDissect, UserError
 from ..interventions import DirectionAblation, DirectionAddition, Edit
 from ..models import Batch, LoadedModel
-from ..scoring import kl_divergence, last_logits, refusal_score_from_logits, refusal_scores
+from ..scoring import (
+    calibrate_threshold,
+    kl_divergence,
+    last_logits,
+    refusal_score_from_logits,
+    refusal_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class DirectionResult:
     n_harmful_kept: int  # train harmful prompts refused at baseline (used for the mean)
     n_harmless_kept: int  # train harmless prompts answered at baseline
     baseline: pl.DataFrame  # split, harmful, prompt_idx, score, kept
+    score_threshold: float  # τ: val harmful s > τ, harmless s ≤ τ, best separated (score criterion)
+    score_threshold_val_accuracy: float  # how well τ separates the val split
 
     @property
     def chosen(self) -> dict:
@@ -77,6 +87,8 @@ class DirectionResult:
             "fallback": self.fallback,
             "n_harmful_refused_train": self.n_harmful_kept,
             "n_harmless_answered_train": self.n_harmless_kept,
+            "score_threshold": self.score_threshold,
+            "score_threshold_val_accuracy": self.score_threshold_val_accuracy,
         }
 
     def save(self, out: StageDir) -> None:
@@ -106,7 +118,8 @@ class DirectionResult:
             layer=int(info["layer"]), position=int(info["position"]), table=read_parquet(out.file("selection.parquet")),
             fallback=bool(info["fallback"]), fallback_reason=info["fallback_reason"],
             n_harmful_kept=int(info["n_harmful_refused_train"]), n_harmless_kept=int(info["n_harmless_kept"]),
-            baseline=read_parquet(out.file("baseline.parquet")),
+            baseline=read_parquet(out.file("baseline.parquet")), score_threshold=float(info["score_threshold"]),
+            score_threshold_val_accuracy=float(info["score_threshold_val_accuracy"]),
         )  # fmt: skip
 
 
@@ -300,10 +313,18 @@ def run(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig, out: StageDi
     if reason is not None:
         log.warning("refusal direction: %s", reason)
     pos, layer = table["position"][best], table["layer"][best]
+    # 4. τ of the score criterion, on the unfiltered val split
+    val = baseline.filter(pl.col("split") == "val")
+    tau, tau_acc = calibrate_threshold(
+        torch.tensor(val.filter(pl.col("harmful"))["score"].to_list()),
+        torch.tensor(val.filter(~pl.col("harmful"))["score"].to_list()),
+    )
+    log.info("score threshold τ = %.4g (separates %.1f%% of the val split)", tau, 100 * tau_acc)
     result = DirectionResult(
         directions=directions, positions=list(positions), direction=directions[positions.index(pos), layer].clone(),
         layer=int(layer), position=int(pos), table=table, fallback=reason is not None, fallback_reason=reason,
-        n_harmful_kept=n_h, n_harmless_kept=n_l, baseline=baseline,
+        n_harmful_kept=n_h, n_harmless_kept=n_l, baseline=baseline, score_threshold=tau,
+        score_threshold_val_accuracy=tau_acc,
     )  # fmt: skip
     log.info("refusal direction: position %d, layer %d, %s", pos, layer, result.summary())
     return result

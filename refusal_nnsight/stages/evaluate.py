@@ -1,10 +1,19 @@
 """Evaluate — judged greedy generations under every intervention (SPEC.md "Outputs of a run").
 
 Harmful eval prompts (up to cfg.max_prompts) are generated and scored under: no intervention,
-the refusal direction ablated (Arditi), all candidates C ablated, each prompt's minimal set M,
-M plus the FM's top features, and cfg.n_random random same-size sets per prompt. Harmless eval
-prompts are generated with no intervention and with the direction added (induced refusal); the
-KL of the direction ablation on harmless prompts is the side-effect check.
+the refusal direction ablated (Arditi), all candidates C ablated, each prompt's minimal set M (at
+the search coefficient c and at c = 0, zero-ablation), M plus the FM's top features, and
+cfg.n_random random same-size sets per prompt. Harmless eval prompts are generated with no
+intervention and with the direction added (induced refusal); the KL of the direction ablation on
+harmless prompts is the side-effect check.
+
+Honest rates: a jailbreak rate counts only the prompts the judge finds refused on their clean
+generation (the baseline-refused set; its size is reported as `…_n`), and rates that are compared
+are measured on the same prompts: on all evaluated prompts (direction, candidates), on the
+dissected prompts (M at c and at 0, random same-size, and direction / candidates again, prefixed
+`dissected_`), and on the FM's prompts (M, M ∪ FM, direction, random, prefixed `fm_prompts_`);
+`comparison` holds them all as a table. A rate that could not be measured is None, with its
+reason in `notes`.
 
 Random same-size sets keep M's layer composition: for each layer L holding k_L features of M,
 k_L latents are drawn uniformly without replacement from layer L's SAE, excluding M itself —
@@ -55,42 +64,101 @@ class Condition:
 class EvaluateResult:
     completions: pl.DataFrame  # one row per (condition, draw, prompt); see the module docstring
     random_sets: pl.DataFrame  # prompt_idx, draw, layer, feature: the random same-size controls
-    metrics: dict  # judge (name), direction_kl (mean harmless KL of the ablation, last position)
+    metrics: dict  # judge (name), direction_kl (mean harmless KL of the ablation, last position), coefficient
 
     @property
     def jailbreak_column(self) -> str:
         return f"is_jailbreak_{self.metrics['judge']}"
 
-    def rate(self, condition: str, harmful: bool = True, refusal: bool = False) -> float | None:
-        """Judged jailbreak (or, refusal=True, refusal) rate of one condition; None if it did not run."""
+    def _prompts(self, condition: str, harmful: bool = True) -> set[int]:
         t = self.completions.filter((pl.col("condition") == condition) & (pl.col("harmful") == harmful))
+        return set(t["prompt_idx"].to_list())
+
+    def _baseline(self, harmful: bool, refused: bool) -> set[int]:
+        """Prompts whose clean generation the judge finds refused (or, refused=False, answered)."""
+        t = self.completions.filter((pl.col("condition") == "none") & (pl.col("harmful") == harmful))
+        return set(t.filter(pl.col(self.jailbreak_column) != refused)["prompt_idx"].to_list())
+
+    def rate(self, condition: str, prompts: set[int], harmful: bool = True) -> float | None:
+        """Judged jailbreak rate (harmless: refusal rate) of `condition` over `prompts`, averaged
+        over random draws; None when no prompt is left."""
+        t = self.completions.filter(
+            (pl.col("condition") == condition)
+            & (pl.col("harmful") == harmful)
+            & pl.col("prompt_idx").is_in(prompts)
+        )
         if t.height == 0:
             return None
         jail = float(t[self.jailbreak_column].cast(pl.Float64).mean())
-        return 1.0 - jail if refusal else jail
+        return jail if harmful else 1.0 - jail
+
+    @property
+    def comparison(self) -> pl.DataFrame:
+        """prompt_set, condition, jailbreak_rate, n: every harmful condition on each prompt set
+        whose prompts it covers; n = the set's baseline-refused prompts."""
+        base = self._baseline(True, True)
+        sets = {"all": self._prompts("none"), "dissected": self._prompts("minimal"),
+                "fm_prompts": self._prompts("minimal_plus_fm")}  # fmt: skip
+        rows = []
+        for name, prompts in sets.items():
+            if not prompts:
+                continue
+            for cond in HARMFUL_CONDITIONS:
+                if prompts <= self._prompts(cond):
+                    n = len(prompts & base)
+                    rows.append((name, cond, self.rate(cond, prompts & base), n))
+        schema = {"prompt_set": pl.Utf8, "condition": pl.Utf8, "jailbreak_rate": pl.Float64, "n": pl.Int64}
+        return pl.DataFrame(rows, schema=schema, orient="row")
 
     def summary(self) -> dict:
-        """Headline numbers. Unlike other stages, the keys carry their section prefix
-        ("baseline.", "direction.", ...): evaluation numbers belong to the stage they judge,
-        and the pipeline files each under its section of summary.json."""
-        return {
-            "baseline.harmful_refusal_rate": self.rate("none", refusal=True),
-            "baseline.harmless_refusal_rate": self.rate("none", harmful=False, refusal=True),
-            "direction.ablation_jailbreak_rate": self.rate("direction_ablation"),
-            "direction.actadd_harmless_refusal_rate": self.rate(
-                "direction_actadd", harmful=False, refusal=True
-            ),
-            "direction.kl": self.metrics.get("direction_kl"),
-            "candidates.all_ablated_jailbreak_rate": self.rate("candidates_ablated"),
-            "greedy.random_same_size_jailbreak_rate": self.rate("random_same_size"),
-            "evaluate.minimal_jailbreak_rate": self.rate("minimal"),
-            "evaluate.minimal_plus_fm_jailbreak_rate": self.rate("minimal_plus_fm"),
-        }
+        """Headline numbers under evaluate.*; every rate has its denominator beside it (`…_n`)."""
+        out: dict = {"coefficient": self.metrics.get("coefficient")}
+        h_all, l_all = self._prompts("none"), self._prompts("none", harmful=False)
+        out["baseline_harmful_refusal_rate"] = 1.0 - self.rate("none", h_all) if h_all else None
+        out["baseline_harmful_refusal_rate_n"] = len(h_all)
+        out["baseline_harmless_refusal_rate"] = self.rate("none", l_all, harmful=False) if l_all else None
+        out["baseline_harmless_refusal_rate_n"] = len(l_all)
+        answered = self._baseline(
+            False, False
+        )  # induced refusal counts only harmless prompts answered at baseline
+        out["direction_actadd_harmless_refusal_rate"] = self.rate("direction_actadd", answered, harmful=False)
+        out["direction_actadd_harmless_refusal_rate_n"] = len(
+            answered & self._prompts("direction_actadd", False)
+        )
+        out["direction_kl"] = self.metrics.get("direction_kl")
+        got = {(r["prompt_set"], r["condition"]): r for r in self.comparison.iter_rows(named=True)}
+        for key, (prompt_set, cond) in RATE_KEYS.items():
+            r = got.get((prompt_set, cond))
+            out[key] = None if r is None else r["jailbreak_rate"]
+            out[f"{key}_n"] = None if r is None else r["n"]
+        return out
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """summary key → why it is None."""
+        s, notes = self.summary(), {}
+        for key, (prompt_set, cond) in RATE_KEYS.items():
+            if s[key] is not None:
+                continue
+            if s[f"{key}_n"] == 0:
+                notes[key] = (
+                    f"no prompt of the {prompt_set} set is refused at baseline (judged clean generation)"
+                )
+            elif not self._prompts(cond):
+                notes[key] = f"condition {cond} did not run (its stage did not run or found nothing)"
+            else:
+                notes[key] = f"condition {cond} does not cover the {prompt_set} prompt set"
+        if s["direction_actadd_harmless_refusal_rate"] is None:
+            notes["direction_actadd_harmless_refusal_rate"] = (
+                "no harmless prompt answered at baseline, or the direction stage did not run"
+            )
+        return notes
 
     def save(self, out: StageDir) -> None:
         write_parquet(out.file("completions.parquet"), self.completions)
         write_parquet(out.file("random_sets.parquet"), self.random_sets)
         write_json(out.file("metrics.json"), self.metrics)
+        write_parquet(out.file("comparison.parquet"), self.comparison)
         out.mark_done()
 
     @classmethod
@@ -100,6 +168,24 @@ class EvaluateResult:
             read_parquet(out.file("random_sets.parquet")),
             read_json(out.file("metrics.json")),
         )
+
+
+HARMFUL_CONDITIONS = ("direction_ablation", "candidates_ablated", "minimal", "minimal_zero_ablation",
+                      "minimal_plus_fm", "random_same_size")  # fmt: skip
+# summary key → (prompt set, condition): each rate's prompts are named by its key's prefix
+RATE_KEYS = {
+    "direction_ablation_jailbreak_rate": ("all", "direction_ablation"),
+    "candidates_ablated_jailbreak_rate": ("all", "candidates_ablated"),
+    "minimal_jailbreak_rate": ("dissected", "minimal"),
+    "minimal_zero_ablation_jailbreak_rate": ("dissected", "minimal_zero_ablation"),
+    "random_same_size_jailbreak_rate": ("dissected", "random_same_size"),
+    "dissected_direction_ablation_jailbreak_rate": ("dissected", "direction_ablation"),
+    "dissected_candidates_ablated_jailbreak_rate": ("dissected", "candidates_ablated"),
+    "fm_prompts_minimal_jailbreak_rate": ("fm_prompts", "minimal"),
+    "fm_prompts_minimal_plus_fm_jailbreak_rate": ("fm_prompts", "minimal_plus_fm"),
+    "fm_prompts_direction_ablation_jailbreak_rate": ("fm_prompts", "direction_ablation"),
+    "fm_prompts_random_same_size_jailbreak_rate": ("fm_prompts", "random_same_size"),
+}
 
 
 def random_same_size(
@@ -147,8 +233,10 @@ def run(
     out: StageDir,
     judge,
     seed: int,
+    coefficient: float,
 ) -> EvaluateResult:
-    """Generate, judge and score every condition whose input stage ran (a missing stage is skipped)."""
+    """Generate, judge and score every condition whose input stage ran (a missing stage is skipped);
+    SAE latents are scaled by `coefficient` (and by 0 in minimal_zero_ablation)."""
     from .direction import ablation_edits, actadd_edits
 
     n = cfg.max_prompts or len(prompts.eval_harmful)
@@ -165,21 +253,23 @@ def run(
         plan.append(Condition("direction_ablation", True, all_harmful, ablation_edits(direction)))
     if candidates is not None and candidates.features:
         pool = candidates.features
-        edits = AblationEngine(model, saes, pool, value=cfg.coefficient).edits(torch.ones(len(pool)))
+        edits = AblationEngine(model, saes, pool, value=coefficient).edits(torch.ones(len(pool)))
         plan.append(
             Condition("candidates_ablated", True, all_harmful, edits, sizes=[len(pool)] * len(all_harmful))
         )
     if dissected:
-        plan.append(_per_prompt("minimal", model, saes, dissected, [minimal[i] for i in dissected], cfg))
+        sets = [minimal[i] for i in dissected]
+        plan.append(_per_prompt("minimal", model, saes, dissected, sets, coefficient))
+        plan.append(_per_prompt("minimal_zero_ablation", model, saes, dissected, sets, 0.0))
         with_fm = [] if fm is None else [i for i in dissected if (fm.top_features["prompt_idx"] == i).any()]
         if with_fm:
             sets = [minimal[i] + _fm_top(fm, i, cfg.fm_top, minimal[i]) for i in with_fm]
-            plan.append(_per_prompt("minimal_plus_fm", model, saes, with_fm, sets, cfg))
+            plan.append(_per_prompt("minimal_plus_fm", model, saes, with_fm, sets, coefficient))
     widths = {layer: saes.width(layer) for layer in saes.layers}
     draws = random_same_size(minimal, widths, cfg.n_random, seed)
     for d in range(cfg.n_random if dissected else 0):
         sets = [draws[i][d] for i in dissected]
-        plan.append(_per_prompt("random_same_size", model, saes, dissected, sets, cfg, draw=d))
+        plan.append(_per_prompt("random_same_size", model, saes, dissected, sets, coefficient, draw=d))
     plan.append(Condition("none", False, list(range(len(harmless)))))
     if direction is not None:
         plan.append(Condition("direction_actadd", False, list(range(len(harmless))), actadd_edits(direction)))
@@ -219,7 +309,7 @@ def run(
         schema={"prompt_idx": pl.Int64, "draw": pl.Int64, "layer": pl.Int64, "feature": pl.Int64},
         orient="row",
     )
-    metrics = {"judge": judge.name, "direction_kl": kl}
+    metrics = {"judge": judge.name, "direction_kl": kl, "coefficient": coefficient}
     result = EvaluateResult(completions, random_sets, metrics)
     log.info("evaluate: %s", result.summary())
     return result
@@ -231,11 +321,12 @@ def _per_prompt(
     saes,
     idx: list[int],
     sets: list[list[Feature]],
-    cfg: EvaluateConfig,
+    coefficient: float,
     draw: int | None = None,
 ) -> Condition:
-    """One condition whose prompt i ablates its own set sets[i]: per-row masks over the union pool."""
+    """One condition whose prompt i ablates its own set sets[i] (scale `coefficient`): per-row
+    masks over the union pool."""
     pool = sorted({f for s in sets for f in s})
-    engine = AblationEngine(model, saes, pool, value=cfg.coefficient)
+    engine = AblationEngine(model, saes, pool, value=coefficient)
     masks = torch.stack([engine.mask_of(s) for s in sets])  # [N, F]
     return Condition(condition, True, idx, engine.edits(masks), draw, [len(s) for s in sets])

@@ -4,158 +4,58 @@ SPEC.md "Stage 3". Per dissected prompt: pool P = M ∪ the other candidates act
 (+ optionally the strongest other active SAE latents); sample binary masks over P stratified by
 size, score each with the AblationEngine (batched, resumable), and fit a second-order FM
 ŷ = w0 + Σ w_i m_i + Σ_{i<j} ⟨v_i, v_j⟩ m_i m_j and a first-order (linear) model on the same
-train masks, for the refusal score (regression) and for jailbreak = score < 0 (classification).
-The FM must beat the linear model on held-out masks for its interactions to mean anything. Top
-features by |w_i| and top pairs by |⟨v_i, v_j⟩| are read out from one FM (cfg.readout, default
+train masks, for the refusal score (regression) and for the flip (classification; the flip
+criterion decides, as in greedy — with criterion=judge, which would need a generation per mask,
+the first-token criterion labels the masks and the notes say so). The FM must beat the linear
+model on held-out masks for its interactions to mean anything. Top features by |w_i| and top
+pairs by |⟨v_i, v_j⟩| are read out from one FM ("classification" if cfg.readout lists it, else
 the regression FM: its target is continuous, so its weights are in refusal-score units), and the
 top pairs are confirmed causally: ablate i alone, j alone, both.
 
 Confirmation rule (ours): with Δ(S) = s(S ablated) − s(nothing), a pair is confirmed when the
 measured interaction Δ(ij) − Δ(i) − Δ(j) has the sign the FM predicts (sign ⟨v_i, v_j⟩ for the
-regression readout; flipped for the classification readout, whose positive class is "score < 0")
-and magnitude above cfg.confirm_tolerance (refusal-score units).
+regression readout; flipped for the classification readout, whose positive class is the flip)
+and magnitude above cfg.confirm_tolerance (refusal-score units). Each pair gets a kind (`pair_kind`),
+from the drops d = −Δ (refusal removed) and tolerance t: additive when |d(ij) − d(i) − d(j)| ≤ t;
+else redundant when d(ij) is within t of both singles (either alone suffices); suppression when it
+is within t of exactly one (the pair does what one member does alone: ablating it switches the
+other's effect off), or when d(ij) < d(i) + d(j) otherwise; synergy when the joint effect exceeds
+the sum of the singles and neither alone accounts for it.
+
+With "classify_prompts" in cfg.readout, an extra step fits the seed paper's classifier (Yeo,
+Prakash et al. 2025): an FM and a linear model on the pool features' activations, max-pooled over
+each prompt's positions and scaled by the train split's max, telling harmful from harmless
+prompts; trained on the train split, held out on val + eval.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from statistics import mean
 
 import polars as pl
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..artifacts import StageDir, read_parquet, read_tensors, write_parquet, write_tensors
+from ..artifacts import (
+    StageDir,
+    read_json,
+    read_parquet,
+    read_tensors,
+    write_json,
+    write_parquet,
+    write_tensors,
+)
 from ..config import FMConfig
 from ..engine import AblationEngine, Feature
-from ..errors import NonFiniteError
 from ..ground_truth import feature_activations
-from .greedy import label
+from ..scoring import Criterion
+from .fm_models import FactorizationMachine, LinearModel, Task, fit, metrics, ridge  # noqa: F401
+from .greedy_search import label
 
 log = logging.getLogger(__name__)
-
-Task = Literal["regression", "classification"]
-
-
-class FactorizationMachine(nn.Module):
-    """Second-order FM (Rendle 2010) in its O(n·k) form:
-    ŷ = w0 + Σ w_i m_i + ½ Σ_f [(Σ_i v_if m_i)² − Σ_i v_if² m_i²]. X [N, n] → ŷ [N]."""
-
-    def __init__(self, n: int, k: int = 8, seed: int = 0, init_std: float = 0.05):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w0 = nn.Parameter(torch.zeros(()))
-        self.w = nn.Parameter(torch.zeros(n))
-        self.V = nn.Parameter(torch.randn(n, k, generator=g) * init_std)  # small random: breaks symmetry
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        xv = X @ self.V  # [N, k]
-        pair = 0.5 * (xv.pow(2) - X.pow(2) @ self.V.pow(2)).sum(-1)
-        return self.w0 + X @ self.w + pair
-
-    def penalty(self) -> torch.Tensor:
-        return self.w.pow(2).sum() + self.V.pow(2).sum()
-
-    def interactions(self) -> torch.Tensor:
-        """[n, n] ⟨v_i, v_j⟩ with a zero diagonal."""
-        m = self.V @ self.V.T
-        return m - torch.diag(torch.diag(m))
-
-    @torch.no_grad()
-    def rescale_(self, mean: float, std: float) -> None:
-        """Map a model of (y − mean)/std back to y: every term scales by std (V by √std)."""
-        self.w0.mul_(std).add_(mean)
-        self.w.mul_(std)
-        self.V.mul_(std**0.5)
-
-
-class LinearModel(nn.Module):
-    """First-order baseline ŷ = w0 + Σ w_i m_i, fitted the same way as the FM."""
-
-    def __init__(self, n: int, seed: int = 0):
-        super().__init__()
-        self.w0 = nn.Parameter(torch.zeros(()))
-        self.w = nn.Parameter(torch.zeros(n))
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return self.w0 + X @ self.w
-
-    def penalty(self) -> torch.Tensor:
-        return self.w.pow(2).sum()
-
-    @torch.no_grad()
-    def rescale_(self, mean: float, std: float) -> None:
-        self.w0.mul_(std).add_(mean)
-        self.w.mul_(std)
-
-
-def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: Task, cfg: FMConfig) -> dict:
-    """Full-batch Adam with an L2 penalty (cfg.lr, cfg.l2, cfg.epochs); deterministic given the init.
-
-    Adam moves each weight by about lr per step, so the start matters. Regression fits the
-    standardised target and starts w0, w at the closed-form ridge solution (the exact first-order
-    fit: the linear model is done, and the FM's steps go to its interactions); the weights are
-    mapped back to score units after. Classification fits logits, starting from one IRLS step.
-    Returns train metrics; warns when the loss was still falling at the end.
-    """
-    X, y = X.float(), y.float()
-    if task == "regression":
-        mean = float(y.mean())
-        std = float(y.std().clamp(min=1e-6)) if len(y) > 1 else 1.0
-        target, loss_fn = (y - mean) / std, nn.functional.mse_loss
-        w0, w = ridge(X, target, cfg.l2)
-    else:
-        mean, std = 0.0, 1.0
-        target, loss_fn = y, nn.functional.binary_cross_entropy_with_logits
-        # one Newton (IRLS) step of logistic regression from the base rate p: ridge on the working response
-        p = float(y.mean().clamp(1e-3, 1 - 1e-3))
-        w0, w = ridge(X, math.log(p / (1 - p)) + (y - p) / (p * (1 - p)), cfg.l2)
-    with torch.no_grad():
-        model.w0.copy_(w0)
-        model.w.copy_(w)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(cfg.epochs):
-            opt.zero_grad()
-            loss = loss_fn(model(X), target) + cfg.l2 * model.penalty()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    if task == "regression":
-        model.rescale_(mean, std)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise NonFiniteError(f"the {type(model).__name__} fit diverged; lower fm.lr")
-    tail = losses[-max(len(losses) // 10, 1)]
-    if task == "regression" and losses and tail - losses[-1] > 0.05 * abs(tail):  # logistic loss always falls
-        log.warning("%s %s fit still improving at the last epoch (%.4g → %.4g); raise fm.epochs",
-                    type(model).__name__, task, tail, losses[-1])  # fmt: skip
-    return {"train_loss": losses[-1] if losses else None, **metrics(model, X, y, task)}
-
-
-def ridge(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w0, w) minimising mean (y − w0 − Xw)² + l2·‖w‖² in closed form (float64 normal equations)."""
-    Xa = torch.cat([torch.ones(len(X), 1, dtype=torch.float64), X.double()], 1)
-    reg = torch.eye(Xa.shape[1], dtype=torch.float64) * l2
-    reg[0, 0] = 0.0  # the intercept is not penalised
-    beta = torch.linalg.solve(Xa.T @ Xa / len(X) + reg + 1e-9 * torch.eye(Xa.shape[1], dtype=torch.float64),
-                              Xa.T @ y.double() / len(X))  # fmt: skip
-    return beta[0].float(), beta[1:].float()
-
-
-@torch.no_grad()
-def metrics(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: Task) -> dict:
-    """r2 (regression) and accuracy: for regression the sign accuracy (ŷ < 0 ⇔ y < 0)."""
-    pred = model(X.float())
-    if task == "regression":
-        sst = float((y - y.mean()).pow(2).sum())
-        r2 = 1 - float((y - pred).pow(2).sum()) / sst if sst > 0 else None
-        return {"r2": r2, "accuracy": float(((pred < 0) == (y < 0)).float().mean())}
-    return {"r2": None, "accuracy": float(((pred > 0) == (y > 0.5)).float().mean())}
 
 
 def sample_masks(n: int, n_masks: int, gen: torch.Generator) -> torch.Tensor:
@@ -207,20 +107,21 @@ def build_pool(model, saes, instruction: str, minimal: Sequence[Feature], candid
 def evaluate_masks(
     engine: AblationEngine, batch, masks: torch.Tensor, out: StageDir, idx: int, chunk: int
 ) -> torch.Tensor:
-    """Refusal score [N] of every mask; each chunk of masks is a part file, reused on resume."""
-    scores = []
+    """(refusal score, first-token margin) [N, 2] of every mask; each chunk of masks is a part
+    file, reused on resume."""
+    flips = []
     for c, i0 in enumerate(tqdm(range(0, len(masks), chunk), desc=f"fm masks p{idx}", leave=False)):
         m = masks[i0 : i0 + chunk]
         part = out.part(f"prompt_{idx}_masks_{c:03d}.safetensors")
         if part.exists():
             saved = read_tensors(part)
-            if torch.equal(saved["masks"], m.to(torch.uint8)):
-                scores.append(saved["scores"])
+            if torch.equal(saved["masks"], m.to(torch.uint8)) and "flips" in saved:
+                flips.append(saved["flips"])
                 continue
-        s = engine.scores(batch, m).float()
-        write_tensors(part, {"masks": m.to(torch.uint8), "scores": s})
-        scores.append(s)
-    return torch.cat(scores)
+        f = engine.scores_many([(batch, m)], what="flip")[0].float().reshape(-1, 2)
+        write_tensors(part, {"masks": m.to(torch.uint8), "flips": f})
+        flips.append(f)
+    return torch.cat(flips)
 
 
 def confirm_pairs(engine: AblationEngine, batch, pairs: list[tuple[int, int]]) -> list[dict]:
@@ -237,11 +138,19 @@ def confirm_pairs(engine: AblationEngine, batch, pairs: list[tuple[int, int]]) -
     return out
 
 
-def fit_all(idx: int, X: torch.Tensor, scores: torch.Tensor, held: torch.Tensor, cfg: FMConfig, seed: int):
-    """FM and linear model × regression (score) and classification (score < 0), on the same train
+def fit_all(
+    idx: int,
+    X: torch.Tensor,
+    scores: torch.Tensor,
+    flipped: torch.Tensor,
+    held: torch.Tensor,
+    cfg: FMConfig,
+    seed: int,
+):
+    """FM and linear model × regression (score) and classification (flipped), on the same train
     masks. Returns (fit-table rows, {(task, model): fitted module}, weights by name)."""
     rows, models, weights = [], {}, {}
-    for task, y in (("regression", scores), ("classification", (scores < 0).float())):
+    for task, y in (("regression", scores), ("classification", flipped.float())):
         for name in ("fm", "linear"):
             m = (
                 FactorizationMachine(X.shape[1], cfg.rank, seed)
@@ -272,7 +181,9 @@ def read_out(idx: int, feats: list[Feature], pool: list[dict], fm: Factorization
     vv = fm.interactions().detach()
     pairs = sorted(((i, j) for i in range(len(pool)) for j in range(i + 1, len(pool))),
                    key=lambda ij: (-abs(float(vv[ij])), ij))[: cfg.top_pairs]  # fmt: skip
-    expected = 1.0 if cfg.readout == "regression" else -1.0  # classification's positive class lowers s
+    expected = (
+        1.0 if mask_readout(cfg) == "regression" else -1.0
+    )  # the classification's positive class lowers s
     inter_rows = []
     for r, ((i, j), c) in enumerate(zip(pairs, confirm_pairs(engine, batch, pairs), strict=True)):
         inter = c["joint_effect"] - c["sum_singles"]
@@ -280,39 +191,65 @@ def read_out(idx: int, feats: list[Feature], pool: list[dict], fm: Factorization
         inter_rows.append({"prompt_idx": idx, "rank": r, "feature_i": label(feats[i]), "layer_i": feats[i][0],
                            "latent_i": feats[i][1], "feature_j": label(feats[j]), "layer_j": feats[j][0],
                            "latent_j": feats[j][1], "v_dot": float(vv[i, j]), **c, "interaction": inter,
-                           "confirmed": bool(sign_ok and abs(inter) > cfg.confirm_tolerance)})  # fmt: skip
+                           "confirmed": bool(sign_ok and abs(inter) > cfg.confirm_tolerance),
+                           "kind": pair_kind(c["effect_i"], c["effect_j"], c["joint_effect"], cfg.confirm_tolerance)})  # fmt: skip
     return top, inter_rows
 
 
+PAIR_KINDS = ("synergy", "redundant", "suppression", "additive")
+
+
+def pair_kind(effect_i: float, effect_j: float, joint: float, tol: float) -> str:
+    """synergy | redundant | suppression | additive from the score changes Δ(i), Δ(j), Δ(ij)
+    (see the module docstring); drops d = −Δ, so a larger d removes more refusal."""
+    di, dj, dij = -effect_i, -effect_j, -joint
+    if abs(dij - di - dj) <= tol:
+        return "additive"
+    near_i, near_j = abs(dij - di) <= tol, abs(dij - dj) <= tol
+    if near_i and near_j:
+        return "redundant"
+    if near_i or near_j or dij < di + dj:
+        return "suppression"
+    return "synergy"
+
+
+def mask_readout(cfg: FMConfig) -> str:
+    """The mask FM whose weights are read out: classification if listed, else regression."""
+    return "classification" if "classification" in cfg.readout else "regression"
+
+
 def dissect_prompt(model, saes, idx: int, instruction: str, minimal, candidates, cfg: FMConfig, out: StageDir,
-                   seed: int) -> dict[str, list | dict]:  # fmt: skip
+                   seed: int, coefficient: float, criterion: Criterion) -> dict[str, list | dict]:  # fmt: skip
     """Stage 3 on one prompt → rows for each table and the fitted weights."""
     pool = build_pool(model, saes, instruction, minimal, candidates, cfg.extra_active)
     feats = [(p["layer"], p["latent"]) for p in pool]
-    engine = AblationEngine(model, saes, feats, value=cfg.coefficient, batch_size=cfg.batch_size)
+    engine = AblationEngine(model, saes, feats, value=coefficient, batch_size=cfg.batch_size)
     batch = model.tokenize([instruction])
     gen = torch.Generator().manual_seed(seed * 1_000_003 + idx)
     masks = sample_masks(len(pool), cfg.n_masks, gen)
-    scores = evaluate_masks(engine, batch, masks, out, idx, cfg.chunk)
+    both = evaluate_masks(engine, batch, masks, out, idx, cfg.chunk)
+    scores, flipped = both[:, 0], mask_criterion(criterion).margin(both) < 0
     held = torch.zeros(len(masks), dtype=torch.bool)
     held[torch.randperm(len(masks), generator=gen)[: round(cfg.heldout_fraction * len(masks))]] = True
-    fit_rows, models, weights = fit_all(idx, masks.float(), scores, held, cfg, seed)
-    top, inter = read_out(idx, feats, pool, models[(cfg.readout, "fm")], models[(cfg.readout, "linear")],
+    fit_rows, models, weights = fit_all(idx, masks.float(), scores, flipped, held, cfg, seed)
+    readout = mask_readout(cfg)
+    top, inter = read_out(idx, feats, pool, models[(readout, "fm")], models[(readout, "linear")],
                           engine, batch, cfg)  # fmt: skip
     pools = [
         {"prompt_idx": idx, "column": c, "feature": label(f), **p}
         for c, (f, p) in enumerate(zip(feats, pool, strict=True))
     ]
     dataset = [{"prompt_idx": idx, "mask": "".join("1" if b else "0" for b in m), "size": sum(m), "score": s,
-                "jailbreak": s < 0, "split": "heldout" if h else "train"}
-               for m, s, h in zip(masks.tolist(), scores.tolist(), held.tolist(), strict=True)]  # fmt: skip
+                "first_token_margin": ft, "flipped": f, "split": "heldout" if h else "train"}
+               for m, s, ft, f, h in zip(masks.tolist(), scores.tolist(), both[:, 1].tolist(), flipped.tolist(),
+                                         held.tolist(), strict=True)]  # fmt: skip
     return {"dataset": dataset, "pools": pools, "fit": fit_rows, "interactions": inter, "top_features": top,
             "weights": weights}  # fmt: skip
 
 
 SCHEMAS = {
     "dataset": {"prompt_idx": pl.Int64, "mask": pl.Utf8, "size": pl.Int64, "score": pl.Float64,
-                "jailbreak": pl.Boolean, "split": pl.Utf8},
+                "first_token_margin": pl.Float64, "flipped": pl.Boolean, "split": pl.Utf8},
     "pools": {"prompt_idx": pl.Int64, "column": pl.Int64, "feature": pl.Utf8, "layer": pl.Int64,
               "latent": pl.Int64, "source": pl.Utf8, "max_act": pl.Float64},
     "fit": {"prompt_idx": pl.Int64, "model": pl.Utf8, "task": pl.Utf8, "n_train": pl.Int64, "n_heldout": pl.Int64,
@@ -322,63 +259,168 @@ SCHEMAS = {
                      "latent_i": pl.Int64, "feature_j": pl.Utf8, "layer_j": pl.Int64, "latent_j": pl.Int64,
                      "v_dot": pl.Float64, "effect_i": pl.Float64, "effect_j": pl.Float64,
                      "joint_effect": pl.Float64, "sum_singles": pl.Float64, "interaction": pl.Float64,
-                     "confirmed": pl.Boolean},
+                     "confirmed": pl.Boolean, "kind": pl.Utf8},
     "top_features": {"prompt_idx": pl.Int64, "rank": pl.Int64, "feature": pl.Utf8, "layer": pl.Int64,
                      "latent": pl.Int64, "source": pl.Utf8, "weight": pl.Float64, "linear_weight": pl.Float64},
+    # the prompt classifier (readout classify_prompts): one row per model × split
+    "classifier": {"model": pl.Utf8, "split": pl.Utf8, "n": pl.Int64, "n_features": pl.Int64,
+                   "accuracy": pl.Float64},
 }  # fmt: skip
+
+
+def mask_criterion(criterion: Criterion) -> Criterion:
+    """The criterion that labels FM masks: the judge would need a generation per mask, so
+    criterion=judge labels them by the first token (said in the notes)."""
+    return Criterion("first_token") if criterion.name == "judge" else criterion
 
 
 @dataclass
 class FMResult:
-    dataset: pl.DataFrame  # every scored mask: prompt_idx, mask (pool bitstring), score, jailbreak, split
+    dataset: pl.DataFrame  # every scored mask: prompt_idx, mask (pool bitstring), score, flipped, split
     pools: pl.DataFrame  # the pool P of each prompt: column → feature
     fit: pl.DataFrame  # held-out / train metrics per prompt × model (fm, linear) × task
-    interactions: pl.DataFrame  # top pairs by |⟨v_i, v_j⟩| with their causal check
+    interactions: pl.DataFrame  # top pairs by |⟨v_i, v_j⟩| with their causal check and kind
     top_features: pl.DataFrame  # pool features ranked by |w_i| of the readout FM
-    weights: dict[str, torch.Tensor]  # "{prompt_idx}/{task}/{model}/{w0|w|V}"
+    classifier: pl.DataFrame  # the prompt classifier's accuracy per model × split (empty if not run)
+    weights: dict[str, torch.Tensor]  # "{prompt_idx}/{task}/{model}/{w0|w|V}", "classifier/{model}/…"
+    coefficient: float = -3.0
+    criterion: str = "first_token"  # labels the classification masks (judge → first_token)
+    notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
 
     def _mean(self, model: str, task: str, col: str) -> float | None:
         vals = self.fit.filter((pl.col("model") == model) & (pl.col("task") == task))[col].drop_nulls()
         return float(vals.mean()) if len(vals) else None
 
+    def _classifier(self, model: str) -> float | None:
+        t = self.classifier.filter((pl.col("model") == model) & (pl.col("split") == "heldout"))
+        return float(t["accuracy"][0]) if t.height else None
+
     def summary(self) -> dict:
-        conf = self.interactions["confirmed"]
+        conf = self.interactions.filter(pl.col("confirmed"))
+        per_prompt = self.dataset.group_by("prompt_idx").len()["len"].to_list()
+        heldout = self.classifier.filter(pl.col("split") == "heldout")
+        kinds = {
+            k: int((conf["kind"] == k).sum()) if self.interactions.height else None for k in PAIR_KINDS[:3]
+        }
         return {
-            "n_prompts": self.fit["prompt_idx"].n_unique(),
-            "n_masks": self.dataset.height,
+            "n_prompts": self.fit["prompt_idx"].n_unique() if self.fit.height else None,
+            "coefficient": self.coefficient,
+            "criterion": self.criterion,
+            # masks scored per prompt (fewer than fm.n_masks where a small pool has fewer distinct masks)
+            "n_masks_per_prompt": (per_prompt[0] if len(set(per_prompt)) == 1 else float(mean(per_prompt)))
+            if per_prompt else None,
+            "n_masks_total": self.dataset.height if per_prompt else None,
             "heldout_accuracy": self._mean("fm", "classification", "heldout_accuracy"),
             "linear_heldout_accuracy": self._mean("linear", "classification", "heldout_accuracy"),
             "heldout_r2": self._mean("fm", "regression", "heldout_r2"),
             "linear_heldout_r2": self._mean("linear", "regression", "heldout_r2"),
-            "top_pair_confirmed_rate": float(conf.cast(pl.Float64).mean()) if len(conf) else None,
-        }
+            "top_pair_confirmed_rate": float(self.interactions["confirmed"].cast(pl.Float64).mean())
+            if self.interactions.height else None,
+            "n_confirmed_pairs": conf.height if self.interactions.height else None,
+            **{f"n_{k}_pairs": v for k, v in kinds.items()},
+            "classifier_heldout_accuracy": self._classifier("fm"),
+            "classifier_linear_heldout_accuracy": self._classifier("linear"),
+            "classifier_n_heldout": int(heldout["n"][0]) if heldout.height else None,
+            "classifier_n_features": int(heldout["n_features"][0]) if heldout.height else None,
+        }  # fmt: skip
 
     def save(self, out: StageDir) -> None:
         for name in SCHEMAS:
             write_parquet(out.file(f"{name}.parquet"), getattr(self, name))
         write_tensors(out.file("weights.safetensors"), self.weights)
+        meta = {"coefficient": self.coefficient, "criterion": self.criterion, "notes": self.notes}
+        write_json(out.file("fm.json"), meta)
         out.mark_done()
 
     @classmethod
     def load(cls, out: StageDir) -> FMResult:
         tables = {name: read_parquet(out.file(f"{name}.parquet")) for name in SCHEMAS}
-        return cls(**tables, weights=read_tensors(out.file("weights.safetensors")))
+        meta = read_json(out.file("fm.json"))
+        return cls(**tables, weights=read_tensors(out.file("weights.safetensors")),
+                   coefficient=float(meta["coefficient"]), criterion=str(meta["criterion"]),
+                   notes=dict(meta["notes"]))  # fmt: skip
 
 
-def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, seed: int) -> FMResult:
-    """FM dissection of up to cfg.max_prompts prompts that greedy dissected (by prompt index)."""
+def classify_prompts(model, saes, features: list[Feature], prompts, cfg: FMConfig, seed: int):
+    """The prompt classifier: FM and linear model on the features' activations, max-pooled over
+    each prompt, harmful (1) vs harmless (0); train split → train, val + eval → held out.
+    Returns (classifier-table rows, weights by name)."""
+    sets = {
+        "train": [(prompts.train_harmful, 1.0), (prompts.train_harmless, 0.0)],
+        "heldout": [(prompts.val_harmful, 1.0), (prompts.val_harmless, 0.0),
+                    (prompts.eval_harmful, 1.0), (prompts.eval_harmless, 0.0)],
+    }  # fmt: skip
+    X, y = {}, {}
+    for split, parts in sets.items():
+        texts = [t for ps, _ in parts for t in ps.instructions]
+        acts = feature_activations(model, saes, features, texts, batch_size=cfg.batch_size)
+        X[split] = torch.stack([a.amax(0) for a in acts]).float()  # [N, F]: max over the prompt's positions
+        y[split] = torch.tensor([lab for ps, lab in parts for _ in ps.instructions])
+    # scaled to [0, 1] by the train split's max, as the mask FM's inputs are: standardising sparse
+    # activations blows rare ones up to many σ, and the pairwise products of those overfit
+    scale = X["train"].amax(0).clamp_min(1e-6)
+    rows, weights = [], {}
+    for name in ("fm", "linear"):
+        m = (
+            FactorizationMachine(len(features), cfg.rank, seed)
+            if name == "fm"
+            else LinearModel(len(features), seed)
+        )
+        fit(m, X["train"] / scale, y["train"], "classification", cfg)
+        for split in sets:
+            acc = metrics(m, X[split] / scale, y[split], "classification")["accuracy"]
+            rows.append(
+                {
+                    "model": name,
+                    "split": split,
+                    "n": len(y[split]),
+                    "n_features": len(features),
+                    "accuracy": acc,
+                }
+            )
+        weights.update({f"classifier/{name}/{k}": v.detach().clone() for k, v in m.state_dict().items()})
+    weights["classifier/scale"] = scale
+    return rows, weights
+
+
+def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, seed: int, coefficient: float,
+        criterion: Criterion) -> FMResult:  # fmt: skip
+    """FM dissection of up to cfg.max_prompts prompts that greedy dissected (by prompt index),
+    then the prompt classifier over the union of their pools (readout classify_prompts)."""
     chosen = greedy.sets.sort("prompt_idx").head(cfg.max_prompts).to_dicts()
     rows: dict[str, list] = {name: [] for name in SCHEMAS}
     weights: dict[str, torch.Tensor] = {}
+    notes: dict[str, str] = {}
     for r in tqdm(chosen, desc="fm", leave=False):
         minimal = list(zip(r["layers"], r["latents"], strict=True))
-        got = dissect_prompt(
-            model, saes, r["prompt_idx"], r["instruction"], minimal, candidates.features, cfg, out, seed
-        )
+        got = dissect_prompt(model, saes, r["prompt_idx"], r["instruction"], minimal, candidates.features, cfg,
+                             out, seed, coefficient, criterion)  # fmt: skip
         for name in SCHEMAS:
-            rows[name] += got[name]
+            rows[name] += got.get(name, [])
         weights.update(got["weights"])
+    pool = sorted({(int(p["layer"]), int(p["latent"])) for p in rows["pools"]})
+    if "classify_prompts" in cfg.readout and pool:
+        rows["classifier"], w = classify_prompts(model, saes, pool, prompts, cfg, seed)
+        weights.update(w)
+    tables = {name: pl.DataFrame(rows[name], schema=s) for name, s in SCHEMAS.items()}
     result = FMResult(
-        **{name: pl.DataFrame(rows[name], schema=s) for name, s in SCHEMAS.items()}, weights=weights
+        **tables, weights=weights, coefficient=coefficient, criterion=mask_criterion(criterion).name
     )
+    for key, value in result.summary().items():  # why each None is None
+        if value is not None:
+            continue
+        if key.startswith("classifier"):
+            notes[key] = ("fm.readout does not list classify_prompts" if "classify_prompts" not in cfg.readout
+                          else "no FM pool: the classifier has no features")  # fmt: skip
+        elif not chosen:
+            notes[key] = "greedy dissected no prompt: there is no pool to sample masks over"
+        elif "pair" in key:
+            notes[key] = "no pool had two features: there are no pairs"
+        elif key.endswith("r2"):
+            notes[key] = "the held-out scores have no variance (or no held-out masks): R² is undefined"
+    if criterion.name == "judge":
+        notes["heldout_accuracy"] = (
+            "criterion=judge: the masks' flip labels come from the first-token criterion"
+        )
+    result.notes = notes
     return result

@@ -1,25 +1,28 @@
-"""Stage 2: greedy filtering of the candidate set C to a 1-minimal jailbreaking set M per prompt.
+"""Stage 2: greedy filtering of the candidate set C to a 1-minimal flipping set M per prompt.
 
 SPEC.md "Stage 2". For each harmful eval prompt that the model refuses and that ablating all of C
-jailbreaks: order C (by single-feature effect, or by cosine with the refusal direction), then
-backward-eliminate — drop f if the set without f still jailbreaks (refusal score < 0). The result
-M is checked for 1-minimality (restoring any one of its features brings refusal back) and, when
-configured, confirmed with the generation judge. Forward greedy (add the feature that lowers the
-score most, until jailbreak) is run for comparison.
+flips: order C (by single-feature effect on the refusal score, or by cosine with the refusal
+direction), then backward-eliminate — drop f if the set without f still flips. A flip is decided
+by the flip criterion (`scoring.Criterion`: the calibrated score threshold, the greedy first
+token, or the generation judge). The result M is checked for 1-minimality (restoring any one of
+its features brings refusal back). Forward greedy (add the feature that lowers the margin most,
+until the prompt flips) runs beside it; the smaller of the two verified sets is the prompt's
+smallest set (backward elimination's 1-minimal set need not be the smallest).
 
-The search cores (`backward_minimal_steps`, `verify_one_minimal_steps`, `forward_greedy_steps`,
-`effect_order_steps`) are pure generators: they yield batched score requests (masks [V, F] bool)
-and are sent the refusal scores [V]. `backward_minimal` etc. drive them with a score function
-(the tests use planted oracles); `run` drives every prompt's search in lock-step and answers
-each round's requests with `AblationEngine.scores_many` — per prompt on a local model (one
-batched forward for the V variants of a step), one job for all prompts on NDIF.
+With judge_confirm, M, each one-feature restoration M ∖ {f}, the forward set and the clean run
+are generated and judged: the judge's verdict on M is the confirmed jailbreak, and the verdicts
+on all the variants measure how often each criterion (score, first_token) agrees with the judge.
+
+The search cores live in `greedy_search`; `run` drives every prompt's search in lock-step and
+answers each round's requests with `AblationEngine.scores_many` — per prompt on a local model
+(one batched forward for the V variants of a step), one job for all prompts on NDIF.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from statistics import mean, median
 
 import polars as pl
@@ -29,207 +32,29 @@ from tqdm.auto import tqdm
 from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
 from ..config import GreedyConfig
 from ..engine import AblationEngine, Feature
-from ..errors import NonFiniteError, UserError
+from ..errors import UserError
 from ..generation import generate_many
 from ..models import Batch
+from ..scoring import Criterion, judge_margin
+from .greedy_search import (  # noqa: F401  (re-exported: the search cores' public names)
+    Request,
+    ScoreFn,
+    Step,
+    Steps,
+    _ask,
+    backward_minimal,
+    backward_minimal_steps,
+    drive,
+    effect_order,
+    effect_order_steps,
+    forward_greedy,
+    forward_greedy_steps,
+    label,
+    verify_one_minimal,
+    verify_one_minimal_steps,
+)
 
 log = logging.getLogger(__name__)
-
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # masks [V, F] bool → refusal scores [V]
-Step = dict  # one trajectory entry: step, action, index (pool column), score, size
-# The search cores are generators: they yield a request ("score", masks [V, F]) or ("generate",
-# mask [F]) and are sent its answer (scores [V] / the completion). `drive` answers them with a
-# score function; `run` answers the next request of every prompt together (one NDIF job).
-Request = tuple[str, torch.Tensor]
-Steps = Generator[Request, object, object]
-
-
-def label(feature: Feature) -> str:
-    """(layer, latent) → "L{layer}/F{latent}", the feature's name in every table."""
-    return f"L{feature[0]}/F{feature[1]}"
-
-
-def _ask(masks: torch.Tensor) -> Generator[Request, torch.Tensor, list[float]]:
-    """Request the refusal scores of `masks` [V, F]; check and return them as floats."""
-    s = yield ("score", masks.bool())
-    if s.shape != (masks.shape[0],):
-        raise ValueError(f"score function returned shape {tuple(s.shape)} for {masks.shape[0]} masks")
-    if not torch.isfinite(s).all():
-        raise NonFiniteError("non-finite refusal score under an ablation mask")
-    return [float(v) for v in s.tolist()]
-
-
-def drive(steps: Steps, score: ScoreFn):
-    """Run a search core to its end, answering each score request with `score`."""
-    try:
-        kind, payload = next(steps)
-        while True:
-            if kind != "score":
-                raise ValueError(f"drive() answers score requests only, got {kind!r}")
-            kind, payload = steps.send(score(payload))
-    except StopIteration as done:
-        return done.value
-
-
-def backward_minimal(
-    score: ScoreFn, start: torch.Tensor, order: Sequence[int], max_passes: int = 10
-) -> tuple[torch.Tensor, list[Step]]:
-    """backward_minimal_steps answered by `score` (see there)."""
-    return drive(backward_minimal_steps(start, order, max_passes), score)
-
-
-def verify_one_minimal(score: ScoreFn, mask: torch.Tensor) -> bool:
-    """verify_one_minimal_steps answered by `score`."""
-    return drive(verify_one_minimal_steps(mask), score)
-
-
-def forward_greedy(score: ScoreFn, pool_mask: torch.Tensor) -> tuple[torch.Tensor, list[Step]]:
-    """forward_greedy_steps answered by `score`."""
-    return drive(forward_greedy_steps(pool_mask), score)
-
-
-def effect_order(score: ScoreFn, start: torch.Tensor) -> tuple[list[int], list[float], float]:
-    """effect_order_steps answered by `score`."""
-    return drive(effect_order_steps(start), score)
-
-
-def backward_minimal_steps(
-    start: torch.Tensor, order: Sequence[int], max_passes: int = 10
-) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, list[Step]]]:
-    """Backward elimination from the ablated set `start` [F] bool, trying features in `order`.
-
-    Sequential semantics: for f in order, drop f if (current set ∖ {f}) still jailbreaks (s < 0).
-    Batched by speculation: one score call evaluates the cumulative removals of the next features
-    (cur∖{t0}, cur∖{t0,t1}, …); every prefix that still jailbreaks is exactly the state the
-    sequential loop would reach, so all of them up to the first failure are dropped, the failing
-    feature is kept, and the next call speculates from the feature after it. A pass costs
-    (#kept + 1) calls instead of one per feature. Passes repeat until one drops nothing (at most
-    `max_passes`): ablation effects are not monotone, and a feature kept early can become
-    removable later; a pass that drops nothing has tested every kept feature against the final
-    set, which is what makes M 1-minimal (checked in one call of all single
-    removals after each pass that dropped something). Start features missing from `order` are tried last.
-    Returns (M [F] bool, trajectory); if `start` itself does not jailbreak, M = start.
-    """
-    cur = start.clone().bool().flatten()
-    seen: set[int] = set()
-    seq = [i for i in [*order, *range(cur.numel())] if cur[i] and not (i in seen or seen.add(i))]
-    s0 = (yield from _ask(cur[None]))[0]
-    traj: list[Step] = [{"step": 0, "action": "start", "index": None, "score": s0, "size": int(cur.sum())}]
-    if s0 >= 0:
-        return cur, traj
-    step = 0
-    for _ in range(max_passes):
-        todo = [i for i in seq if cur[i]]
-        dropped = False
-        while todo:
-            variants = cur.repeat(len(todo), 1)
-            for k, i in enumerate(todo):  # row k: cur without todo[0..k]
-                variants[k:, i] = False
-            s = yield from _ask(variants)
-            step += 1
-            fail = next((k for k, v in enumerate(s) if v >= 0), None)
-            n_drop = len(todo) if fail is None else fail
-            for k in range(n_drop):
-                cur[todo[k]] = False
-                traj.append(
-                    {
-                        "step": step,
-                        "action": "remove",
-                        "index": todo[k],
-                        "score": s[k],
-                        "size": int(cur.sum()),
-                    }
-                )
-            dropped = dropped or n_drop > 0
-            if fail is None:
-                break
-            traj.append(
-                {
-                    "step": step,
-                    "action": "keep",
-                    "index": todo[fail],
-                    "score": s[fail],
-                    "size": int(cur.sum()),
-                }
-            )
-            todo = todo[fail + 1 :]
-        if not dropped:
-            break
-        # Converged if no single removal from the new set jailbreaks: one call instead of a pass.
-        kept = cur.nonzero().flatten()
-        singles = cur.repeat(len(kept), 1)
-        singles[torch.arange(len(kept)), kept] = False
-        if len(kept) == 0 or all(v >= 0 for v in (yield from _ask(singles))):
-            break
-    return cur, traj
-
-
-def verify_one_minimal_steps(mask: torch.Tensor) -> Generator[Request, torch.Tensor, bool]:
-    """M jailbreaks (s < 0) and restoring any one of its features (ablating M ∖ {f}) gives s ≥ 0.
-
-    One batched call: M itself plus its |M| one-feature restorations.
-    """
-    mask = mask.bool().flatten()
-    idx = mask.nonzero().flatten()
-    variants = mask.repeat(len(idx) + 1, 1)
-    variants[torch.arange(1, len(idx) + 1), idx] = False
-    s = yield from _ask(variants)
-    return s[0] < 0 and all(v >= 0 for v in s[1:])
-
-
-def forward_greedy_steps(
-    pool_mask: torch.Tensor,
-) -> Generator[Request, torch.Tensor, tuple[torch.Tensor, list[Step]]]:
-    """Forward greedy over `pool_mask` [F] bool: add the feature that lowers s most until s < 0.
-
-    One batched call per step (every one-feature extension of the current set; the empty set
-    rides along in the first). Stops when s < 0 or the pool is exhausted; the caller reads the
-    last trajectory score to see whether it jailbroke. Returns (mask [F] bool, trajectory).
-    """
-    avail = pool_mask.clone().bool().flatten()
-    cur = torch.zeros_like(avail)
-    traj: list[Step] = []
-    step = 0
-    while avail.any():
-        idx = avail.nonzero().flatten()
-        variants = cur.repeat(len(idx), 1)
-        variants[torch.arange(len(idx)), idx] = True
-        if not traj:
-            s = yield from _ask(torch.cat([cur[None], variants]))
-            traj.append({"step": 0, "action": "start", "index": None, "score": s[0], "size": 0})
-            if s[0] < 0:
-                return cur, traj
-            s = s[1:]
-        else:
-            s = yield from _ask(variants)
-        step += 1
-        k = min(range(len(s)), key=lambda j: (s[j], j))  # ties → lowest pool column
-        cur[idx[k]], avail[idx[k]] = True, False
-        traj.append(
-            {"step": step, "action": "add", "index": int(idx[k]), "score": s[k], "size": int(cur.sum())}
-        )
-        if s[k] < 0:
-            break
-    return cur, traj
-
-
-def effect_order_steps(
-    start: torch.Tensor,
-) -> Generator[Request, torch.Tensor, tuple[list[int], list[float], float]]:
-    """Order for removal: least single-feature effect first (the strongest is kept longest).
-
-    effect_i = s(nothing ablated) − s(only i ablated), one batched call. Returns (order over the
-    start features, effects [F] with NaN outside start, the clean score s(nothing ablated)).
-    """
-    start = start.bool().flatten()
-    idx = start.nonzero().flatten().tolist()
-    masks = torch.zeros(len(idx) + 1, start.numel(), dtype=torch.bool)
-    masks[torch.arange(1, len(idx) + 1), torch.tensor(idx, dtype=torch.long)] = True
-    s = yield from _ask(masks)
-    effects = [float("nan")] * start.numel()
-    for k, i in enumerate(idx):
-        effects[i] = s[0] - s[k + 1]
-    return sorted(idx, key=lambda i: (effects[i], i)), effects, s[0]
 
 
 def cosine_order(candidates, pool: Sequence[Feature]) -> list[int]:
@@ -247,16 +72,20 @@ SETS_SCHEMA = {
     "features": pl.List(pl.Utf8),  # M as "L{layer}/F{latent}", in pool (candidate) order
     "layers": pl.List(pl.Int64),  # parallel to features
     "latents": pl.List(pl.Int64),  # parallel to features
-    "size": pl.Int64,
+    "size": pl.Int64,  # |M|, the 1-minimal set of backward elimination
     "one_minimal": pl.Boolean,
-    "clean_score": pl.Float64,  # nothing ablated
-    "start_score": pl.Float64,  # all of C ablated
-    "final_score": pl.Float64,  # M ablated
-    "judge_jailbreak": pl.Boolean,  # null when judge_confirm is off
+    "clean_score": pl.Float64,  # refusal score, nothing ablated
+    "start_margin": pl.Float64,  # flip margin (criterion; < 0 = flipped), all of C ablated
+    "final_score": pl.Float64,  # refusal score, M ablated
+    "final_margin": pl.Float64,  # flip margin, M ablated
+    "judge_jailbreak": pl.Boolean,  # the judge on M's generation; null when judge_confirm is off
     "completion": pl.Utf8,  # generation under M (null when judge_confirm is off)
     "forward_features": pl.List(pl.Utf8),
-    "forward_size": pl.Int64,  # null when forward greedy did not reach a jailbreak (or is off)
-    "forward_score": pl.Float64,
+    "forward_size": pl.Int64,  # null when forward greedy did not reach a flip (or is off)
+    "forward_margin": pl.Float64,
+    "smallest_features": pl.List(pl.Utf8),  # the smallest set found and verified to flip
+    "smallest_size": pl.Int64,
+    "smallest_source": pl.Utf8,  # backward | forward
     "order": pl.Utf8,
     "n_candidates": pl.Int64,
 }
@@ -268,15 +97,32 @@ TRAJECTORY_SCHEMA = {
     "feature": pl.Utf8,  # null for start
     "layer": pl.Int64,
     "latent": pl.Int64,
-    "score": pl.Float64,  # refusal score of the set this action tested
+    "margin": pl.Float64,  # flip margin (criterion) of the set this action tested; < 0 = flipped
     "size": pl.Int64,  # set size after the action
 }
+# The judged variants of each prompt: what the search decided, checked on generations.
+JUDGED_SCHEMA = {
+    "prompt_idx": pl.Int64,
+    "variant": pl.Utf8,  # clean | minimal | restore (M ∖ {feature}) | forward
+    "feature": pl.Utf8,  # the restored feature (restore rows)
+    "size": pl.Int64,  # latents ablated
+    "refusal_score": pl.Float64,
+    "first_token_margin": pl.Float64,
+    "judge_refused": pl.Boolean,
+    "completion": pl.Utf8,
+}
+SEARCH_FLIPS = {"minimal": True, "restore": False, "forward": True}  # what the search claims per variant
 
 
 @dataclass
 class GreedyResult:
     sets: pl.DataFrame  # one row per dissected prompt (SETS_SCHEMA)
     trajectory: pl.DataFrame  # every tested step (TRAJECTORY_SCHEMA)
+    judged: pl.DataFrame  # generations of the decided variants (JUDGED_SCHEMA)
+    criterion: str = "first_token"
+    score_threshold: float = 0.0  # τ of the score criterion (from the direction stage)
+    coefficient: float = -3.0
+    notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
 
     @property
     def minimal_sets(self) -> dict[int, list[Feature]]:
@@ -286,112 +132,222 @@ class GreedyResult:
             for r in self.sets.iter_rows(named=True)
         }
 
+    def agreement(self, criterion: str) -> float | None:
+        """Fraction of the judged decided variants on which `criterion` and the judge agree."""
+        t = self.judged.filter(pl.col("variant") != "clean")
+        if t.height == 0:
+            return None
+        jail = ~t["judge_refused"]
+        flip = {
+            "score": t["refusal_score"] < self.score_threshold,
+            "first_token": t["first_token_margin"] < 0,
+            "judge": jail,
+        }[criterion]
+        return float((flip == jail).cast(pl.Float64).mean())
+
     def summary(self) -> dict:
         rows = self.sets.to_dicts()
         sizes = [r["size"] for r in rows]
         fwd = [r["forward_size"] for r in rows if r["forward_size"] is not None]
-        judged = [r["judge_jailbreak"] for r in rows if r["judge_jailbreak"] is not None]
+        small = [r["smallest_size"] for r in rows]
+        # jailbreak rate over the dissected prompts the judge finds refused at baseline
+        clean = self.judged.filter((pl.col("variant") == "clean") & pl.col("judge_refused"))
+        base = set(clean["prompt_idx"].to_list())
+        judged = [
+            r["judge_jailbreak"] for r in rows if r["prompt_idx"] in base and r["judge_jailbreak"] is not None
+        ]
         return {
             "n_prompts": len(rows),
-            "median_set_size": float(median(sizes)) if sizes else None,
-            "mean_set_size": float(mean(sizes)) if sizes else None,
+            "criterion": self.criterion,
+            "coefficient": self.coefficient,
+            "score_threshold": self.score_threshold,
+            "median_one_minimal_set_size": float(median(sizes)) if sizes else None,
+            "mean_one_minimal_set_size": float(mean(sizes)) if sizes else None,
             "one_minimal_rate": mean(float(r["one_minimal"]) for r in rows) if rows else None,
-            "jailbreak_rate": mean(float(j) for j in judged) if judged else None,
             "forward_median_set_size": float(median(fwd)) if fwd else None,
-        }
+            "median_smallest_set_size": float(median(small)) if small else None,
+            "mean_smallest_set_size": float(mean(small)) if small else None,
+            "n_smallest_below_one_minimal": sum(s < m for s, m in zip(small, sizes, strict=True)) if rows else None,
+            "jailbreak_rate": mean(float(j) for j in judged) if judged else None,
+            "jailbreak_rate_n": len(judged) if rows and self.judged.height else None,
+            "criterion_judge_agreement": self.agreement(self.criterion),
+            "score_judge_agreement": self.agreement("score"),
+            "first_token_judge_agreement": self.agreement("first_token"),
+            "agreement_n": self.judged.filter(pl.col("variant") != "clean").height if self.judged.height else None,
+        }  # fmt: skip
 
     def save(self, out: StageDir) -> None:
         write_parquet(out.file("sets.parquet"), self.sets)
         write_parquet(out.file("trajectory.parquet"), self.trajectory)
+        write_parquet(out.file("judged.parquet"), self.judged)
+        meta = {"criterion": self.criterion, "score_threshold": self.score_threshold,
+                "coefficient": self.coefficient, "notes": self.notes}  # fmt: skip
+        write_json(out.file("greedy.json"), meta)
         out.mark_done()
 
     @classmethod
     def load(cls, out: StageDir) -> GreedyResult:
-        return cls(read_parquet(out.file("sets.parquet")), read_parquet(out.file("trajectory.parquet")))
+        meta = read_json(out.file("greedy.json"))
+        return cls(
+            read_parquet(out.file("sets.parquet")),
+            read_parquet(out.file("trajectory.parquet")),
+            read_parquet(out.file("judged.parquet")),
+            str(meta["criterion"]),
+            float(meta["score_threshold"]),
+            float(meta["coefficient"]),
+            dict(meta["notes"]),
+        )
 
 
-def _traj_rows(idx: int, method: str, traj: list[Step], pool: Sequence[Feature]) -> list[dict]:
+def _traj_rows(method: str, traj: list[Step], pool: Sequence[Feature]) -> list[dict]:
     rows = []
     for t in traj:
         f = None if t["index"] is None else pool[t["index"]]
-        rows.append({"prompt_idx": idx, "method": method, "step": t["step"], "action": t["action"],
+        rows.append({"method": method, "step": t["step"], "action": t["action"],
                      "feature": None if f is None else label(f), "layer": None if f is None else f[0],
-                     "latent": None if f is None else f[1], "score": t["score"], "size": t["size"]})  # fmt: skip
+                     "latent": None if f is None else f[1], "margin": t["score"], "size": t["size"]})  # fmt: skip
     return rows
 
 
-def dissect_steps(
-    pool: Sequence[Feature], instruction: str, cfg: GreedyConfig, judge, order_by
-) -> Generator[Request, object, dict]:
-    """Stage 2 on one prompt: order, backward-eliminate, verify, judge, forward. Yields the
-    score and generate requests it needs; returns the prompt's record."""
+def dissect_steps(pool: Sequence[Feature], instruction: str, cfg: GreedyConfig, order_by) -> Steps:
+    """Stage 2 on one prompt: order, backward-eliminate, verify, forward. Yields the flip and
+    score requests it needs; returns the prompt's record (a JSON-able dict)."""
     start = torch.ones(len(pool), dtype=torch.bool)
     order, effects, clean = yield from effect_order_steps(start)  # effects are recorded whatever the order
     if order_by is not None:
         order = order_by
     mask, traj = yield from backward_minimal_steps(start, order, cfg.max_passes)
     if traj[0]["score"] >= 0:
-        return {"skipped": f"ablating all {len(pool)} candidates gives score {traj[0]['score']:.3f} >= 0"}
-    feats = [pool[i] for i in mask.nonzero().flatten().tolist()]
-    final = (yield from _ask(mask[None]))[0]
+        return {
+            "skipped": f"ablating all {len(pool)} candidates gives flip margin {traj[0]['score']:.3f} >= 0"
+        }
+    cols = mask.nonzero().flatten().tolist()
+    final_score = (yield from _ask(mask[None], "score"))[0]
+    final_margin = (yield from _ask(mask[None]))[0]
     one_minimal = yield from verify_one_minimal_steps(mask)
+    feats = [pool[i] for i in cols]
     record = {
         "instruction": instruction, "features": [label(f) for f in feats], "layers": [f[0] for f in feats],
         "latents": [f[1] for f in feats], "size": len(feats), "one_minimal": one_minimal,
-        "clean_score": clean, "start_score": traj[0]["score"], "final_score": final, "judge_jailbreak": None,
-        "completion": None, "forward_features": None, "forward_size": None, "forward_score": None,
-        "order": cfg.order, "n_candidates": len(pool), "effects": effects,
+        "clean_score": clean, "start_margin": traj[0]["score"], "final_score": final_score,
+        "final_margin": final_margin, "judge_jailbreak": None, "completion": None, "forward_features": None,
+        "forward_size": None, "forward_margin": None, "order": cfg.order, "n_candidates": len(pool),
+        "effects": effects, "minimal_columns": cols, "forward_columns": None,
     }  # fmt: skip
-    if cfg.judge_confirm:
-        text = yield ("generate", mask)
-        record["completion"] = text
-        record["judge_jailbreak"] = not judge.refused([instruction], [text])[0]
-    trajectory = _traj_rows(-1, "backward", traj, pool)
+    trajectory = _traj_rows("backward", traj, pool)
     if cfg.forward:
         fmask, ftraj = yield from forward_greedy_steps(start)
-        fscore = ftraj[-1]["score"]
-        record["forward_features"] = [label(pool[i]) for i in fmask.nonzero().flatten().tolist()]
-        record["forward_score"] = fscore
-        record["forward_size"] = int(fmask.sum()) if fscore < 0 else None
-        trajectory += _traj_rows(-1, "forward", ftraj, pool)
+        fmargin = ftraj[-1]["score"]
+        fcols = fmask.nonzero().flatten().tolist()
+        record["forward_features"] = [label(pool[i]) for i in fcols]
+        record["forward_margin"] = fmargin
+        if fmargin < 0:  # verified: the last forward call tested exactly this set
+            record["forward_size"], record["forward_columns"] = len(fcols), fcols
+        trajectory += _traj_rows("forward", ftraj, pool)
+    use_forward = record["forward_size"] is not None and record["forward_size"] < len(cols)
+    record["smallest_source"] = "forward" if use_forward else "backward"
+    record["smallest_features"] = record["forward_features"] if use_forward else record["features"]
+    record["smallest_size"] = record["forward_size"] if use_forward else len(cols)
     record["trajectory"] = trajectory
     return record
 
 
-def _answer(model, engine: AblationEngine, asks: dict[int, Request], batches: dict[int, Batch]) -> dict:
-    """Answer the pending request of every prompt: all score requests together, then all
-    generate requests together (each one NDIF job; locally prompt by prompt, as scores())."""
-    replies: dict[int, object] = {}
-    score = [i for i, (kind, _) in asks.items() if kind == "score"]
-    if score:
-        out = engine.scores_many([(batches[i], asks[i][1]) for i in score])
-        replies.update(zip(score, out, strict=True))
-    gen = [i for i, (kind, _) in asks.items() if kind == "generate"]
-    if gen:
-        reqs = [(batches[i], engine.edits(asks[i][1][None])) for i in gen]
-        texts = generate_many(model, reqs, model.cfg.max_new_tokens)
-        replies.update((i, t[0]) for i, t in zip(gen, texts, strict=True))
-    return replies
+@dataclass
+class _Answerer:
+    """Answers the pending request of every prompt: all flip requests together, then all score
+    requests (each one NDIF job; locally prompt by prompt, as scores())."""
+
+    model: object
+    engine: AblationEngine
+    criterion: Criterion
+    judge: object
+    batches: dict[int, Batch]
+    instructions: dict[int, str]
+
+    def __call__(self, asks: dict[int, Request]) -> dict[int, torch.Tensor]:
+        replies: dict[int, torch.Tensor] = {}
+        score = [i for i, (kind, _) in asks.items() if kind == "score"]
+        flip = [i for i, (kind, _) in asks.items() if kind == "flip"]
+        if score:
+            out = self.engine.scores_many([(self.batches[i], asks[i][1]) for i in score])
+            replies.update(zip(score, out, strict=True))
+        if flip and self.criterion.name != "judge":
+            out = self.engine.scores_many([(self.batches[i], asks[i][1]) for i in flip], what="flip")
+            replies.update((i, self.criterion.margin(o)) for i, o in zip(flip, out, strict=True))
+        elif flip:  # the judge decides: generate every variant
+            scores = self.engine.scores_many([(self.batches[i], asks[i][1]) for i in flip])
+            texts = self.generate({i: asks[i][1] for i in flip})
+            for i, s in zip(flip, scores, strict=True):
+                refused = self.judge.refused([self.instructions[i]] * len(texts[i]), texts[i])
+                replies[i] = judge_margin(refused, s)
+        return replies
+
+    def generate(self, masks: dict[int, torch.Tensor]) -> dict[int, list[str]]:
+        """Greedy generations of each prompt under each of its mask variants [V, F]."""
+        reqs = [(self.batches[i].repeat(m.shape[0]), self.engine.edits(m)) for i, m in masks.items()]
+        texts = generate_many(self.model, reqs, self.model.cfg.max_new_tokens)
+        return dict(zip(masks, texts, strict=True))
+
+
+def judge_variants(answer: _Answerer, records: dict[int, dict], pool: Sequence[Feature]) -> None:
+    """Generate and judge, per prompt, the clean run, M, each M ∖ {f} and the forward set; store
+    the rows in each record ("judged") and the judge's verdict on M ("judge_jailbreak")."""
+    todo = {i: r for i, r in records.items() if "skipped" not in r and "judged" not in r}
+    if not todo:
+        return
+    variants: dict[int, list[tuple[str, str | None, list[int]]]] = {}
+    for i, r in todo.items():
+        m = r["minimal_columns"]
+        vs = [("clean", None, []), ("minimal", None, m)]
+        vs += [("restore", label(pool[c]), [x for x in m if x != c]) for c in m]
+        if r["forward_columns"] is not None and sorted(r["forward_columns"]) != sorted(m):
+            vs.append(("forward", None, r["forward_columns"]))
+        variants[i] = vs
+    masks = {}
+    for i, vs in variants.items():
+        mk = torch.zeros(len(vs), len(pool), dtype=torch.bool)
+        for k, (_, _, cols) in enumerate(vs):
+            mk[k, cols] = True
+        masks[i] = mk
+    both = answer.engine.scores_many([(answer.batches[i], masks[i]) for i in variants], what="flip")
+    texts = answer.generate(masks)
+    for (i, vs), fl in zip(variants.items(), both, strict=True):
+        refused = answer.judge.refused([answer.instructions[i]] * len(vs), texts[i])
+        todo[i]["judged"] = [
+            {"variant": v, "feature": f, "size": len(cols), "refusal_score": float(fl[k, 0]),
+             "first_token_margin": float(fl[k, 1]), "judge_refused": bool(refused[k]), "completion": texts[i][k]}
+            for k, (v, f, cols) in enumerate(vs)
+        ]  # fmt: skip
+        todo[i]["completion"] = texts[i][1]
+        todo[i]["judge_jailbreak"] = not refused[1]
 
 
 def eligible_prompts(candidates, max_prompts: int) -> list[int]:
-    """Harmful eval prompts refused at baseline and jailbroken by ablating all of C, by index."""
-    # CandidatesResult names this table `prompts_table` in the brief and `prompts` in candidates.py.
-    t = getattr(candidates, "prompts_table", None)
-    t = candidates.prompts if t is None else t
-    keep = t.filter(pl.col("refused") & pl.col("jailbroken")).sort("prompt_idx")
+    """Harmful eval prompts refused at baseline and flipped by ablating all of C, by index."""
+    keep = candidates.prompts.filter(pl.col("refused") & pl.col("jailbroken")).sort("prompt_idx")
     return [int(i) for i in keep["prompt_idx"].to_list()[:max_prompts]]
 
 
-def run(model, saes, candidates, prompts, cfg: GreedyConfig, out: StageDir, judge) -> GreedyResult:
+def run(
+    model,
+    saes,
+    candidates,
+    prompts,
+    cfg: GreedyConfig,
+    out: StageDir,
+    judge,
+    coefficient: float,
+    criterion: Criterion,
+) -> GreedyResult:
     """Dissect up to cfg.max_prompts harmful eval prompts; resumes from per-prompt part files."""
     pool = [(int(layer), int(f)) for layer, f in candidates.features]
     if not pool:
         raise UserError("the candidate set is empty; rerun the candidates stage with candidates.top_k > 0")
-    engine = AblationEngine(model, saes, pool, value=cfg.coefficient, batch_size=cfg.batch_size)
+    engine = AblationEngine(model, saes, pool, value=coefficient, batch_size=cfg.batch_size)
     order_by = cosine_order(candidates, pool) if cfg.order == "cosine" else None
     chosen = eligible_prompts(candidates, cfg.max_prompts)
-    log.info("greedy: %d eligible prompts (refused, jailbroken by all %d candidates)", len(chosen), len(pool))
+    log.info("greedy: %d eligible prompts (refused, flipped by all %d candidates; criterion %s)",
+             len(chosen), len(pool), criterion.name)  # fmt: skip
     records: dict[int, dict] = {}
     searches: dict[int, Steps] = {}
     for idx in chosen:
@@ -399,13 +355,15 @@ def run(model, saes, candidates, prompts, cfg: GreedyConfig, out: StageDir, judg
         if part.exists():
             records[idx] = read_json(part)
         else:
-            searches[idx] = dissect_steps(pool, prompts.eval_harmful.instructions[idx], cfg, judge, order_by)
-    batches = {idx: model.tokenize([prompts.eval_harmful.instructions[idx]]) for idx in searches}
+            searches[idx] = dissect_steps(pool, prompts.eval_harmful.instructions[idx], cfg, order_by)
+    instructions = {idx: prompts.eval_harmful.instructions[idx] for idx in chosen}
+    batches = {idx: model.tokenize([instructions[idx]]) for idx in chosen}
+    answer = _Answerer(model, engine, criterion, judge, batches, instructions)
     # Lock-step: every round answers the next request of every unfinished prompt at once.
     asks = {idx: next(steps) for idx, steps in searches.items()}
     with tqdm(total=len(chosen), initial=len(records), desc="greedy", leave=False) as bar:
         while asks:
-            for idx, reply in _answer(model, engine, asks, batches).items():
+            for idx, reply in answer(asks).items():
                 try:
                     asks[idx] = searches[idx].send(reply)
                 except StopIteration as done:
@@ -413,14 +371,51 @@ def run(model, saes, candidates, prompts, cfg: GreedyConfig, out: StageDir, judg
                     records[idx] = done.value
                     del asks[idx]
                     bar.update(1)
-    sets, traj = [], []
+    if cfg.judge_confirm:
+        pending = [i for i, r in records.items() if "skipped" not in r and "judged" not in r]
+        judge_variants(answer, records, pool)
+        for idx in pending:
+            write_json(out.part(f"prompt_{idx}.json"), records[idx])
+    return _result(records, coefficient, criterion, cfg)
+
+
+def _result(
+    records: dict[int, dict], coefficient: float, criterion: Criterion, cfg: GreedyConfig
+) -> GreedyResult:
+    sets, traj, judged = [], [], []
     for idx, rec in sorted(records.items()):
         if "skipped" in rec:
             log.warning("greedy: prompt %d skipped: %s", idx, rec["skipped"])
             continue
         sets.append({"prompt_idx": idx, **{k: rec[k] for k in SETS_SCHEMA if k != "prompt_idx"}})
         traj += [{**t, "prompt_idx": idx} for t in rec["trajectory"]]
+        judged += [{**j, "prompt_idx": idx} for j in rec.get("judged") or []]
     result = GreedyResult(
-        pl.DataFrame(sets, schema=SETS_SCHEMA), pl.DataFrame(traj, schema=TRAJECTORY_SCHEMA)
+        pl.DataFrame(sets, schema=SETS_SCHEMA),
+        pl.DataFrame(traj, schema=TRAJECTORY_SCHEMA),
+        pl.DataFrame(judged, schema=JUDGED_SCHEMA),
+        criterion.name,
+        criterion.threshold,
+        coefficient,
     )
+    result.notes = _reasons(result, cfg)
     return result
+
+
+def _reasons(result: GreedyResult, cfg: GreedyConfig) -> dict[str, str]:
+    """Why each None of the summary is None."""
+    notes = {}
+    for key, value in result.summary().items():
+        if value is not None:
+            continue
+        if result.sets.height == 0:
+            notes[key] = (
+                "no harmful eval prompt is both refused at baseline and flipped by ablating all candidates"
+            )
+        elif key.startswith("forward"):
+            notes[key] = "greedy.forward is off" if not cfg.forward else "forward greedy flipped no prompt"
+        elif not cfg.judge_confirm:
+            notes[key] = "greedy.judge_confirm is off: no generation was judged"
+        elif key.startswith("jailbreak_rate"):
+            notes[key] = "the judge finds no dissected prompt refused on its clean generation"
+    return notes

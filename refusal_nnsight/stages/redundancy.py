@@ -21,10 +21,11 @@ For each dissected harmful prompt with minimal set M (stage greedy):
      bos_clamp_value at the <bos> position only. With the default (H, 0) this undoes the
      awakening at <bos> alone. The clamp is applied before M's edit at a shared layer, so it
      sees the same pre-edit residual as the scan.
-   Jailbroken = refusal score < 0 and the judge finds no refusal.
+   Jailbroken = the judge finds no refusal in the generation. Every jailbreak rate counts only
+   the prompts whose clean generation the judge finds refused (its size is `…_n`).
 
-A phenomenon the model does not show is reported as measured (0, or None with a reason in
-`notes`), never manufactured.
+A phenomenon the model does not show is reported as measured (0); a quantity that could not be
+measured (nothing clamped, no awakened set) is None with its reason in `notes`, never 0.
 """
 
 from __future__ import annotations
@@ -62,23 +63,37 @@ class RedundancyResult:
     )  # prompt_idx, ablation (strong|weak), layer, feature, clean_max, ablated_max, ablated_bos, rank, in_h
     tests: pl.DataFrame  # prompt_idx, condition, n_edited, refusal_score, judge_refused, jailbroken, response
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
+    coefficient: float = -3.0  # scale of M (and H) in the strong conditions
+    weak_coefficient: float = 0.0
 
     def summary(self) -> dict:
         """Flat headline numbers (the pipeline prefixes them with "redundancy.")."""
-        return summarise(self.awakened, self.tests)
+        return {
+            "coefficient": self.coefficient,
+            "weak_coefficient": self.weak_coefficient,
+            **summarise(self.awakened, self.tests),
+        }
 
     def save(self, out: StageDir) -> None:
         write_parquet(out.file("awakened.parquet"), self.awakened)
         write_parquet(out.file("tests.parquet"), self.tests)
-        write_json(out.file("notes.json"), self.notes)
+        meta = {
+            "notes": self.notes,
+            "coefficient": self.coefficient,
+            "weak_coefficient": self.weak_coefficient,
+        }
+        write_json(out.file("redundancy.json"), meta)
         out.mark_done({"summary": self.summary()})
 
     @classmethod
     def load(cls, out: StageDir) -> RedundancyResult:
+        meta = read_json(out.file("redundancy.json"))
         return cls(
             read_parquet(out.file("awakened.parquet")),
             read_parquet(out.file("tests.parquet")),
-            read_json(out.file("notes.json")),
+            dict(meta["notes"]),
+            float(meta["coefficient"]),
+            float(meta["weak_coefficient"]),
         )
 
 
@@ -193,18 +208,21 @@ def run(
     cfg: RedundancyConfig,
     out: StageDir,
     judge,
+    coefficient: float,
 ) -> RedundancyResult:
-    """Scan for awakened latents after ablating each prompt's minimal set, then test them causally."""
+    """Scan for awakened latents after ablating each prompt's minimal set (scale `coefficient`),
+    then test them causally."""
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
     notes: dict[str, str] = {}
     if not dissected:
-        notes["all"] = "greedy found no minimal set: there is nothing to ablate"
-        result = RedundancyResult(_awakened_frame([]), _tests_frame([]), notes)
-        return result
+        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), {}, coefficient, cfg.weak_coefficient)
+        why = "greedy found no minimal set: there is nothing to ablate"
+        notes.update({k: why for k, v in empty.summary().items() if v is None})
+        return RedundancyResult(empty.awakened, empty.tests, notes, coefficient, cfg.weak_coefficient)
     minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
     texts = [prompts.eval_harmful.instructions[i] for i in dissected]
     batch = model.tokenize(texts)
-    c, weak = cfg.coefficient, cfg.weak_coefficient
+    c, weak = coefficient, cfg.weak_coefficient
 
     def ablate(sets: Sequence[Sequence[Feature]], coeff: float) -> list[FeatureEdit]:
         return row_edits(saes, [dict.fromkeys(s, coeff) for s in sets], model.device)
@@ -265,9 +283,7 @@ def run(
         refused = judge.refused(texts, texts_out)
         for i, idx in enumerate(dissected):
             s = float(scores[i])
-            test_rows.append(
-                (idx, name, sizes[i], s, bool(refused[i]), s < 0 and not refused[i], texts_out[i])
-            )
+            test_rows.append((idx, name, sizes[i], s, bool(refused[i]), not refused[i], texts_out[i]))
     tests = _tests_frame(test_rows)
     notes.update(_reasons(awakened, tests, cfg))
     last = max(saes.layers)
@@ -277,7 +293,7 @@ def run(
         notes["n_awakened"] = "; ".join(filter(None, [notes.get("n_awakened"),
             f"{at_last} of {len(minimal)} minimal sets lie only in the last SAE layer ({last}), downstream of "
             "which no latent can wake; n_awakened averages over all prompts"]))  # fmt: skip
-    result = RedundancyResult(awakened, tests, notes)
+    result = RedundancyResult(awakened, tests, notes, coefficient, cfg.weak_coefficient)
     log.info("redundancy: %s", result.summary())
     return result
 
@@ -307,6 +323,11 @@ def _tests_frame(rows: list[tuple]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
+def _baseline_refused(tests: pl.DataFrame) -> list[int]:
+    """Prompts whose clean generation the judge finds refused: the denominator of every rate."""
+    return tests.filter((pl.col("condition") == "clean") & pl.col("judge_refused"))["prompt_idx"].to_list()
+
+
 def _rate(tests: pl.DataFrame, condition: str, prompts: list[int] | None = None, col: str = "jailbroken"):
     t = tests.filter(pl.col("condition") == condition)
     if prompts is not None:
@@ -321,52 +342,67 @@ def _h_prompts(awakened: pl.DataFrame, ablation: str = "strong") -> list[int]:
 
 
 def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
-    """Headline numbers from the two tables (so a loaded result summarises identically)."""
+    """Headline numbers from the two tables (so a loaded result summarises identically). Every
+    jailbreak rate is over the prompts refused at baseline (`jailbreak_rate_n` of them)."""
     prompts = sorted(set(tests["prompt_idx"].to_list()))
     n = len(prompts)
+    base = _baseline_refused(tests)
     strong = awakened.filter(pl.col("ablation") == "strong")
     with_h = _h_prompts(awakened)
-    m_rate = _rate(tests, "m")
-    bos_rate = _rate(tests, "bos_clamp")
+    m_rate = _rate(tests, "m", base)
+    bos = tests.filter(pl.col("condition") == "bos_clamp")
+    clamped = bos.height > 0 and int(bos["n_edited"].sum()) > 0
+    bos_rate = _rate(tests, "bos_clamp", base) if clamped else None
     # restoration is asked only where M did jailbreak and something woke up
     broken = tests.filter((pl.col("condition") == "m") & pl.col("jailbroken"))["prompt_idx"].to_list()
-    restore = [p for p in with_h if p in broken]
-    reinject = _rate(tests, "reinject", restore)
+    restore = [p for p in with_h if p in broken and p in base]
+    reinject = _rate(tests, "reinject", restore) if restore else None
     score = tests.pivot(on="condition", index="prompt_idx", values="refusal_score") if n else None
     delta = None
     if score is not None and with_h:
         d = score.filter(pl.col("prompt_idx").is_in(with_h))
         delta = float((d["m_plus_h"] - d["m"]).mean())
+    rate = (lambda c: _rate(tests, c, base)) if base else (lambda c: None)
     return {
         "n_prompts": n,
         "n_awakened": strong.height / n if n else None,  # all awakened latents, before the top_awake cut
         "h_size": strong.filter(pl.col("in_h")).height / n if n else None,
-        "n_prompts_with_h": len(with_h),
-        "clean_jailbreak_rate": _rate(tests, "clean"),
-        "m_jailbreak_rate": m_rate,
-        "m_plus_h_jailbreak_rate": _rate(tests, "m_plus_h"),
+        "n_prompts_with_h": len(with_h) if n else None,
+        "jailbreak_rate_n": len(base) if n else None,  # prompts refused at baseline (clean, judged)
+        "clean_jailbreak_rate": rate("clean"),
+        "m_jailbreak_rate": rate("m"),
+        "m_plus_h_jailbreak_rate": rate("m_plus_h"),
         "m_plus_h_score_change": delta,
-        "m_weak_jailbreak_rate": _rate(tests, "m_weak"),
-        "m_plus_h_weak_jailbreak_rate": _rate(tests, "m_plus_h_weak"),
+        "m_weak_jailbreak_rate": rate("m_weak"),
+        "m_plus_h_weak_jailbreak_rate": rate("m_plus_h_weak"),
         "reinject_refusal_rate": None if reinject is None else 1.0 - reinject,
+        "reinject_refusal_rate_n": len(restore) if n else None,
         "bos_clamp_jailbreak_rate": bos_rate,
         # relative change, like the paper's "−80%": (rate with clamp − rate of M) / rate of M
-        "bos_clamp_jailbreak_change": (bos_rate - m_rate) / m_rate
-        if m_rate and bos_rate is not None
-        else None,
-        "h_active_at_bos": float(strong.filter(pl.col("in_h") & (pl.col("ablated_bos") > 0)).height / n)
-        if n
-        else None,
-    }
+        "bos_clamp_jailbreak_change": (bos_rate - m_rate) / m_rate if m_rate and bos_rate is not None else None,
+        "h_active_at_bos": float(strong.filter(pl.col("in_h") & (pl.col("ablated_bos") > 0)).height / len(with_h))
+        if with_h else None,
+    }  # fmt: skip
 
 
 def _reasons(awakened: pl.DataFrame, tests: pl.DataFrame, cfg: RedundancyConfig) -> dict[str, str]:
     """Why a summary number is None or trivially 0: said once, next to the number."""
     s = summarise(awakened, tests)
     notes = {}
+    if not s["jailbreak_rate_n"]:
+        why = "the judge finds no dissected prompt refused on its clean generation"
+        notes.update({k: why for k in s if k.endswith("jailbreak_rate")})
     if s["reinject_refusal_rate"] is None:
         notes["reinject_refusal_rate"] = "no prompt has both an M-ablated jailbreak and an awakened set H"
-    if s["bos_clamp_jailbreak_change"] is None:
+    if s["h_active_at_bos"] is None:
+        notes["h_active_at_bos"] = "no prompt has an awakened set H"
+    bos = tests.filter(pl.col("condition") == "bos_clamp")
+    if s["bos_clamp_jailbreak_rate"] is None and bos.height and int(bos["n_edited"].sum()) == 0:
+        why = (
+            f"the <bos> clamp set ({cfg.bos_features} latents) is empty on every prompt: nothing was clamped"
+        )
+        notes["bos_clamp_jailbreak_rate"] = notes["bos_clamp_jailbreak_change"] = why
+    elif s["bos_clamp_jailbreak_change"] is None:
         notes["bos_clamp_jailbreak_change"] = "ablating M jailbroke no prompt, so there is no rate to change"
     else:
         by = tests.pivot(on="condition", index="prompt_idx", values="refusal_score")
