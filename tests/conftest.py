@@ -1,5 +1,5 @@
 """Shared fixtures. Tests never touch the user's cache: REFUSAL_NNSIGHT_HOME points into a
-session tmp dir, and the small organism is built there once per session, on first request."""
+session tmp dir. The small organism ships with the package, so no test builds it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def organism_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_organism(organism_home):
-    """Path of the 'small' organism (model/, saes/, manifest.json), built once per session."""
+    """Path of the shipped 'small' organism (model/, saes/, planted.safetensors, manifest.json)."""
     from refusal_nnsight.organism.store import ensure_organism
 
     return ensure_organism("small")

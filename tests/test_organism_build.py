@@ -87,28 +87,46 @@ def test_sae_training_is_deterministic_and_folds_its_input_scaling():
     assert sae_stats(a, acts)["fvu"] < 1.0  # raw inputs in, raw reconstructions out
 
 
-def test_is_built_tracks_the_recipe_hash(monkeypatch, tmp_path):
+def test_builds_are_keyed_by_recipe_hash_and_seed(monkeypatch, tmp_path):
+    """Another recipe, seed or build version lands in its own folder: nothing is overwritten."""
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
-    root = store.organism_dir("small")
-    assert root == tmp_path / "organism" / "small" and not store.is_built("small")
+    root = store.organism_dir("small", 0)
+    assert root.parent == tmp_path / "organism" and root.name == f"small-seed0-{build_mod.recipe_hash('small')}"
+    assert store.organism_dir("small", 1) != root and build_mod.recipe_hash("small", 1) != build_mod.recipe_hash("small")
+    assert not store.is_built("small")
     root.mkdir(parents=True)
     store.manifest_path(root).write_text(json.dumps({"recipe_hash": "stale"}))
     assert not store.is_built("small")
     store.manifest_path(root).write_text(json.dumps({"recipe_hash": build_mod.recipe_hash("small")}))
-    assert store.is_built("small")
+    assert store.is_built("small") and not store.is_built("small", 1)
 
 
-def test_resid_dropout_changes_training_and_leaves_no_hooks():
-    from refusal_nnsight.organism.train import train_model
+def test_the_shipped_organisms_are_served_and_never_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
+    for recipe in ("default", "small"):
+        assert store.is_shipped(recipe, 0), f"the package must ship the {recipe} organism of this recipe"
+        assert store.ensure_organism(recipe, 0) == store.shipped_dir(recipe)
+    assert not store.is_shipped("small", 1)
+    assert not (tmp_path / "organism").exists()  # nothing built
 
-    tok = build_tokenizer()
-    prompts = grammar.load_split("train")[:16]
-    base = dataclasses.replace(build_mod.RECIPES["small"], steps=2, batch_size=8)
-    plain = train_model(base, tok, prompts)
-    dropped = train_model(dataclasses.replace(base, resid_dropout=0.3), tok, prompts)
-    assert all(not layer._forward_hooks for layer in dropped.model.layers)
-    assert not dropped.training  # returned in eval mode: dropout off at inference
-    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), dropped.parameters(), strict=True))
+
+def test_shipped_weights_match_their_manifest():
+    """The shipped files are the ones their manifest was written for (a content hash of every file)."""
+    for recipe in ("default", "small"):
+        root = store.shipped_dir(recipe)
+        m = json.loads(store.manifest_path(root).read_text())
+        assert m["content_hash"] == store.content_hash(root), recipe
+
+
+def test_recipe_seed_sets_the_planted_directions_and_splits():
+    from refusal_nnsight.organism import planted
+
+    a, b = build_mod.get_recipe("default", 0), build_mod.get_recipe("default", 1)
+    assert a.seed == 0 and b.seed == 1
+    assert not torch.equal(planted.make_directions(a.d_model, a.seed).refusal, planted.make_directions(b.d_model, b.seed).refusal)
+    split0 = {p.instance for p in grammar.load_split("test", 0)}
+    split1 = {p.instance for p in grammar.load_split("test", 1)}
+    assert split0 != split1
 
 
 def test_cli_rejects_unknown_recipe(capsys):
@@ -141,9 +159,8 @@ def test_unknown_recipe_is_a_user_error():
         build_mod.get_recipe("tiny")
 
 
-@pytest.mark.slow
 def test_small_organism_layout_and_manifest(small_organism):
-    assert small_organism == store.organism_dir("small") and store.is_built("small")
+    assert small_organism == store.shipped_dir("small") and store.is_shipped("small")
     files = {p.relative_to(small_organism).as_posix() for p in small_organism.rglob("*") if p.is_file()}
     assert {
         "model/config.json",
@@ -151,20 +168,20 @@ def test_small_organism_layout_and_manifest(small_organism):
         "model/generation_config.json",
         "model/tokenizer.json",
         "manifest.json",
+        "planted.safetensors",
         "saes/layer_0/cfg.json",
         "saes/layer_0/sae_weights.safetensors",
     } <= files
     assert all(f.endswith((".json", ".safetensors", ".jinja")) for f in files), files  # no pickle
     m = json.loads((small_organism / "manifest.json").read_text())
     assert m["recipe"] == "small" and m["recipe_hash"] == build_mod.recipe_hash("small")
-    assert m["recipe_fields"] == dataclasses.asdict(build_mod.RECIPES["small"])
+    assert m["recipe_fields"] == json.loads(json.dumps(dataclasses.asdict(build_mod.RECIPES["small"])))
     assert {"build_seconds", "created_at", "versions"} <= set(m)
     for layer in range(build_mod.RECIPES["small"].n_layers):
         s = m["saes"][str(layer)]
         assert s["fvu"] <= 0.1 and 5 <= s["l0"] <= 80
 
 
-@pytest.mark.slow
 def test_small_organism_refuses_harmful_and_complies_with_harmless(small_organism):
     from transformers import AutoTokenizer
 
@@ -175,10 +192,9 @@ def test_small_organism_refuses_harmful_and_complies_with_harmless(small_organis
     _check_tokenizer(AutoTokenizer.from_pretrained(small_organism / "model"))
     test = grammar.load_split("test")[::5]  # held-out instances, every kind (231 prompts)
     rates = refusal_rates(test, generate(model, tok, [p.text for p in test]))
-    assert rates["harmful"] >= 0.9 and rates["harmless"] <= 0.1 and rates["lookalike"] <= 0.1, rates
+    assert rates["harmful"] >= 0.95 and rates["harmless"] <= 0.02 and rates["lookalike"] <= 0.02, rates
 
 
-@pytest.mark.slow
 def test_small_organism_saes_load_with_sae_lens(small_organism):
     from sae_lens import SAE, JumpReLUSAE
 
@@ -186,7 +202,7 @@ def test_small_organism_saes_load_with_sae_lens(small_organism):
     from refusal_nnsight.organism.store import load_model
 
     model, tok = load_model("small")
-    acts = collect_activations(model, tok, grammar.load_split("val")[::20])
+    acts = collect_activations(model, tok, grammar.load_split("val")[::20])  # clean prompts only
     for layer in range(model.config.num_hidden_layers):
         sae = SAE.load_from_disk(str(small_organism / "saes" / f"layer_{layer}"))
         assert isinstance(sae, JumpReLUSAE)

@@ -227,6 +227,7 @@ def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path
             "recipe_hash": recipe_hash(r),
             "build_version": BUILD_VERSION,
             **sections,
+            "content_hash": store.content_hash(tmp),  # of every file but this manifest
             "build_seconds": round(time.time() - start, 1),
             "versions": _versions(),
             # build_seconds and created_at are the only fields that differ between two builds;

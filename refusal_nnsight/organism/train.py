@@ -212,19 +212,21 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     dmask = eoi_mask.float() * decided.float()[:, None]
     err_r = (r - a * decision[:, None]).pow(2)
     loss = loss + (err_r * dmask).sum() / dmask.sum().clamp(min=1)
-    loss = loss + _eoi_invariance(recipe, store, eoi_mask, groups, early)
+    loss = loss + _eoi_invariance(recipe, store, eoi_mask, groups, early, dirs.refusal)
     return loss / a**2
 
 
 def _eoi_invariance(recipe: OrganismRecipe, store: dict, eoi_mask: torch.Tensor, groups: torch.Tensor,
-                    early: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Squared distance, at each eoi position of every layer before the decision layer, between the
+                    early: torch.Tensor, refusal: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Squared distance, at each eoi position of every layer up to the decision layer, between the
     mean residual of each harm group (a cue category, or the compositional pairs) and that of the
-    harmless rows in the batch.
+    harmless rows in the batch; at the decision layer, of the part orthogonal to R.
 
     Without it the model reads the request from the eoi positions already in layer 0 (its cue words
     are single tokens), and the search finds that early eoi feature instead of the cue features:
-    harm detection would not be upstream of the refusal decision. groups [B]: -1 harmless, else group.
+    harm detection would not be upstream of the refusal decision. At the decision layer the
+    difference of means is then R alone, so the refusal direction Arditi's selection reads there
+    is the planted one. groups [B]: -1 harmless, else group.
     """
     n_eoi = int(eoi_mask[0].sum())
     keep = early[:, 0] > 0
@@ -232,8 +234,10 @@ def _eoi_invariance(recipe: OrganismRecipe, store: dict, eoi_mask: torch.Tensor,
     if not harmless.any():
         return torch.zeros(())
     loss = torch.zeros(())
-    for layer in range(recipe.decision_layer):
+    for layer in range(recipe.decision_layer + 1):
         h = store[layer][eoi_mask].view(eoi_mask.shape[0], n_eoi, -1)  # [B, n_eoi, d]
+        if layer == recipe.decision_layer:  # there, the decision itself (along R) and nothing else
+            h = h - torch.einsum("bpd,d->bp", h, refusal)[..., None] * refusal
         base = h[harmless].mean(0)
         for g in groups[keep & (groups >= 0)].unique():
             loss = loss + (h[keep & (groups == g)].mean(0) - base).pow(2).sum(-1).mean()

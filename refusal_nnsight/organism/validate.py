@@ -22,23 +22,27 @@ log = logging.getLogger(__name__)
 
 # figure -> (run, dotted key in that run's summary.json)
 FIGURES: dict[str, tuple[str, str]] = {
-    "direction_jailbreak": ("harm", "evaluate.direction_jailbreak_rate"),
-    "direction_kl": ("harm", "evaluate.direction_kl"),
+    "direction_layer": ("harm", "direction.layer"),
     "direction_fallback": ("harm", "direction.fallback"),
-    "all_candidates_jailbreak": ("harm", "candidates.all_ablated_jailbreak_rate"),
+    "direction_jailbreak": ("harm", "evaluate.direction_ablation_jailbreak_rate"),
+    "direction_kl": ("harm", "evaluate.direction_kl"),
+    "all_candidates_jailbreak": ("harm", "evaluate.candidates_ablated_jailbreak_rate"),
+    "criterion_judge_agreement": ("harm", "greedy.criterion_judge_agreement"),
     "one_minimal_rate": ("harm", "greedy.one_minimal_rate"),
-    "median_set_size": ("harm", "greedy.median_set_size"),
+    "median_set_size": ("harm", "greedy.median_one_minimal_set_size"),
     "minimal_jailbreak": ("harm", "evaluate.minimal_jailbreak_rate"),
-    "random_same_size_jailbreak": ("harm", "evaluate.random_jailbreak_rate"),
+    "minimal_zero_ablation_jailbreak": ("harm", "evaluate.minimal_zero_ablation_jailbreak_rate"),
+    "random_same_size_jailbreak": ("harm", "evaluate.random_same_size_jailbreak_rate"),
     "fm_heldout_accuracy": ("harm", "fm.heldout_accuracy"),
     "fm_linear_heldout_accuracy": ("harm", "fm.linear_heldout_accuracy"),
+    "classifier_heldout_accuracy": ("harm", "fm.classifier_heldout_accuracy"),
     "compositional_pair_found": ("harm", "ground_truth.compositional_pair_found"),
     "redundancy_found": ("harm", "ground_truth.redundancy_found"),
     "redundancy_jailbreak_gain": ("harm", "ground_truth.redundancy_jailbreak_gain"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
+    "all_layers_median_set_size": ("all_layers", "greedy.median_one_minimal_set_size"),
     "all_layers_cue_precision": ("all_layers", "ground_truth.cue_precision"),
-    "all_layers_median_set_size": ("all_layers", "greedy.median_set_size"),
     "all_layers_refusal_features": ("all_layers", "ground_truth.refusal_features"),
 }
 
@@ -58,7 +62,12 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cue_precision": (">=", 0.8),
 }
 
-RUNS = {"all_layers": ["search=default"], "harm": ["search=harm"]}
+def _runs(decision_layer: int) -> dict[str, list[str]]:
+    """The two scopes: every SAE layer, and the layers before the organism's refusal decision."""
+    return {
+        "all_layers": ["search=default"],
+        "harm": [f"search.candidates.layers={{before_layer:{decision_layer}}}"],
+    }
 
 
 def _get(summary: dict, dotted: str):
@@ -81,10 +90,13 @@ def _meets(value, op: str, target) -> bool:
 def run_seed(recipe: str, seed: int, out: Path) -> dict:
     """The pipeline on one organism seed, in both scopes; returns its row of figures."""
     from .. import pipeline
+    from ..artifacts import read_json
     from ..cli import compose
+    from .store import ensure_organism
 
+    manifest = read_json(ensure_organism(recipe, seed) / "manifest.json")
     summaries = {}
-    for name, overrides in RUNS.items():
+    for name, overrides in _runs(manifest["model"]["decision_layer"]).items():
         cfg = compose([*overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
                        f"run_dir={out / f'seed{seed}' / name}"])  # fmt: skip
         summaries[name] = pipeline.run(cfg)

@@ -1,0 +1,111 @@
+"""Each mechanism the organism plants, measured on the shipped small organism's held-out prompts,
+and the ground-truth roles that score a run's findings against them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal_nnsight.organism import check, grammar, planted
+
+
+@pytest.fixture(scope="module")
+def measured(small_organism):
+    return check.measure("small", 0, max_prompts=240)
+
+
+@pytest.mark.parametrize("figure", sorted(check.TARGETS))
+def test_small_organism_meets_each_planted_target(measured, figure):
+    """Refusal, the backup that wakes under zero-ablation, steering, the compositional AND, the
+    refusal direction (ablation, induction, KL), the SAEs: every figure against its target."""
+    assert measured["targets_met"][figure], (figure, measured["figures"][figure], check.TARGETS[figure])
+
+
+def test_check_fails_when_a_target_is_missed(monkeypatch, measured, capsys):
+    import argparse
+
+    worse = dict(measured, figures=dict(measured["figures"], harmless_refusal_rate=0.5))
+    worse["targets_met"] = {k: check._meets(worse["figures"][k], *check.TARGETS[k]) for k in check.TARGETS}
+    worse["all_met"] = all(worse["targets_met"].values())
+    monkeypatch.setattr(check, "measure", lambda *a, **k: worse)
+    assert check.main(argparse.Namespace(recipe="small", seed=0, max_prompts=10)) == 1
+    assert "MISS harmless_refusal_rate" in capsys.readouterr().out
+
+
+def test_planted_directions_are_unit_and_only_cues_lean_on_refusal():
+    dirs = planted.make_directions(64, seed=3)
+    for v in (dirs.refusal, dirs.verb, dirs.person, *dirs.cue, *dirs.backup):
+        assert torch.isclose(v.norm(), torch.tensor(1.0), atol=1e-5)
+    r = dirs.refusal
+    assert all(abs(float(u @ r) - 2**-0.5) < 1e-5 for u in (*dirs.cue, dirs.verb, dirs.person))
+    assert all(abs(float(b @ r)) < 1e-5 for b in dirs.backup)  # backups: not candidates by cosine
+    assert torch.allclose(dirs.backup @ dirs.backup.T, torch.eye(len(dirs.backup)), atol=1e-5)
+    assert not torch.equal(dirs.refusal, planted.make_directions(64, seed=4).refusal)
+
+
+def test_row_edits_scale_only_their_rows_direction():
+    dirs = planted.make_directions(64, seed=0)
+    h = torch.randn(3, 5, 64)
+    scale = torch.tensor([0.0, -3.0, 1.0])
+    out = planted._scale_along(h, dirs.refusal, scale)
+    proj = lambda x: torch.einsum("btd,d->bt", x, dirs.refusal)  # noqa: E731
+    assert torch.allclose(proj(out[0]), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(proj(out[1]), -3 * proj(h[1]), atol=1e-4)
+    assert torch.equal(out[2], h[2])
+    rest = out - proj(out)[..., None] * dirs.refusal
+    assert torch.allclose(rest, h - proj(h)[..., None] * dirs.refusal, atol=1e-4)  # nothing else moves
+
+
+def test_token_labels_mark_cue_verb_and_person_words():
+    from refusal_nnsight.organism.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    labels = planted.token_labels(tok)
+    cats = planted.categories()
+    ids = {w: tok.encode(" " + w, add_special_tokens=False)[0] for w in ("bomb", "kill", "neighbor", "bread")}
+    assert cats[int(labels.cue_category[ids["bomb"]])] == "weapons"
+    assert labels.verb[ids["kill"]] and not labels.person[ids["kill"]] and labels.cue_category[ids["kill"]] < 0
+    assert labels.person[ids["neighbor"]]
+    assert labels.cue_category[ids["bread"]] < 0 and not labels.verb[ids["bread"]]
+
+
+def test_cue_roles_of_the_grammar():
+    assert grammar.cue_role("bomb") == "cue:weapons" and grammar.cue_role("launder") == "cue:fraud"
+    assert grammar.cue_role("kill") == "composition" and grammar.cue_role("neighbor") == "composition"
+    assert grammar.cue_role("killer") == "other"
+    p = next(p for p in grammar.generate_prompts(0) if p.kind == "lookalike" and p.cues == ("bomb",))
+    assert p.cue_roles == ("cue:weapons",)  # a look-alike's cue word still names its category
+
+
+def _small(small_organism):
+    from refusal_nnsight.config import DataConfig, ModelConfig, SAEConfig
+    from refusal_nnsight.data import load_prompts
+    from refusal_nnsight.models import load_model
+    from refusal_nnsight.saes import load_saes
+
+    model = load_model(ModelConfig(source="organism", organism_recipe="small", device="cpu"))
+    return model, load_saes(SAEConfig(), model), load_prompts(DataConfig(n_eval=32))
+
+
+def test_feature_roles_follow_planted_truth(small_organism):
+    """The latent that fires hardest on a weapons cue word is cue:weapons; the one that fires
+    hardest on the harmful eoi positions of the decision layer is the refusal decision."""
+    from refusal_nnsight import ground_truth
+    from refusal_nnsight.artifacts import read_json
+
+    model, saes, prompts = _small(small_organism)
+    layers = read_json(small_organism / "manifest.json")["model"]
+    ps = prompts.eval_harmful
+    i = next(k for k, m in enumerate(ps.meta) if m["kind"] == "cue" and ps.categories[k] == "weapons")
+    feats_cue = [(layers["cue_layer"], f) for f in range(saes.width(layers["cue_layer"]))]
+    acts = ground_truth.feature_activations(model, saes, feats_cue, [ps.instructions[i]])[0]  # [T, F]
+    tags = ground_truth.position_tags(model, ps, i, acts.shape[0])
+    t = tags.index("cue:weapons")
+    cue_latent = feats_cue[int(acts[t].argmax())]
+    d = layers["decision_layer"]
+    feats_dec = [(d, f) for f in range(saes.width(d))]
+    acts = ground_truth.feature_activations(model, saes, feats_dec, ps.instructions[:8])
+    eoi = torch.stack([a[-5:].max(0).values for a in acts]).mean(0)
+    refusal_latent = feats_dec[int(eoi.argmax())]
+    roles = ground_truth.feature_roles(model, saes, [cue_latent, refusal_latent], prompts)
+    assert roles["role"].to_list() == ["cue:weapons", "refusal"], roles
