@@ -58,6 +58,7 @@ def test_sweep_ray_launcher(small_organism, tmp_path, monkeypatch, capsys):
     finally:
         ray.shutdown()
     assert code == 0, err
+    assert "\r" not in err  # no job progress bars forwarded as "(_run_job pid=…)" carriage-return lines
     _check_sweep(sweep_dir)
 
 
