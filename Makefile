@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # multi-GB CUDA build. Where a GPU is present, pip resolves torch normally.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install run test organism check bench lint clean
+.PHONY: install run test organism check validate bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ organism: $(STAMP)
 
 check: $(STAMP)
 	$(BIN)/refusal-nnsight-organism check
+
+validate: $(STAMP)
+	$(BIN)/refusal-nnsight-organism validate --seeds 0-4
 
 bench: $(STAMP)
 	$(BIN)/python bench/cpu.py

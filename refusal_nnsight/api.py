@@ -170,15 +170,17 @@ def find_redundant(
     out=None,
     judge: str = "substring",
     coefficient: float = -3.0,
+    layers: list[int] | None = None,
 ):
-    """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests."""
+    """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests;
+    `layers`: the SAE layers scanned (default all; the pipeline scans the candidates' layers)."""
     from .stages import redundancy
 
     return _in_stage(
         "redundancy",
         out,
         lambda o: redundancy.run(
-            model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge), coefficient
+            model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge), coefficient, layers
         ),
     )
 

@@ -180,7 +180,8 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     # 5. redundancy — dormant features that wake when the minimal set is ablated; <bos> clamp.
     if "redundancy" in wanted:
         results["redundancy"] = _stage(run_folder, "redundancy", timing,
-            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge, c),
+            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge, c,
+                                       results["candidates"].layers),
             redundancy.RedundancyResult)  # fmt: skip
     # 6. evaluate — judged generations under every intervention, and random same-size baselines.
     if "evaluate" in wanted:

@@ -11,7 +11,7 @@ from refusal_nnsight.organism import check, grammar, planted
 
 @pytest.fixture(scope="module")
 def measured(small_organism):
-    return check.measure("small", 0, max_prompts=240)
+    return check.measure("small", 0, max_prompts=120)
 
 
 @pytest.mark.parametrize("figure", sorted(check.TARGETS))
@@ -48,7 +48,7 @@ def test_row_edits_scale_only_their_rows_direction():
     h = torch.randn(3, 5, 64)
     scale = torch.tensor([0.0, -3.0, 1.0])
     out = planted._scale_along(h, dirs.refusal, scale)
-    proj = lambda x: torch.einsum("btd,d->bt", x, dirs.refusal)  # noqa: E731
+    proj = lambda x: x @ dirs.refusal  # noqa: E731
     assert torch.allclose(proj(out[0]), torch.zeros(5), atol=1e-5)
     assert torch.allclose(proj(out[1]), -3 * proj(h[1]), atol=1e-4)
     assert torch.equal(out[2], h[2])
@@ -87,25 +87,25 @@ def _small(small_organism):
     return model, load_saes(SAEConfig(), model), load_prompts(DataConfig(n_eval=32))
 
 
-def test_feature_roles_follow_planted_truth(small_organism):
-    """The latent that fires hardest on a weapons cue word is cue:weapons; the one that fires
-    hardest on the harmful eoi positions of the decision layer is the refusal decision."""
+def test_feature_roles_count_where_the_top_activations_fall(small_organism, monkeypatch):
+    """A feature's role is the tag of at least half of its top positions: cue words of one
+    category, harmful eoi positions (refusal), else other; never active: dormant."""
+    import polars as pl
+
     from refusal_nnsight import ground_truth
-    from refusal_nnsight.artifacts import read_json
 
     model, saes, prompts = _small(small_organism)
-    layers = read_json(small_organism / "manifest.json")["model"]
     ps = prompts.eval_harmful
     i = next(k for k, m in enumerate(ps.meta) if m["kind"] == "cue" and ps.categories[k] == "weapons")
-    feats_cue = [(layers["cue_layer"], f) for f in range(saes.width(layers["cue_layer"]))]
-    acts = ground_truth.feature_activations(model, saes, feats_cue, [ps.instructions[i]])[0]  # [T, F]
-    tags = ground_truth.position_tags(model, ps, i, acts.shape[0])
-    t = tags.index("cue:weapons")
-    cue_latent = feats_cue[int(acts[t].argmax())]
-    d = layers["decision_layer"]
-    feats_dec = [(d, f) for f in range(saes.width(d))]
-    acts = ground_truth.feature_activations(model, saes, feats_dec, ps.instructions[:8])
-    eoi = torch.stack([a[-5:].max(0).values for a in acts]).mean(0)
-    refusal_latent = feats_dec[int(eoi.argmax())]
-    roles = ground_truth.feature_roles(model, saes, [cue_latent, refusal_latent], prompts)
-    assert roles["role"].to_list() == ["cue:weapons", "refusal"], roles
+    n = len(model.tokenize([ps.instructions[i]]).input_ids[0])
+    tags = ground_truth.position_tags(model, ps, i, n)
+    cue_t = tags.index("cue:weapons")
+    assert tags[-5:] == ["refusal"] * 5 and tags[0] == ""  # eoi of a harmful prompt; <bos>
+    rows = [(0, cue_t)] * 6 + [(0, 1)] * 4 + [(1, n - 1)] * 6 + [(1, cue_t)] * 4 + [(2, 1)] * 6 + [(2, cue_t)] * 4
+    frame = pl.DataFrame(
+        [{"feature": f, "set": "harmful", "prompt_i": i, "position": t, "activation": 1.0, "on_cue": False,
+          "on_eoi": False} for f, t in rows]  # fmt: skip
+    )
+    monkeypatch.setattr(ground_truth, "top_positions", lambda *a, **k: frame)
+    roles = ground_truth.feature_roles(model, saes, [(0, 1), (0, 2), (0, 3), (0, 4)], prompts)
+    assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant"]

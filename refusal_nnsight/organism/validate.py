@@ -66,7 +66,7 @@ def _runs(decision_layer: int) -> dict[str, list[str]]:
     """The two scopes: every SAE layer, and the layers before the organism's refusal decision."""
     return {
         "all_layers": ["search=default"],
-        "harm": [f"search.candidates.layers={{before_layer:{decision_layer}}}"],
+        "harm": [f"search.candidates.layers={{before_layer:{decision_layer}}}", "search.candidates.top_k=30"],
     }
 
 

@@ -209,9 +209,16 @@ def run(
     out: StageDir,
     judge,
     coefficient: float,
+    layers: Sequence[int] | None = None,
 ) -> RedundancyResult:
     """Scan for awakened latents after ablating each prompt's minimal set (scale `coefficient`),
-    then test them causally."""
+    then test them causally.
+
+    layers: the SAE layers scanned for awakened latents (default: every SAE layer). The pipeline
+    passes the layers the candidates were searched in: a backup of a harm feature lives where harm
+    is detected, while below the refusal decision every compliance feature "wakes" when a
+    refusal is broken, and those would crowd the backups out of H.
+    """
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
     notes: dict[str, str] = {}
     if not dissected:
@@ -227,11 +234,12 @@ def run(
     def ablate(sets: Sequence[Sequence[Feature]], coeff: float) -> list[FeatureEdit]:
         return row_edits(saes, [dict.fromkeys(s, coeff) for s in sets], model.device)
 
-    log.info("redundancy: scanning %d prompts x %d SAE layers", len(texts), len(saes.layers))
-    clean_max, _ = scan(model, saes, batch, [], cfg.batch_size)
+    scanned = sorted(saes.layers if layers is None else layers)
+    log.info("redundancy: scanning %d prompts x SAE layers %s", len(texts), scanned)
+    clean_max, _ = scan(model, saes, batch, [], cfg.batch_size, scanned)
     rows, h_sets = [], {}
     for name, coeff in (("strong", c), ("weak", weak)):
-        abl_max, abl_bos = scan(model, saes, batch, ablate(minimal, coeff), cfg.batch_size)
+        abl_max, abl_bos = scan(model, saes, batch, ablate(minimal, coeff), cfg.batch_size, scanned)
         h_sets[name] = []
         for i, idx in enumerate(dissected):
             found = find_awakened(
@@ -286,7 +294,7 @@ def run(
             test_rows.append((idx, name, sizes[i], s, bool(refused[i]), not refused[i], texts_out[i]))
     tests = _tests_frame(test_rows)
     notes.update(_reasons(awakened, tests, cfg))
-    last = max(saes.layers)
+    last = max(scanned)
     at_last = sum(all(layer == last for layer, _ in m) for m in minimal)
     if at_last:
         # a latent is read before its own layer's edit, so nothing can wake downstream of the last SAE layer
