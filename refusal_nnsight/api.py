@@ -180,7 +180,15 @@ def find_redundant(
         "redundancy",
         out,
         lambda o: redundancy.run(
-            model, saes, minimal, prompts, cfg or RedundancyConfig(), o, make_judge(judge), coefficient, layers
+            model,
+            saes,
+            minimal,
+            prompts,
+            cfg or RedundancyConfig(),
+            o,
+            make_judge(judge),
+            coefficient,
+            layers,
         ),
     )
 

@@ -252,6 +252,8 @@ class RedundancyConfig:
     )
     bos_features: Literal["awakened", "minimal", "both"] = "awakened"  # which latents the <bos> clamp sets
     max_new_tokens: int | None = None  # null = model.max_new_tokens
+    # SAE layers scanned for awakened latents (a LayerSelection); null = the candidates' layers
+    layers: LayerSelection = None
     batch_size: int = 16  # prompts per forward (the full-width SAE scan holds [B, T, width] per layer)
 
 

@@ -160,7 +160,13 @@ def feature_roles(model, saes, features: Sequence[Feature], prompts, k: int = TO
     role, role_share (fraction of top positions with that tag), n_top.
     """
     feats = [(int(a), int(b)) for a, b in features]
-    schema = {"layer": pl.Int64, "feature": pl.Int64, "role": pl.Utf8, "role_share": pl.Float64, "n_top": pl.Int64}
+    schema = {
+        "layer": pl.Int64,
+        "feature": pl.Int64,
+        "role": pl.Utf8,
+        "role_share": pl.Float64,
+        "n_top": pl.Int64,
+    }
     if not feats or not _has_cues(prompts.eval_harmful):
         return pl.DataFrame([], schema=schema)
     tops = top_positions(model, saes, feats, prompts, k)
@@ -184,7 +190,9 @@ def feature_roles(model, saes, features: Sequence[Feature], prompts, k: int = TO
         tag, n = max(sorted(counts.items()), key=lambda kv: kv[1])
         share = n / len(mine)
         role = tag if share >= MOSTLY else "other"
-        rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine)})
+        rows.append(
+            {"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine)}
+        )
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -192,8 +200,11 @@ def _is_cue(role: str) -> bool:
     return role.startswith("cue:") or role == "composition"
 
 
-def ground_truth_summary(model, saes, prompts, greedy, fm=None, redundancy=None) -> tuple[dict, pl.DataFrame]:
-    """Planted-truth figures of a run (summary.json "ground_truth") and the role of each found feature.
+def ground_truth_summary(
+    model, saes, prompts, greedy, fm=None, redundancy=None
+) -> tuple[dict, pl.DataFrame, dict]:
+    """Planted-truth figures of a run (summary.json "ground_truth"), the role of each found feature,
+    and why each null figure is null.
 
     found features: every minimal-set feature, plus the FM's top features (rank < FM_TOP per prompt).
     - cue_recall: of the harm categories of the dissected cue prompts, the fraction with a found
@@ -206,8 +217,13 @@ def ground_truth_summary(model, saes, prompts, greedy, fm=None, redundancy=None)
     ps = prompts.eval_harmful
     empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None,
              "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None}  # fmt: skip
-    if not _has_cues(ps) or greedy is None:
-        return empty, feature_roles(model, saes, [], prompts)
+    notes: dict[str, str] = {}
+    if not _has_cues(ps):
+        why = "the prompts carry no planted truth (only the organism's grammar does)"
+        return empty, feature_roles(model, saes, [], prompts), dict.fromkeys(empty, why)
+    if greedy is None or not any(greedy.minimal_sets.values()):
+        why = "greedy did not run or found no minimal set: nothing was found to score"
+        return empty, feature_roles(model, saes, [], prompts), dict.fromkeys(empty, why)
     minimal = sorted({(int(a), int(b)) for m in greedy.minimal_sets.values() for a, b in m})
     fm_top: list[Feature] = []
     if fm is not None and len(fm.top_features):
@@ -221,15 +237,20 @@ def ground_truth_summary(model, saes, prompts, greedy, fm=None, redundancy=None)
     got = {role_of[f] for f in found}
     out = dict(empty)
     out["cue_recall"] = sum(f"cue:{c}" in got for c in present) / len(present) if present else None
-    if minimal:
-        out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
-        out["refusal_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == REFUSAL_ROLE]
-    if fm is not None:
-        pair = compositional_pair_found(fm, prompts, model, saes)
-        out["compositional_pair_found"] = None if pair is None else bool(pair)
+    if not present:
+        notes["cue_recall"] = "no prompt with an explicit cue word was dissected"
+    out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
+    out["refusal_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == REFUSAL_ROLE]
+    pair = compositional_pair_found(fm, prompts, model, saes) if fm is not None else None
+    out["compositional_pair_found"] = None if pair is None else bool(pair)
+    if pair is None:
+        notes["compositional_pair_found"] = "fm did not run, or dissected no compositional prompt"
     if redundancy is not None:
         out["redundancy_found"], out["redundancy_jailbreak_gain"] = redundancy_found(redundancy)
-    return out, roles
+    if out["redundancy_found"] is None:
+        why = "redundancy did not run, or ran no zero-ablation test"
+        notes.update(redundancy_found=why, redundancy_jailbreak_gain=why)
+    return out, roles, notes
 
 
 FM_TOP = 5  # FM top features per prompt that count as found

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from .artifacts import RunFolder, StageDir, read_json, write_json
@@ -181,7 +183,7 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     if "redundancy" in wanted:
         results["redundancy"] = _stage(run_folder, "redundancy", timing,
             lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge, c,
-                                       results["candidates"].layers),
+                                       _scanned_layers(s, saes, model, results["candidates"])),
             redundancy.RedundancyResult)  # fmt: skip
     # 6. evaluate — judged generations under every intervention, and random same-size baselines.
     if "evaluate" in wanted:
@@ -210,13 +212,31 @@ def _check_against_saes(cfg: RunConfig, saes) -> None:
         )
 
 
+def _scanned_layers(s, saes, model, candidates) -> list[int]:
+    """The SAE layers the redundancy stage scans: search.redundancy.layers, else the candidates'."""
+    from .stages.candidates import select_layers
+
+    if s.redundancy.layers is None:
+        return list(candidates.layers)
+    return select_layers(s.redundancy.layers, list(saes.layers), model.n_layers)
+
+
+@dataclass
+class GroundTruth:
+    """The planted-truth scoring of a run: each found feature's role, and why a figure is null."""
+
+    roles: pl.DataFrame  # layer, feature, role, role_share, n_top
+    notes: dict[str, str]
+
+
 def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict) -> dict:
     """Planted-truth checks, available only on the organism (its grammar knows the cues)."""
     from . import ground_truth
 
-    figures, _ = ground_truth.ground_truth_summary(
+    figures, roles, notes = ground_truth.ground_truth_summary(
         model, saes, prompts, results.get("greedy"), results.get("fm"), results.get("redundancy")
     )
+    results["ground_truth"] = GroundTruth(roles, notes)  # for the report: roles and null reasons
     return figures
 
 

@@ -368,6 +368,11 @@ def _features(results: dict, link: Callable[[int, int], str]) -> list[str]:
         lines.append("\nStrongest awakened latents: " + ", ".join(
             f"{link(r['layer'], r['feature'])} (p{r['prompt_idx']}: {r['clean_max']:.2f} → {r['ablated_max']:.2f})"
             for r in top.iter_rows(named=True)))  # fmt: skip
+    gt = results.get("ground_truth")
+    if gt is not None and gt.roles.height:
+        lines.append("\nRoles of the found features (planted truth; where their ten strongest activations fall): "
+                     + ", ".join(f"{link(r['layer'], r['feature'])} {r['role']} ({r['role_share']:.0%})"
+                                 for r in gt.roles.iter_rows(named=True)))  # fmt: skip
     return lines or ["(no feature-level stage ran)"]
 
 
@@ -377,7 +382,7 @@ def _notes(results: dict) -> list[str]:
     direction = results.get("direction")
     if direction is not None and getattr(direction, "fallback", False):
         lines.append(f"- direction: no candidate passed the filters; fallback: {direction.fallback_reason}")
-    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
+    for stage in ("candidates", "greedy", "fm", "redundancy", "evaluate", "ground_truth"):
         for key, why in (getattr(results.get(stage), "notes", None) or {}).items():
             lines.append(f"- {stage}.{key}: {why}")
     return lines or ["- none"]

@@ -91,8 +91,12 @@ def test_builds_are_keyed_by_recipe_hash_and_seed(monkeypatch, tmp_path):
     """Another recipe, seed or build version lands in its own folder: nothing is overwritten."""
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
     root = store.organism_dir("small", 0)
-    assert root.parent == tmp_path / "organism" and root.name == f"small-seed0-{build_mod.recipe_hash('small')}"
-    assert store.organism_dir("small", 1) != root and build_mod.recipe_hash("small", 1) != build_mod.recipe_hash("small")
+    assert (
+        root.parent == tmp_path / "organism" and root.name == f"small-seed0-{build_mod.recipe_hash('small')}"
+    )
+    assert store.organism_dir("small", 1) != root and build_mod.recipe_hash(
+        "small", 1
+    ) != build_mod.recipe_hash("small")
     assert not store.is_built("small")
     root.mkdir(parents=True)
     store.manifest_path(root).write_text(json.dumps({"recipe_hash": "stale"}))
@@ -123,7 +127,9 @@ def test_recipe_seed_sets_the_planted_directions_and_splits():
 
     a, b = build_mod.get_recipe("default", 0), build_mod.get_recipe("default", 1)
     assert a.seed == 0 and b.seed == 1
-    assert not torch.equal(planted.make_directions(a.d_model, a.seed).refusal, planted.make_directions(b.d_model, b.seed).refusal)
+    assert not torch.equal(
+        planted.make_directions(a.d_model, a.seed).refusal, planted.make_directions(b.d_model, b.seed).refusal
+    )
     split0 = {p.instance for p in grammar.load_split("test", 0)}
     split1 = {p.instance for p in grammar.load_split("test", 1)}
     assert split0 != split1

@@ -64,7 +64,9 @@ def test_token_labels_mark_cue_verb_and_person_words():
     cats = planted.categories()
     ids = {w: tok.encode(" " + w, add_special_tokens=False)[0] for w in ("bomb", "kill", "neighbor", "bread")}
     assert cats[int(labels.cue_category[ids["bomb"]])] == "weapons"
-    assert labels.verb[ids["kill"]] and not labels.person[ids["kill"]] and labels.cue_category[ids["kill"]] < 0
+    assert (
+        labels.verb[ids["kill"]] and not labels.person[ids["kill"]] and labels.cue_category[ids["kill"]] < 0
+    )
     assert labels.person[ids["neighbor"]]
     assert labels.cue_category[ids["bread"]] < 0 and not labels.verb[ids["bread"]]
 
@@ -101,10 +103,27 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
     tags = ground_truth.position_tags(model, ps, i, n)
     cue_t = tags.index("cue:weapons")
     assert tags[-5:] == ["refusal"] * 5 and tags[0] == ""  # eoi of a harmful prompt; <bos>
-    rows = [(0, cue_t)] * 6 + [(0, 1)] * 4 + [(1, n - 1)] * 6 + [(1, cue_t)] * 4 + [(2, 1)] * 6 + [(2, cue_t)] * 4
+    rows = (
+        [(0, cue_t)] * 6
+        + [(0, 1)] * 4
+        + [(1, n - 1)] * 6
+        + [(1, cue_t)] * 4
+        + [(2, 1)] * 6
+        + [(2, cue_t)] * 4
+    )
     frame = pl.DataFrame(
-        [{"feature": f, "set": "harmful", "prompt_i": i, "position": t, "activation": 1.0, "on_cue": False,
-          "on_eoi": False} for f, t in rows]  # fmt: skip
+        [
+            {
+                "feature": f,
+                "set": "harmful",
+                "prompt_i": i,
+                "position": t,
+                "activation": 1.0,
+                "on_cue": False,
+                "on_eoi": False,
+            }
+            for f, t in rows
+        ]  # fmt: skip
     )
     monkeypatch.setattr(ground_truth, "top_positions", lambda *a, **k: frame)
     roles = ground_truth.feature_roles(model, saes, [(0, 1), (0, 2), (0, 3), (0, 4)], prompts)

@@ -153,7 +153,9 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
             log.info("2/4 training the chat model on %d prompts", len(train_prompts))
             model = train.train_model(recipe, tok, train_prompts)
             model.save_pretrained(store.model_path(root))
-            planted.save_directions(planted.make_directions(recipe.d_model, recipe.seed), store.planted_path(root))
+            planted.save_directions(
+                planted.make_directions(recipe.d_model, recipe.seed), store.planted_path(root)
+            )
             tok.save_pretrained(store.model_path(root))
             log.info("3/4 SAEs: collecting residual activations through nnsight")
             val_prompts = grammar.load_split("val", recipe.seed)

@@ -60,8 +60,20 @@ def _edits(n: int, cats: torch.Tensor, n_layers: int, **scales):
     from .planted import RowEdits
 
     one = torch.ones(n)
-    e = {"u": one, "b": one, "v": one, "q": one, "r_from": torch.full((n,), n_layers), "r_add": torch.full((n,), -1)}
-    e.update({k: torch.full((n,), float(v)) if k in "ubvq" else torch.full((n,), int(v)) for k, v in scales.items()})
+    e = {
+        "u": one,
+        "b": one,
+        "v": one,
+        "q": one,
+        "r_from": torch.full((n,), n_layers),
+        "r_add": torch.full((n,), -1),
+    }
+    e.update(
+        {
+            k: torch.full((n,), float(v)) if k in "ubvq" else torch.full((n,), int(v))
+            for k, v in scales.items()
+        }
+    )
     return RowEdits(cats, e["u"], e["b"], e["v"], e["q"], e["r_from"], e["r_add"])
 
 
@@ -106,7 +118,9 @@ class _Probe:
         texts = [p.text for p in prompts]
         if not texts:
             return math.nan  # nothing to measure: fails its target rather than passing silently
-        outs = self._hooked(texts, lambda _: generate(self.model, self.tok, texts, 16, batch_size=len(texts)), **scales)
+        outs = self._hooked(
+            texts, lambda _: generate(self.model, self.tok, texts, 16, batch_size=len(texts)), **scales
+        )
         return sum(map(is_refusal, outs)) / max(1, len(outs))
 
     @torch.no_grad()
@@ -135,12 +149,22 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     from ..scoring import refusal_scores
     from .grammar import load_split
     from .planted import load_directions
+    from .store import (
+        content_hash,
+        ensure_organism,
+        is_built,
+        is_shipped,
+        organism_dir,
+        planted_path,
+        shipped_dir,
+    )
     from .store import load_model as load_hf
-    from .store import content_hash, ensure_organism, is_built, is_shipped, organism_dir, planted_path, shipped_dir
 
     root = ensure_organism(recipe, seed)
     manifest = read_json(root / "manifest.json")
-    model = load_model(ModelConfig(source="organism", organism_recipe=recipe, organism_seed=seed, device="cpu"))
+    model = load_model(
+        ModelConfig(source="organism", organism_recipe=recipe, organism_seed=seed, device="cpu")
+    )
     saes = load_saes(SAEConfig(), model)
     test = load_split("test", seed)
     if max_prompts:
@@ -228,7 +252,9 @@ def _meets(value: float, op: str, target: float) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     result = measure(args.recipe, args.seed, args.max_prompts)
-    print(f"organism {result['recipe']} seed {result['seed']}: recipe {result['recipe_hash']}, content {result['content_hash']}")
+    print(
+        f"organism {result['recipe']} seed {result['seed']}: recipe {result['recipe_hash']}, content {result['content_hash']}"
+    )
     for k, v in result["figures"].items():
         if k not in result["targets"]:
             print(f"  ---- {k:38s} {v:8.4f}   (reported)")

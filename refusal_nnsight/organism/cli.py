@@ -16,7 +16,7 @@ from ..errors import UserError
 
 
 def _seeds(text: str) -> list[int]:
-    """"0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]."""
+    """ "0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]."""
     out: list[int] = []
     try:
         for part in text.split(","):
@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-prompts", type=int, default=None, help="test prompts used (default: all)")
-    v = sub.add_parser("validate", help="build or reuse organisms of several seeds and run the pipeline on each")
+    v = sub.add_parser(
+        "validate", help="build or reuse organisms of several seeds and run the pipeline on each"
+    )
     v.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     v.add_argument("--seeds", type=_seeds, default=_seeds("0-4"), help="e.g. 0-4 or 0,2,5")
     v.add_argument("--out", default="runs/validate", help="folder of the runs and the table")

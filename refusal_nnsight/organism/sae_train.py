@@ -67,7 +67,10 @@ def collect_activations(
 
 @torch.no_grad()
 def collect_ablated_activations(
-    model: Gemma2ForCausalLM, tok: PreTrainedTokenizerFast, prompts: Sequence[Prompt], recipe: OrganismRecipe,
+    model: Gemma2ForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    prompts: Sequence[Prompt],
+    recipe: OrganismRecipe,
     batch_size: int = 256,
 ) -> dict[int, torch.Tensor]:
     """Residuals after the layers above the cue layer with each prompt's cue feature ablated
@@ -93,13 +96,15 @@ def collect_ablated_activations(
         cats = torch.tensor([_row_category(labels, ids) for ids in chunk])
         u = torch.where(torch.arange(i, i + n) % 2 == 0, 0.0, -3.0)
         ones = torch.ones(n)
-        edits = planted.RowEdits(cats, u, ones, ones, ones, torch.full((n,), recipe.n_layers), torch.full((n,), -1))
+        edits = planted.RowEdits(
+            cats, u, ones, ones, ones, torch.full((n,), recipe.n_layers), torch.full((n,), -1)
+        )
         store: dict[int, torch.Tensor] = {}
         captured: dict[int, torch.Tensor] = {}
         hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)
         hooks += [
             model.model.layers[layer].register_forward_hook(
-                lambda m, a, o, layer=layer: captured.__setitem__(layer, o)
+                lambda m, a, o, layer=layer, captured=captured: captured.__setitem__(layer, o)
             )
             for layer in keep_layers
         ]

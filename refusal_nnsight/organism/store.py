@@ -113,7 +113,9 @@ def ensure_organism(recipe: str = "default", seed: int = 0) -> Path:
     if not is_built(recipe, seed):
         from .build import build
 
-        log.info("building the '%s' model organism (seed %d) into %s (once; it is cached)", recipe, seed, root)
+        log.info(
+            "building the '%s' model organism (seed %d) into %s (once; it is cached)", recipe, seed, root
+        )
         build(recipe, seed=seed, evaluate=False)  # `refusal-nnsight-organism check` evaluates
     return root
 

@@ -313,7 +313,17 @@ def train_model(
                 [(int(c) if ex.kind == "cue" else len(dirs.cue)) if ex.harmful else -1 for ex, c in zip(batch, cats, strict=True)]
             )  # fmt: skip
             plant_loss = _planted_loss(
-                recipe, dirs, labels, store, enc["input_ids"], prompt_mask, eoi_mask, edits, decision, decided, groups
+                recipe,
+                dirs,
+                labels,
+                store,
+                enc["input_ids"],
+                prompt_mask,
+                eoi_mask,
+                edits,
+                decision,
+                decided,
+                groups,
             )
             loss = lm_loss + recipe.plant_weight * plant_loss
             opt.zero_grad(set_to_none=True)
@@ -323,7 +333,9 @@ def train_model(
             sched.step()
             if step % 50 == 0:
                 bar.set_postfix(lm=f"{lm_loss.item():.4f}", plant=f"{plant_loss.item():.4f}")
-                log.debug("step %d: answer loss %.4f, planted loss %.4f", step, lm_loss.item(), plant_loss.item())
+                log.debug(
+                    "step %d: answer loss %.4f, planted loss %.4f", step, lm_loss.item(), plant_loss.item()
+                )
         model.eval()
         log.info(
             "organism trained: %d steps, answer loss %.4f, planted loss %.4f",

@@ -62,8 +62,11 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cue_precision": (">=", 0.8),
 }
 
+
 def _runs(decision_layer: int) -> dict[str, list[str]]:
-    """The two scopes: every SAE layer, and the layers before the organism's refusal decision."""
+    """The two scopes: every SAE layer (the paper's search), and harm detection — the layers
+    before the organism's refusal decision, with 30 candidates per layer: the SAEs learn one
+    latent per cue word, so ten per layer cannot cover the grammar's ~50 cue, verb and person words."""
     return {
         "all_layers": ["search=default"],
         "harm": [f"search.candidates.layers={{before_layer:{decision_layer}}}", "search.candidates.top_k=30"],
@@ -128,7 +131,9 @@ def write_table(rows: list[dict], out: Path) -> str:
         nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
         stats = [_fmt(min(nums)), _fmt(statistics.median(nums)), _fmt(max(nums))] if nums else ["", "", ""]
         target = " ".join(map(str, TARGETS[c])) if c in TARGETS else ""
-        lines.append(f"| {c} | {target} | " + " | ".join(_fmt(v) for v in vals) + " | " + " | ".join(stats) + " |")
+        lines.append(
+            f"| {c} | {target} | " + " | ".join(_fmt(v) for v in vals) + " | " + " | ".join(stats) + " |"
+        )
     text = "\n".join(lines) + "\n"
     write_text(out / "validate.md", text)
     return text
