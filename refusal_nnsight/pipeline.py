@@ -148,6 +148,8 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     timing: dict = {"torch_threads": torch.get_num_threads()}
     results: dict = {}
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
+    if cfg.model.source == "organism":  # which build was dissected (the report names it)
+        summary["organism"] = _organism_provenance(cfg)
     wanted = set(cfg.stages)
 
     try:
@@ -210,6 +212,16 @@ def _check_against_saes(cfg: RunConfig, saes) -> None:
             f"search.candidates.top_k={k} exceeds the width of the SAE at layer {narrowest} "
             f"({saes.width(narrowest)} latents); use at most that"
         )
+
+
+def _organism_provenance(cfg: RunConfig) -> dict:
+    """Recipe, seed and hashes of the organism a run dissects (resolved here, at the edge)."""
+    from .organism.store import ensure_organism, read_manifest, shipped_dir
+
+    root = ensure_organism(cfg.model.organism_recipe, cfg.model.organism_seed)
+    m = read_manifest(root)
+    return {"recipe": m["recipe"], "seed": m.get("seed", 0), "recipe_hash": m["recipe_hash"],
+            "content_hash": m.get("content_hash"), "shipped": root == shipped_dir(m["recipe"])}  # fmt: skip
 
 
 def _scanned_layers(s, saes, model, candidates) -> list[int]:

@@ -298,7 +298,13 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, object], cfg_
     lines = [f"# refusal_nnsight run: {m.get('name', '?')}", ""]
     if summary.get("status"):
         lines += [f"**Status:** {summary['status']}", ""]
-    src = m.get("repo_id") or f"organism recipe '{m.get('organism_recipe')}'"
+    org = summary.get("organism")
+    src = m.get("repo_id") or (
+        f"organism recipe '{org['recipe']}', seed {org['seed']}, recipe hash {org['recipe_hash']}, "
+        f"weights {org['content_hash']}{' (shipped)' if org['shipped'] else ''}"
+        if org
+        else f"organism recipe '{m.get('organism_recipe')}'"
+    )
     sae_src = s.get("release") or s.get("path") or s.get("source")
     lines += [
         "## What was run", "",

@@ -127,7 +127,7 @@ def write_table(rows: list[dict], out: Path) -> str:
     lines = ["| figure | target | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | min | median | max |",
              "|---|---|" + "---|" * (len(rows) + 3)]  # fmt: skip
     for c in cols:
-        vals = [r.get(c) for r in rows]
+        vals = [r.get(c) for r in flat]
         nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
         stats = [_fmt(min(nums)), _fmt(statistics.median(nums)), _fmt(max(nums))] if nums else ["", "", ""]
         target = " ".join(map(str, TARGETS[c])) if c in TARGETS else ""

@@ -1,0 +1,38 @@
+"""validate's table and verdict, on rows made up here (running the pipeline five times is the
+command's job, not the test suite's)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from refusal_nnsight.organism import validate
+
+
+def _row(seed: int, **changes) -> dict:
+    row = {"seed": seed, "direction_jailbreak": 1.0, "direction_kl": 0.05, "direction_fallback": False,
+           "all_candidates_jailbreak": 0.95, "one_minimal_rate": 1.0, "random_same_size_jailbreak": 0.0,
+           "fm_heldout_accuracy": 0.95, "fm_beats_linear": True, "compositional_pair_found": True,
+           "redundancy_found": True, "cue_recall": 1.0, "cue_precision": 0.9} | changes  # fmt: skip
+    row["targets_met"] = {k: validate._meets(row.get(k), op, t) for k, (op, t) in validate.TARGETS.items()}
+    return row
+
+
+def test_every_target_is_checked_on_every_seed():
+    good, bad = _row(0), _row(1, direction_kl=0.2, redundancy_found=None, cue_recall=0.5)
+    assert all(good["targets_met"].values())
+    assert [k for k, v in bad["targets_met"].items() if not v] == ["direction_kl", "redundancy_found", "cue_recall"]
+
+
+def test_table_has_a_row_per_figure_and_min_median_max(tmp_path):
+    text = validate.write_table([_row(0), _row(1, direction_kl=0.2)], tmp_path)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| direction_kl |"))
+    assert line.split("|")[3:8] == [" 0.05 ", " 0.2 ", " 0.05 ", " 0.125 ", " 0.2 "]
+    assert "| targets_met |  | yes | no |" in text
+    frame = pl.read_parquet(tmp_path / "validate.parquet")
+    assert frame["seed"].to_list() == [0, 1] and frame["targets_met"].to_list() == [True, False]
+
+
+def test_figures_are_read_from_the_summary_by_dotted_key():
+    summary = {"ground_truth": {"cue_recall": 0.5}, "greedy": {}}
+    assert validate._get(summary, "ground_truth.cue_recall") == 0.5
+    assert validate._get(summary, "greedy.one_minimal_rate") is None  # not measured stays null
