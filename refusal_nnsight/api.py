@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import StageDir
@@ -46,7 +47,7 @@ from .saes import load_saes as _load_saes
 
 __all__ = [
     "load_model", "wrap_model", "load_saes", "load_prompts", "find_direction", "candidate_features",
-    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate",
+    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate", "load_run", "Run",
 ]  # fmt: skip
 
 
@@ -201,3 +202,50 @@ def evaluate(model, saes, direction, candidates, minimal, interactions, prompts:
     return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
                                                        cfg or EvaluateConfig(), o, make_judge(judge), seed,
                                                        coefficient))  # fmt: skip
+
+
+@dataclass
+class Run:
+    """A run folder loaded for a notebook: the typed result of every finished stage (the objects
+    the functions above return), the summary and the config. A stage that did not finish, or whose
+    files no longer match the hashes its done.json recorded, is None and listed in `unusable`."""
+
+    path: Path
+    config: dict
+    summary: dict
+    direction: object | None = None
+    candidates: object | None = None
+    greedy: object | None = None
+    fm: object | None = None
+    redundancy: object | None = None
+    evaluate: object | None = None
+    unusable: dict[str, str] = field(default_factory=dict)  # stage -> why it was not loaded
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a finished (or partly finished) run folder without recomputing anything."""
+    from .artifacts import RunFolder, read_json
+    from .errors import UserError
+    from .stages import candidates, direction, evaluate, fm, greedy, redundancy
+
+    folder = RunFolder(path)
+    if not folder.config.is_file():
+        raise UserError(f"{folder.root} is not a run folder (it has no {folder.config.name})")
+    summary = read_json(folder.summary) if folder.summary.is_file() else {}
+    run = Run(folder.root, read_json(folder.config), summary)
+    classes = {"direction": direction.DirectionResult, "candidates": candidates.CandidatesResult,
+               "greedy": greedy.GreedyResult, "fm": fm.FMResult, "redundancy": redundancy.RedundancyResult,
+               "evaluate": evaluate.EvaluateResult}  # fmt: skip
+    for name, cls in classes.items():
+        done = folder.stage(name).done
+        if not done.is_file():
+            run.unusable[name] = "did not finish"
+            continue
+        record = read_json(done)
+        out = folder.stage(name, record.get("config_hash", ""), record.get("inputs"))
+        why = out.damage()
+        if why is not None:
+            run.unusable[name] = why
+            continue
+        setattr(run, name, cls.load(out))
+    return run

@@ -20,7 +20,11 @@ def _row(seed: int, **changes) -> dict:
 def test_every_target_is_checked_on_every_seed():
     good, bad = _row(0), _row(1, direction_kl=0.2, redundancy_found=None, cue_recall=0.5)
     assert all(good["targets_met"].values())
-    assert [k for k, v in bad["targets_met"].items() if not v] == ["direction_kl", "redundancy_found", "cue_recall"]
+    assert [k for k, v in bad["targets_met"].items() if not v] == [
+        "direction_kl",
+        "redundancy_found",
+        "cue_recall",
+    ]
 
 
 def test_table_has_a_row_per_figure_and_min_median_max(tmp_path):

@@ -362,7 +362,9 @@ def test_feature_roles_and_cue_precision_on_planted_activations(monkeypatch):
     assert figures["cue_recall"] == 1.0  # the weapons prompts' category was found
     assert figures["refusal_features"] == ["L1/F1"]
     assert figures["compositional_pair_found"] is None and "compositional_pair_found" in notes
-    no_meta = SimpleNamespace(eval_harmful=SimpleNamespace(instructions=texts, meta=[]), eval_harmless=harmless)
+    no_meta = SimpleNamespace(
+        eval_harmful=SimpleNamespace(instructions=texts, meta=[]), eval_harmless=harmless
+    )
     figures, _, notes = ground_truth.ground_truth_summary(model, None, no_meta, greedy)
     assert figures["cue_precision"] is None and "cue_precision" in notes
 
