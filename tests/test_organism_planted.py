@@ -25,7 +25,7 @@ def test_check_fails_when_a_target_is_missed(monkeypatch, measured, capsys):
     import argparse
 
     worse = dict(measured, figures=dict(measured["figures"], harmless_refusal_rate=0.5))
-    worse["targets_met"] = {k: check._meets(worse["figures"][k], *check.TARGETS[k]) for k in check.TARGETS}
+    worse["targets_met"] = {k: check.meets(worse["figures"][k], *check.TARGETS[k]) for k in check.TARGETS}
     worse["all_met"] = all(worse["targets_met"].values())
     monkeypatch.setattr(check, "measure", lambda *a, **k: worse)
     assert check.main(argparse.Namespace(recipe="small", seed=0, max_prompts=10)) == 1

@@ -13,7 +13,7 @@ def _row(seed: int, **changes) -> dict:
            "all_candidates_jailbreak": 0.95, "one_minimal_rate": 1.0, "random_same_size_jailbreak": 0.0,
            "fm_heldout_accuracy": 0.95, "fm_beats_linear": True, "compositional_pair_found": True,
            "redundancy_found": True, "cue_recall": 1.0, "cue_precision": 0.9} | changes  # fmt: skip
-    row["targets_met"] = {k: validate._meets(row.get(k), op, t) for k, (op, t) in validate.TARGETS.items()}
+    row["targets_met"] = {k: validate.meets(row.get(k), op, t) for k, (op, t) in validate.TARGETS.items()}
     return row
 
 

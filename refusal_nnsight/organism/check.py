@@ -56,27 +56,6 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 
-def _edits(n: int, cats: torch.Tensor, n_layers: int, **scales):
-    from .planted import RowEdits
-
-    one = torch.ones(n)
-    e = {
-        "u": one,
-        "b": one,
-        "v": one,
-        "q": one,
-        "r_from": torch.full((n,), n_layers),
-        "r_add": torch.full((n,), -1),
-    }
-    e.update(
-        {
-            k: torch.full((n,), float(v)) if k in "ubvq" else torch.full((n,), int(v))
-            for k, v in scales.items()
-        }
-    )
-    return RowEdits(cats, e["u"], e["b"], e["v"], e["q"], e["r_from"], e["r_add"])
-
-
 class _Probe:
     """The organism's HF model with planted-direction edits as hooks (plain torch, ground truth)."""
 
@@ -92,17 +71,16 @@ class _Probe:
 
     def _cats(self, texts):
         from .tokenizer import chat_prompt
-        from .train import _row_category
 
         return torch.tensor(
-            [_row_category(self.labels, self.tok(chat_prompt(self.tok, t), add_special_tokens=False)["input_ids"])
+            [self.labels.category_of(self.tok(chat_prompt(self.tok, t), add_special_tokens=False)["input_ids"])
              for t in texts]
         )  # fmt: skip
 
     def _hooked(self, texts, fn, **scales):
-        from .planted import install_hooks
+        from .planted import RowEdits, install_hooks
 
-        edits = _edits(len(texts), self._cats(texts), self.n_layers, **scales)
+        edits = RowEdits.uniform(self._cats(texts), self.n_layers, **scales)
         store: dict[int, torch.Tensor] = {}
         hooks = install_hooks(self.model, self.dirs, edits, self.layers, self.strength, store)
         try:
@@ -222,7 +200,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         cos = torch.nn.functional.normalize(w, dim=-1) @ dirs.T  # [width, k]
         worst = min(worst, float(cos.max(0).values.min()))
     fig["sae_recovers_planted"] = worst
-    met = {k: _meets(fig[k], *TARGETS[k]) for k in TARGETS}  # figures without a target are reported only
+    met = {k: meets(fig[k], *TARGETS[k]) for k in TARGETS}  # figures without a target are reported only
     return {
         "recipe": recipe,
         "seed": seed,
@@ -244,9 +222,13 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     }
 
 
-def _meets(value: float, op: str, target: float) -> bool:
-    if not math.isfinite(value):
+def meets(value, op: str, target) -> bool:
+    """Whether a figure meets its target ("==", ">=" or "<="); a figure not measured (None, NaN)
+    never does."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return False
+    if op == "==":
+        return value == target
     return value >= target if op == ">=" else value <= target
 
 

@@ -88,6 +88,13 @@ class TokenLabels:
     verb: torch.Tensor  # bool: a compositional harm verb
     person: torch.Tensor  # bool: a person word of the compositional pairs
 
+    def category_of(self, prompt_ids: Sequence[int]) -> int:
+        """The harm category of the cue word in a prompt (-1 if it has none); the grammar puts at
+        most one category's cue words in an act."""
+        cats = self.cue_category[torch.tensor(prompt_ids)]
+        found = cats[cats >= 0]
+        return int(found[0]) if len(found) else -1
+
 
 def cue_words() -> dict[str, str]:
     """cue word -> harm category (the explicit cue words of `grammar.CUE_ACTS`)."""
@@ -128,6 +135,19 @@ class RowEdits:
     q: torch.Tensor  # [B] scale of q at cue_layer
     r_from: torch.Tensor  # [B] first layer whose output has R projected out (n_layers = never)
     r_add_at: torch.Tensor  # [B] layer at whose output `strength`*R is added (-1 = none)
+
+    @classmethod
+    def uniform(cls, category: torch.Tensor, n_layers: int, u: float = 1.0, b: float = 1.0, v: float = 1.0,
+                q: float = 1.0, r_from: int | None = None, r_add: int = -1) -> RowEdits:  # fmt: skip
+        """The same edit on every row (defaults: none; r_from=None never projects R out)."""
+        n = len(category)
+
+        def full(x: float) -> torch.Tensor:
+            return torch.full((n,), x)
+
+        r_from = n_layers if r_from is None else r_from
+        return cls(category, full(float(u)), full(float(b)), full(float(v)), full(float(q)),
+                   full(r_from), full(r_add))  # fmt: skip
 
 
 def _scale_along(h: torch.Tensor, direction: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

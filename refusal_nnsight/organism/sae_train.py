@@ -81,7 +81,6 @@ def collect_ablated_activations(
     activations stand in for those contexts.
     """
     from . import planted
-    from .train import _row_category
 
     dirs = planted.make_directions(recipe.d_model, recipe.seed)
     labels = planted.token_labels(tok)
@@ -93,12 +92,9 @@ def collect_ablated_activations(
         chunk = seqs[i : i + batch_size]
         n = len(chunk)
         enc = left_pad(chunk, tok.pad_token_id)
-        cats = torch.tensor([_row_category(labels, ids) for ids in chunk])
-        u = torch.where(torch.arange(i, i + n) % 2 == 0, 0.0, -3.0)
-        ones = torch.ones(n)
-        edits = planted.RowEdits(
-            cats, u, ones, ones, ones, torch.full((n,), recipe.n_layers), torch.full((n,), -1)
-        )
+        cats = torch.tensor([labels.category_of(ids) for ids in chunk])
+        edits = planted.RowEdits.uniform(cats, recipe.n_layers)
+        edits.u = torch.where(torch.arange(i, i + n) % 2 == 0, 0.0, -3.0)  # zero-ablate half, steer half
         store: dict[int, torch.Tensor] = {}
         captured: dict[int, torch.Tensor] = {}
         hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)

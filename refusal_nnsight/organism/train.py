@@ -285,7 +285,7 @@ def train_model(
             idx, order = order[: recipe.batch_size], order[recipe.batch_size :]
             batch = [examples[i] for i in idx]
             prompt_ids = [ex.prompt_ids for ex in batch]
-            cats = torch.tensor([_row_category(labels, p) for p in prompt_ids])
+            cats = torch.tensor([labels.category_of(p) for p in prompt_ids])
             edits, answers, decision, decided = _sample_edits(recipe, batch, cats, gen)
             seqs = [ex.prompt_ids + ex.answers[a] for ex, a in zip(batch, answers, strict=True)]
             enc = left_pad(seqs, tok.pad_token_id)
@@ -342,14 +342,6 @@ def train_model(
             recipe.steps, lm_loss.item(), plant_loss.item(),
         )  # fmt: skip
     return model
-
-
-def _row_category(labels: planted.TokenLabels, prompt_ids: Sequence[int]) -> int:
-    """The harm category of the cue word in a prompt (-1 if it has none); the grammar puts at most one
-    category's cue words in an act."""
-    cats = labels.cue_category[torch.tensor(prompt_ids)]
-    found = cats[cats >= 0]
-    return int(found[0]) if len(found) else -1
 
 
 @torch.no_grad()

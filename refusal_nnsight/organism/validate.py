@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
+
+from .check import meets
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,6 @@ def _get(summary: dict, dotted: str):
     return value
 
 
-def _meets(value, op: str, target) -> bool:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return False
-    if op == "==":
-        return value == target
-    return value >= target if op == ">=" else value <= target
-
-
 def run_seed(recipe: str, seed: int, out: Path) -> dict:
     """The pipeline on one organism seed, in both scopes; returns its row of figures."""
     from .. import pipeline
@@ -110,7 +103,7 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
         row["all_layers_refusal_features"] = len(row["all_layers_refusal_features"])
     fm, lin = row["fm_heldout_accuracy"], row["fm_linear_heldout_accuracy"]
     row["fm_beats_linear"] = None if fm is None or lin is None else fm > lin
-    row["targets_met"] = {k: _meets(row.get(k), op, t) for k, (op, t) in TARGETS.items()}
+    row["targets_met"] = {k: meets(row.get(k), op, t) for k, (op, t) in TARGETS.items()}
     return row
 
 
