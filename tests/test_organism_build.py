@@ -135,6 +135,18 @@ def test_recipe_seed_sets_the_planted_directions_and_splits():
     assert split0 != split1
 
 
+@pytest.mark.parametrize(
+    "args", [["check", "--seed", "-1"], ["check", "--max-prompts", "0"], ["build", "--seed", "x"]]
+)
+def test_cli_rejects_bad_numbers_in_one_line(args, capsys):
+    from refusal_nnsight.organism.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "must be an integer" in err and "Traceback" not in err
+
+
 def test_cli_rejects_unknown_recipe(capsys):
     from refusal_nnsight.organism.cli import main
 

@@ -29,6 +29,21 @@ def _seeds(text: str) -> list[int]:
     return out
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (a bad value is one usage line, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' must be an integer >= {minimum}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     from .build import RECIPES
 
@@ -36,12 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train the organism and its SAEs from scratch into the cache")
     b.add_argument("--recipe", default="default", choices=sorted(RECIPES))
-    b.add_argument("--seed", type=int, default=0, help="organism seed (0 = the shipped organism's)")
+    b.add_argument("--seed", type=_count(0), default=0, help="organism seed (0 = the shipped organism's)")
     b.add_argument("--no-eval", action="store_true", help="skip the held-out refusal / splice evaluation")
     c = sub.add_parser("check", help="measure every planted mechanism against its target (exit 1 on a miss)")
     c.add_argument("--recipe", default="default", choices=sorted(RECIPES))
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--max-prompts", type=int, default=None, help="test prompts used (default: all)")
+    c.add_argument("--seed", type=_count(0), default=0)
+    c.add_argument("--max-prompts", type=_count(1), default=None, help="test prompts used (default: all)")
     v = sub.add_parser(
         "validate", help="build or reuse organisms of several seeds and run the pipeline on each"
     )
@@ -73,8 +88,6 @@ def _build(args: argparse.Namespace) -> int:
     from .build import build
     from .store import content_hash, is_shipped, read_manifest, shipped_dir
 
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed} must be >= 0")
     root = build(args.recipe, seed=args.seed, evaluate=not args.no_eval)
     m = read_manifest(root)
     summary = {k: m[k] for k in ("recipe", "seed", "recipe_hash", "build_seconds", "saes", "eval") if k in m}
