@@ -1,4 +1,4 @@
-"""Sweeps (issue #4): `refusal-nnsight -m` writes one run folder per job (Hydra's sweep
+"""Sweeps: `refusal-nnsight -m` writes one run folder per job (Hydra's sweep
 <dir>/<job number>, .hydra/ beside the artifacts) on the basic and on the Ray launcher, and the
 sweep summary table collects every job's summary.json with its overrides."""
 
