@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _API = (
     "load_model", "wrap_model", "load_saes", "load_prompts", "find_direction", "candidate_features",
-    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate", "load_run", "Run",
+    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate", "feature_cards", "load_run", "Run",
 )  # fmt: skip
 __all__ = list(_API)
 

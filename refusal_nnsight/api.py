@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
+
 from .artifacts import StageDir
 from .config import (
     BackendConfig,
@@ -47,7 +49,7 @@ from .saes import load_saes as _load_saes
 
 __all__ = [
     "load_model", "wrap_model", "load_saes", "load_prompts", "find_direction", "candidate_features",
-    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate", "load_run", "Run",
+    "greedy_minimal_set", "fit_interactions", "find_redundant", "evaluate", "feature_cards", "load_run", "Run",
 ]  # fmt: skip
 
 
@@ -204,6 +206,20 @@ def evaluate(model, saes, direction, candidates, minimal, interactions, prompts:
                                                        coefficient))  # fmt: skip
 
 
+def feature_cards(model, saes, prompts: Prompts, direction, minimal, interactions=None, redundant=None,
+                  coefficient: float = -3.0):  # fmt: skip
+    """A card per found feature (minimal sets, the FM's top features, H): where it was found, its
+    cosine with r̂, its top-activating contexts and its effect ablated alone (features.CARD_SCHEMA).
+    The flip criterion is the one the candidates stage chose, carried by `minimal`."""
+    from .features import feature_cards as cards
+    from .scoring import Criterion
+
+    flip = Criterion(minimal.criterion, minimal.score_threshold)
+    return cards(
+        model, saes, prompts, direction, minimal, interactions, redundant, coefficient=coefficient, flip=flip
+    )
+
+
 @dataclass
 class Run:
     """A run folder loaded for a notebook: the typed result of every finished stage (the objects
@@ -219,12 +235,14 @@ class Run:
     fm: object | None = None
     redundancy: object | None = None
     evaluate: object | None = None
+    features: pl.DataFrame | None = None  # the feature cards (features.parquet), None if not written
+    provenance: dict = field(default_factory=dict)  # provenance.json: toolkit, commit, command, weights
     unusable: dict[str, str] = field(default_factory=dict)  # stage -> why it was not loaded
 
 
 def load_run(path: str | Path) -> Run:
     """Load a finished (or partly finished) run folder without recomputing anything."""
-    from .artifacts import RunFolder, read_json
+    from .artifacts import RunFolder, read_json, read_parquet
     from .errors import UserError
     from .stages import candidates, direction, evaluate, fm, greedy, redundancy
 
@@ -233,6 +251,10 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"{folder.root} is not a run folder (it has no {folder.config.name})")
     summary = read_json(folder.summary) if folder.summary.is_file() else {}
     run = Run(folder.root, read_json(folder.config), summary)
+    if folder.features.is_file():
+        run.features = read_parquet(folder.features)
+    if folder.provenance.is_file():
+        run.provenance = read_json(folder.provenance)
     classes = {"direction": direction.DirectionResult, "candidates": candidates.CandidatesResult,
                "greedy": greedy.GreedyResult, "fm": fm.FMResult, "redundancy": redundancy.RedundancyResult,
                "evaluate": evaluate.EvaluateResult}  # fmt: skip

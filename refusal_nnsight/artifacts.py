@@ -313,7 +313,15 @@ class RunFolder:
         """Remove every result (force_restart); .hydra/, logs and the lock stay."""
         for name in (*STAGES, "figures"):
             shutil.rmtree(self.root / name, ignore_errors=True)
-        for path in (self.identity, self.config, self.summary, self.timing, self.report):
+        for path in (
+            self.identity,
+            self.config,
+            self.summary,
+            self.timing,
+            self.report,
+            self.features,
+            self.provenance,
+        ):
             path.unlink(missing_ok=True)
 
     def clean_temporaries(self) -> int:
@@ -343,6 +351,16 @@ class RunFolder:
         return self.root / "report.md"
 
     @property
+    def features(self) -> Path:
+        """features.parquet: a card for every feature the run found (features.CARD_SCHEMA)."""
+        return self.root / "features.parquet"
+
+    @property
+    def provenance(self) -> Path:
+        """provenance.json: toolkit version and commit, command line, package versions."""
+        return self.root / "provenance.json"
+
+    @property
     def overrides(self) -> Path:
         """The command-line overrides of the run, as Hydra saved them."""
         return self.root / ".hydra" / "overrides.yaml"
@@ -369,6 +387,10 @@ class SweepFolder:
     @property
     def markdown(self) -> Path:
         return self.root / "sweep_summary.md"
+
+    def figure(self, override: str) -> Path:
+        """The outcomes-vs-override figure of one varying override."""
+        return self.root / f"sweep_{override.replace('/', '_')}.png"
 
 
 def _natural(path: Path) -> list[tuple[int, int | str]]:

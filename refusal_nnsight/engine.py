@@ -25,6 +25,14 @@ from .scoring import refusal_scores, refusal_scores_many
 Feature = tuple[int, int]  # (layer, latent index)
 
 
+def by_layer(features: Sequence[Feature]) -> dict[int, list[int]]:
+    """layer → the columns (indices into `features`) of that layer's features, layers ascending."""
+    out: dict[int, list[int]] = {}
+    for col, (layer, _) in enumerate(features):
+        out.setdefault(int(layer), []).append(col)
+    return dict(sorted(out.items()))
+
+
 @dataclass
 class AblationEngine:
     model: LoadedModel
@@ -37,16 +45,13 @@ class AblationEngine:
 
     def __post_init__(self) -> None:
         self.pool = [(int(layer), int(f)) for layer, f in self.pool]
-        by_layer: dict[int, list[int]] = {}
-        for col, (layer, _) in enumerate(self.pool):
-            by_layer.setdefault(layer, []).append(col)
         # per layer: (sliced SAE over that layer's pool features, their columns in the pool)
         self._layers = {
             layer: (
                 self.saes.slice(layer, [self.pool[c][1] for c in cols]).to(self.model.device, torch.float32),
                 torch.tensor(cols, dtype=torch.long),
             )
-            for layer, cols in sorted(by_layer.items())
+            for layer, cols in by_layer(self.pool).items()
         }
 
     @property

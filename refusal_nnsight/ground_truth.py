@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import polars as pl
 import torch
 
-from . import interventions
-from .backends import run_chunks
 from .engine import Feature
+from .features import FM_TOP, feature_activations, token_offsets
 
 log = logging.getLogger(__name__)
 
@@ -31,54 +30,9 @@ MOSTLY = 0.5  # fraction of a feature's top positions that must be on cue / eoi 
 TOP_K = 10  # top positions per feature
 
 
-def feature_activations(
-    model, saes, features: Sequence[Feature], instructions: Sequence[str], edits=(), batch_size: int = 32
-) -> list[torch.Tensor]:
-    """Activations of `features` on each prompt: a list of [T_i, F] (unpadded, position 0 = BOS).
-
-    Reads the (optionally edited) residual of each needed layer through `interventions.apply`'s
-    capture, then encodes it with the sliced SAE of that layer's features.
-    """
-    feats = [(int(a), int(b)) for a, b in features]
-    by_layer: dict[int, list[int]] = {}
-    for col, (layer, _) in enumerate(feats):
-        by_layer.setdefault(layer, []).append(col)
-    slices = {layer: saes.slice(layer, [feats[c][1] for c in cols]).to(model.device, torch.float32)
-              for layer, cols in by_layer.items()}  # fmt: skip
-    layers = sorted(by_layer)
-    batch = model.tokenize(list(instructions))
-
-    def one(i0: int, i1: int) -> tuple[int, int, torch.Tensor]:
-        chunk = batch.rows(i0, i1)
-        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
-            caps = interventions.apply(model, interventions.rows(list(edits), i0, i1),
-                                       chunk.attention_mask, capture=layers)  # fmt: skip
-            # one saved tensor: nnsight hands back saved values, not containers holding them
-            resid = torch.stack([caps[layer] for layer in layers]).save()  # [n_layers, B, T, d]
-        return i0, i1, resid
-
-    out: list[torch.Tensor] = []
-    for i0, i1, resid in run_chunks(model, len(batch), batch_size, one):
-        mask = batch.rows(i0, i1).attention_mask
-        acts = torch.zeros(*mask.shape, len(feats))
-        for k, layer in enumerate(layers):  # the slices follow resid's device (SlicedSAE.encode)
-            acts[..., by_layer[layer]] = slices[layer].encode(resid[k].float()).float().cpu()
-        for r in range(mask.shape[0]):
-            n = int(mask[r].sum())
-            out.append(acts[r, acts.shape[1] - n :])
-    return out
-
-
 def token_roles(model, instruction: str, cue_spans: Sequence[Sequence[int]]) -> list[int]:
     """Per token of the formatted prompt: index of the cue span it overlaps, or -1 (unpadded order)."""
-    text = model.format([instruction])[0]
-    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = list(enc["offset_mapping"])
-    ids = model.tokenize([instruction]).input_ids[0].tolist()
-    if len(ids) == len(offsets) + 1:  # tokenize() added the one BOS the template lacked
-        offsets = [(0, 0), *offsets]
-    if len(ids) != len(offsets):
-        raise ValueError("token offsets do not line up with the tokenized prompt")
+    text, offsets = token_offsets(model, instruction)
     start = text.find(instruction.strip())  # the template trims the instruction
     roles = []
     for a, b in offsets:
@@ -201,7 +155,7 @@ def _is_cue(role: str) -> bool:
 
 
 def ground_truth_summary(
-    model, saes, prompts, greedy, fm=None, redundancy=None
+    model, saes, prompts, greedy, fm=None, redundancy=None, roles: pl.DataFrame | None = None
 ) -> tuple[dict, pl.DataFrame, dict]:
     """Planted-truth figures of a run (summary.json "ground_truth"), the role of each found feature,
     and why each null figure is null.
@@ -213,6 +167,9 @@ def ground_truth_summary(
       composition (a refusal-decision feature is a true finding, but not a harm cue);
     - refusal_features: the minimal-set features of role "refusal", as labels;
     - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain): see their functions.
+
+    roles: feature_roles of a superset of the found features, when the caller has them already
+    (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
     empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None,
@@ -230,7 +187,11 @@ def ground_truth_summary(
         top = fm.top_features.filter(pl.col("rank") < FM_TOP)
         fm_top = sorted({(int(a), int(b)) for a, b in zip(top["layer"], top[_latent_col(top)], strict=True)})
     found = sorted(set(minimal) | set(fm_top))
-    roles = feature_roles(model, saes, found, prompts)
+    if roles is None:
+        roles = feature_roles(model, saes, found, prompts)
+    else:
+        wanted = pl.DataFrame(found, schema={"layer": pl.Int64, "feature": pl.Int64}, orient="row")
+        roles = wanted.join(roles, on=["layer", "feature"], how="left", maintain_order="left")
     role_of = {(r["layer"], r["feature"]): r["role"] for r in roles.to_dicts()}
     dissected = sorted(greedy.minimal_sets)
     present = sorted({ps.categories[i] for i in dissected if ps.meta[i]["kind"] == "cue"})
@@ -251,9 +212,6 @@ def ground_truth_summary(
         why = "redundancy did not run, or ran no zero-ablation test"
         notes.update(redundancy_found=why, redundancy_jailbreak_gain=why)
     return out, roles, notes
-
-
-FM_TOP = 5  # FM top features per prompt that count as found
 
 
 def _latent_col(frame: pl.DataFrame) -> str:

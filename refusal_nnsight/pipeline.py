@@ -18,7 +18,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from .artifacts import RunFolder, StageDir, read_json, write_json
+from . import provenance
+from .artifacts import RunFolder, StageDir, read_json, write_json, write_parquet
 from .backends import load_model
 from .config import RunConfig, to_dict
 from .data import check_readable, load_prompts
@@ -150,6 +151,7 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
     if cfg.model.source == "organism":  # which build was dissected (the report names it)
         summary["organism"] = _organism_provenance(cfg)
+    write_json(run_folder.provenance, provenance.collect(cfg, model, summary.get("organism")))
     wanted = set(cfg.stages)
 
     try:
@@ -195,7 +197,8 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
             evaluate.EvaluateResult)  # fmt: skip
     for name, result in results.items():
         summary.setdefault(name, {}).update(result.summary())
-    summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results)
+    roles = _features(run_folder, cfg, model, saes, prompts, results, timing, flip)
+    summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results, roles)
     if model.remote is not None:  # costs of the run, kept with the timings (not a result)
         timing["remote_jobs"] = model.remote.jobs
         timing["remote_payload_mb"] = round(model.remote.payload_bytes / 2**20, 3)
@@ -241,12 +244,33 @@ class GroundTruth:
     notes: dict[str, str]
 
 
-def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict) -> dict:
+def _features(run_folder: RunFolder, cfg: RunConfig, model, saes, prompts, results: dict, timing: dict,
+              flip: Criterion) -> pl.DataFrame | None:  # fmt: skip
+    """Write features.parquet, a card for every feature the run found (results["features"], for
+    the report); return the planted role of each (None without greedy, empty off the organism)."""
+    from . import ground_truth
+    from .features import feature_cards, found_features
+
+    greedy = results.get("greedy")
+    if greedy is None:
+        return None
+    start = time.perf_counter()
+    fm, redundancy = results.get("fm"), results.get("redundancy")
+    roles = ground_truth.feature_roles(model, saes, list(found_features(greedy, fm, redundancy)), prompts)
+    cards = feature_cards(model, saes, prompts, results["direction"], greedy, fm, redundancy,
+                          coefficient=cfg.search.coefficient, flip=flip, roles=roles)  # fmt: skip
+    write_parquet(run_folder.features, cards)
+    results["features"] = cards
+    timing["features_s"] = round(time.perf_counter() - start, 3)
+    return roles
+
+
+def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict, roles: pl.DataFrame | None) -> dict:
     """Planted-truth checks, available only on the organism (its grammar knows the cues)."""
     from . import ground_truth
 
     figures, roles, notes = ground_truth.ground_truth_summary(
-        model, saes, prompts, results.get("greedy"), results.get("fm"), results.get("redundancy")
+        model, saes, prompts, results.get("greedy"), results.get("fm"), results.get("redundancy"), roles
     )
     results["ground_truth"] = GroundTruth(roles, notes)  # for the report: roles and null reasons
     return figures

@@ -1,11 +1,10 @@
-"""report.md and the figures of a run: the file a person reads first (SPEC.md "Outputs of a run").
+"""report.md: the file a person reads first (SPEC.md "Outputs of a run").
 
-`write_report` writes what was run (model, SAEs, data sizes, settings), the headline numbers of
-summary.json, where every table lives, the features found (linked to Neuronpedia for real SAEs)
-and one figure per stage. Each figure function takes stage results and returns None when it
-drew, or a one-line reason when there is nothing to draw; a stage that did not run is skipped
-with a note. Figures use matplotlib's Agg canvas (no pyplot state, no display) and are written
-through a temporary file + rename, like every other artifact.
+In order: what produced the run (model weights, SAEs, toolkit version and commit, command line,
+seed); what was found, in plain sentences generated from the numbers, each pointing at its
+table or figure; a card for every found feature (features.parquet); the figures, each with a
+caption saying how to read it; how the edit and a flip are defined and the like-with-like rates;
+the numbers of each stage; the settings; why each null is null; where every table lives.
 """
 
 from __future__ import annotations
@@ -15,246 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from .artifacts import STAGES, RunFolder, atomic_write, read_json, write_text
+from .artifacts import STAGES, RunFolder, read_json, write_text
+from .figures import FIGURES, write_figures
 
 log = logging.getLogger(__name__)
 
-
-def _save(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    # fixed metadata: no matplotlib version or date in the file, so reruns write the same bytes
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None}))
-
-
-def fig_direction(path: Path, direction) -> str | None:
-    """Bypass score per (eoi position, layer); the chosen cell boxed, discarded cells crossed."""
-    t = direction.table
-    if t.height == 0:
-        return "the selection table is empty"
-    positions = sorted(set(t["position"].to_list()))
-    layers = sorted(set(t["layer"].to_list()))
-    grid = [[float("nan")] * len(layers) for _ in positions]
-    fig = Figure(figsize=(max(6, 0.35 * len(layers) + 2), 0.5 * len(positions) + 2))
-    ax = fig.add_subplot()
-    for r in t.iter_rows(named=True):
-        i, j = positions.index(r["position"]), layers.index(r["layer"])
-        grid[i][j] = r["bypass_score"] if r["bypass_score"] is not None else float("nan")
-        if "kept" in r and r["kept"] is False:
-            ax.plot(j, i, "x", color="white", ms=4)
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    if direction.position in positions and direction.layer in layers:
-        i, j = positions.index(direction.position), layers.index(direction.layer)
-        ax.add_patch(_box(j, i))
-    ax.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(positions)), yticklabels=positions,
-           xlabel="layer", ylabel="eoi position", title="Refusal direction: bypass score (× = filtered, box = chosen)")  # fmt: skip
-    fig.colorbar(im, ax=ax, label="mean refusal score, direction ablated")
-    _save(fig, path)
-    return None
-
-
-def _box(x: float, y: float):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
-
-
-def fig_candidates(path: Path, candidates, greedy=None) -> str | None:
-    """Decoder cosine with r̂ per layer: the candidate set C in red, features of some minimal set starred."""
-    t = candidates.table
-    if t.height == 0:
-        return "the candidate table is empty"
-    chosen = {(int(a), int(b)) for a, b in candidates.features}
-    minimal = {(int(a), int(b)) for m in (greedy.minimal_sets.values() if greedy else []) for a, b in m}
-    fig = Figure(figsize=(8, 4))
-    ax = fig.add_subplot()
-    rows = t.to_dicts()
-    for group, color, label in ((False, "0.7", "other latents"), (True, "tab:red", "candidates C")):
-        pts = [(r["layer"], r["cosine"]) for r in rows if ((r["layer"], r["feature"]) in chosen) == group]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), s=12, color=color, label=label)
-    pts = [(r["layer"], r["cosine"]) for r in rows if (r["layer"], r["feature"]) in minimal]
-    if pts:
-        ax.scatter(
-            *zip(*pts, strict=True), s=90, marker="*", color="gold", edgecolor="k", label="in a minimal set"
-        )
-    ax.set(xlabel="layer", ylabel="cos(decoder row, r̂)", title="Candidate features by decoder cosine")
-    ax.set_xticks(sorted({r["layer"] for r in rows}))
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return None
-
-
-def fig_greedy(path: Path, greedy, max_prompts: int = 12) -> str | None:
-    """Refusal score of each tested set vs step of backward elimination, one line per prompt."""
-    t = greedy.trajectory
-    if "method" in t.columns:
-        t = t.filter(pl.col("method") == "backward")
-    if t.height == 0:
-        return "the greedy trajectory is empty"
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    col = "margin" if "margin" in t.columns else "score"
-    for idx in sorted(set(t["prompt_idx"].to_list()))[:max_prompts]:
-        p = t.filter(pl.col("prompt_idx") == idx).sort("step")
-        ax.plot(p["step"].to_list(), p[col].to_list(), marker=".", lw=1, label=f"prompt {idx}")
-    ax.axhline(0, color="k", lw=0.8, ls="--")
-    ax.set(
-        xlabel="step",
-        ylabel="flip margin (< 0: the model stops refusing)",
-        title="Greedy backward elimination",
-    )
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
-    return None
-
-
-def fig_fm_fit(path: Path, fm) -> str | None:
-    """Held-out R² (regression) and accuracy (classification) of the FM vs the linear model."""
-    t = fm.fit
-    panels = [(task, col) for task, col in (("regression", "heldout_r2"), ("classification", "heldout_accuracy"))
-              if t.filter((pl.col("task") == task) & pl.col(col).is_not_null()).height]  # fmt: skip
-    if not panels:
-        return "no held-out metrics (heldout_fraction = 0?)"
-    fig = Figure(figsize=(5 * len(panels), 3.5))
-    for k, (task, col) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        part = t.filter(pl.col("task") == task)
-        prompts = sorted(set(part["prompt_idx"].to_list()))
-        for off, model, color in ((-0.2, "fm", "tab:blue"), (0.2, "linear", "tab:gray")):
-            vals = [_first(part, idx, model, col) for idx in prompts]
-            ax.bar([i + off for i in range(len(prompts))], vals, width=0.4, color=color, label=model)
-        ax.set(
-            xticks=range(len(prompts)),
-            xticklabels=[f"p{i}" for i in prompts],
-            ylabel=col,
-            title=f"{task}: FM vs linear",
-        )
-        ax.legend(fontsize=8)
-    _save(fig, path)
-    return None
-
-
-def _first(t: pl.DataFrame, idx: int, model: str, col: str) -> float:
-    v = t.filter((pl.col("prompt_idx") == idx) & (pl.col("model") == model))[col].to_list()
-    return float(v[0]) if v and v[0] is not None else 0.0
-
-
-def fig_fm_interactions(path: Path, fm) -> str | None:
-    """⟨v_i, v_j⟩ of the top pairs of one prompt's pool, as a symmetric heatmap."""
-    t = fm.interactions
-    if t.height == 0:
-        return "the FM found no pairs"
-    idx = sorted(set(t["prompt_idx"].to_list()))[0]
-    t = t.filter(pl.col("prompt_idx") == idx)
-    names = sorted({str(f) for f in t["feature_i"].to_list() + t["feature_j"].to_list()})
-    grid = [[float("nan")] * len(names) for _ in names]
-    for r in t.iter_rows(named=True):
-        i, j = names.index(str(r["feature_i"])), names.index(str(r["feature_j"]))
-        grid[i][j] = grid[j][i] = r["v_dot"]
-    lim = max(abs(v) for row in grid for v in row if v == v) or 1.0
-    fig = Figure(figsize=(0.5 * len(names) + 3, 0.5 * len(names) + 2))
-    ax = fig.add_subplot()
-    im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim)
-    ax.set(
-        xticks=range(len(names)), yticks=range(len(names)), title=f"FM interactions ⟨v_i, v_j⟩, prompt {idx}"
-    )
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_yticklabels(names, fontsize=7)
-    fig.colorbar(im, ax=ax)
-    _save(fig, path)
-    return None
-
-
-def fig_redundancy(path: Path, redundancy, top: int = 30) -> str | None:
-    """Clean vs M-ablated max activation of the strongest awakened latents (H)."""
-    t = redundancy.awakened
-    if "ablation" in t.columns:
-        t = t.filter(pl.col("ablation") == "strong")
-    if "in_h" in t.columns:
-        t = t.filter(pl.col("in_h"))
-    if t.height == 0:
-        return "no latent woke up when the minimal sets were ablated"
-    t = t.sort(
-        ["ablated_max", "prompt_idx", "layer", "feature"], descending=[True, False, False, False]
-    ).head(top)
-    labels = [f"p{r['prompt_idx']} L{r['layer']}/F{r['feature']}" for r in t.iter_rows(named=True)]
-    y = list(range(len(labels)))
-    fig = Figure(figsize=(7, 0.25 * len(labels) + 1.5))
-    ax = fig.add_subplot()
-    ax.barh([i - 0.2 for i in y], t["clean_max"].to_list(), height=0.4, color="tab:gray", label="clean")
-    ax.barh(
-        [i + 0.2 for i in y], t["ablated_max"].to_list(), height=0.4, color="tab:orange", label="M ablated"
-    )
-    ax.set(
-        yticks=y, xlabel="max activation over the prompt", title="Redundancy: latents awakened by ablating M"
-    )
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return None
-
-
-def fig_evaluate(path: Path, evaluate) -> str | None:
-    """Judged jailbreak rate per harmful condition, and refusal rate per harmless condition."""
-    t = evaluate.completions
-    col = next((c for c in t.columns if c.startswith("is_jailbreak_")), None)
-    if t.height == 0 or col is None:
-        return "no completions"
-    rates = t.group_by(["harmful", "condition"], maintain_order=True).agg(pl.col(col).cast(pl.Float64).mean())
-    labels = [
-        f"{c}: jailbreak" if h else f"{c}, harmless: refusal"
-        for h, c in zip(rates["harmful"], rates["condition"], strict=True)
-    ]
-    vals = [v if h else 1 - v for h, v in zip(rates["harmful"], rates[col], strict=True)]
-    fig = Figure(figsize=(7, 0.35 * len(labels) + 1.5))
-    ax = fig.add_subplot()
-    ax.barh(range(len(labels)), vals, color=["tab:red" if h else "tab:blue" for h in rates["harmful"]])
-    ax.set(
-        yticks=range(len(labels)), xlim=(0, 1), xlabel="rate", title="Evaluation (judge: " + col[13:] + ")"
-    )
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.invert_yaxis()
-    _save(fig, path)
-    return None
-
-
-# (figure name, what it shows, the stages it needs, the function)
-FIGURES: list[tuple[str, str, tuple[str, ...], Callable]] = [
-    ("direction_selection", "direction selection: bypass score per layer × eoi position", ("direction",),
-     lambda p, r: fig_direction(p, r["direction"])),
-    ("candidate_cosines", "decoder cosines per layer, candidates marked", ("candidates",),
-     lambda p, r: fig_candidates(p, r["candidates"], r.get("greedy"))),
-    ("greedy_trajectory", "greedy trajectory: refusal score vs step per prompt", ("greedy",),
-     lambda p, r: fig_greedy(p, r["greedy"])),
-    ("fm_fit", "FM vs linear on held-out masks", ("fm",), lambda p, r: fig_fm_fit(p, r["fm"])),
-    ("fm_interactions", "FM interaction heatmap ⟨v_i, v_j⟩", ("fm",), lambda p, r: fig_fm_interactions(p, r["fm"])),
-    ("redundancy", "redundancy: clean vs ablated activation of awakened latents", ("redundancy",),
-     lambda p, r: fig_redundancy(p, r["redundancy"])),
-    ("evaluate_rates", "jailbreak / refusal rate per condition", ("evaluate",),
-     lambda p, r: fig_evaluate(p, r["evaluate"])),
-]  # fmt: skip
-
-
-def write_figures(run: RunFolder, results: dict[str, object]) -> dict[str, str | None]:
-    """name → None (written to run.figure(name)) or the reason it was skipped."""
-    notes: dict[str, str | None] = {}
-    for name, _, needs, draw in FIGURES:
-        missing = [s for s in needs if results.get(s) is None]
-        if missing:
-            notes[name] = f"skipped: stage {', '.join(missing)} did not run"
-            continue
-        try:
-            reason = draw(run.figure(name), results)
-        except Exception as err:  # a figure must never sink a finished run
-            log.warning("figure %s failed: %s", name, err)
-            reason = f"failed: {type(err).__name__}: {err}"
-        notes[name] = None if reason is None else f"skipped: {reason}"
-    return notes
+FULL_CARDS = 12  # features shown as full cards; the rest as one table row each
+TABLE_CARDS = 30  # rows of that table; every card is in features.parquet
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -268,6 +35,8 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     return "—" if v is None else str(v)
@@ -294,44 +63,34 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, object], cfg_
     """Write run.report (report.md) and the figures; return the report's path."""
     figures = write_figures(run, results)
     link = _linker(cfg_dict)
-    m, s, d, search = (cfg_dict.get(k) or {} for k in ("model", "sae", "data", "search"))
-    lines = [f"# refusal_nnsight run: {m.get('name', '?')}", ""]
+    search = cfg_dict.get("search") or {}
+    cards = results.get("features")
+    prov = read_json(run.provenance) if run.provenance.is_file() else {}
+    lines = [f"# refusal_nnsight run: {(cfg_dict.get('model') or {}).get('name', '?')}", ""]
     if summary.get("status"):
         lines += [f"**Status:** {summary['status']}", ""]
-    org = summary.get("organism")
-    src = m.get("repo_id") or (
-        f"organism recipe '{org['recipe']}', seed {org['seed']}, recipe hash {org['recipe_hash']}, "
-        f"weights {org['content_hash']}{' (shipped)' if org['shipped'] else ''}"
-        if org
-        else f"organism recipe '{m.get('organism_recipe')}'"
-    )
-    sae_src = s.get("release") or s.get("path") or s.get("source")
-    lines += [
-        "## What was run", "",
-        f"- model: `{m.get('name')}` ({src}, {m.get('dtype')}, max_new_tokens={m.get('max_new_tokens')})",
-        f"- SAEs: `{s.get('name')}` ({sae_src}{' / ' + s['sae_id'] if s.get('sae_id') else ''}), layers: {s.get('layers') or 'all'}",
-        f"- data: `{d.get('name')}`: n_train={d.get('n_train')}, n_val={d.get('n_val')}, n_eval={d.get('n_eval')} per class, seed={d.get('seed')}",
-        f"- search preset `{search.get('name')}`, judge `{(cfg_dict.get('judge') or {}).get('name')}`, seed {cfg_dict.get('seed')}, "
-        f"stages: {', '.join(cfg_dict.get('stages') or [])}",
-        f"- settings: see `{run.config.name}`; per-stage settings: "
-        + "; ".join(f"{k}: {_inline(v)}" for k, v in search.items() if isinstance(v, dict)),
-        "",
-    ]  # fmt: skip
-    lines += _findings(summary, results, search)
-    lines += ["## Headline numbers", "", "| quantity | value |", "|---|---|"]
-    lines += [
-        f"| {k} | {_fmt(v)} |" for k, v in _flat(summary) if not k.startswith("timing.") and k != "status"
-    ]
-    timing = summary.get("timing") or (read_json(run.timing) if run.timing.exists() else {})
-    if timing:
-        lines += ["", "Wall time (s): " + ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in timing.items())]
-    lines += ["", "## Figures", ""]
-    for name, what, _, _ in FIGURES:
-        note = figures.get(name)
-        rel = run.figure(name).relative_to(run.root)
-        lines.append(f"- {what}: {note}" if note else f"- {what}: `{rel}`\n\n  ![{name}]({rel})")
-    lines += ["", "## Features", ""] + _features(results, link)
-    lines += ["", "## Notes", ""] + _notes(results)
+    lines += _provenance(summary, cfg_dict, prov)
+    lines += ["## What we found", ""] + found_sentences(summary, results, cards, link) + [""]
+    lines += ["## Feature cards", ""] + _cards(cards, summary, link) + [""]
+    lines += ["## Figures", ""]
+    for spec in FIGURES:
+        note = figures.get(spec.name)
+        rel = run.figure(spec.name).relative_to(run.root).as_posix()
+        if note:
+            lines += [f"- **{spec.what}**: {note}"]
+        else:
+            lines += [
+                f"### {spec.what[:1].upper()}{spec.what[1:]}",
+                "",
+                f"![{spec.name}]({rel})",
+                "",
+                spec.caption,
+                "",
+            ]
+    lines += [""] + _findings(summary, results, search)
+    lines += ["## Numbers by stage", ""] + _numbers(summary)
+    lines += _settings(run, cfg_dict, search, summary)
+    lines += ["## Notes", ""] + _notes(results)
     lines += ["", "## Where the tables live", ""]
     for stage in STAGES:
         folder = run.stage(stage).path
@@ -341,45 +100,308 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, object], cfg_
             else []
         )
         lines.append(f"- {stage}: " + (", ".join(f"`{f}`" for f in files) if files else "no files"))
+    if run.features.is_file():
+        lines.append(f"- feature cards: `{run.features.name}`")
     path = write_text(run.report, "\n".join(lines) + "\n")
     log.info("report: %s", path)
     return path
 
 
+def _provenance(summary: dict, cfg_dict: dict, prov: dict) -> list[str]:
+    """The head: which weights, which SAEs, which code, which command, which seed."""
+    m, s = cfg_dict.get("model") or {}, cfg_dict.get("sae") or {}
+    org = summary.get("organism")
+    if org:
+        weights = (
+            f"the model organism, recipe `{org['recipe']}`, seed {org['seed']}, recipe hash `{org['recipe_hash']}`, "
+            f"weights hash `{org['content_hash']}`{' (the build shipped with the package)' if org['shipped'] else ''}"
+        )
+    elif m.get("repo_id"):
+        rev = (prov.get("model") or {}).get("revision")
+        weights = f"`{m['repo_id']}`" + (f" at revision `{rev}`" if rev else " (revision not recorded)")
+    else:
+        weights = f"`{m.get('path') or m.get('source') or '?'}`"
+    sae = s.get("release") or s.get("path") or s.get("source")
+    tool = prov.get("toolkit") or {}
+    lines = [
+        f"- **model:** `{m.get('name')}`: {weights}; {m.get('dtype')}",
+        f"- **SAEs:** `{s.get('name')}`: {sae}{' / ' + s['sae_id'] if s.get('sae_id') else ''}; "
+        f"layers {s.get('layers') or 'all'}",
+    ]
+    if tool:
+        commit = tool.get("git_commit") or "not a git checkout"
+        lines.append(f"- **toolkit:** refusal_nnsight {tool.get('version')}, commit `{commit}`")
+    if prov.get("command"):
+        lines.append(f"- **command:** `{prov['command']}`")
+    lines.append(
+        f"- **seed:** {cfg_dict.get('seed')}"
+        + (f"; started {prov['started_utc']}" if prov.get("started_utc") else "")
+    )
+    if prov.get("packages"):
+        lines.append("- **packages:** " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v))
+    return lines + [""]
+
+
+def _rate(value, n) -> str:
+    """'0.94 (30 of 32)' from a rate and its denominator; 'not measured' for None."""
+    if value is None:
+        return "not measured"
+    if n:
+        return f"{round(value * n)} of {n} ({_fmt(value)})"
+    return _fmt(value)
+
+
+def _anchor(label: str) -> str:
+    """The heading id GitHub gives '### L3/F708' (lower case, punctuation dropped)."""
+    return "#" + "".join(ch for ch in label.lower() if ch.isalnum() or ch in "-_")
+
+
+def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None, link=None) -> list[str]:
+    """Plain sentences generated from the numbers, each pointing at its table or figure."""
+    d, c, g, fm, red, ev, gt = (summary.get(k) or {} for k in
+                                ("direction", "candidates", "greedy", "fm", "redundancy", "evaluate", "ground_truth"))  # fmt: skip
+    coef = ev.get("coefficient", g.get("coefficient"))
+    out = []
+    if d:
+        fb = " It is a fallback: no candidate passed the filters." if d.get("fallback") else ""
+        jail = _rate(
+            ev.get("direction_ablation_jailbreak_rate"), ev.get("direction_ablation_jailbreak_rate_n")
+        )
+        out.append(
+            f"- **Refusal direction.** The difference-in-means direction chosen at layer {d.get('layer')}, eoi "
+            f"position {d.get('position')}, jailbreaks {jail} of the baseline-refused harmful eval prompts when "
+            f"ablated, at harmless KL {_fmt(ev.get('direction_kl', d.get('kl')))}.{fb} "
+            "([figure](#direction-selection), `direction/`)"
+        )
+    if c:
+        out.append(
+            f"- **Candidates.** {c.get('n_features')} SAE latents on layers {c.get('layers')} point most along it; "
+            f"ablating all of them (c = {_fmt(c.get('coefficient'))}) flips "
+            f"{_rate(c.get('all_ablated_flip_rate'), c.get('all_ablated_flip_rate_n'))} refused prompts by the "
+            f"`{c.get('criterion')}` criterion. ([figure](#candidate-features), `candidates/candidates.parquet`)"
+        )
+    if g.get("n_prompts"):
+        out.append(
+            f"- **Minimal sets.** Greedy dissected {g['n_prompts']} prompts. Their 1-minimal sets have median size "
+            f"{_fmt(g.get('median_one_minimal_set_size'))} (smallest verified sets: median "
+            f"{_fmt(g.get('median_smallest_set_size'))}); {_pct(g.get('one_minimal_rate'))} were verified "
+            f"1-minimal. Ablated at c = {_fmt(coef)} they jailbreak "
+            f"{_rate(ev.get('minimal_jailbreak_rate'), ev.get('minimal_jailbreak_rate_n'))} judged generations; "
+            f"zero-ablated (c = 0), {_rate(ev.get('minimal_zero_ablation_jailbreak_rate'), ev.get('minimal_zero_ablation_jailbreak_rate_n'))}. "
+            "([figure](#minimal-sets-per-prompt), `greedy/sets.parquet`)"
+        )
+    if cards is not None and cards.height and g.get("n_prompts"):
+        out += _typical(cards, g["n_prompts"], max(c.get("layers") or [-1]))
+    if "random_same_size_jailbreak_rate" in ev or ev.get("random_same_size_jailbreak_rate_n"):
+        out.append(
+            f"- **Random baseline.** Random sets of the same sizes, from the same layers, jailbreak "
+            f"{_rate(ev.get('random_same_size_jailbreak_rate'), ev.get('random_same_size_jailbreak_rate_n'))} of "
+            "the same prompts. ([figure](#evaluation), `evaluate/comparison.parquet`)"
+        )
+    if fm:
+        acc, lin = fm.get("heldout_accuracy"), fm.get("linear_heldout_accuracy")
+        r2, lr2 = fm.get("heldout_r2"), fm.get("linear_heldout_r2")
+        if acc is None or lin is None:
+            verdict = "could not be compared with the linear model (no held-out masks)"
+        elif acc > lin:
+            verdict = (
+                "predicts held-out flips better than the linear model, so the interactions add something"
+            )
+        elif r2 is not None and lr2 is not None and r2 > lr2:
+            verdict = (
+                "explains the held-out refusal score better than the linear model but does not predict flips "
+                "better: the interactions shape the score, not the decision"
+            )
+        else:
+            verdict = (
+                "does not beat the linear model on held-out masks: the interactions add nothing measurable"
+            )
+        out.append(
+            f"- **Interactions.** On {fm.get('n_prompts')} prompts the factorization machine {verdict} "
+            f"(accuracy {_fmt(acc)} vs {_fmt(lin)}; R² of the refusal score {_fmt(r2)} vs {_fmt(lr2)}). "
+            f"{_fmt(fm.get('n_confirmed_pairs'))} of its top pairs were confirmed causally "
+            f"(synergy {_fmt(fm.get('n_synergy_pairs'))}, redundant {_fmt(fm.get('n_redundant_pairs'))}, "
+            f"suppression {_fmt(fm.get('n_suppression_pairs'))}). ([figure](#fm-vs-linear), `fm/interactions.parquet`)"
+        )
+    if red:
+        weak, weak_h = red.get("m_weak_jailbreak_rate"), red.get("m_plus_h_weak_jailbreak_rate")
+        if weak is None or weak_h is None:
+            verdict = "whether ablating H as well jailbreaks more was not measured"
+        elif weak_h > weak:
+            verdict = f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}: redundancy found"
+        else:
+            verdict = f"ablating H as well does not raise the jailbreak rate ({_fmt(weak)} → {_fmt(weak_h)}): no redundancy found"
+        out.append(
+            f"- **Redundancy.** Ablating each minimal set woke {_fmt(red.get('h_size'))} dormant latents per prompt "
+            f"(H, on {_fmt(red.get('n_prompts_with_h'))} of {_fmt(red.get('n_prompts'))} prompts). With M "
+            f"ablated weakly (c = {_fmt(red.get('weak_coefficient'))}), {verdict}. ([figure](#awakened-latents), "
+            "`redundancy/tests.parquet`)"
+        )
+    if gt and any(v is not None for v in gt.values()):
+        refusal = gt.get("refusal_features")
+        out.append(
+            f"- **Against the planted truth.** Cue recall {_fmt(gt.get('cue_recall'))} (the harm categories of the "
+            f"dissected prompts whose cue feature was found), cue precision {_fmt(gt.get('cue_precision'))} (the "
+            f"minimal-set features that sit on a cue); refusal-decision features in minimal sets: "
+            f"{', '.join(refusal) if refusal else 'none'}; compositional pair found: "
+            f"{_fmt(gt.get('compositional_pair_found'))}; redundancy found: {_fmt(gt.get('redundancy_found'))}."
+        )
+    return out or ["- Nothing was found: no stage after the direction ran."]
+
+
+def _typical(cards: pl.DataFrame, n_prompts: int, last: int) -> list[str]:
+    """The most frequent minimal-set features, and the trivial explanations checked against them."""
+    minimal = cards.filter(pl.col("n_minimal") > 0).sort(
+        ["n_minimal", "layer", "feature"], descending=[True, False, False]
+    )
+    if minimal.height == 0:
+        return []
+    parts = []
+    for r in minimal.head(3).iter_rows(named=True):
+        ctx = r["top_contexts"][0] if r["top_contexts"] else None
+        role = f", role {r['role']}" if r["role"] else ""
+        where = f", peaks on `{_code(ctx)}`" if ctx else ", never fires on the eval prompts"
+        parts.append(
+            f"[{r['label']}]({_anchor(r['label'])}) (in {r['n_minimal']} of {n_prompts} sets{role}{where})"
+        )
+    top = minimal.row(0, named=True)
+    n_last = minimal.filter(pl.col("layer") == last).height
+    n_refusal = minimal.filter(pl.col("role") == "refusal").height
+    checks = [
+        f"the most frequent feature is in {top['n_minimal']} of {n_prompts} sets",
+        f"{n_last} of the {minimal.height} distinct minimal-set features lie in the last searched layer ({last})",
+    ]
+    if minimal["role"].is_not_null().any():
+        checks.append(f"{n_refusal} fire mainly on the refusal decision itself (role refusal)")
+    harmless = minimal.filter(pl.col("fires_harmless") >= 0.5).height
+    checks.append(f"{harmless} fire on at least half of the harmless prompts too")
+    return [
+        "- **What the minimal sets are made of.** Most frequent: "
+        + "; ".join(parts)
+        + ". ([cards](#feature-cards))",
+        "- **The trivial explanations, checked.** " + _sentence("; ".join(checks)),
+    ]
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def _pct(value) -> str:
+    return "not measured" if value is None else f"{value:.0%}"
+
+
+def _code(text: str) -> str:
+    return text.replace("`", "ˋ").replace("|", "¦")
+
+
+def _cards(cards: pl.DataFrame | None, summary: dict, link) -> list[str]:
+    if cards is None or cards.height == 0:
+        return ["No feature was found (greedy did not run or found no minimal set)."]
+    lines = [
+        f"{cards.height} features were found (in a minimal set, among the FM's top features, or in H); every "
+        f"card is in `features.parquet`. Contexts are the eval prompts where the feature peaks highest, "
+        f"± the tokens around the peak token, which is in [[ ]]. The single-feature ablation uses "
+        f"c = {_fmt(cards['coefficient'][0])} on every dissected prompt.",
+        "",
+    ]
+    full = cards.filter((pl.col("n_minimal") > 0) | pl.col("fm_best_rank").is_not_null()).head(FULL_CARDS)
+    for r in full.iter_rows(named=True):
+        lines += _card(r, link)
+    rest = cards.filter(~pl.col("label").is_in(full["label"].to_list()))
+    if rest.height:
+        lines += [
+            f"The other {rest.height} features ({TABLE_CARDS} shown), mostly latents of H:",
+            "",
+            "| feature | in M / FM top / H | role | cos r̂ | ablated alone: Δ score, flips | top context |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rest.head(TABLE_CARDS).iter_rows(named=True):
+            ctx = r["top_contexts"][0] if r["top_contexts"] else "(never fires)"
+            lines.append(
+                f"| {link(r['layer'], r['feature'])} | {r['n_minimal']} / {r['n_fm_top']} / {r['n_in_h']} | "
+                f"{r['role'] or '—'} | {r['cosine']:.3f} | {_fmt(r['alone_score_change'])}, "
+                f"{_fmt(r['alone_flip_rate'])} | `{_code(ctx)}` |"
+            )
+    return lines
+
+
+def _card(r: dict, link) -> list[str]:
+    found = [f"in {r['n_minimal']} of {r['n_dissected']} minimal sets"]
+    if r["fm_best_rank"] is not None:
+        found.append(f"FM top-{r['fm_best_rank'] + 1} (top 5 on {r['n_fm_top']} prompts)")
+    if r["n_in_h"]:
+        found.append(f"awakened (in H) on {r['n_in_h']} prompts")
+    lines = [f"### {r['label']}", "", "- found: " + "; ".join(found)]
+    if r["role"]:
+        lines.append(
+            f"- planted role: **{r['role']}** ({r['role_share']:.0%} of its 10 strongest activations)"
+        )
+    if r["neuronpedia"]:
+        lines.append(f"- Neuronpedia: {link(r['layer'], r['feature'])}")
+    lines.append(
+        f"- decoder cosine with r̂ {r['cosine']:.3f}; fires on {r['fires_harmful']:.0%} of harmful and "
+        f"{r['fires_harmless']:.0%} of harmless eval prompts; largest activation {r['max_activation']:.3g}"
+    )
+    if r["alone_score_change"] is not None:
+        flips = (
+            "not decided (judge criterion)" if r["alone_flip_rate"] is None else f"{r['alone_flip_rate']:.0%}"
+        )
+        lines.append(
+            f"- ablated alone (c = {_fmt(r['coefficient'])}): refusal score {r['alone_score_change']:+.3g} on average; "
+            f"flips {flips} of the dissected prompts ({r['criterion']})"
+        )
+    if r["top_contexts"]:
+        lines.append("- top contexts:")
+        for ctx, act, src in zip(r["top_contexts"], r["top_activations"], r["top_sources"], strict=True):
+            lines.append(f"  - `{_code(ctx)}` {act:.3g} ({src.replace(':', ' #')})")
+    else:
+        lines.append("- never fires on the eval prompts (dormant)")
+    return lines + [""]
+
+
+# summary keys that name the run rather than measure it (the head and "What was run" give them)
+_NAMES = ("model", "sae", "data", "search", "organism", "timing", "status")
+
+
+def _numbers(summary: dict) -> list[str]:
+    """One small table per stage, results only."""
+    lines = []
+    order = [*STAGES, "ground_truth", *sorted(summary)]
+    for section in dict.fromkeys(k for k in order if k in summary):
+        values = summary[section]
+        if section in _NAMES or not isinstance(values, dict):
+            continue
+        lines += [f"**{section}**", "", "| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flat(values)]
+        lines.append("")
+    return lines
+
+
+def _settings(run: RunFolder, cfg_dict: dict, search: dict, summary: dict) -> list[str]:
+    d = cfg_dict.get("data") or {}
+    m = cfg_dict.get("model") or {}
+    judge = (cfg_dict.get("judge") or {}).get("name")
+    per_stage = "; ".join(f"{k}: {_inline(v)}" for k, v in search.items() if isinstance(v, dict))
+    lines = [
+        "## What was run",
+        "",
+        f"- data `{d.get('name')}`: n_train={d.get('n_train')}, n_val={d.get('n_val')}, "
+        f"n_eval={d.get('n_eval')} per class, seed={d.get('seed')}",
+        f"- search preset `{search.get('name')}`, judge `{judge}`, max_new_tokens={m.get('max_new_tokens')}, "
+        f"stages: {', '.join(cfg_dict.get('stages') or [])}",
+        f"- every setting: `{run.config.name}`; per stage: {per_stage}",
+    ]
+    timing = summary.get("timing") or (read_json(run.timing) if run.timing.exists() else {})
+    if timing:
+        lines.append(
+            "- wall time (s): " + ", ".join(f"{k.removesuffix('_s')} {v}" for k, v in timing.items())
+        )
+    return lines + [""]
+
+
 def _inline(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
-
-
-def _features(results: dict, link: Callable[[int, int], str]) -> list[str]:
-    lines = []
-    cand = results.get("candidates")
-    if cand is not None and cand.table.height:
-        top = cand.table.sort("cosine", descending=True).head(10)
-        lines.append("Top candidates by decoder cosine: " + ", ".join(
-            f"{link(r['layer'], r['feature'])} ({r['cosine']:.3f})" for r in top.iter_rows(named=True)))  # fmt: skip
-    greedy = results.get("greedy")
-    if greedy is not None:
-        sets = greedy.minimal_sets
-        lines.append(f"\nMinimal sets ({len(sets)} prompts; first 10):\n")
-        for idx in sorted(sets)[:10]:
-            lines.append(f"- prompt {idx}: " + (", ".join(link(a, b) for a, b in sets[idx]) or "(empty)"))
-    red = results.get("redundancy")
-    if red is not None and red.awakened.height:
-        h = (
-            red.awakened.filter(pl.col("ablation") == "strong")
-            if "ablation" in red.awakened.columns
-            else red.awakened
-        )
-        top = h.sort("ablated_max", descending=True).head(10)
-        lines.append("\nStrongest awakened latents: " + ", ".join(
-            f"{link(r['layer'], r['feature'])} (p{r['prompt_idx']}: {r['clean_max']:.2f} → {r['ablated_max']:.2f})"
-            for r in top.iter_rows(named=True)))  # fmt: skip
-    gt = results.get("ground_truth")
-    if gt is not None and gt.roles.height:
-        lines.append("\nRoles of the found features (planted truth; where their ten strongest activations fall): "
-                     + ", ".join(f"{link(r['layer'], r['feature'])} {r['role']} ({r['role_share']:.0%})"
-                                 for r in gt.roles.iter_rows(named=True)))  # fmt: skip
-    return lines or ["(no feature-level stage ran)"]
 
 
 def _notes(results: dict) -> list[str]:
@@ -406,7 +428,7 @@ def _findings(summary: dict, results: dict, search: dict) -> list[str]:
     both coefficients, like-with-like rates, smallest sets, FM pair kinds, the prompt classifier."""
     g, fm, ev, red = (summary.get(k) or {} for k in ("greedy", "fm", "evaluate", "redundancy"))
     c = search.get("coefficient", ev.get("coefficient", g.get("coefficient")))
-    lines = ["## What the edit and a flip are", ""]
+    lines = ["## How it was measured", ""]
     if c is not None:
         lines.append(
             f"- Edit: every SAE ablation scales the chosen latents by c = {_fmt(c)} (f_i ← c·f_i, the SAE error "
@@ -431,7 +453,7 @@ def _findings(summary: dict, results: dict, search: dict) -> list[str]:
         )
     lines.append("")
     if ev:
-        lines += ["## Jailbreak rates, like with like", "",
+        lines += ["### Jailbreak rates, like with like", "",
                   "Each rate counts only prompts refused at baseline (judged clean generation); n = those prompts. "
                   "Rates in one block are measured on the same prompts.", "",
                   "| prompt set | condition | jailbreak rate | n |", "|---|---|---|---|"]  # fmt: skip
@@ -442,7 +464,7 @@ def _findings(summary: dict, results: dict, search: dict) -> list[str]:
                   f"(zero-ablation): {_fmt(ev.get('minimal_zero_ablation_jailbreak_rate'))} "
                   f"(n = {_fmt(ev.get('minimal_jailbreak_rate_n'))}).", ""]  # fmt: skip
     if g.get("n_prompts"):
-        lines += ["## Minimal and smallest sets", "",
+        lines += ["### Minimal and smallest sets", "",
                   f"- 1-minimal sets (backward elimination): median size {_fmt(g.get('median_one_minimal_set_size'))}; "
                   f"smallest verified set (backward or forward): median {_fmt(g.get('median_smallest_set_size'))}, "
                   f"smaller than the 1-minimal set on {_fmt(g.get('n_smallest_below_one_minimal'))} of "
@@ -451,7 +473,7 @@ def _findings(summary: dict, results: dict, search: dict) -> list[str]:
         kinds = ", ".join(
             f"{k} {_fmt(fm.get(f'n_{k}_pairs'))}" for k in ("synergy", "redundant", "suppression")
         )
-        lines += ["## Interactions and the prompt classifier", "",
+        lines += ["### Interactions and the prompt classifier", "",
                   f"- Confirmed FM pairs: {_fmt(fm.get('n_confirmed_pairs'))} ({kinds}).",
                   f"- Masks: {_fmt(fm.get('n_masks_per_prompt'))} per prompt, {_fmt(fm.get('n_masks_total'))} in total.",
                   f"- Prompt classifier (harmful vs harmless from the pool features' max-pooled activations), held-out "

@@ -126,6 +126,18 @@ class SlicedSAE:
             )
 
 
+def decoder_cosines(direction: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """cos(decoder row, direction) of every latent: W_dec [n, d], direction [d] → [n] on the CPU.
+
+    Always over the whole decoder, computed where it lives (no copy of a 65k-wide decoder to the
+    host): a product over a gathered subset of rows can round differently (its buffer's alignment
+    picks the BLAS kernel), so every caller indexes this one vector. Zero rows get 0.
+    """
+    W = W_dec.detach().float()
+    r = direction.detach().to(W.device, torch.float32)
+    return ((W @ r) / (W.norm(dim=-1).clamp_min(1e-12) * r.norm().clamp_min(1e-12))).cpu()
+
+
 def architecture_of(sae) -> str:
     cfg = getattr(sae, "cfg", None)
     arch = (

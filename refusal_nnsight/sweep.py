@@ -59,6 +59,10 @@ def _scalar(text: str) -> Any:
 
 
 def collect(root: str | Path) -> pl.DataFrame:
+    return _collect(root)[0]
+
+
+def _collect(root: str | Path) -> tuple[pl.DataFrame, list[str]]:
     """The table of every finished job under `root`: one row per job, in job-number order."""
     folder = SweepFolder(root)
     if not folder.root.is_dir():
@@ -77,7 +81,55 @@ def collect(root: str | Path) -> pl.DataFrame:
         row.update({(f"summary.{k}" if k in taken else k): v for k, v in figures.items()})
         rows.append(row)
     names = list(dict.fromkeys(name for row in rows for name in row))  # first-seen order
-    return pl.DataFrame([_column(name, [row.get(name) for row in rows]) for name in names])
+    frame = pl.DataFrame([_column(name, [row.get(name) for row in rows]) for name in names])
+    asked_keys = list(dict.fromkeys(key for row in overrides for key in row))
+    return frame, asked_keys
+
+
+# What a sweep is judged by: minimal set size, judged jailbreak rate of the minimal sets, FM accuracy.
+OUTCOMES = {
+    "greedy.median_one_minimal_set_size": "median minimal set size",
+    "evaluate.minimal_jailbreak_rate": "minimal-set jailbreak rate (judged)",
+    "fm.heldout_accuracy": "FM held-out accuracy",
+}
+
+
+def varying(frame: pl.DataFrame, keys: list[str]) -> dict[str, list]:
+    """The overrides that take more than one value across the jobs, with their values."""
+    out = {}
+    for key in keys:
+        if key in frame.columns:
+            values = list(dict.fromkeys(frame[key].to_list()))
+            if len(values) > 1:
+                out[key] = values
+    return out
+
+
+def plot_outcomes(frame: pl.DataFrame, key: str, path: Path) -> bool:
+    """One panel per outcome against a numeric override (a point per job); False when not numeric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .artifacts import atomic_write
+
+    if not frame[key].dtype.is_numeric():
+        return False
+    outcomes = [
+        (c, name) for c, name in OUTCOMES.items() if c in frame.columns and frame[c].dtype.is_numeric()
+    ]
+    if not outcomes:
+        return False
+    fig = Figure(figsize=(3.6 * len(outcomes), 3.2))
+    part = frame.sort(key)
+    for k, (col, name) in enumerate(outcomes):
+        ax = fig.add_subplot(1, len(outcomes), k + 1)
+        ax.plot(part[key].to_list(), part[col].to_list(), marker="o", lw=1)
+        ax.set(xlabel=key, ylabel=name)
+        ax.set_title(f"{name} vs {key.split('.')[-1]}", fontsize=9)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100, metadata={"Software": None}))
+    return True
 
 
 def _column(name: str, values: list) -> pl.Series:
@@ -113,9 +165,27 @@ def _cell(value: Any) -> str:
 def summarize(root: str | Path) -> tuple[pl.DataFrame, str]:
     """Collect the table, write DIR/sweep_summary.parquet and .md; return it and its markdown.
     Bad input raises UserError before anything is written."""
-    frame = collect(root)
-    text = to_markdown(frame)
+    frame, keys = _collect(root)
     folder = SweepFolder(root)
+    varied = varying(frame, keys)
+    lines = ["# Sweep summary", ""]
+    if varied:
+        lines += ["Overrides that vary across the jobs:", ""]
+        lines += [f"- `{k}`: {', '.join(_cell(v) or 'null' for v in values)}" for k, values in varied.items()]
+    else:
+        lines += ["No override varies across the jobs: they are repeats of one config."]
+    lines += [
+        "",
+        f"{frame.height} jobs; one row per job, its overrides first, then summary.json's figures.",
+        "",
+    ]
+    lines += [to_markdown(frame), ""]
+    for key in varied:
+        path = folder.figure(key)
+        if plot_outcomes(frame, key, path):
+            lines += [f"![{key}]({path.name})", "",
+                      f"The main outcomes of each job against `{key}` (one point per job; other overrides may vary too).", ""]  # fmt: skip
+    text = "\n".join(lines).rstrip("\n")
     write_parquet(folder.table, frame)
     write_text(folder.markdown, text + "\n")
     return frame, text

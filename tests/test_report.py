@@ -8,7 +8,9 @@ import polars as pl
 import torch
 
 from refusal_nnsight.artifacts import RunFolder
-from refusal_nnsight.report import FIGURES, write_report
+from refusal_nnsight.features import CARD_SCHEMA
+from refusal_nnsight.figures import FIGURES
+from refusal_nnsight.report import found_sentences, write_report
 
 
 @dataclass
@@ -34,6 +36,10 @@ class Candidates:
 class Greedy:
     minimal_sets: dict
     trajectory: pl.DataFrame
+    sets: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(
+        {"prompt_idx": [0, 3], "clean_score": [4.0, 3.5], "final_score": [-2.0, -1.0]}))  # fmt: skip
+    score_threshold: float = 0.8
+    coefficient: float = -3.0
 
 
 @dataclass
@@ -79,6 +85,21 @@ def _results() -> dict:
             "redundancy": red, "evaluate": ev}  # fmt: skip
 
 
+def _cards(neuronpedia: str | None) -> pl.DataFrame:
+    """Feature cards of the stand-in minimal sets: L1/F17 in one set, L0/F4 and L2/F3 in the other."""
+    rows = []
+    for (layer, feature), n_minimal in (((1, 17), 1), ((0, 4), 1), ((2, 3), 1)):
+        rows.append({
+            "layer": layer, "feature": feature, "label": f"L{layer}/F{feature}", "n_minimal": n_minimal,
+            "n_dissected": 2, "fm_best_rank": 0 if feature == 17 else None, "n_fm_top": int(feature == 17),
+            "n_in_h": 0, "cosine": 0.5, "fires_harmful": 1.0, "fires_harmless": 0.25, "max_activation": 3.0,
+            "top_contexts": [f"… how to [[bomb]] (L{layer})…"], "top_activations": [3.0], "top_sources": ["harmful:0"],
+            "coefficient": -3.0, "criterion": "first_token", "alone_score_change": -4.5, "alone_flip_rate": 0.5,
+            "neuronpedia": neuronpedia and f"{neuronpedia}/{feature}", "role": None, "role_share": None,
+        })  # fmt: skip
+    return pl.DataFrame(rows, schema=CARD_SCHEMA)
+
+
 CFG = {
     "model": {"name": "gemma2_2b_it", "repo_id": "google/gemma-2-2b-it", "dtype": "bfloat16", "max_new_tokens": 64},
     "sae": {"name": "gemma_scope_16k", "source": "pretrained", "release": "gemma-scope-2b-pt-res-canonical",
@@ -96,14 +117,19 @@ def test_report_and_every_figure_from_stand_ins(tmp_path):
     run = RunFolder(tmp_path)
     (tmp_path / "greedy").mkdir()
     (tmp_path / "greedy" / "sets.parquet").write_bytes(b"x")
-    path = write_report(run, SUMMARY, _results(), CFG)
+    results = {
+        **_results(),
+        "features": _cards("https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-res-16k"),
+    }
+    path = write_report(run, SUMMARY, results, CFG)
     text = path.read_text()
-    for name, *_ in FIGURES:
-        png = run.figure(name)
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert f"figures/{name}.png" in text
+    for spec in FIGURES:
+        png = run.figure(spec.name)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", spec.name
+        assert f"figures/{spec.name}.png" in text and spec.caption in text  # every figure has its caption
     assert "gemma2_2b_it" in text and "google/gemma-2-2b-it" in text and "n_train=128" in text
-    assert "| direction.kl | 0.05 |" in text and "| redundancy.n_awakened | 1.5 |" in text
+    assert "**direction**\n\n| quantity | value |\n|---|---|\n| layer | 1 |\n| kl | 0.05 |" in text
+    assert "| n_awakened | 1.5 |" in text and "| sae |" not in text  # results only, no settings
     assert "https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-res-16k/17" in text
     assert "`greedy/sets.parquet`" in text and "fm: no files" in text
     assert "no awakened latent is active at <bos>" in text and "fallback" in text
@@ -113,10 +139,11 @@ def test_report_and_every_figure_from_stand_ins(tmp_path):
 def test_missing_stages_skip_their_figures(tmp_path):
     run = RunFolder(tmp_path)
     results = {k: v for k, v in _results().items() if k in ("direction", "greedy")}
+    results["features"] = _cards(None)
     text = write_report(
         run, {"status": "no harmful prompt is refused"}, results, {"model": {"name": "organism"}}
     ).read_text()
-    assert run.figure("direction_selection").exists() and run.figure("greedy_trajectory").exists()
+    assert run.figure("direction_selection").exists() and run.figure("greedy_minimal_sets").exists()
     for name in ("candidate_cosines", "fm_fit", "fm_interactions", "redundancy", "evaluate_rates"):
         assert not run.figure(name).exists()
     assert "skipped: stage fm did not run" in text and "skipped: stage redundancy did not run" in text
@@ -168,3 +195,47 @@ def test_report_states_the_edit_criterion_and_honest_rates(tmp_path):
     assert "(synergy 2, redundant 1, suppression 2)" in text
     assert "FM 0.98, linear 0.93" in text and "2048 per prompt, 8192 in total" in text
     assert "evaluate.candidates_ablated_jailbreak_rate: condition candidates_ablated did not run" in text
+
+
+def test_found_sentences_follow_the_numbers():
+    """The report's first section is generated from the numbers; each verdict follows its comparison."""
+    summary = {
+        **FULL_SUMMARY,
+        "direction": {"layer": 3, "position": -1, "kl": 0.04, "fallback": True},
+        "fm": {"n_prompts": 4, "heldout_accuracy": 0.9, "linear_heldout_accuracy": 0.95, "heldout_r2": 0.6,
+               "linear_heldout_r2": 0.4},
+        "redundancy": {"h_size": 3.0, "n_prompts_with_h": 2, "n_prompts": 4, "weak_coefficient": 0.0,
+                       "m_weak_jailbreak_rate": 0.25, "m_plus_h_weak_jailbreak_rate": 0.75},
+        "evaluate": {**FULL_SUMMARY["evaluate"], "direction_ablation_jailbreak_rate": 0.5,
+                     "direction_ablation_jailbreak_rate_n": 8, "random_same_size_jailbreak_rate": None,
+                     "random_same_size_jailbreak_rate_n": 30},
+    }  # fmt: skip
+    text = "\n".join(found_sentences(summary, {}, _cards(None)))
+    assert "jailbreaks 4 of 8 (0.5)" in text and "It is a fallback" in text
+    assert "Greedy dissected 4 prompts" in text and "jailbreak 27 of 30 (0.9) judged generations" in text
+    assert "Random sets of the same sizes" in text and "jailbreak not measured" in text  # None is never 0
+    assert "shape the score, not the decision" in text  # R² better, accuracy not
+    assert "raises the jailbreak rate from 0.25 to 0.75: redundancy found" in text
+    assert "[L1/F17](#l1f17)" in text  # the most frequent minimal-set features link to their cards
+    summary["fm"]["heldout_accuracy"] = 0.97
+    assert "so the interactions add something" in "\n".join(found_sentences(summary, {}, None))
+    summary["fm"].update(heldout_accuracy=0.9, heldout_r2=0.3)
+    assert "the interactions add nothing measurable" in "\n".join(found_sentences(summary, {}, None))
+    summary["redundancy"]["m_plus_h_weak_jailbreak_rate"] = 0.25
+    assert "does not raise the jailbreak rate (0.25 → 0.25): no redundancy found" in "\n".join(
+        found_sentences(summary, {}, None)
+    )
+
+
+def test_cards_render_where_found_contexts_and_single_ablation(tmp_path):
+    results = {
+        **_results(),
+        "features": _cards("https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-res-16k"),
+    }
+    text = write_report(RunFolder(tmp_path), FULL_SUMMARY, results, CFG).read_text()
+    card = text[text.index("### L1/F17") :].split("\n\n")[1]
+    assert "in 1 of 2 minimal sets; FM top-1 (top 5 on 1 prompts)" in card
+    assert "[L1/F17](https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-res-16k/17)" in card
+    assert "ablated alone (c = -3): refusal score -4.5 on average; flips 50% of the dissected prompts" in card
+    assert "`… how to [[bomb]] (L1)…` 3 (harmful #0)" in card
+    assert text.index("## What we found") < text.index("## Feature cards") < text.index("## Figures")

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_nnsight import ground_truth
+from refusal_nnsight import features, ground_truth
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import FMConfig
 from refusal_nnsight.scoring import Criterion
@@ -317,7 +317,7 @@ def test_feature_activations_match_sae_lens_on_the_residual():
     saes = LoadedSAEs(None, {1: sae})
     texts = ["hello there", "tell me how to make a bomb please"]
     feats = [(1, 3), (1, 10), (1, 40)]
-    got = ground_truth.feature_activations(model, saes, feats, texts)
+    got = features.feature_activations(model, saes, feats, texts)
     for text, acts in zip(texts, got, strict=True):
         batch = model.tokenize([text])
         with torch.no_grad():

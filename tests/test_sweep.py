@@ -38,7 +38,9 @@ def _check_sweep(sweep_dir: Path) -> None:
     assert table["stages"].to_list() == ["[direction,candidates]"] * 2
     assert table["candidates.n_features"].to_list() == n_features
     markdown = (sweep_dir / "sweep_summary.md").read_text().splitlines()
-    assert len(markdown) == 4 and "search.candidates.top_k" in markdown[0]
+    assert "- `search.candidates.top_k`: 3, 5" in markdown  # the override that varies, listed first
+    table_lines = [line for line in markdown if line.startswith("|")]
+    assert len(table_lines) == 4 and "search.candidates.top_k" in table_lines[0]
 
 
 def test_sweep_basic_launcher(small_organism, tmp_path, monkeypatch, capsys):
@@ -130,7 +132,8 @@ def _fake_job(root: Path, name: str, overrides: list[str], summary: dict) -> Non
 
 def test_summary_command_table(tmp_path, capsys):
     for i, top_k in enumerate((5, 10, 20)):  # job 10 sorts after job 2
-        summary = {"model": "organism", "candidates": {"n_features": 2 * top_k, "rate": 0.5 + i}}
+        summary = {"model": "organism", "candidates": {"n_features": 2 * top_k, "rate": 0.5 + i},
+                   "greedy": {"median_one_minimal_set_size": 4.0 - i}}  # fmt: skip
         _fake_job(
             tmp_path, str([0, 2, 10][i]), ["model=organism", f"++search.candidates.top_k={top_k}"], summary
         )
@@ -144,12 +147,19 @@ def test_summary_command_table(tmp_path, capsys):
         "summary.model",  # a figure named like an override keeps its value beside it
         "candidates.n_features",
         "candidates.rate",
+        "greedy.median_one_minimal_set_size",
     ]
     assert table["job"].to_list() == ["0", "2", "10"]
     assert table["search.candidates.top_k"].dtype == pl.Int64 and table["candidates.rate"].dtype == pl.Float64
     out = capsys.readouterr().out
     assert out == (tmp_path / "sweep_summary.md").read_text()
-    assert out.splitlines()[2] == "| 0 | organism | 5 | organism | 10 | 0.5 |"
+    lines = out.splitlines()
+    assert lines.index("- `search.candidates.top_k`: 5, 10, 20") < lines.index(
+        "| 0 | organism | 5 | organism | 10 | 0.5 | 4 |"
+    )
+    assert "- `model`" not in out  # the same in every job: not a varying override
+    figure = tmp_path / "sweep_search.candidates.top_k.png"
+    assert figure.read_bytes()[:4] == b"\x89PNG" and f"]({figure.name})" in out
 
 
 @pytest.mark.parametrize("make", ["missing", "no_jobs"])

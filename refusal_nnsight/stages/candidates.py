@@ -23,7 +23,7 @@ from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import NonFiniteError, UserError
 from ..models import LoadedModel
-from ..saes import LoadedSAEs
+from ..saes import LoadedSAEs, decoder_cosines
 from ..scoring import Criterion, flips
 from .direction import DirectionResult, prune_limit
 
@@ -38,10 +38,8 @@ def top_cosine_features(
     Signed cosine, largest first: a latent whose decoder points along +r̂ writes refusal.
     Ties keep the lower index (stable sort), so the ranking is deterministic. Zero rows get 0.
     """
-    W = W_dec.detach().float()  # on the SAE's device: no copy of a 65k-wide decoder to the host
-    r = direction.detach().to(W.device, torch.float32)
-    cos = ((W @ r) / (W.norm(dim=-1).clamp_min(1e-12) * r.norm().clamp_min(1e-12))).cpu()
-    order = torch.sort(cos, descending=True, stable=True).indices[: min(k, W.shape[0])]
+    cos = decoder_cosines(direction, W_dec)
+    order = torch.sort(cos, descending=True, stable=True).indices[: min(k, W_dec.shape[0])]
     return order, cos[order]
 
 

@@ -50,7 +50,7 @@ from ..artifacts import (
 )
 from ..config import FMConfig
 from ..engine import AblationEngine, Feature
-from ..ground_truth import feature_activations
+from ..features import feature_activations
 from ..scoring import Criterion
 from .fm_models import FactorizationMachine, LinearModel, Task, fit, metrics, ridge  # noqa: F401
 from .greedy_search import label
