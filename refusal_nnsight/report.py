@@ -232,8 +232,9 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None, li
         else:
             verdict = f"ablating H as well does not raise the jailbreak rate ({_fmt(weak)} → {_fmt(weak_h)}): no redundancy found"
         out.append(
-            f"- **Redundancy.** Ablating each minimal set woke {_fmt(red.get('h_size'))} dormant latents per prompt "
-            f"(H, on {_fmt(red.get('n_prompts_with_h'))} of {_fmt(red.get('n_prompts'))} prompts). With M "
+            f"- **Redundancy.** Ablating each minimal set woke {_fmt(red.get('n_awakened'))} dormant latents per "
+            f"prompt on average; H, the strongest of them, holds {_fmt(red.get('h_size'))} (on "
+            f"{_fmt(red.get('n_prompts_with_h'))} of {_fmt(red.get('n_prompts'))} prompts). With M "
             f"ablated weakly (c = {_fmt(red.get('weak_coefficient'))}), {verdict}. ([figure](#awakened-latents), "
             "`redundancy/tests.parquet`)"
         )
