@@ -15,8 +15,8 @@ Every forward pass of every stage goes through `run_chunks(model, n, batch_size,
   or nnsight's own config — it is read by nnsight and never written by the toolkit.
 * ndif_check — the same sessions, through nnsight's real client serialization
   (`RemoteBackend._serialize`, `finalize`), deserialized in-process while an import blocker
-  refuses every package the NDIF server lacks (notes/nnsight.md §2.6: `remote="local"` alone
-  misses helpers of installed packages). The client model is a meta model, exactly as with
+  refuses every package the NDIF server lacks (nnsight's `remote="local"` alone misses
+  helpers of installed packages). The client model is a meta model, exactly as with
   NDIF; the "server" holds the real weights. The pipeline's summary equals the local one.
 """
 
@@ -39,7 +39,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# What an NDIF server has installed that a request may import (notes/nnsight.md §2.3), plus
+# What an NDIF server has installed that a request may import (its published environment), plus
 # the libraries those import while unpickling; everything else must travel by value.
 SERVER_PACKAGES = frozenset({
     "torch", "numpy", "transformers", "accelerate", "einops", "nnsight", "peft", "huggingface_hub",

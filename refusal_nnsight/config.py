@@ -20,7 +20,7 @@ from .errors import UserError
 
 @dataclass
 class ModelConfig:
-    """A chat model and its family facts (SPEC.md "Targets", "Prompts and positions")."""
+    """A chat model and its family facts: chat template, post-instruction (eoi) tokens, refusal tokens."""
 
     name: str = "organism"  # short alias: run folders are runs/<name>/...
     source: Literal["organism", "hf"] = "organism"  # the toolkit's own organism, or an HF repo id
@@ -152,7 +152,7 @@ class PromptSource:
 
 @dataclass
 class DataConfig:
-    """Harmful / harmless prompts and the sizes of the train, val and eval sets (SPEC.md Stage 1)."""
+    """Harmful / harmless prompts and the sizes of the train, val and eval sets (the direction stage)."""
 
     name: str = "organism"
     harmful: PromptSource = field(default_factory=PromptSource)

@@ -3,7 +3,7 @@
 Three edit kinds, each a pure-torch `edit(x, positions) -> x'` on a layer's residual
 x [B, T, d] (the output of `model.layers[L]`, sae-lens `blocks.L.hook_resid_post`):
 
-* `FeatureEdit` — SAE latents with the error term kept (SPEC.md "Shared primitive"):
+* `FeatureEdit` — SAE latents with the error term kept (as in arXiv 2509.09708):
   f = E(x), f'_S = c·f_S ("scale") or v ("clamp"), x' = x + (f' − f)_S · W_dec[S]. Unedited
   latents and the SAE error ε = x − D(f) are untouched, and only the |S| sliced columns are
   computed. `mask` [B, S] picks, per batch row, which features are edited — that is how many

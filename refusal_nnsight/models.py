@@ -101,7 +101,7 @@ class LoadedModel:
         return self.layers()[layer]
 
     def format(self, instructions: Sequence[str]) -> list[str]:
-        """Apply the chat template with the generation prompt (SPEC.md "Prompts and positions")."""
+        """Apply the chat template with the generation prompt (the prompt ends at the eoi tokens)."""
         tok = self.tokenizer
         return [
             tok.apply_chat_template(

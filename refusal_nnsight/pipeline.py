@@ -27,17 +27,9 @@ from .errors import NothingToDissect, UserError
 from .judges import make_judge
 from .saes import load_saes
 from .scoring import Criterion
-from .validation import config_hash, result_fields, validate
+from .validation import config_hash, result_fields, stage_reads, validate
 
 log = logging.getLogger(__name__)
-
-
-# The stages whose results each stage reads (validation.STAGE_NEEDS, and evaluate's optional ones):
-# a stage is reused only while these are the results it was computed from.
-_READS = {
-    "direction": (), "candidates": ("direction",), "greedy": ("candidates",), "fm": ("candidates", "greedy"),
-    "redundancy": ("greedy",), "evaluate": ("direction", "candidates", "greedy", "fm"),
-}  # fmt: skip
 
 
 def _stage(
@@ -50,7 +42,7 @@ def _stage(
     warning when it had finished (a damaged or changed artifact is never read).
     """
     key, digests = run.config_hash, run.digests
-    out = run.stage(name, key, {d: digests[d] for d in _READS[name] if d in digests})
+    out = run.stage(name, key, {d: digests[d] for d in stage_reads(name) if d in digests})
     start = time.perf_counter()
     damage = out.damage() if out.done.exists() else "not finished"
     if damage is None:
@@ -128,7 +120,18 @@ def run(cfg: RunConfig) -> dict:
 
 
 def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
-    from .stages import candidates, direction, evaluate, fm, greedy, redundancy
+    from .stages.candidates import CandidatesResult
+    from .stages.candidates import run as find_candidates
+    from .stages.direction import DirectionResult
+    from .stages.direction import run as find_direction
+    from .stages.evaluate import EvaluateResult
+    from .stages.evaluate import run as evaluate
+    from .stages.fm import FMResult
+    from .stages.fm import run as fit_interactions
+    from .stages.greedy import GreedyResult
+    from .stages.greedy import run as greedy_minimal_sets
+    from .stages.redundancy import RedundancyResult
+    from .stages.redundancy import run as find_redundant
 
     t0 = time.perf_counter()
     if run_folder.clean_temporaries():
@@ -147,56 +150,83 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
         write_json(run_folder.identity, {"config_hash": run_folder.config_hash, "fields": result_fields(cfg)})
     s = cfg.search
     timing: dict = {"torch_threads": torch.get_num_threads()}
-    results: dict = {}
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
     if cfg.model.source == "organism":  # which build was dissected (the report names it)
         summary["organism"] = _organism_provenance(cfg)
     write_json(run_folder.provenance, provenance.collect(cfg, model, summary.get("organism")))
-    wanted = set(cfg.stages)
+    stage = _Stages(run_folder, timing, cfg.stages)
 
     try:
         # 1. direction — difference of means over layers × eoi positions; Arditi selection.
-        results["direction"] = _stage(run_folder, "direction", timing,
-            lambda out: direction.run(model, prompts, s.direction, out), direction.DirectionResult)  # fmt: skip
+        direction = stage(
+            "direction", DirectionResult, lambda out: find_direction(model, prompts, s.direction, out)
+        )
     except NothingToDissect as err:
         log.warning("%s", err)
         summary["status"] = str(err)
-        _finish(run_folder, summary, timing, results, cfg, t0)
+        _finish(run_folder, summary, timing, {}, cfg, t0)
         return summary
     # One coefficient c for every SAE ablation; a flip (the model stops refusing) is decided by
     # the criterion, whose score threshold the direction stage calibrated on val.
     c = s.coefficient
-    flip = Criterion(s.greedy.criterion, results["direction"].score_threshold)
+    flip = Criterion(s.greedy.criterion, direction.score_threshold)
     # 2. candidates — top-k decoder-cosine SAE features per searched layer; does ablating all flip?
-    if "candidates" in wanted:
-        results["candidates"] = _stage(run_folder, "candidates", timing,
-            lambda out: candidates.run(model, saes, results["direction"], prompts, s.candidates, out, c, flip, judge),
-            candidates.CandidatesResult)  # fmt: skip
+    candidates = stage(
+        "candidates",
+        CandidatesResult,
+        lambda out: find_candidates(model, saes, direction, prompts, s.candidates, out, c, flip, judge),
+    )
     # 3. greedy — per harmful prompt, backward elimination to a verified 1-minimal set.
-    if "greedy" in wanted:
-        results["greedy"] = _stage(run_folder, "greedy", timing,
-            lambda out: greedy.run(model, saes, results["candidates"], prompts, s.greedy, out, judge, c, flip),
-            greedy.GreedyResult)  # fmt: skip
+    greedy = stage(
+        "greedy",
+        GreedyResult,
+        lambda out: greedy_minimal_sets(model, saes, candidates, prompts, s.greedy, out, judge, c, flip),
+    )
     # 4. fm — factorization machine over ablation masks of the pool; confirm top pairs; prompt classifier.
-    if "fm" in wanted:
-        results["fm"] = _stage(run_folder, "fm", timing,
-            lambda out: fm.run(model, saes, results["candidates"], results["greedy"], prompts, s.fm, out, cfg.seed,
-                               c, flip),
-            fm.FMResult)  # fmt: skip
+    fm = stage(
+        "fm",
+        FMResult,
+        lambda out: fit_interactions(model, saes, candidates, greedy, prompts, s.fm, out, cfg.seed, c, flip),
+    )
     # 5. redundancy — dormant features that wake when the minimal set is ablated; <bos> clamp.
-    if "redundancy" in wanted:
-        results["redundancy"] = _stage(run_folder, "redundancy", timing,
-            lambda out: redundancy.run(model, saes, results["greedy"], prompts, s.redundancy, out, judge, c,
-                                       _scanned_layers(s, saes, model, results["candidates"])),
-            redundancy.RedundancyResult)  # fmt: skip
+    redundancy = stage(
+        "redundancy",
+        RedundancyResult,
+        lambda out: find_redundant(
+            model,
+            saes,
+            greedy,
+            prompts,
+            s.redundancy,
+            out,
+            judge,
+            c,
+            _scanned_layers(s, saes, model, candidates),
+        ),
+    )
     # 6. evaluate — judged generations under every intervention, and random same-size baselines.
-    if "evaluate" in wanted:
-        results["evaluate"] = _stage(run_folder, "evaluate", timing,
-            lambda out: evaluate.run(model, saes, results["direction"], results.get("candidates"), results.get("greedy"),
-                                     results.get("fm"), prompts, s.evaluate, out, judge, cfg.seed, c),
-            evaluate.EvaluateResult)  # fmt: skip
+    evaluation = stage(
+        "evaluate",
+        EvaluateResult,
+        lambda out: evaluate(
+            model, saes, direction, candidates, greedy, fm, prompts, s.evaluate, out, judge, cfg.seed, c
+        ),
+    )
+    results = {
+        name: result
+        for name, result in (
+            ("direction", direction),
+            ("candidates", candidates),
+            ("greedy", greedy),
+            ("fm", fm),
+            ("redundancy", redundancy),
+            ("evaluate", evaluation),
+        )
+        if result is not None
+    }
     for name, result in results.items():
         summary.setdefault(name, {}).update(result.summary())
+    # What each found feature is (features.parquet), and how the findings score against planted truth.
     roles = _features(run_folder, cfg, model, saes, prompts, results, timing, flip)
     summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results, roles)
     if model.remote is not None:  # costs of the run, kept with the timings (not a result)
@@ -204,6 +234,18 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
         timing["remote_payload_mb"] = round(model.remote.payload_bytes / 2**20, 3)
     _finish(run_folder, summary, timing, results, cfg, t0)
     return summary
+
+
+class _Stages:
+    """`stage(name, result_cls, compute)`: the stage's result, or None when cfg.stages omits it."""
+
+    def __init__(self, run_folder: RunFolder, timing: dict, wanted: list[str]):
+        self.run_folder, self.timing, self.wanted = run_folder, timing, set(wanted)
+
+    def __call__(self, name: str, result_cls, compute: Callable[[StageDir], object]):
+        if name not in self.wanted:
+            return None
+        return _stage(self.run_folder, name, self.timing, compute, result_cls)
 
 
 def _check_against_saes(cfg: RunConfig, saes) -> None:
@@ -223,8 +265,13 @@ def _organism_provenance(cfg: RunConfig) -> dict:
 
     root = ensure_organism(cfg.model.organism_recipe, cfg.model.organism_seed)
     m = read_manifest(root)
-    return {"recipe": m["recipe"], "seed": m.get("seed", 0), "recipe_hash": m["recipe_hash"],
-            "content_hash": m.get("content_hash"), "shipped": root == shipped_dir(m["recipe"])}  # fmt: skip
+    return {
+        "recipe": m["recipe"],
+        "seed": m.get("seed", 0),
+        "recipe_hash": m["recipe_hash"],
+        "content_hash": m.get("content_hash"),
+        "shipped": root == shipped_dir(m["recipe"]),
+    }
 
 
 def _scanned_layers(s, saes, model, candidates) -> list[int]:
@@ -244,8 +291,9 @@ class GroundTruth:
     notes: dict[str, str]
 
 
-def _features(run_folder: RunFolder, cfg: RunConfig, model, saes, prompts, results: dict, timing: dict,
-              flip: Criterion) -> pl.DataFrame | None:  # fmt: skip
+def _features(
+    run_folder: RunFolder, cfg: RunConfig, model, saes, prompts, results: dict, timing: dict, flip: Criterion
+) -> pl.DataFrame | None:
     """Write features.parquet, a card for every feature the run found (results["features"], for
     the report); return the planted role of each (None without greedy, empty off the organism)."""
     from . import ground_truth
@@ -257,8 +305,18 @@ def _features(run_folder: RunFolder, cfg: RunConfig, model, saes, prompts, resul
     start = time.perf_counter()
     fm, redundancy = results.get("fm"), results.get("redundancy")
     roles = ground_truth.feature_roles(model, saes, list(found_features(greedy, fm, redundancy)), prompts)
-    cards = feature_cards(model, saes, prompts, results["direction"], greedy, fm, redundancy,
-                          coefficient=cfg.search.coefficient, flip=flip, roles=roles)  # fmt: skip
+    cards = feature_cards(
+        model,
+        saes,
+        prompts,
+        results["direction"],
+        greedy,
+        fm,
+        redundancy,
+        coefficient=cfg.search.coefficient,
+        flip=flip,
+        roles=roles,
+    )
     write_parquet(run_folder.features, cards)
     results["features"] = cards
     timing["features_s"] = round(time.perf_counter() - start, 3)

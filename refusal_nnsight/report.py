@@ -1,4 +1,4 @@
-"""report.md: the file a person reads first (SPEC.md "Outputs of a run").
+"""report.md: the file a person reads first.
 
 In order: what produced the run (model weights, SAEs, toolkit version and commit, command line,
 seed); what was found, in plain sentences generated from the numbers, each pointing at its

@@ -3,7 +3,7 @@
 `load_saes` returns sae-lens SAE objects keyed by layer, each checked against the model (width,
 layer range, the module its hook reads). `SlicedSAE` holds only the columns/rows of a feature
 subset as plain tensors — no sae-lens import — so interventions on |S| features cost O(|S|·d)
-and can travel to a remote server (SPEC.md, "Shared primitive").
+and can travel to a remote server.
 
 sae-lens is imported lazily (~14 s): only where SAEs are loaded.
 """
@@ -23,7 +23,8 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# sae-lens hook names of residual SAEs → the layer whose output they read (saelens.md §2.4).
+# sae-lens hook names of residual SAEs → the layer whose output they read
+# (`blocks.{L}.hook_resid_post` is the output of transformer block L).
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
 
@@ -187,7 +188,7 @@ class LoadedSAEs:
         return SlicedSAE.from_sae(self.saes[layer], layer, features)
 
     def neuronpedia_url(self, layer: int, feature: int) -> str | None:
-        """Neuronpedia page of a real SAE feature (SPEC.md "Outputs"), None for the organism."""
+        """Neuronpedia page of a real SAE feature, None for the organism."""
         if not self.cfg.neuronpedia:
             return None
         return f"https://www.neuronpedia.org/{self.cfg.neuronpedia.format(layer=layer)}/{feature}"

@@ -159,6 +159,15 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "redundancy": ("greedy",),
     "evaluate": ("direction",),  # and candidates, greedy, fm when they are listed
 }
+# Results a stage also reads when those stages ran (a stage is reused only while every result it
+# read is the one it was computed from).
+STAGE_OPTIONAL: dict[str, tuple[str, ...]] = {"evaluate": ("candidates", "greedy", "fm")}
+
+
+def stage_reads(name: str) -> tuple[str, ...]:
+    """Every stage whose result `name` reads, required ones first."""
+    return STAGE_NEEDS[name] + STAGE_OPTIONAL.get(name, ())
+
 
 # Fields that change no result: a run folder may be resumed with other values of these (the
 # batch sizes, the device, the backend; `stages` only picks which stages run). Every other

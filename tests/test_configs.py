@@ -1,4 +1,4 @@
-"""Every config group option and preset composes into a typed RunConfig (STYLE.md principle 9)."""
+"""Every config group option and preset composes into a typed RunConfig."""
 
 from __future__ import annotations
 

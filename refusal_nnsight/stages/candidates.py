@@ -1,4 +1,4 @@
-"""Stage 1b — candidate SAE features (SPEC.md "Stage 1", step 4; Yeo, Prakash et al. 2025).
+"""Stage 1b — candidate SAE features (stage 1 of arXiv 2509.09708, step 4; Yeo, Prakash et al. 2025).
 
 For each searched SAE layer (`cfg.layers`: all, a list, a range, or the layers before the last
 fraction, as Arditi et al. prune the last 20% — the layers before refusal execution), the cosine

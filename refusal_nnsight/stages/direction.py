@@ -1,4 +1,4 @@
-"""Stage 1a — the refusal direction (SPEC.md "Stage 1", steps 1–3; Arditi et al. 2024).
+"""Stage 1a — the refusal direction (stage 1 of arXiv 2509.09708, steps 1–3; Arditi et al. 2024).
 
 1. Baseline refusal scores of the train/val prompts; keep harmful prompts the model refuses
    (s > 0) and harmless ones it answers (s < 0).
@@ -176,7 +176,7 @@ def select(table: pl.DataFrame, n_layers: int, cfg: DirectionConfig) -> tuple[pl
     `table` has position, layer, bypass_score, induce_score, kl. Returns (table with `kept` and
     `reason`, row index of the chosen candidate, fallback reason or None). Ties go to the
     earlier row, so the choice is deterministic. With no survivor, `cfg.fallback` picks the
-    lowest bypass overall (SPEC.md) or the lowest bypass among the least-violating candidates.
+    lowest bypass overall (as Arditi et al. do) or the lowest bypass among the least-violating candidates.
     """
     limit = prune_limit(n_layers, cfg.prune_last_fraction)
     reasons = []
@@ -208,7 +208,7 @@ def select(table: pl.DataFrame, n_layers: int, cfg: DirectionConfig) -> tuple[pl
     if cfg.fallback == "fewest_failures":  # relax as little as possible: fewest failed filters, then bypass
         best = min(finite, key=lambda i: (failed[i], bypass[i]))
         how = "the lowest bypass score among the candidates failing the fewest filters"
-    else:  # SPEC.md: the lowest bypass score overall
+    else:  # Arditi et al.: the lowest bypass score overall
         best = min(finite, key=lambda i: bypass[i])
         how = "the lowest bypass score overall"
     reason = (f"no candidate passed the filters (layer < {limit}, kl ≤ {cfg.kl_threshold}, induce ≥ {cfg.induce_threshold}; "

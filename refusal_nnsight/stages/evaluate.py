@@ -1,4 +1,4 @@
-"""Evaluate — judged greedy generations under every intervention (SPEC.md "Outputs of a run").
+"""Evaluate — judged greedy generations under every intervention.
 
 Harmful eval prompts (up to cfg.max_prompts) are generated and scored under: no intervention,
 the refusal direction ablated (Arditi), all candidates C ablated, each prompt's minimal set M (at

@@ -1,6 +1,6 @@
 """Stage 3: interaction discovery with a factorization machine over ablation masks.
 
-SPEC.md "Stage 3". Per dissected prompt: pool P = M ∪ the other candidates active on the prompt
+Stage 3 of arXiv 2509.09708. Per dissected prompt: pool P = M ∪ the other candidates active on the prompt
 (+ optionally the strongest other active SAE latents); sample binary masks over P stratified by
 size, score each with the AblationEngine (batched, resumable), and fit a second-order FM
 ŷ = w0 + Σ w_i m_i + Σ_{i<j} ⟨v_i, v_j⟩ m_i m_j and a first-order (linear) model on the same

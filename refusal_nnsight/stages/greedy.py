@@ -1,6 +1,6 @@
 """Stage 2: greedy filtering of the candidate set C to a 1-minimal flipping set M per prompt.
 
-SPEC.md "Stage 2". For each harmful eval prompt that the model refuses and that ablating all of C
+Stage 2 of arXiv 2509.09708. For each harmful eval prompt that the model refuses and that ablating all of C
 flips: order C (by single-feature effect on the refusal score, or by cosine with the refusal
 direction), then backward-eliminate — drop f if the set without f still flips. A flip is decided
 by the flip criterion (`scoring.Criterion`: the calibrated score threshold, the greedy first

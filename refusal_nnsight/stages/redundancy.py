@@ -1,4 +1,4 @@
-"""Redundancy ("hydra") features and the <bos> clamp (SPEC.md "Redundancy ... and the <bos> experiment").
+"""Redundancy ("hydra") features and the <bos> clamp (arXiv 2509.09708, the redundancy and <bos> experiments).
 
 For each dissected harmful prompt with minimal set M (stage greedy):
 
