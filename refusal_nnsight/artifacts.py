@@ -102,14 +102,19 @@ def read_parquet(path: Path):
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    """safetensors file + a JSON sidecar (<name>.json) with the metadata."""
+    """safetensors file + a JSON sidecar (<stem>.meta.json) with the metadata."""
     from safetensors.torch import save_file
 
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda p: save_file(clean, str(p)))
     if metadata is not None:
-        write_json(path.with_suffix(".json"), metadata)
+        write_json(tensor_meta(path), metadata)
     return path
+
+
+def tensor_meta(path: Path) -> Path:
+    """The metadata sidecar of a safetensors file: directions.safetensors → directions.meta.json."""
+    return path.with_suffix(".meta.json")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -145,6 +150,12 @@ def _readable(path: Path) -> bool:
     return True
 
 
+# The layout of stage artifacts. A finished stage or a part file of another format is recomputed,
+# never read. 2: tables name a latent's index `feature` and its text form `label` ("L3/F708");
+# tensor sidecars are <stem>.meta.json.
+FORMAT = 2
+
+
 class StageDir:
     """One stage's folder: its artifacts and the `done.json` marker written last.
 
@@ -160,7 +171,7 @@ class StageDir:
         self.path = Path(root) / name
         self.config_hash = config_hash
         self.inputs = dict(sorted((inputs or {}).items()))
-        text = json.dumps([config_hash, self.inputs])
+        text = json.dumps([FORMAT, config_hash, self.inputs])
         self.key = hashlib.sha256(text.encode()).hexdigest()[:16] if config_hash else ""
 
     def file(self, name: str) -> Path:
@@ -188,6 +199,7 @@ class StageDir:
     def mark_done(self, info: dict | None = None) -> None:
         record = {
             **(info or {}),
+            "format": FORMAT,
             "config_hash": self.config_hash,
             "inputs": self.inputs,
             "artifacts": {p.relative_to(self.path).as_posix(): file_digest(p) for p in self.artifacts()},
@@ -202,6 +214,8 @@ class StageDir:
             return "done.json is missing or unreadable"
         if "artifacts" not in record:
             return "done.json records no artifact hashes (written by an older version)"
+        if record.get("format", 1) != FORMAT:
+            return f"it was written in artifact format {record.get('format', 1)} by an older version (now {FORMAT})"
         if record.get("config_hash", "") != self.config_hash:
             return "it was computed under another config"
         if record.get("inputs", {}) != self.inputs:

@@ -148,9 +148,8 @@ def found_features(greedy, fm=None, redundancy=None) -> dict[Feature, dict]:
             entry(f)["n_minimal"] += 1
     if fm is not None and fm.top_features.height:
         top = fm.top_features.filter(pl.col("rank") < FM_TOP)
-        col = "latent" if "latent" in top.columns else "feature"
         for r in top.iter_rows(named=True):
-            e = entry((r["layer"], r[col]))
+            e = entry((r["layer"], r["feature"]))
             e["n_fm_top"] += 1
             e["fm_best_rank"] = r["rank"] if e["fm_best_rank"] is None else min(e["fm_best_rank"], r["rank"])
     if redundancy is not None and redundancy.awakened.height:

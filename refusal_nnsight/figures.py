@@ -180,10 +180,10 @@ def fig_fm_interactions(path: Path, fm) -> str | None:
         return "the FM found no pairs"
     idx = sorted(set(t["prompt_idx"].to_list()))[0]
     t = t.filter(pl.col("prompt_idx") == idx)
-    names = sorted({str(f) for f in t["feature_i"].to_list() + t["feature_j"].to_list()})
+    names = sorted({str(f) for f in t["label_i"].to_list() + t["label_j"].to_list()})
     grid = [[float("nan")] * len(names) for _ in names]
     for r in t.iter_rows(named=True):
-        i, j = names.index(str(r["feature_i"])), names.index(str(r["feature_j"]))
+        i, j = names.index(str(r["label_i"])), names.index(str(r["label_j"]))
         grid[i][j] = grid[j][i] = r["v_dot"]
     lim = max(abs(v) for row in grid for v in row if v == v) or 1.0
     fig = Figure(figsize=(0.5 * len(names) + 3.5, 0.5 * len(names) + 2))

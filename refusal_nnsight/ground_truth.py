@@ -185,7 +185,7 @@ def ground_truth_summary(
     fm_top: list[Feature] = []
     if fm is not None and len(fm.top_features):
         top = fm.top_features.filter(pl.col("rank") < FM_TOP)
-        fm_top = sorted({(int(a), int(b)) for a, b in zip(top["layer"], top[_latent_col(top)], strict=True)})
+        fm_top = sorted({(int(a), int(b)) for a, b in zip(top["layer"], top["feature"], strict=True)})
     found = sorted(set(minimal) | set(fm_top))
     if roles is None:
         roles = feature_roles(model, saes, found, prompts)
@@ -212,10 +212,6 @@ def ground_truth_summary(
         why = "redundancy did not run, or ran no zero-ablation test"
         notes.update(redundancy_found=why, redundancy_jailbreak_gain=why)
     return out, roles, notes
-
-
-def _latent_col(frame: pl.DataFrame) -> str:
-    return "latent" if "latent" in frame.columns else "feature"
 
 
 def redundancy_found(result) -> tuple[bool | None, float | None]:
@@ -263,7 +259,7 @@ def compositional_pair_found(result, prompts, model, saes, strict: bool = False)
         if not pairs:
             continue
         feats = sorted(
-            {(p["layer_i"], p["latent_i"]) for p in pairs} | {(p["layer_j"], p["latent_j"]) for p in pairs}
+            {(p["layer_i"], p["feature_i"]) for p in pairs} | {(p["layer_j"], p["feature_j"]) for p in pairs}
         )
         col = {f: c for c, f in enumerate(feats)}
         instr = ps.instructions[idx]
@@ -271,17 +267,13 @@ def compositional_pair_found(result, prompts, model, saes, strict: bool = False)
         roles = torch.tensor(token_roles(model, instr, ps.meta[idx]["cue_spans"][:2]))
 
         for p in pairs:
-            ci, cj = col[(p["layer_i"], p["latent_i"])], col[(p["layer_j"], p["latent_j"])]
+            ci, cj = col[(p["layer_i"], p["feature_i"])], col[(p["layer_j"], p["feature_j"])]
             if {_peak_role(acts[:, ci], roles), _peak_role(acts[:, cj], roles)} == {0, 1}:
-                log.info(
-                    "compositional pair (strict) on prompt %d: %s × %s", idx, p["feature_i"], p["feature_j"]
-                )
+                log.info("compositional pair (strict) on prompt %d: %s × %s", idx, p["label_i"], p["label_j"])
                 return 1
             fires = [[_fires(acts[:, c], roles, r) for r in (0, 1)] for c in (ci, cj)]
             if not strict and ((fires[0][0] and fires[1][1]) or (fires[0][1] and fires[1][0])):
-                log.info(
-                    "compositional pair (loose) on prompt %d: %s × %s", idx, p["feature_i"], p["feature_j"]
-                )
+                log.info("compositional pair (loose) on prompt %d: %s × %s", idx, p["label_i"], p["label_j"])
                 return 1
     return 0
 

@@ -144,7 +144,7 @@ def test_found_features_counts_every_source():
         top_features: pl.DataFrame
 
     fm = FM(
-        pl.DataFrame({"prompt_idx": [0, 0, 1], "rank": [0, 7, 2], "layer": [2, 1, 2], "latent": [9, 6, 9]})
+        pl.DataFrame({"prompt_idx": [0, 0, 1], "rank": [0, 7, 2], "layer": [2, 1, 2], "feature": [9, 6, 9]})
     )
     found = found_features(greedy, fm, Redundancy(awakened))
     assert list(found) == [(1, 5), (2, 9), (3, 4)]  # (1, 6) ranks 7: not an FM top feature
@@ -158,7 +158,7 @@ def test_a_run_writes_reports_and_reloads_its_cards(smoke_run):
     cards = pl.read_parquet(run_dir / "features.parquet")
     sets = pl.read_parquet(run_dir / "greedy" / "sets.parquet")
     minimal = {
-        (a, b) for r in sets.iter_rows(named=True) for a, b in zip(r["layers"], r["latents"], strict=True)
+        (a, b) for r in sets.iter_rows(named=True) for a, b in zip(r["layers"], r["features"], strict=True)
     }
     assert minimal <= set(cards.select("layer", "feature").rows())
     assert int(cards["n_minimal"].sum()) == int(sets["size"].sum())

@@ -86,7 +86,7 @@ def _check_planted_refusal_found(run_dir, summary: dict, neuronpedia: str) -> No
     assert summary["direction"]["bypass_score"] < 0
     assert summary["greedy"]["one_minimal_rate"] == 1.0
     sets = pl.read_parquet(run_dir / "greedy" / "sets.parquet")
-    assert all(latents == [0] for latents in sets["latents"].to_list())  # exactly the planted latent
+    assert all(features == [0] for features in sets["features"].to_list())  # exactly the planted latent
     assert neuronpedia in (run_dir / "report.md").read_text()
 
 

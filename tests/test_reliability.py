@@ -243,3 +243,22 @@ def test_cpu_out_of_memory_halves_the_batch_and_batch_size_one_is_one_line():
     assert seen[:3] == [6, 4, 2]  # halved (8 → 4 → 2) as on a GPU
     with pytest.raises(UserError, match="out of memory on this machine even at batch size 1"):
         map_chunks(3, 4, lambda i0, i1: (_ for _ in ()).throw(MemoryError()))
+
+
+def test_a_stage_written_in_an_older_artifact_format_is_not_read(tmp_path):
+    """Column names changed between formats: a finished stage of another format is recomputed
+    (and its part files live under another key), never loaded with the wrong names."""
+    from refusal_nnsight import artifacts
+
+    out = artifacts.StageDir(tmp_path, "greedy", "cfg", {"candidates": "abc"})
+    out.path.mkdir(parents=True)
+    (out.path / "sets.parquet").write_bytes(b"x")
+    out.mark_done()
+    assert out.damage() is None
+    record = json.loads(out.done.read_text())
+    out.done.write_text(json.dumps({**record, "format": artifacts.FORMAT - 1}))
+    assert "older version" in out.damage()
+    del record["format"]  # written before formats were recorded
+    out.done.write_text(json.dumps(record))
+    assert "artifact format 1" in out.damage()
+    assert out.key != artifacts.StageDir(tmp_path, "greedy", "", {"candidates": "abc"}).key

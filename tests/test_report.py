@@ -72,7 +72,7 @@ def _results() -> dict:
         pl.DataFrame({"prompt_idx": [0] * 4, "model": ["fm", "linear"] * 2,
                       "task": ["regression"] * 2 + ["classification"] * 2,
                       "heldout_r2": [0.9, 0.6, None, None], "heldout_accuracy": [0.95, 0.9, 0.97, 0.8]}),
-        pl.DataFrame({"prompt_idx": [0, 0], "feature_i": ["L1/F17", "L0/F4"], "feature_j": ["L0/F4", "L2/F3"],
+        pl.DataFrame({"prompt_idx": [0, 0], "label_i": ["L1/F17", "L0/F4"], "label_j": ["L0/F4", "L2/F3"],
                       "v_dot": [1.5, -0.7], "confirmed": [True, False]}),
     )  # fmt: skip
     red = Redundancy(pl.DataFrame({

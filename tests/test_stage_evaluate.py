@@ -83,8 +83,8 @@ def setup():
 def test_conditions_schema_and_per_row_sets(setup, tmp_path):
     model, saes, prompts = setup
     minimal = {0: [(0, 3), (1, 5)], 2: [(1, 7)], 1: []}
-    fm = FM(pl.DataFrame({"prompt_idx": [0, 0, 0], "rank": [0, 1, 2], "feature": ["L0/F3", "L2/F9", "L1/F4"],
-                          "layer": [0, 2, 1], "latent": [3, 9, 4], "weight": [1.0, 0.5, 0.1]}))  # fmt: skip
+    fm = FM(pl.DataFrame({"prompt_idx": [0, 0, 0], "rank": [0, 1, 2], "label": ["L0/F3", "L2/F9", "L1/F4"],
+                          "layer": [0, 2, 1], "feature": [3, 9, 4], "weight": [1.0, 0.5, 0.1]}))  # fmt: skip
     cfg = EvaluateConfig(n_random=2, max_new_tokens=1, fm_top=1)
     out = StageDir(tmp_path, "evaluate")
     result = evaluate.run(model, saes, Direction(torch.randn(model.d_model), 1), Candidates([(0, 1), (2, 2)]),

@@ -108,7 +108,8 @@ def test_sample_masks_are_distinct_and_stratified_by_size():
 # --- run(): an oracle-backed engine instead of a model -----------------------------------------
 
 POOL = [
-    {"layer": 0, "latent": i, "source": "minimal" if i < 3 else "candidate", "max_act": 1.0} for i in range(8)
+    {"layer": 0, "feature": i, "source": "minimal" if i < 3 else "candidate", "max_act": 1.0}
+    for i in range(8)
 ]
 
 
@@ -142,7 +143,7 @@ def fake_run(monkeypatch, out, criterion: Criterion | None = None):
             "prompt_idx": [3, 5],
             "instruction": ["a", "b"],
             "layers": [[0, 0, 0]] * 2,
-            "latents": [[0, 1, 2]] * 2,
+            "features": [[0, 1, 2]] * 2,
         }
     )
     cfg = FMConfig(n_masks=200, max_prompts=1, chunk=64, top_pairs=3, readout=["regression"])
@@ -160,10 +161,10 @@ def test_run_confirms_the_planted_pair_resumes_and_round_trips(monkeypatch, tmp_
     assert res.dataset.height == 200 and set(res.dataset["prompt_idx"]) == {3}  # max_prompts=1
     assert res.dataset["split"].to_list().count("heldout") == 40
     top = res.interactions.row(0, named=True)
-    assert (top["latent_i"], top["latent_j"]) == (1, 3) and top["v_dot"] < -2 and top["confirmed"]
+    assert (top["feature_i"], top["feature_j"]) == (1, 3) and top["v_dot"] < -2 and top["confirmed"]
     assert top["joint_effect"] == pytest.approx(-3.0) and top["sum_singles"] == pytest.approx(0.0)
     assert top["kind"] == "synergy"  # neither alone moves the score; together they drop it by 3
-    assert res.top_features["latent"][0] == 0  # the largest |w_i|
+    assert res.top_features["feature"][0] == 0  # the largest |w_i|
     s = res.summary()
     assert s["heldout_r2"] > 0.99 and s["heldout_r2"] > s["linear_heldout_r2"] + 0.1
     assert (
@@ -202,7 +203,7 @@ def test_n_masks_per_prompt_and_total_say_what_they_count(monkeypatch, tmp_path)
     monkeypatch.setattr(fm, "AblationEngine", FakeEngine)
     monkeypatch.setattr(fm, "build_pool", lambda *a: [dict(p) for p in POOL])
     sets = pl.DataFrame(
-        {"prompt_idx": [3, 5], "instruction": ["a", "b"], "layers": [[0]] * 2, "latents": [[0]] * 2}
+        {"prompt_idx": [3, 5], "instruction": ["a", "b"], "layers": [[0]] * 2, "features": [[0]] * 2}
     )
     cfg = FMConfig(n_masks=64, max_prompts=2, epochs=20, top_pairs=1, readout=["regression"])
     res = fm.run(SimpleNamespace(tokenize=lambda i: i[0]), None, SimpleNamespace(features=[]),
@@ -249,7 +250,7 @@ def test_prompt_classifier_learns_a_planted_xor_that_linear_cannot(monkeypatch, 
 
 def test_no_dissected_prompt_gives_nulls_with_reasons(tmp_path):
     empty = pl.DataFrame(schema={"prompt_idx": pl.Int64, "instruction": pl.Utf8, "layers": pl.List(pl.Int64),
-                                 "latents": pl.List(pl.Int64)})  # fmt: skip
+                                 "features": pl.List(pl.Int64)})  # fmt: skip
     res = fm.run(None, None, SimpleNamespace(features=[]), SimpleNamespace(sets=empty), None, FMConfig(),
                  StageDir(tmp_path, "fm"), 0, -3.0, Criterion())  # fmt: skip
     s = res.summary()
@@ -284,8 +285,8 @@ def test_compositional_pair_found_on_planted_activations(monkeypatch):
     monkeypatch.setattr(ground_truth, "feature_activations", fake_acts)
 
     def result(pair, confirmed=True):
-        row = {"prompt_idx": 0, "feature_i": "i", "layer_i": pair[0][0], "latent_i": pair[0][1], "feature_j": "j",
-               "layer_j": pair[1][0], "latent_j": pair[1][1], "confirmed": confirmed}  # fmt: skip
+        row = {"prompt_idx": 0, "label_i": "i", "layer_i": pair[0][0], "feature_i": pair[0][1], "label_j": "j",
+               "layer_j": pair[1][0], "feature_j": pair[1][1], "confirmed": confirmed}  # fmt: skip
         return SimpleNamespace(fit=pl.DataFrame({"prompt_idx": [0]}), interactions=pl.DataFrame([row]))
 
     assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None) == 1
@@ -350,8 +351,8 @@ def test_organism_fm_on_one_prompt(request, tmp_path):
                  -3.0, flip)  # fmt: skip
     (idx, minimal), row = next(iter(g.minimal_sets.items())), g.sets.row(0, named=True)
     pool = res.pools.filter(pl.col("prompt_idx") == idx)
-    assert set(minimal) <= set(zip(pool["layer"], pool["latent"], strict=True))
-    assert set(pool.filter(pl.col("source") == "minimal")["feature"]) == set(row["features"])
+    assert set(minimal) <= set(zip(pool["layer"], pool["feature"], strict=True))
+    assert set(pool.filter(pl.col("source") == "minimal")["label"]) == set(row["labels"])
     data = res.dataset.filter(pl.col("prompt_idx") == idx)
     assert data.height == min(256, 2**pool.height)
     off = data.filter(pl.col("size") == 0)["score"][0]

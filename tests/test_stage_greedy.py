@@ -269,7 +269,7 @@ def test_smallest_verified_set_comes_from_forward_when_backward_keeps_more(monke
     row = res.sets.row(0, named=True)
     assert row["size"] == 3 and row["one_minimal"]  # {4, 5, 6}
     assert row["smallest_size"] == 2 and row["smallest_source"] == "forward"
-    assert row["smallest_features"] == ["L0/F7", "L1/F2"]  # pool columns 1 and 2
+    assert row["smallest_labels"] == ["L0/F7", "L1/F2"]  # pool columns 1 and 2
     s = res.summary()
     assert s["median_one_minimal_set_size"] == 3.0 and s["median_smallest_set_size"] == 2.0
     assert s["n_smallest_below_one_minimal"] == 1

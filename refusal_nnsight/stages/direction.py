@@ -31,6 +31,7 @@ from ..artifacts import (
     read_json,
     read_parquet,
     read_tensors,
+    tensor_meta,
     write_json,
     write_parquet,
     write_tensors,
@@ -92,7 +93,7 @@ class DirectionResult:
         }
 
     def save(self, out: StageDir) -> None:
-        """directions.safetensors (+ .json sidecar), selection.parquet, baseline.parquet, direction.json; done last."""
+        """directions.safetensors (+ directions.meta.json), selection.parquet, baseline.parquet, direction.json; done last."""
         _check_finite(self.directions)
         meta = {"positions": self.positions, "layers": list(range(self.directions.shape[1])),
                 "chosen": {"position": self.position, "layer": self.layer}}  # fmt: skip
@@ -111,7 +112,7 @@ class DirectionResult:
     @classmethod
     def load(cls, out: StageDir) -> DirectionResult:
         tensors = read_tensors(out.file("directions.safetensors"))
-        meta = read_json(out.file("directions.json"))
+        meta = read_json(tensor_meta(out.file("directions.safetensors")))
         info = read_json(out.file("direction.json"))
         return cls(
             directions=tensors["directions"], positions=list(meta["positions"]), direction=tensors["direction"],

@@ -216,8 +216,7 @@ def _fm_top(fm, idx: int, k: int, skip: Sequence[Feature]) -> list[Feature]:
     if fm is None:
         return []
     t = fm.top_features.filter(pl.col("prompt_idx") == idx).sort("rank")
-    latent = "latent" if "latent" in t.columns else "feature"
-    feats = [(int(a), int(b)) for a, b in zip(t["layer"].to_list(), t[latent].to_list(), strict=True)]
+    feats = [(int(a), int(b)) for a, b in zip(t["layer"].to_list(), t["feature"].to_list(), strict=True)]
     return [f for f in feats if f not in set(skip)][:k]
 
 

@@ -83,13 +83,13 @@ def sample_masks(n: int, n_masks: int, gen: torch.Generator) -> torch.Tensor:
 def build_pool(model, saes, instruction: str, minimal: Sequence[Feature], candidates: Sequence[Feature],
                extra_active: int) -> list[dict]:  # fmt: skip
     """P = M ∪ the candidates active (> 0 somewhere) on the prompt (+ the `extra_active` strongest
-    other active latents of any SAE layer). One dict per pool column: layer, latent, source, max_act."""
+    other active latents of any SAE layer). One dict per pool column: layer, feature, source, max_act."""
     cands = [(int(a), int(b)) for a, b in candidates]
     acts = feature_activations(model, saes, cands, [instruction])[0].amax(0)  # [|C|]
     mins = {(int(a), int(b)) for a, b in minimal}
-    pool = [{"layer": f[0], "latent": f[1], "source": "minimal", "max_act": float(a)}
+    pool = [{"layer": f[0], "feature": f[1], "source": "minimal", "max_act": float(a)}
             for f, a in zip(cands, acts.tolist(), strict=True) if f in mins]  # fmt: skip
-    pool += [{"layer": f[0], "latent": f[1], "source": "candidate", "max_act": float(a)}
+    pool += [{"layer": f[0], "feature": f[1], "source": "candidate", "max_act": float(a)}
              for f, a in zip(cands, acts.tolist(), strict=True) if f not in mins and a > 0]  # fmt: skip
     if extra_active > 0:
         taken = set(cands)
@@ -98,7 +98,7 @@ def build_pool(model, saes, instruction: str, minimal: Sequence[Feature], candid
         order = sorted(range(len(every)), key=lambda c: (-float(full[c]), c))
         extra = [c for c in order if full[c] > 0 and every[c] not in taken][:extra_active]
         pool += [
-            {"layer": every[c][0], "latent": every[c][1], "source": "extra", "max_act": float(full[c])}
+            {"layer": every[c][0], "feature": every[c][1], "source": "extra", "max_act": float(full[c])}
             for c in extra
         ]
     return pool
@@ -175,7 +175,7 @@ def read_out(idx: int, feats: list[Feature], pool: list[dict], fm: Factorization
     """Top features by |w_i| (all of P, ranked) and the top cfg.top_pairs pairs by |⟨v_i, v_j⟩|,
     each confirmed causally (see the module docstring for the rule)."""
     w, lw = fm.w.detach().tolist(), lin.w.detach().tolist()
-    top = [{"prompt_idx": idx, "rank": r, "feature": label(feats[i]), "layer": feats[i][0], "latent": feats[i][1],
+    top = [{"prompt_idx": idx, "rank": r, "label": label(feats[i]), "layer": feats[i][0], "feature": feats[i][1],
             "source": pool[i]["source"], "weight": w[i], "linear_weight": lw[i]}
            for r, i in enumerate(sorted(range(len(pool)), key=lambda c: (-abs(w[c]), c)))]  # fmt: skip
     vv = fm.interactions().detach()
@@ -188,9 +188,9 @@ def read_out(idx: int, feats: list[Feature], pool: list[dict], fm: Factorization
     for r, ((i, j), c) in enumerate(zip(pairs, confirm_pairs(engine, batch, pairs), strict=True)):
         inter = c["joint_effect"] - c["sum_singles"]
         sign_ok = inter * expected * float(vv[i, j]) > 0
-        inter_rows.append({"prompt_idx": idx, "rank": r, "feature_i": label(feats[i]), "layer_i": feats[i][0],
-                           "latent_i": feats[i][1], "feature_j": label(feats[j]), "layer_j": feats[j][0],
-                           "latent_j": feats[j][1], "v_dot": float(vv[i, j]), **c, "interaction": inter,
+        inter_rows.append({"prompt_idx": idx, "rank": r, "label_i": label(feats[i]), "layer_i": feats[i][0],
+                           "feature_i": feats[i][1], "label_j": label(feats[j]), "layer_j": feats[j][0],
+                           "feature_j": feats[j][1], "v_dot": float(vv[i, j]), **c, "interaction": inter,
                            "confirmed": bool(sign_ok and abs(inter) > cfg.confirm_tolerance),
                            "kind": pair_kind(c["effect_i"], c["effect_j"], c["joint_effect"], cfg.confirm_tolerance)})  # fmt: skip
     return top, inter_rows
@@ -222,7 +222,7 @@ def dissect_prompt(model, saes, idx: int, instruction: str, minimal, candidates,
                    seed: int, coefficient: float, criterion: Criterion) -> dict[str, list | dict]:  # fmt: skip
     """Stage 3 on one prompt → rows for each table and the fitted weights."""
     pool = build_pool(model, saes, instruction, minimal, candidates, cfg.extra_active)
-    feats = [(p["layer"], p["latent"]) for p in pool]
+    feats = [(p["layer"], p["feature"]) for p in pool]
     engine = AblationEngine(model, saes, feats, value=coefficient, batch_size=cfg.batch_size)
     batch = model.tokenize([instruction])
     gen = torch.Generator().manual_seed(seed * 1_000_003 + idx)
@@ -236,7 +236,7 @@ def dissect_prompt(model, saes, idx: int, instruction: str, minimal, candidates,
     top, inter = read_out(idx, feats, pool, models[(readout, "fm")], models[(readout, "linear")],
                           engine, batch, cfg)  # fmt: skip
     pools = [
-        {"prompt_idx": idx, "column": c, "feature": label(f), **p}
+        {"prompt_idx": idx, "column": c, "label": label(f), **p}
         for c, (f, p) in enumerate(zip(feats, pool, strict=True))
     ]
     dataset = [{"prompt_idx": idx, "mask": "".join("1" if b else "0" for b in m), "size": sum(m), "score": s,
@@ -250,18 +250,18 @@ def dissect_prompt(model, saes, idx: int, instruction: str, minimal, candidates,
 SCHEMAS = {
     "dataset": {"prompt_idx": pl.Int64, "mask": pl.Utf8, "size": pl.Int64, "score": pl.Float64,
                 "first_token_margin": pl.Float64, "flipped": pl.Boolean, "split": pl.Utf8},
-    "pools": {"prompt_idx": pl.Int64, "column": pl.Int64, "feature": pl.Utf8, "layer": pl.Int64,
-              "latent": pl.Int64, "source": pl.Utf8, "max_act": pl.Float64},
+    "pools": {"prompt_idx": pl.Int64, "column": pl.Int64, "label": pl.Utf8, "layer": pl.Int64,
+              "feature": pl.Int64, "source": pl.Utf8, "max_act": pl.Float64},
     "fit": {"prompt_idx": pl.Int64, "model": pl.Utf8, "task": pl.Utf8, "n_train": pl.Int64, "n_heldout": pl.Int64,
             "train_loss": pl.Float64, "train_r2": pl.Float64, "train_accuracy": pl.Float64,
             "heldout_r2": pl.Float64, "heldout_accuracy": pl.Float64},
-    "interactions": {"prompt_idx": pl.Int64, "rank": pl.Int64, "feature_i": pl.Utf8, "layer_i": pl.Int64,
-                     "latent_i": pl.Int64, "feature_j": pl.Utf8, "layer_j": pl.Int64, "latent_j": pl.Int64,
+    "interactions": {"prompt_idx": pl.Int64, "rank": pl.Int64, "label_i": pl.Utf8, "layer_i": pl.Int64,
+                     "feature_i": pl.Int64, "label_j": pl.Utf8, "layer_j": pl.Int64, "feature_j": pl.Int64,
                      "v_dot": pl.Float64, "effect_i": pl.Float64, "effect_j": pl.Float64,
                      "joint_effect": pl.Float64, "sum_singles": pl.Float64, "interaction": pl.Float64,
                      "confirmed": pl.Boolean, "kind": pl.Utf8},
-    "top_features": {"prompt_idx": pl.Int64, "rank": pl.Int64, "feature": pl.Utf8, "layer": pl.Int64,
-                     "latent": pl.Int64, "source": pl.Utf8, "weight": pl.Float64, "linear_weight": pl.Float64},
+    "top_features": {"prompt_idx": pl.Int64, "rank": pl.Int64, "label": pl.Utf8, "layer": pl.Int64,
+                     "feature": pl.Int64, "source": pl.Utf8, "weight": pl.Float64, "linear_weight": pl.Float64},
     # the prompt classifier (readout classify_prompts): one row per model × split
     "classifier": {"model": pl.Utf8, "split": pl.Utf8, "n": pl.Int64, "n_features": pl.Int64,
                    "accuracy": pl.Float64},
@@ -392,13 +392,13 @@ def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, 
     weights: dict[str, torch.Tensor] = {}
     notes: dict[str, str] = {}
     for r in tqdm(chosen, desc="fm", leave=False):
-        minimal = list(zip(r["layers"], r["latents"], strict=True))
+        minimal = list(zip(r["layers"], r["features"], strict=True))
         got = dissect_prompt(model, saes, r["prompt_idx"], r["instruction"], minimal, candidates.features, cfg,
                              out, seed, coefficient, criterion)  # fmt: skip
         for name in SCHEMAS:
             rows[name] += got.get(name, [])
         weights.update(got["weights"])
-    pool = sorted({(int(p["layer"]), int(p["latent"])) for p in rows["pools"]})
+    pool = sorted({(int(p["layer"]), int(p["feature"])) for p in rows["pools"]})
     if "classify_prompts" in cfg.readout and pool:
         rows["classifier"], w = classify_prompts(model, saes, pool, prompts, cfg, seed)
         weights.update(w)

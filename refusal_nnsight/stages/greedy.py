@@ -69,9 +69,9 @@ def cosine_order(candidates, pool: Sequence[Feature]) -> list[int]:
 SETS_SCHEMA = {
     "prompt_idx": pl.Int64,
     "instruction": pl.Utf8,
-    "features": pl.List(pl.Utf8),  # M as "L{layer}/F{latent}", in pool (candidate) order
+    "labels": pl.List(pl.Utf8),  # M as "L{layer}/F{feature}", in pool (candidate) order
     "layers": pl.List(pl.Int64),  # parallel to features
-    "latents": pl.List(pl.Int64),  # parallel to features
+    "features": pl.List(pl.Int64),  # the latent indices of M, parallel to labels
     "size": pl.Int64,  # |M|, the 1-minimal set of backward elimination
     "one_minimal": pl.Boolean,
     "clean_score": pl.Float64,  # refusal score, nothing ablated
@@ -80,10 +80,10 @@ SETS_SCHEMA = {
     "final_margin": pl.Float64,  # flip margin, M ablated
     "judge_jailbreak": pl.Boolean,  # the judge on M's generation; null when judge_confirm is off
     "completion": pl.Utf8,  # generation under M (null when judge_confirm is off)
-    "forward_features": pl.List(pl.Utf8),
+    "forward_labels": pl.List(pl.Utf8),
     "forward_size": pl.Int64,  # null when forward greedy did not reach a flip (or is off)
     "forward_margin": pl.Float64,
-    "smallest_features": pl.List(pl.Utf8),  # the smallest set found and verified to flip
+    "smallest_labels": pl.List(pl.Utf8),  # the smallest set found and verified to flip
     "smallest_size": pl.Int64,
     "smallest_source": pl.Utf8,  # backward | forward
     "order": pl.Utf8,
@@ -94,9 +94,9 @@ TRAJECTORY_SCHEMA = {
     "method": pl.Utf8,  # backward | forward
     "step": pl.Int64,  # score call index (0 = start)
     "action": pl.Utf8,  # start | keep | remove | add
-    "feature": pl.Utf8,  # null for start
+    "label": pl.Utf8,  # null for start
     "layer": pl.Int64,
-    "latent": pl.Int64,
+    "feature": pl.Int64,
     "margin": pl.Float64,  # flip margin (criterion) of the set this action tested; < 0 = flipped
     "size": pl.Int64,  # set size after the action
 }
@@ -104,7 +104,7 @@ TRAJECTORY_SCHEMA = {
 JUDGED_SCHEMA = {
     "prompt_idx": pl.Int64,
     "variant": pl.Utf8,  # clean | minimal | restore (M ∖ {feature}) | forward
-    "feature": pl.Utf8,  # the restored feature (restore rows)
+    "label": pl.Utf8,  # the restored feature (restore rows)
     "size": pl.Int64,  # latents ablated
     "refusal_score": pl.Float64,
     "first_token_margin": pl.Float64,
@@ -128,7 +128,7 @@ class GreedyResult:
     def minimal_sets(self) -> dict[int, list[Feature]]:
         """prompt_idx → M as [(layer, latent), ...]."""
         return {
-            int(r["prompt_idx"]): list(zip(r["layers"], r["latents"], strict=True))
+            int(r["prompt_idx"]): list(zip(r["layers"], r["features"], strict=True))
             for r in self.sets.iter_rows(named=True)
         }
 
@@ -204,8 +204,8 @@ def _traj_rows(method: str, traj: list[Step], pool: Sequence[Feature]) -> list[d
     for t in traj:
         f = None if t["index"] is None else pool[t["index"]]
         rows.append({"method": method, "step": t["step"], "action": t["action"],
-                     "feature": None if f is None else label(f), "layer": None if f is None else f[0],
-                     "latent": None if f is None else f[1], "margin": t["score"], "size": t["size"]})  # fmt: skip
+                     "label": None if f is None else label(f), "layer": None if f is None else f[0],
+                     "feature": None if f is None else f[1], "margin": t["score"], "size": t["size"]})  # fmt: skip
     return rows
 
 
@@ -227,10 +227,10 @@ def dissect_steps(pool: Sequence[Feature], instruction: str, cfg: GreedyConfig, 
     one_minimal = yield from verify_one_minimal_steps(mask)
     feats = [pool[i] for i in cols]
     record = {
-        "instruction": instruction, "features": [label(f) for f in feats], "layers": [f[0] for f in feats],
-        "latents": [f[1] for f in feats], "size": len(feats), "one_minimal": one_minimal,
+        "instruction": instruction, "labels": [label(f) for f in feats], "layers": [f[0] for f in feats],
+        "features": [f[1] for f in feats], "size": len(feats), "one_minimal": one_minimal,
         "clean_score": clean, "start_margin": traj[0]["score"], "final_score": final_score,
-        "final_margin": final_margin, "judge_jailbreak": None, "completion": None, "forward_features": None,
+        "final_margin": final_margin, "judge_jailbreak": None, "completion": None, "forward_labels": None,
         "forward_size": None, "forward_margin": None, "order": cfg.order, "n_candidates": len(pool),
         "effects": effects, "minimal_columns": cols, "forward_columns": None,
     }  # fmt: skip
@@ -239,14 +239,14 @@ def dissect_steps(pool: Sequence[Feature], instruction: str, cfg: GreedyConfig, 
         fmask, ftraj = yield from forward_greedy_steps(start)
         fmargin = ftraj[-1]["score"]
         fcols = fmask.nonzero().flatten().tolist()
-        record["forward_features"] = [label(pool[i]) for i in fcols]
+        record["forward_labels"] = [label(pool[i]) for i in fcols]
         record["forward_margin"] = fmargin
         if fmargin < 0:  # verified: the last forward call tested exactly this set
             record["forward_size"], record["forward_columns"] = len(fcols), fcols
         trajectory += _traj_rows("forward", ftraj, pool)
     use_forward = record["forward_size"] is not None and record["forward_size"] < len(cols)
     record["smallest_source"] = "forward" if use_forward else "backward"
-    record["smallest_features"] = record["forward_features"] if use_forward else record["features"]
+    record["smallest_labels"] = record["forward_labels"] if use_forward else record["labels"]
     record["smallest_size"] = record["forward_size"] if use_forward else len(cols)
     record["trajectory"] = trajectory
     return record
@@ -314,7 +314,7 @@ def judge_variants(answer: _Answerer, records: dict[int, dict], pool: Sequence[F
     for (i, vs), fl in zip(variants.items(), both, strict=True):
         refused = answer.judge.refused([answer.instructions[i]] * len(vs), texts[i])
         todo[i]["judged"] = [
-            {"variant": v, "feature": f, "size": len(cols), "refusal_score": float(fl[k, 0]),
+            {"variant": v, "label": f, "size": len(cols), "refusal_score": float(fl[k, 0]),
              "first_token_margin": float(fl[k, 1]), "judge_refused": bool(refused[k]), "completion": texts[i][k]}
             for k, (v, f, cols) in enumerate(vs)
         ]  # fmt: skip
