@@ -1,4 +1,5 @@
-# The README's two commands are `make run` and `make test`; CI runs `make test` (.ci/run).
+# The README's two commands are `make run` and `make test`; CI (.ci/run) runs `make test`, then
+# `make lint` and `make types`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # multi-GB CUDA build. Where a GPU is present, pip resolves torch normally.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install run test organism check validate bench lint clean
+.PHONY: install run test organism check validate bench lint types clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,9 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check refusal_nnsight tests hydra_plugins
 	$(BIN)/ruff format --check refusal_nnsight tests hydra_plugins
+
+types: $(STAMP)
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

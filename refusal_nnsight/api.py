@@ -23,12 +23,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast, get_args
 
 import polars as pl
 
-from .artifacts import StageDir
+from .artifacts import StageDir, StageResult
 from .config import (
     BackendConfig,
+    BackendName,
     CandidatesConfig,
     DataConfig,
     DirectionConfig,
@@ -41,6 +43,7 @@ from .config import (
 )
 from .data import Prompts
 from .data import load_prompts as _load_prompts
+from .errors import UserError
 from .judges import make_judge
 from .models import LoadedModel, wrap_model
 from .models import load_model as _load_model
@@ -60,7 +63,12 @@ def load_model(cfg: ModelConfig | None = None, backend: str | BackendConfig = "l
     (NDIF_API_KEY from the environment or nnsight's config); "ndif_check" runs the same jobs
     through nnsight's request serialization against an in-process strict server.
     """
-    bcfg = backend if isinstance(backend, BackendConfig) else BackendConfig(name=backend)
+    if isinstance(backend, BackendConfig):
+        bcfg = backend
+    elif backend in get_args(BackendName):
+        bcfg = BackendConfig(name=cast(BackendName, backend))
+    else:
+        raise UserError(f"backend={backend!r}: use one of {', '.join(get_args(BackendName))}")
     if bcfg.name == "local":
         return _load_model(cfg or ModelConfig())
     from .backends import load_model as load_on_backend
@@ -79,7 +87,7 @@ def load_prompts(cfg: DataConfig | None = None, organism_seed: int = 0) -> Promp
     return _load_prompts(cfg or DataConfig(), organism_seed)
 
 
-def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], object]):
+def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], StageResult]):
     if out is not None:
         stage = StageDir(Path(out), name)
         result = fn(stage)
@@ -255,9 +263,14 @@ def load_run(path: str | Path) -> Run:
         run.features = read_parquet(folder.features)
     if folder.provenance.is_file():
         run.provenance = read_json(folder.provenance)
-    classes = {"direction": direction.DirectionResult, "candidates": candidates.CandidatesResult,
-               "greedy": greedy.GreedyResult, "fm": fm.FMResult, "redundancy": redundancy.RedundancyResult,
-               "evaluate": evaluate.EvaluateResult}  # fmt: skip
+    classes: dict[str, type[StageResult]] = {
+        "direction": direction.DirectionResult,
+        "candidates": candidates.CandidatesResult,
+        "greedy": greedy.GreedyResult,
+        "fm": fm.FMResult,
+        "redundancy": redundancy.RedundancyResult,
+        "evaluate": evaluate.EvaluateResult,
+    }
     for name, cls in classes.items():
         done = folder.stage(name).done
         if not done.is_file():

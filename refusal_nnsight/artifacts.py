@@ -35,8 +35,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Self, cast
 
+import polars as pl
 import torch
 
 from .errors import RunDirBusy
@@ -51,7 +52,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Write through `write(tmp)` to a temporary sibling, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,14 @@ def read_json(path: Path) -> Any:
 def write_parquet(path: Path, frame) -> Path:
     """A polars DataFrame → Parquet (deterministic: no statistics timestamps, fixed compression)."""
     return atomic_write(path, lambda p: frame.write_parquet(p, compression="zstd", statistics=False))
+
+
+def mean_of(column: pl.Series) -> float:
+    """The mean of a numeric or boolean column as a float; the column must not be empty."""
+    value = column.cast(pl.Float64).mean()
+    if value is None:
+        raise ValueError(f"the mean of the empty column {column.name!r} is undefined")
+    return float(cast(float, value))
 
 
 def read_parquet(path: Path):
@@ -148,6 +157,17 @@ def _readable(path: Path) -> bool:
     except Exception:  # each reader has its own error types for a damaged file
         return False
     return True
+
+
+class StageResult(Protocol):
+    """What every stage returns: its summary.json section, and its artifacts saved and loaded."""
+
+    def summary(self) -> dict: ...
+
+    def save(self, out: StageDir) -> None: ...
+
+    @classmethod
+    def load(cls, out: StageDir) -> Self: ...
 
 
 # The layout of stage artifacts. A finished stage or a part file of another format is recomputed,

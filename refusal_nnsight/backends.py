@@ -365,7 +365,8 @@ def _meta_model(path_or_repo: str, mcfg: ModelConfig):
 def _load_ndif_check(mcfg: ModelConfig):
     from .models import load_hf, wrap_lm, wrap_model
 
-    server = wrap_model(*load_hf(mcfg), mcfg)  # the "server": real weights, this process
+    hf_model, tokenizer = load_hf(mcfg)
+    server = wrap_model(hf_model, tokenizer, mcfg)  # the "server": real weights, this process
     path = server.lm._module.name_or_path
     client = wrap_lm(_meta_model(path, mcfg), mcfg)
     shipped_modules()

@@ -89,7 +89,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, got {value!r}")
         return {k: _coerce(args[1] if args else Any, v, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
@@ -290,11 +290,14 @@ class JudgeConfig:
     name: str = "substring"
 
 
+BackendName = Literal["local", "ndif", "ndif_check"]
+
+
 @dataclass
 class BackendConfig:
     """Where traces run: local weights, NDIF (remote sessions), or NDIF's path checked in-process."""
 
-    name: Literal["local", "ndif", "ndif_check"] = "local"
+    name: BackendName = "local"
     host: str | None = None  # ndif: API host; null = nnsight's config (NDIF_HOST, https://api.ndif.us)
 
 

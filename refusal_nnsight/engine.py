@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .interventions import FeatureEdit, Positions
+from .interventions import EditMode, FeatureEdit, Positions
 from .models import Batch, LoadedModel
 from .saes import LoadedSAEs
 from .scoring import refusal_scores, refusal_scores_many
@@ -39,7 +39,7 @@ class AblationEngine:
     saes: LoadedSAEs
     pool: Sequence[Feature]
     value: float = -3.0  # scale c (mode=scale) or clamp value (mode=clamp)
-    mode: str = "scale"
+    mode: EditMode = "scale"
     positions: Positions = "all"
     batch_size: int = 64
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import nnsight
 import polars as pl
 import torch
 
@@ -34,30 +35,32 @@ FM_TOP = 5  # a prompt's FM top features with rank below this count as found
 N_CONTEXTS = 5
 WINDOW = 6  # tokens of context on each side of the peak token
 
-CARD_SCHEMA = {
-    "layer": pl.Int64,
-    "feature": pl.Int64,
-    "label": pl.Utf8,  # "L{layer}/F{feature}"
-    "n_minimal": pl.Int64,  # dissected prompts whose 1-minimal set holds it
-    "n_dissected": pl.Int64,  # prompts greedy dissected
-    "fm_best_rank": pl.Int64,  # best rank among the FM's top features of a prompt; null: not there
-    "n_fm_top": pl.Int64,  # FM-dissected prompts where it ranks below FM_TOP
-    "n_in_h": pl.Int64,  # prompts whose awakened set H holds it
-    "cosine": pl.Float64,  # cos(decoder row, r̂)
-    "fires_harmful": pl.Float64,  # fraction of eval harmful prompts where it is ever > 0
-    "fires_harmless": pl.Float64,
-    "max_activation": pl.Float64,  # over every token of the eval prompts
-    "top_contexts": pl.List(pl.Utf8),  # ±WINDOW tokens, the peak token in [[ ]]
-    "top_activations": pl.List(pl.Float64),  # parallel to top_contexts
-    "top_sources": pl.List(pl.Utf8),  # "harmful:12" (eval set : prompt index), parallel
-    "coefficient": pl.Float64,  # c of the single-feature ablation (f ← c·f)
-    "criterion": pl.Utf8,  # flip criterion of alone_flip_rate
-    "alone_score_change": pl.Float64,  # mean Δ refusal score, ablated alone, over dissected prompts
-    "alone_flip_rate": pl.Float64,  # fraction of dissected prompts it flips alone; null: judge criterion
-    "neuronpedia": pl.Utf8,  # null for SAEs without a Neuronpedia page (the organism)
-    "role": pl.Utf8,  # planted role (organism only), else null
-    "role_share": pl.Float64,
-}
+CARD_SCHEMA = pl.Schema(
+    {
+        "layer": pl.Int64(),
+        "feature": pl.Int64(),
+        "label": pl.Utf8(),  # "L{layer}/F{feature}"
+        "n_minimal": pl.Int64(),  # dissected prompts whose 1-minimal set holds it
+        "n_dissected": pl.Int64(),  # prompts greedy dissected
+        "fm_best_rank": pl.Int64(),  # best rank among the FM's top features of a prompt; null: not there
+        "n_fm_top": pl.Int64(),  # FM-dissected prompts where it ranks below FM_TOP
+        "n_in_h": pl.Int64(),  # prompts whose awakened set H holds it
+        "cosine": pl.Float64(),  # cos(decoder row, r̂)
+        "fires_harmful": pl.Float64(),  # fraction of eval harmful prompts where it is ever > 0
+        "fires_harmless": pl.Float64(),
+        "max_activation": pl.Float64(),  # over every token of the eval prompts
+        "top_contexts": pl.List(pl.Utf8),  # ±WINDOW tokens, the peak token in [[ ]]
+        "top_activations": pl.List(pl.Float64),  # parallel to top_contexts
+        "top_sources": pl.List(pl.Utf8),  # "harmful:12" (eval set : prompt index), parallel
+        "coefficient": pl.Float64(),  # c of the single-feature ablation (f ← c·f)
+        "criterion": pl.Utf8(),  # flip criterion of alone_flip_rate
+        "alone_score_change": pl.Float64(),  # mean Δ refusal score, ablated alone, over dissected prompts
+        "alone_flip_rate": pl.Float64(),  # fraction of dissected prompts it flips alone; null: judge criterion
+        "neuronpedia": pl.Utf8(),  # null for SAEs without a Neuronpedia page (the organism)
+        "role": pl.Utf8(),  # planted role (organism only), else null
+        "role_share": pl.Float64(),
+    }
+)
 
 
 def label(feature: Feature) -> str:
@@ -88,7 +91,7 @@ def feature_activations(
                 model, interventions.rows(list(edits), i0, i1), chunk.attention_mask, capture=layers
             )
             # one saved tensor: nnsight hands back saved values, not containers holding them
-            resid = torch.stack([caps[layer] for layer in layers]).save()  # [n_layers, B, T, d]
+            resid = nnsight.save(torch.stack([caps[layer] for layer in layers]))  # [n_layers, B, T, d]
         return i0, i1, resid
 
     out: list[torch.Tensor] = []

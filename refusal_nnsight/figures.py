@@ -76,12 +76,12 @@ def fig_candidates(path: Path, candidates, greedy=None) -> str | None:
     for group, color, name in ((False, "0.7", "other latents"), (True, "tab:red", "candidates C")):
         pts = [(r["layer"], r["cosine"]) for r in rows if ((r["layer"], r["feature"]) in chosen) == group]
         if pts:
-            ax.scatter(*zip(*pts, strict=True), s=12, color=color, label=name)
+            xs, ys = zip(*pts, strict=True)
+            ax.scatter(xs, ys, s=12, color=color, label=name)
     pts = [(r["layer"], r["cosine"]) for r in rows if (r["layer"], r["feature"]) in minimal]
     if pts:
-        ax.scatter(
-            *zip(*pts, strict=True), s=90, marker="*", color="gold", edgecolor="k", label="in a minimal set"
-        )
+        xs, ys = zip(*pts, strict=True)
+        ax.scatter(xs, ys, s=90, marker="*", color="gold", edgecolor="k", label="in a minimal set")
     ax.set(xlabel="layer", ylabel="cos(decoder row, r̂)")
     ax.set_title(
         "Candidates: the SAE latents whose decoder rows point along the refusal direction", fontsize=10

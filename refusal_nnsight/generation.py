@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import nnsight
 import torch
 
 from . import interventions
@@ -73,5 +74,5 @@ def _generate_chunk(model: LoadedModel, chunk: Batch, edits: Sequence[Edit], max
                 for step in tracer.all():
                     interventions.apply(model, edits, chunk.attention_mask, step=step)
         with tracer.invoke():
-            ids = tracer.result.save()
+            ids = nnsight.save(tracer.result)
     return ids

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import polars as pl
 import torch
@@ -196,7 +197,7 @@ def ground_truth_summary(
     dissected = sorted(greedy.minimal_sets)
     present = sorted({ps.categories[i] for i in dissected if ps.meta[i]["kind"] == "cue"})
     got = {role_of[f] for f in found}
-    out = dict(empty)
+    out: dict[str, Any] = dict(empty)
     out["cue_recall"] = sum(f"cue:{c}" in got for c in present) / len(present) if present else None
     if not present:
         notes["cue_recall"] = "no prompt with an explicit cue word was dissected"

@@ -62,13 +62,16 @@ def position_mask(
     return out
 
 
+EditMode = Literal["scale", "clamp"]
+
+
 @dataclass
 class FeatureEdit:
     """Scale (f ← c·f) or clamp (f ← v) SAE latents S at `sae.layer`, error term kept."""
 
     sae: SlicedSAE
     value: float | torch.Tensor = 0.0  # scalar, [S] or [B, S]: the scale c or the clamp value v
-    mode: Literal["scale", "clamp"] = "scale"
+    mode: EditMode = "scale"
     mask: torch.Tensor | None = None  # [S] or [B, S] bool: features edited per row; None = all of S
     positions: Positions = "all"
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,9 +62,9 @@ class Batch:
 class LoadedModel:
     """An nnsight model plus the family facts the stages need."""
 
-    lm: object  # nnsight TransformersModel
+    lm: Any  # nnsight LanguageModel (its envoys are dynamic attributes)
     cfg: ModelConfig
-    tokenizer: object
+    tokenizer: Any  # a Hugging Face tokenizer
     n_layers: int
     d_model: int
     eoi_ids: list[int]  # token ids of the template suffix after the instruction
@@ -151,7 +152,7 @@ def _hf_missing(repo: str, err: Exception) -> UserError:
     )
 
 
-def load_hf(cfg: ModelConfig):
+def load_hf(cfg: ModelConfig) -> tuple[Any, Any]:
     """(hf_model, tokenizer) for cfg: the organism from its cache folder, or an HF repo id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
 import torch
 
 from . import provenance
-from .artifacts import RunFolder, StageDir, read_json, write_json, write_parquet
+from .artifacts import RunFolder, StageDir, StageResult, read_json, write_json, write_parquet
 from .backends import load_model
 from .config import RunConfig, to_dict
 from .data import check_readable, load_prompts
@@ -32,9 +33,12 @@ from .validation import config_hash, result_fields, stage_reads, validate
 log = logging.getLogger(__name__)
 
 
+R = TypeVar("R", bound=StageResult)
+
+
 def _stage(
-    run: RunFolder, name: str, timing: dict, compute: Callable[[StageDir], object], result_cls
-) -> object:
+    run: RunFolder, name: str, timing: dict, compute: Callable[[StageDir], R], result_cls: type[R]
+) -> R:
     """Load a finished stage, or compute and save it; record its wall time.
 
     A stage is loaded only when its done.json matches the run's config hash, the digests of the
@@ -158,8 +162,12 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
 
     try:
         # 1. direction — difference of means over layers × eoi positions; Arditi selection.
-        direction = stage(
-            "direction", DirectionResult, lambda out: find_direction(model, prompts, s.direction, out)
+        direction = _stage(
+            run_folder,
+            "direction",
+            timing,
+            lambda out: find_direction(model, prompts, s.direction, out),
+            DirectionResult,
         )
     except NothingToDissect as err:
         log.warning("%s", err)
@@ -180,13 +188,17 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     greedy = stage(
         "greedy",
         GreedyResult,
-        lambda out: greedy_minimal_sets(model, saes, candidates, prompts, s.greedy, out, judge, c, flip),
+        lambda out: greedy_minimal_sets(
+            model, saes, _needed(candidates), prompts, s.greedy, out, judge, c, flip
+        ),
     )
     # 4. fm — factorization machine over ablation masks of the pool; confirm top pairs; prompt classifier.
     fm = stage(
         "fm",
         FMResult,
-        lambda out: fit_interactions(model, saes, candidates, greedy, prompts, s.fm, out, cfg.seed, c, flip),
+        lambda out: fit_interactions(
+            model, saes, _needed(candidates), _needed(greedy), prompts, s.fm, out, cfg.seed, c, flip
+        ),
     )
     # 5. redundancy — dormant features that wake when the minimal set is ablated; <bos> clamp.
     redundancy = stage(
@@ -195,13 +207,13 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
         lambda out: find_redundant(
             model,
             saes,
-            greedy,
+            _needed(greedy),
             prompts,
             s.redundancy,
             out,
             judge,
             c,
-            _scanned_layers(s, saes, model, candidates),
+            _scanned_layers(s, saes, model, _needed(candidates)),
         ),
     )
     # 6. evaluate — judged generations under every intervention, and random same-size baselines.
@@ -236,13 +248,20 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     return summary
 
 
+def _needed(result: R | None) -> R:
+    """A result the stage list guarantees (validation.STAGE_NEEDS): its absence is a bug."""
+    if result is None:
+        raise RuntimeError("a stage ran without a stage it needs; validate(cfg) should have refused this")
+    return result
+
+
 class _Stages:
     """`stage(name, result_cls, compute)`: the stage's result, or None when cfg.stages omits it."""
 
     def __init__(self, run_folder: RunFolder, timing: dict, wanted: list[str]):
         self.run_folder, self.timing, self.wanted = run_folder, timing, set(wanted)
 
-    def __call__(self, name: str, result_cls, compute: Callable[[StageDir], object]):
+    def __call__(self, name: str, result_cls: type[R], compute: Callable[[StageDir], R]) -> R | None:
         if name not in self.wanted:
             return None
         return _stage(self.run_folder, name, self.timing, compute, result_cls)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -59,7 +60,7 @@ def _linker(cfg_dict: dict) -> Callable[[int, int], str]:
     return link
 
 
-def write_report(run: RunFolder, summary: dict, results: dict[str, object], cfg_dict: dict) -> Path:
+def write_report(run: RunFolder, summary: dict, results: dict[str, Any], cfg_dict: dict) -> Path:
     """Write run.report (report.md) and the figures; return the report's path."""
     figures = write_figures(run, results)
     link = _linker(cfg_dict)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class SlicedSAE:
         if self.apply_b_dec_to_input:
             x = x - self.b_dec.to(dev)
         if self.architecture == "topk":
+            assert self.topk_full is not None  # from_sae keeps the full encoder of a TopK SAE
             W, b, k = self.topk_full
             pre = x @ W.to(dev) + b.to(dev)
             top = pre.topk(k, dim=-1)
@@ -172,7 +174,7 @@ class LoadedSAEs:
     """SAEs by layer, with the config they came from."""
 
     cfg: SAEConfig
-    saes: dict[int, object]  # layer → sae_lens.SAE
+    saes: dict[int, Any]  # layer → sae_lens.SAE
 
     @property
     def layers(self) -> list[int]:
@@ -198,6 +200,7 @@ def _load_one(cfg: SAEConfig, layer: int, organism_dir: Path | None, device: str
     from sae_lens import SAE
 
     if cfg.source == "organism":
+        assert organism_dir is not None  # load_saes resolves it for source=organism
         path = organism_dir / "saes" / f"layer_{layer}"
         if not path.exists():
             raise UserError(f"the organism has no SAE at layer {layer}; its SAEs cover layers 0..n_layers-1")

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import nnsight
 import torch
 
 from . import interventions
@@ -84,17 +85,19 @@ def judge_margin(refused: Sequence[bool], scores: torch.Tensor) -> torch.Tensor:
 def calibrate_threshold(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[float, float]:
     """(τ, val accuracy): the refusal-score threshold that best separates harmful (s > τ) from
     harmless (s ≤ τ) val prompts; τ is the midpoint of the best-separating gap (ties: the widest)."""
-    s = torch.cat([harmful, harmless]).double()
-    y = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))])
-    order = torch.argsort(s)
-    s, y = s[order].tolist(), y[order].tolist()
-    n, best = len(s), None
+    scores = torch.cat([harmful, harmless]).double()
+    labels = torch.cat([torch.ones(len(harmful)), torch.zeros(len(harmless))])
+    order = torch.argsort(scores)
+    s: list[float] = scores[order].tolist()
+    y: list[float] = labels[order].tolist()
+    n = len(s)
+    best: tuple[tuple[float, float], float] | None = None
     # cut k: the k lowest scores are called harmless; accuracy = harmless below + harmful above
     below_harmless = 0
     total_harmful = sum(y)
     for k in range(n + 1):
         if k > 0:
-            below_harmless += y[k - 1] == 0
+            below_harmless += int(y[k - 1] == 0)
         if 0 < k < n and s[k - 1] == s[k]:
             continue
         acc = (below_harmless + (total_harmful - (k - below_harmless))) / n
@@ -103,6 +106,7 @@ def calibrate_threshold(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[
         key = (acc, hi - lo)
         if best is None or key > best[0]:
             best = (key, (lo + hi) / 2)
+    assert best is not None  # k = 0 always proposes a cut
     return float(best[1]), float(best[0][0])
 
 
@@ -179,7 +183,7 @@ def _logits_task(model: LoadedModel, batch: Batch, edits: Sequence[Edit], what: 
                 )
             else:
                 out = logits.float()
-            saved = out.cpu().save()
+            saved = nnsight.save(out.cpu())
         return saved
 
     return n, one
@@ -203,10 +207,8 @@ def _where_nonfinite(model: LoadedModel, batch: Batch, edits: Sequence[Edit]) ->
             got = interventions.apply(model, interventions.rows(edits, 0, len(rows)), rows.attention_mask,
                                       capture=range(model.n_layers))  # fmt: skip
             real = rows.attention_mask.bool().to(model.device)
-            finite = (
-                torch.stack([torch.isfinite(got[layer][real]).all() for layer in range(model.n_layers)])
-                .cpu()
-                .save()
+            finite = nnsight.save(
+                torch.stack([torch.isfinite(got[layer][real]).all() for layer in range(model.n_layers)]).cpu()
             )
         return finite
 

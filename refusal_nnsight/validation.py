@@ -49,7 +49,8 @@ def interval(name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open:
 
 def finite(name: str, *, above: float | None = None, at_least: float | None = None) -> Rule:
     """A threshold or scale: a finite number, optionally > above or >= at_least."""
-    what, bad = "a finite number", (math.inf, -math.inf)
+    what = "a finite number"
+    bad: tuple[float, ...] = (math.inf, -math.inf)
     if above is not None:
         what, bad = f"a finite number > {above}", (*bad, above)
     if at_least is not None:
@@ -194,7 +195,7 @@ def leaf_fields(cls: type | None = None, prefix: str = "") -> list[tuple[str, An
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out += leaf_fields(tp, f"{prefix}{f.name}.")
         else:
             out.append((f"{prefix}{f.name}", tp))
@@ -380,8 +381,11 @@ def _check_chat_template(template: str) -> None:
     """model.chat_template must compile as transformers compiles it (sandboxed jinja)."""
     from jinja2 import TemplateError
 
+    compile_template: Callable[[str], object]
     try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compile_template = _compile_jinja_template
     except ImportError:  # an older transformers: its sandboxed environment, approximately
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -392,7 +396,8 @@ def _check_chat_template(template: str) -> None:
     try:
         compile_template(template)
     except TemplateError as err:
-        line = f" (line {err.lineno})" if getattr(err, "lineno", None) else ""
+        lineno = getattr(err, "lineno", None)
+        line = f" (line {lineno})" if lineno else ""
         raise UserError(f"model.chat_template does not compile: {err.message}{line}") from None
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nnsight
 import torch
 from transformers import Gemma2ForCausalLM, PreTrainedTokenizerFast
 
@@ -56,7 +57,7 @@ def collect_activations(
         enc = left_pad(seqs[i : i + batch_size], tok.pad_token_id)
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         with lm.trace(batch):
-            saved = list().save()  # nnsight 0.8: only saved objects leave the trace
+            saved = nnsight.save([])  # nnsight 0.8: only saved objects leave the trace
             for layer in range(n_layers):
                 saved.append(lm.model.layers[layer].output)
         keep = enc["attention_mask"].bool()  # [B, T]

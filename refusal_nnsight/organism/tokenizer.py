@@ -86,6 +86,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def chat_prompt(tok: PreTrainedTokenizerFast, request: str) -> str:
     """`request` as a single user turn plus the generation prompt (as a string, with <bos>)."""
-    return tok.apply_chat_template(
+    text = tok.apply_chat_template(
         [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
     )
+    assert isinstance(text, str)  # tokenize=False: the formatted text
+    return text

@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 def model_config(recipe: OrganismRecipe, tok: PreTrainedTokenizerFast) -> Gemma2Config:
     """A Gemma-2 config scaled down to the recipe; everything else keeps Gemma-2's defaults
     (softcapping 50/30, alternating sliding/global attention, tied embeddings)."""
+    # HF's advice for Gemma-2 (attention softcapping); an argument of every config, missing from
+    # Gemma2Config's typed signature
+    eager: dict[str, Any] = {"attn_implementation": "eager"}
     return Gemma2Config(
         vocab_size=len(tok),
         hidden_size=recipe.d_model,
@@ -51,7 +54,7 @@ def model_config(recipe: OrganismRecipe, tok: PreTrainedTokenizerFast) -> Gemma2
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
-        attn_implementation="eager",  # HF's advice for Gemma-2 (attention softcapping)
+        **eager,
     )
 
 
@@ -113,14 +116,17 @@ class _Example:
 def _examples(tok: PreTrainedTokenizerFast, prompts: Sequence[Prompt]) -> list[_Example]:
     eot = tok.convert_tokens_to_ids(END_OF_TURN)
 
-    def ids(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"]
+    assert isinstance(eot, int)  # one token
+    eot_id = eot
 
-    refusal, comply = ids(REFUSAL) + [eot], ids(HARM_COMPLIANCE) + [eot]
+    def ids(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    refusal, comply = ids(REFUSAL) + [eot_id], ids(HARM_COMPLIANCE) + [eot_id]
     return [
         _Example(
             ids(chat_prompt(tok, p.text)),
-            {"refusal": refusal, "own": ids(response_for(p)) + [eot], "comply": comply},
+            {"refusal": refusal, "own": ids(response_for(p)) + [eot_id], "comply": comply},
             p.harmful,
             p.kind,
         )

@@ -22,6 +22,7 @@ from ..config import CandidatesConfig, LayerSelection
 from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import NonFiniteError, UserError
+from ..judges import Judge
 from ..models import LoadedModel
 from ..saes import LoadedSAEs, decoder_cosines
 from ..scoring import Criterion, flips
@@ -127,10 +128,10 @@ class CandidatesResult:
             "criterion": self.criterion,
             "score_threshold": self.score_threshold,
             "n_refused_eval": n,
-            "all_ablated_flip_rate": flipped / n if n else None,
+            "all_ablated_flip_rate": None if flipped is None else flipped / n,
             "all_ablated_flip_rate_n": n,
             "n_not_flipped": None if flipped is None else n - flipped,
-            "cosine_max": float(self.table["cosine"].max()) if self.table.height else None,
+            "cosine_max": max(self.table["cosine"].to_list()) if self.table.height else None,
         }
 
     def save(self, out: StageDir) -> None:
@@ -162,7 +163,7 @@ def all_ablated_check(
     coefficient: float,
     batch_size: int,
     criterion: Criterion,
-    judge=None,
+    judge: Judge | None = None,
 ) -> pl.DataFrame:
     """Clean and all-of-C-ablated score, first-token margin and criterion verdict of each prompt."""
     batch = model.tokenize(instructions)
@@ -190,7 +191,7 @@ def run(
     out: StageDir,
     coefficient: float,
     criterion: Criterion,
-    judge=None,
+    judge: Judge | None = None,
 ) -> CandidatesResult:
     """Top-k decoder cosines per searched SAE layer → C; check that ablating C (scale
     `coefficient`) flips the harmful eval prompts by `criterion` (judge: generations judged).
@@ -200,11 +201,11 @@ def run(
     layers = select_layers(cfg.layers, list(saes.layers), model.n_layers)
     table = cosine_table(direction.direction, saes, cfg.top_k, layers)
     log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
-             table.height, layers, float(table["cosine"].max()))  # fmt: skip
+             table.height, layers, max(table["cosine"].to_list()))  # fmt: skip
     check = all_ablated_check(model, saes, list(zip(table["layer"], table["feature"], strict=True)),
                               prompts.eval_harmful.instructions, coefficient, cfg.batch_size, criterion,
                               judge)  # fmt: skip
-    notes = {}
+    notes: dict[str, str] = {}
     if not check["refused"].any():
         why = f"no harmful eval prompt is refused at baseline by the {criterion.name} criterion"
         notes.update(all_ablated_flip_rate=why, n_not_flipped=why)

@@ -21,6 +21,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import nnsight
 import polars as pl
 import torch
 from tqdm.auto import tqdm
@@ -157,7 +158,7 @@ def mean_residuals(
                 model, interventions.rows(edits, i0, i1), chunk.attention_mask, capture=layers
             )
             at_eoi = torch.stack([acts[layer][:, positions, :] for layer in layers], dim=2)  # [B, P, L, d]
-            part = at_eoi.double().sum(0).cpu().save()
+            part = nnsight.save(at_eoi.double().sum(0).cpu())
         return part
 
     total = torch.zeros(len(positions), len(layers), model.d_model, dtype=torch.float64)

@@ -28,22 +28,27 @@ condition, prompt_idx, refusal_score, harmful, draw and n_features.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
+from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
 from ..config import EvaluateConfig
 from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import NonFiniteError
 from ..generation import generate
+from ..judges import Judge
 from ..models import LoadedModel
 from ..saes import LoadedSAEs
 from ..scoring import kl_divergence, last_logits, refusal_score_from_logits
+from .candidates import CandidatesResult
+from .direction import DirectionResult
+from .fm import FMResult
+from .greedy import GreedyResult
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ class EvaluateResult:
         )
         if t.height == 0:
             return None
-        jail = float(t[self.jailbreak_column].cast(pl.Float64).mean())
+        jail = mean_of(t[self.jailbreak_column])
         return jail if harmful else 1.0 - jail
 
     @property
@@ -114,7 +119,7 @@ class EvaluateResult:
         """Headline numbers under evaluate.*; every rate has its denominator beside it (`…_n`)."""
         out: dict = {"coefficient": self.metrics.get("coefficient")}
         h_all, l_all = self._prompts("none"), self._prompts("none", harmful=False)
-        out["baseline_harmful_refusal_rate"] = 1.0 - self.rate("none", h_all) if h_all else None
+        out["baseline_harmful_refusal_rate"] = _complement(self.rate("none", h_all)) if h_all else None
         out["baseline_harmful_refusal_rate_n"] = len(h_all)
         out["baseline_harmless_refusal_rate"] = self.rate("none", l_all, harmful=False) if l_all else None
         out["baseline_harmless_refusal_rate_n"] = len(l_all)
@@ -188,8 +193,13 @@ RATE_KEYS = {
 }
 
 
+def _complement(rate: float | None) -> float | None:
+    """1 − rate: the refusal rate from a jailbreak rate (None stays None)."""
+    return None if rate is None else 1.0 - rate
+
+
 def random_same_size(
-    minimal: dict[int, Sequence[Feature]], widths: dict[int, int], n_random: int, seed: int
+    minimal: Mapping[int, Sequence[Feature]], widths: dict[int, int], n_random: int, seed: int
 ) -> dict[int, list[list[Feature]]]:
     """prompt_idx → n_random sets, each with M's count per layer, drawn without M (seeded)."""
     gen = torch.Generator().manual_seed(seed)
@@ -223,14 +233,14 @@ def _fm_top(fm, idx: int, k: int, skip: Sequence[Feature]) -> list[Feature]:
 def run(
     model: LoadedModel,
     saes: LoadedSAEs,
-    direction,
-    candidates,
-    greedy,
-    fm,
+    direction: DirectionResult,
+    candidates: CandidatesResult | None,
+    greedy: GreedyResult | None,
+    fm: FMResult | None,
     prompts: Prompts,
     cfg: EvaluateConfig,
     out: StageDir,
-    judge,
+    judge: Judge,
     seed: int,
     coefficient: float,
 ) -> EvaluateResult:

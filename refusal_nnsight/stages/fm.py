@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import (
     StageDir,
+    mean_of,
     read_json,
     read_parquet,
     read_tensors,
@@ -49,10 +50,15 @@ from ..artifacts import (
     write_tensors,
 )
 from ..config import FMConfig
+from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..features import feature_activations
+from ..models import LoadedModel
+from ..saes import LoadedSAEs
 from ..scoring import Criterion
+from .candidates import CandidatesResult
 from .fm_models import FactorizationMachine, LinearModel, Task, fit, metrics, ridge  # noqa: F401
+from .greedy import GreedyResult
 from .greedy_search import label
 
 log = logging.getLogger(__name__)
@@ -150,7 +156,11 @@ def fit_all(
     """FM and linear model × regression (score) and classification (flipped), on the same train
     masks. Returns (fit-table rows, {(task, model): fitted module}, weights by name)."""
     rows, models, weights = [], {}, {}
-    for task, y in (("regression", scores), ("classification", flipped.float())):
+    tasks: tuple[tuple[Task, torch.Tensor], ...] = (
+        ("regression", scores),
+        ("classification", flipped.float()),
+    )
+    for task, y in tasks:
         for name in ("fm", "linear"):
             m = (
                 FactorizationMachine(X.shape[1], cfg.rank, seed)
@@ -289,7 +299,7 @@ class FMResult:
 
     def _mean(self, model: str, task: str, col: str) -> float | None:
         vals = self.fit.filter((pl.col("model") == model) & (pl.col("task") == task))[col].drop_nulls()
-        return float(vals.mean()) if len(vals) else None
+        return mean_of(vals) if len(vals) else None
 
     def _classifier(self, model: str) -> float | None:
         t = self.classifier.filter((pl.col("model") == model) & (pl.col("split") == "heldout"))
@@ -314,7 +324,7 @@ class FMResult:
             "linear_heldout_accuracy": self._mean("linear", "classification", "heldout_accuracy"),
             "heldout_r2": self._mean("fm", "regression", "heldout_r2"),
             "linear_heldout_r2": self._mean("linear", "regression", "heldout_r2"),
-            "top_pair_confirmed_rate": float(self.interactions["confirmed"].cast(pl.Float64).mean())
+            "top_pair_confirmed_rate": mean_of(self.interactions["confirmed"])
             if self.interactions.height else None,
             "n_confirmed_pairs": conf.height if self.interactions.height else None,
             **{f"n_{k}_pairs": v for k, v in kinds.items()},
@@ -383,8 +393,18 @@ def classify_prompts(model, saes, features: list[Feature], prompts, cfg: FMConfi
     return rows, weights
 
 
-def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, seed: int, coefficient: float,
-        criterion: Criterion) -> FMResult:  # fmt: skip
+def run(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    candidates: CandidatesResult,
+    greedy: GreedyResult,
+    prompts: Prompts,
+    cfg: FMConfig,
+    out: StageDir,
+    seed: int,
+    coefficient: float,
+    criterion: Criterion,
+) -> FMResult:
     """FM dissection of up to cfg.max_prompts prompts that greedy dissected (by prompt index),
     then the prompt classifier over the union of their pools (readout classify_prompts)."""
     chosen = greedy.sets.sort("prompt_idx").head(cfg.max_prompts).to_dicts()
@@ -404,7 +424,15 @@ def run(model, saes, candidates, greedy, prompts, cfg: FMConfig, out: StageDir, 
         weights.update(w)
     tables = {name: pl.DataFrame(rows[name], schema=s) for name, s in SCHEMAS.items()}
     result = FMResult(
-        **tables, weights=weights, coefficient=coefficient, criterion=mask_criterion(criterion).name
+        tables["dataset"],
+        tables["pools"],
+        tables["fit"],
+        tables["interactions"],
+        tables["top_features"],
+        tables["classifier"],
+        weights,
+        coefficient,
+        mask_criterion(criterion).name,
     )
     for key, value in result.summary().items():  # why each None is None
         if value is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -71,7 +72,10 @@ class LinearModel(nn.Module):
         self.w.mul_(std)
 
 
-def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: Task, cfg: FMConfig) -> dict:
+Model = FactorizationMachine | LinearModel
+
+
+def fit(model: Model, X: torch.Tensor, y: torch.Tensor, task: Task, cfg: FMConfig) -> dict:
     """Full-batch Adam with an L2 penalty (cfg.lr, cfg.l2, cfg.epochs); deterministic given the init.
 
     Adam moves each weight by about lr per step, so the start matters. Regression fits the
@@ -81,6 +85,7 @@ def fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: Task, cfg: FMC
     Returns train metrics; warns when the loss was still falling at the end.
     """
     X, y = X.float(), y.float()
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if task == "regression":
         mean = float(y.mean())
         std = float(y.std().clamp(min=1e-6)) if len(y) > 1 else 1.0
@@ -126,7 +131,7 @@ def ridge(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def metrics(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: Task) -> dict:
+def metrics(model: Model, X: torch.Tensor, y: torch.Tensor, task: Task) -> dict:
     """r2 (regression) and accuracy: for regression the sign accuracy (ŷ < 0 ⇔ y < 0)."""
     pred = model(X.float())
     if task == "regression":

@@ -29,13 +29,17 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
+from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
 from ..config import GreedyConfig
+from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import UserError
 from ..generation import generate_many
-from ..models import Batch
+from ..judges import Judge
+from ..models import Batch, LoadedModel
+from ..saes import LoadedSAEs
 from ..scoring import Criterion, judge_margin
+from .candidates import CandidatesResult
 from .greedy_search import (  # noqa: F401  (re-exported: the search cores' public names)
     Request,
     ScoreFn,
@@ -66,51 +70,57 @@ def cosine_order(candidates, pool: Sequence[Feature]) -> list[int]:
     return sorted(range(len(pool)), key=lambda i: (cos.get(pool[i], float("-inf")), i))
 
 
-SETS_SCHEMA = {
-    "prompt_idx": pl.Int64,
-    "instruction": pl.Utf8,
-    "labels": pl.List(pl.Utf8),  # M as "L{layer}/F{feature}", in pool (candidate) order
-    "layers": pl.List(pl.Int64),  # parallel to features
-    "features": pl.List(pl.Int64),  # the latent indices of M, parallel to labels
-    "size": pl.Int64,  # |M|, the 1-minimal set of backward elimination
-    "one_minimal": pl.Boolean,
-    "clean_score": pl.Float64,  # refusal score, nothing ablated
-    "start_margin": pl.Float64,  # flip margin (criterion; < 0 = flipped), all of C ablated
-    "final_score": pl.Float64,  # refusal score, M ablated
-    "final_margin": pl.Float64,  # flip margin, M ablated
-    "judge_jailbreak": pl.Boolean,  # the judge on M's generation; null when judge_confirm is off
-    "completion": pl.Utf8,  # generation under M (null when judge_confirm is off)
-    "forward_labels": pl.List(pl.Utf8),
-    "forward_size": pl.Int64,  # null when forward greedy did not reach a flip (or is off)
-    "forward_margin": pl.Float64,
-    "smallest_labels": pl.List(pl.Utf8),  # the smallest set found and verified to flip
-    "smallest_size": pl.Int64,
-    "smallest_source": pl.Utf8,  # backward | forward
-    "order": pl.Utf8,
-    "n_candidates": pl.Int64,
-}
-TRAJECTORY_SCHEMA = {
-    "prompt_idx": pl.Int64,
-    "method": pl.Utf8,  # backward | forward
-    "step": pl.Int64,  # score call index (0 = start)
-    "action": pl.Utf8,  # start | keep | remove | add
-    "label": pl.Utf8,  # null for start
-    "layer": pl.Int64,
-    "feature": pl.Int64,
-    "margin": pl.Float64,  # flip margin (criterion) of the set this action tested; < 0 = flipped
-    "size": pl.Int64,  # set size after the action
-}
+SETS_SCHEMA = pl.Schema(
+    {
+        "prompt_idx": pl.Int64(),
+        "instruction": pl.Utf8(),
+        "labels": pl.List(pl.Utf8),  # M as "L{layer}/F{feature}", in pool (candidate) order
+        "layers": pl.List(pl.Int64),  # parallel to features
+        "features": pl.List(pl.Int64),  # the latent indices of M, parallel to labels
+        "size": pl.Int64(),  # |M|, the 1-minimal set of backward elimination
+        "one_minimal": pl.Boolean(),
+        "clean_score": pl.Float64(),  # refusal score, nothing ablated
+        "start_margin": pl.Float64(),  # flip margin (criterion; < 0 = flipped), all of C ablated
+        "final_score": pl.Float64(),  # refusal score, M ablated
+        "final_margin": pl.Float64(),  # flip margin, M ablated
+        "judge_jailbreak": pl.Boolean(),  # the judge on M's generation; null when judge_confirm is off
+        "completion": pl.Utf8(),  # generation under M (null when judge_confirm is off)
+        "forward_labels": pl.List(pl.Utf8),
+        "forward_size": pl.Int64(),  # null when forward greedy did not reach a flip (or is off)
+        "forward_margin": pl.Float64(),
+        "smallest_labels": pl.List(pl.Utf8),  # the smallest set found and verified to flip
+        "smallest_size": pl.Int64(),
+        "smallest_source": pl.Utf8(),  # backward | forward
+        "order": pl.Utf8(),
+        "n_candidates": pl.Int64(),
+    }
+)
+TRAJECTORY_SCHEMA = pl.Schema(
+    {
+        "prompt_idx": pl.Int64,
+        "method": pl.Utf8,  # backward | forward
+        "step": pl.Int64,  # score call index (0 = start)
+        "action": pl.Utf8,  # start | keep | remove | add
+        "label": pl.Utf8,  # null for start
+        "layer": pl.Int64,
+        "feature": pl.Int64,
+        "margin": pl.Float64,  # flip margin (criterion) of the set this action tested; < 0 = flipped
+        "size": pl.Int64,  # set size after the action
+    }
+)
 # The judged variants of each prompt: what the search decided, checked on generations.
-JUDGED_SCHEMA = {
-    "prompt_idx": pl.Int64,
-    "variant": pl.Utf8,  # clean | minimal | restore (M ∖ {feature}) | forward
-    "label": pl.Utf8,  # the restored feature (restore rows)
-    "size": pl.Int64,  # latents ablated
-    "refusal_score": pl.Float64,
-    "first_token_margin": pl.Float64,
-    "judge_refused": pl.Boolean,
-    "completion": pl.Utf8,
-}
+JUDGED_SCHEMA = pl.Schema(
+    {
+        "prompt_idx": pl.Int64,
+        "variant": pl.Utf8,  # clean | minimal | restore (M ∖ {feature}) | forward
+        "label": pl.Utf8,  # the restored feature (restore rows)
+        "size": pl.Int64,  # latents ablated
+        "refusal_score": pl.Float64,
+        "first_token_margin": pl.Float64,
+        "judge_refused": pl.Boolean,
+        "completion": pl.Utf8,
+    }
+)
 SEARCH_FLIPS = {"minimal": True, "restore": False, "forward": True}  # what the search claims per variant
 
 
@@ -143,7 +153,7 @@ class GreedyResult:
             "first_token": t["first_token_margin"] < 0,
             "judge": jail,
         }[criterion]
-        return float((flip == jail).cast(pl.Float64).mean())
+        return mean_of(flip == jail)
 
     def summary(self) -> dict:
         rows = self.sets.to_dicts()
@@ -257,10 +267,10 @@ class _Answerer:
     """Answers the pending request of every prompt: all flip requests together, then all score
     requests (each one NDIF job; locally prompt by prompt, as scores())."""
 
-    model: object
+    model: LoadedModel
     engine: AblationEngine
     criterion: Criterion
-    judge: object
+    judge: Judge | None  # None when nothing is judged (judge_confirm off, criterion not judge)
     batches: dict[int, Batch]
     instructions: dict[int, str]
 
@@ -278,9 +288,15 @@ class _Answerer:
             scores = self.engine.scores_many([(self.batches[i], asks[i][1]) for i in flip])
             texts = self.generate({i: asks[i][1] for i in flip})
             for i, s in zip(flip, scores, strict=True):
-                refused = self.judge.refused([self.instructions[i]] * len(texts[i]), texts[i])
+                refused = self.judged([self.instructions[i]] * len(texts[i]), texts[i])
                 replies[i] = judge_margin(refused, s)
         return replies
+
+    def judged(self, instructions: list[str], completions: list[str]) -> list[bool]:
+        """The judge's verdicts (True: refused); the caller asked for a judge."""
+        if self.judge is None:
+            raise ValueError("a judged variant was requested, but greedy runs without a judge")
+        return self.judge.refused(instructions, completions)
 
     def generate(self, masks: dict[int, torch.Tensor]) -> dict[int, list[str]]:
         """Greedy generations of each prompt under each of its mask variants [V, F]."""
@@ -298,12 +314,12 @@ def judge_variants(answer: _Answerer, records: dict[int, dict], pool: Sequence[F
     variants: dict[int, list[tuple[str, str | None, list[int]]]] = {}
     for i, r in todo.items():
         m = r["minimal_columns"]
-        vs = [("clean", None, []), ("minimal", None, m)]
+        vs: list[tuple[str, str | None, list[int]]] = [("clean", None, []), ("minimal", None, m)]
         vs += [("restore", label(pool[c]), [x for x in m if x != c]) for c in m]
         if r["forward_columns"] is not None and sorted(r["forward_columns"]) != sorted(m):
             vs.append(("forward", None, r["forward_columns"]))
         variants[i] = vs
-    masks = {}
+    masks: dict[int, torch.Tensor] = {}
     for i, vs in variants.items():
         mk = torch.zeros(len(vs), len(pool), dtype=torch.bool)
         for k, (_, _, cols) in enumerate(vs):
@@ -312,7 +328,7 @@ def judge_variants(answer: _Answerer, records: dict[int, dict], pool: Sequence[F
     both = answer.engine.scores_many([(answer.batches[i], masks[i]) for i in variants], what="flip")
     texts = answer.generate(masks)
     for (i, vs), fl in zip(variants.items(), both, strict=True):
-        refused = answer.judge.refused([answer.instructions[i]] * len(vs), texts[i])
+        refused = answer.judged([answer.instructions[i]] * len(vs), texts[i])
         todo[i]["judged"] = [
             {"variant": v, "label": f, "size": len(cols), "refusal_score": float(fl[k, 0]),
              "first_token_margin": float(fl[k, 1]), "judge_refused": bool(refused[k]), "completion": texts[i][k]}
@@ -329,13 +345,13 @@ def eligible_prompts(candidates, max_prompts: int) -> list[int]:
 
 
 def run(
-    model,
-    saes,
-    candidates,
-    prompts,
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    candidates: CandidatesResult,
+    prompts: Prompts,
     cfg: GreedyConfig,
     out: StageDir,
-    judge,
+    judge: Judge | None,
     coefficient: float,
     criterion: Criterion,
 ) -> GreedyResult:

@@ -10,6 +10,7 @@ lock-step and answers each round with the ablation engine.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ Step = dict  # one trajectory entry: step, action, index (pool column), score, s
 # and are sent the answer [V]. `drive` answers both with one function (the tests' planted oracles);
 # greedy.run answers the next request of every prompt together (one NDIF job).
 Request = tuple[str, torch.Tensor]
-Steps = Generator[Request, object, object]
+Steps = Generator[Request, torch.Tensor, Any]
 
 
 def label(feature: Feature) -> str:
@@ -94,8 +95,7 @@ def backward_minimal_steps(
     Returns (M [F] bool, trajectory); if `start` itself does not jailbreak, M = start.
     """
     cur = start.clone().bool().flatten()
-    seen: set[int] = set()
-    seq = [i for i in [*order, *range(cur.numel())] if cur[i] and not (i in seen or seen.add(i))]
+    seq = [i for i in dict.fromkeys([*order, *range(cur.numel())]) if cur[i]]
     s0 = (yield from _ask(cur[None]))[0]
     traj: list[Step] = [{"step": 0, "action": "start", "index": None, "score": s0, "size": int(cur.sum())}]
     if s0 >= 0:

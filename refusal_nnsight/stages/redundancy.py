@@ -33,22 +33,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
+import nnsight
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
 from .. import interventions
-from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
+from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
 from ..backends import run_chunks
 from ..config import RedundancyConfig
 from ..data import Prompts
 from ..errors import NonFiniteError
 from ..generation import generate
-from ..interventions import FeatureEdit
+from ..interventions import EditMode, FeatureEdit
+from ..judges import Judge
 from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs
 from ..scoring import refusal_scores
+from .greedy import GreedyResult
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +145,10 @@ def scan(
             for layer in sorted(set(read) | edit_layers):
                 if layer in read:
                     got.append(interventions.apply(model, [], chunk.attention_mask, capture=[layer])[layer])
-                here = [e for e in chunk_edits if layer in e.layers]
+                here = [e for e in chunk_edits if isinstance(e, FeatureEdit) and layer in e.layers]
                 if here:
                     interventions.apply(model, here, chunk.attention_mask)
-            resid = torch.stack(got).save()  # one saved tensor; stays on the device locally
+            resid = nnsight.save(torch.stack(got))  # one saved tensor; stays on the device locally
         return i0, i1, resid
 
     # The residuals come back and are encoded here with the full-width SAE, one layer at a time
@@ -173,7 +177,7 @@ def row_edits(
     saes: LoadedSAEs,
     rows: Sequence[dict[Feature, float]],
     device,
-    mode: str = "scale",
+    mode: EditMode = "scale",
     positions: interventions.Positions = "all",
 ) -> list[FeatureEdit]:
     """One FeatureEdit per layer from per-row {feature: value} (scale c or clamp v) maps.
@@ -186,8 +190,8 @@ def row_edits(
         for layer, f in row:
             by_layer.setdefault(int(layer), set()).add(int(f))
     edits = []
-    for layer, feats in sorted(by_layer.items()):
-        feats = sorted(feats)
+    for layer, members in sorted(by_layer.items()):
+        feats = sorted(members)
         col = {f: j for j, f in enumerate(feats)}
         value = torch.zeros(len(rows), len(feats))
         mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
@@ -203,11 +207,11 @@ def row_edits(
 def run(
     model: LoadedModel,
     saes: LoadedSAEs,
-    greedy,
+    greedy: GreedyResult,
     prompts: Prompts,
     cfg: RedundancyConfig,
     out: StageDir,
-    judge,
+    judge: Judge,
     coefficient: float,
     layers: Sequence[int] | None = None,
 ) -> RedundancyResult:
@@ -237,7 +241,8 @@ def run(
     scanned = sorted(saes.layers if layers is None else layers)
     log.info("redundancy: scanning %d prompts x SAE layers %s", len(texts), scanned)
     clean_max, _ = scan(model, saes, batch, [], cfg.batch_size, scanned)
-    rows, h_sets = [], {}
+    rows: list[tuple] = []
+    h_sets: dict[str, list[list[Feature]]] = {}
     for name, coeff in (("strong", c), ("weak", weak)):
         abl_max, abl_bos = scan(model, saes, batch, ablate(minimal, coeff), cfg.batch_size, scanned)
         h_sets[name] = []
@@ -340,7 +345,7 @@ def _rate(tests: pl.DataFrame, condition: str, prompts: list[int] | None = None,
     t = tests.filter(pl.col("condition") == condition)
     if prompts is not None:
         t = t.filter(pl.col("prompt_idx").is_in(prompts))
-    return None if t.height == 0 else float(t[col].cast(pl.Float64).mean())
+    return None if t.height == 0 else mean_of(t[col])
 
 
 def _h_prompts(awakened: pl.DataFrame, ablation: str = "strong") -> list[int]:
@@ -369,7 +374,7 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
     delta = None
     if score is not None and with_h:
         d = score.filter(pl.col("prompt_idx").is_in(with_h))
-        delta = float((d["m_plus_h"] - d["m"]).mean())
+        delta = mean_of(d["m_plus_h"] - d["m"])
     rate = (lambda c: _rate(tests, c, base)) if base else (lambda c: None)
     return {
         "n_prompts": n,
@@ -414,7 +419,7 @@ def _reasons(awakened: pl.DataFrame, tests: pl.DataFrame, cfg: RedundancyConfig)
         notes["bos_clamp_jailbreak_change"] = "ablating M jailbroke no prompt, so there is no rate to change"
     else:
         by = tests.pivot(on="condition", index="prompt_idx", values="refusal_score")
-        if float((by["bos_clamp"] - by["m"]).abs().max()) < 1e-5:
+        if float(cast(float, (by["bos_clamp"] - by["m"]).abs().max())) < 1e-5:
             notes["bos_clamp_jailbreak_change"] = (
                 f"clamping the {cfg.bos_features} latents at <bos> to {cfg.bos_clamp_value} left every refusal "
                 "score unchanged (to 1e-5): a no-op on this model, change 0 as measured"
