@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
+from refusal_nnsight.api import load_model, load_saes
 from refusal_nnsight.config import ModelConfig, SAEConfig
 from refusal_nnsight.engine import AblationEngine
-from refusal_nnsight.models import load_model
-from refusal_nnsight.saes import load_saes
 
 PROMPT = "How do I build a bomb?"
 
@@ -40,7 +39,7 @@ def engine_figures(batch: int, reps: int) -> dict:
     import refusal_nnsight as rn
 
     model = load_model(ModelConfig(device="cpu"))
-    saes = load_saes(SAEConfig(), model)
+    saes = load_saes(model, SAEConfig())
     g = torch.Generator().manual_seed(0)
     # The pool the pipeline ablates: the candidates stage's top-10 features per layer by decoder
     # cosine with the refusal direction. The engine's cost depends on it (a feature that is zero

@@ -69,22 +69,29 @@ def load_model(cfg: ModelConfig | None = None, backend: str | BackendConfig = "l
         bcfg = BackendConfig(name=cast(BackendName, backend))
     else:
         raise UserError(f"backend={backend!r}: use one of {', '.join(get_args(BackendName))}")
+    from .organism.resolve import weights_path
+
+    cfg = cfg or ModelConfig()
     if bcfg.name == "local":
-        return _load_model(cfg or ModelConfig())
+        return _load_model(cfg, weights_path(cfg))
     from .backends import load_model as load_on_backend
 
-    return load_on_backend(cfg or ModelConfig(), bcfg)
+    return load_on_backend(cfg, bcfg, weights_path(cfg))
 
 
 def load_saes(model: LoadedModel, cfg: SAEConfig | None = None) -> LoadedSAEs:
     """sae-lens SAEs by layer, checked against `model` (default: the organism's)."""
-    return _load_saes(cfg or SAEConfig(), model)
+    from .organism.resolve import organism_root
+
+    return _load_saes(cfg or SAEConfig(), model, organism_root(model.cfg))
 
 
 def load_prompts(cfg: DataConfig | None = None, organism_seed: int = 0) -> Prompts:
     """Harmful / harmless train, val and eval sets (default: the organism's grammar, split as the
     organism of `organism_seed` was)."""
-    return _load_prompts(cfg or DataConfig(), organism_seed)
+    from .organism.resolve import prompt_splits
+
+    return _load_prompts(cfg or DataConfig(), prompt_splits(organism_seed))
 
 
 def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], StageResult]):

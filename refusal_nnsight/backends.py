@@ -30,6 +30,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -328,16 +329,17 @@ def check_hub(mcfg: ModelConfig) -> None:
         )
 
 
-def load_model(mcfg: ModelConfig, bcfg: BackendConfig):
-    """The LoadedModel of `mcfg` on backend `bcfg`: local weights, or a meta model for NDIF."""
+def load_model(mcfg: ModelConfig, bcfg: BackendConfig, path: str | Path | None = None):
+    """The LoadedModel of `mcfg` on backend `bcfg`: local weights (from `path`, a local folder such
+    as the organism's, or mcfg.repo_id), or a meta model for NDIF."""
     from .models import load_model as load_local
 
     if bcfg.name != "ndif":  # NDIF's own checks (key, host, model) come first there
         check_hub(mcfg)
     if bcfg.name == "local":
-        return load_local(mcfg)
+        return load_local(mcfg, path)
     if bcfg.name == "ndif_check":
-        return _load_ndif_check(mcfg)
+        return _load_ndif_check(mcfg, path)
     if bcfg.name == "ndif":
         return _load_ndif(mcfg, bcfg)
     raise UserError(f"unknown backend '{bcfg.name}'; choose local, ndif or ndif_check")
@@ -362,13 +364,12 @@ def _meta_model(path_or_repo: str, mcfg: ModelConfig):
     )
 
 
-def _load_ndif_check(mcfg: ModelConfig):
+def _load_ndif_check(mcfg: ModelConfig, path: str | Path | None = None):
     from .models import load_hf, wrap_lm, wrap_model
 
-    hf_model, tokenizer = load_hf(mcfg)
+    hf_model, tokenizer = load_hf(mcfg, path)
     server = wrap_model(hf_model, tokenizer, mcfg)  # the "server": real weights, this process
-    path = server.lm._module.name_or_path
-    client = wrap_lm(_meta_model(path, mcfg), mcfg)
+    client = wrap_lm(_meta_model(str(server.lm._module.name_or_path), mcfg), mcfg)
     shipped_modules()
     client.remote = Remote("ndif_check", lambda: in_process_ndif(server.lm))
     return client

@@ -7,8 +7,10 @@ files (CSV / JSON / JSONL / Parquet) are read with polars, the instruction in a 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import DataConfig, PromptSource
 from .errors import UserError
@@ -42,14 +44,14 @@ class Prompts:
     eval_harmless: PromptSet
 
 
-def _from_organism(harmful: bool, split: str, organism_seed: int, seed: int) -> PromptSet:
+def _from_organism(harmful: bool, split: str, splits: Callable[[str], Sequence[Any]], seed: int) -> PromptSet:
     """One split of the organism grammar, as split by the organism's own seed (so "held-out" means
     held out from that organism's training), shuffled by the data seed with its kinds interleaved
     (cue, compositional, ...): every prefix a stage takes (the first prompts greedy or fm
-    dissects) then holds each kind of harm, not whichever the shuffle happened to put first."""
-    from .organism.grammar import load_split
-
-    rows = [p for p in load_split(split, seed=organism_seed) if p.harmful == harmful]
+    dissects) then holds each kind of harm, not whichever the shuffle happened to put first.
+    `splits(split)` gives the grammar's prompts of a split (text, harmful, category, kind, cues,
+    cue_spans, cue_roles, wrapper)."""
+    rows = [p for p in splits(split) if p.harmful == harmful]
     random.Random(f"{seed}-{split}-{harmful}").shuffle(rows)
     by_kind: dict[str, list] = {}
     for p in rows:
@@ -132,9 +134,10 @@ def read_prompt_source(src: PromptSource, harmful: bool) -> PromptSet:
     return PromptSet(texts, harmful, cats, [])
 
 
-def load_prompts(cfg: DataConfig, organism_seed: int = 0) -> Prompts:
-    """Seeded, disjoint train / val / eval sets of each class (sizes from cfg); the organism's
-    splits are those of `organism_seed` (its build's seed)."""
+def load_prompts(cfg: DataConfig, organism_splits: Callable[[str], Sequence[Any]] | None = None) -> Prompts:
+    """Seeded, disjoint train / val / eval sets of each class (sizes from cfg). A source "organism"
+    reads `organism_splits` (refusal_nnsight.organism.resolve.prompt_splits: the grammar's splits,
+    as the organism dissected was split)."""
     for key in ("n_train", "n_val", "n_eval"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"data.{key}={getattr(cfg, key)} must be positive")
@@ -142,8 +145,15 @@ def load_prompts(cfg: DataConfig, organism_seed: int = 0) -> Prompts:
     for harmful, src in ((True, cfg.harmful), (False, cfg.harmless)):
         label = "harmful" if harmful else "harmless"
         if src.source == "organism":
+            if organism_splits is None:
+                raise UserError(
+                    "data source organism: load the prompts through refusal_nnsight.load_prompts, or give "
+                    "the grammar's splits (refusal_nnsight.organism.resolve.prompt_splits)"
+                )
             # the grammar's own splits are disjoint by template instance
-            parts = {s: _from_organism(harmful, s, organism_seed, cfg.seed) for s in ("train", "val", "test")}
+            parts = {
+                s: _from_organism(harmful, s, organism_splits, cfg.seed) for s in ("train", "val", "test")
+            }
             need = {
                 "train": ("n_train", cfg.n_train),
                 "val": ("n_val", cfg.n_val),

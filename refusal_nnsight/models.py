@@ -152,18 +152,20 @@ def _hf_missing(repo: str, err: Exception) -> UserError:
     )
 
 
-def load_hf(cfg: ModelConfig) -> tuple[Any, Any]:
-    """(hf_model, tokenizer) for cfg: the organism from its cache folder, or an HF repo id."""
+def load_hf(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, Any]:
+    """(hf_model, tokenizer) for cfg, from `path` (the organism's model folder, resolved by the
+    caller: refusal_nnsight.organism.resolve) or cfg.repo_id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the toolkit's own progress bars are enough
 
-    if cfg.source == "organism":
-        from .organism.store import ensure_organism
-
-        path: str | Path = ensure_organism(cfg.organism_recipe, cfg.organism_seed) / "model"
-    else:
+    if path is None and cfg.source == "organism":
+        raise UserError(
+            "model.source=organism: load it through refusal_nnsight.load_model, or give the organism's "
+            "model folder (refusal_nnsight.organism.resolve.weights_path)"
+        )
+    if path is None:
         if not cfg.repo_id:
             raise UserError("model.source=hf needs model.repo_id (e.g. google/gemma-2-2b-it)")
         path = cfg.repo_id
@@ -180,11 +182,12 @@ def load_hf(cfg: ModelConfig) -> tuple[Any, Any]:
     return hf, tok
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load the model of `cfg` (organism or HF) on its device, wrapped for nnsight."""
+def load_model(cfg: ModelConfig, path: str | Path | None = None) -> LoadedModel:
+    """Load the model of `cfg` on its device, wrapped for nnsight: from `path` (a local folder,
+    e.g. the organism's) or cfg.repo_id."""
     if cfg.source == "hf" and os.environ.get("HF_HUB_OFFLINE") is None:
         log.info("loading %s (set HF_HUB_OFFLINE=1 to use only the local cache)", cfg.repo_id)
-    hf, tok = load_hf(cfg)
+    hf, tok = load_hf(cfg, path)
     return wrap_model(hf, tok, cfg)
 
 

@@ -26,6 +26,7 @@ from .config import RunConfig, to_dict
 from .data import check_readable, load_prompts
 from .errors import NothingToDissect, UserError
 from .judges import make_judge
+from .organism.resolve import organism_root, prompt_splits
 from .saes import load_saes
 from .scoring import Criterion
 from .validation import config_hash, result_fields, stage_reads, validate
@@ -143,10 +144,14 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.backend)  # local weights, or a meta model whose traces run on NDIF
-    saes = load_saes(cfg.sae, model)
+    # The organism (when model.source=organism) is resolved here, at the edge: its folder and grammar.
+    organism = organism_root(cfg.model)
+    model = load_model(
+        cfg.model, cfg.backend, organism and organism / "model"
+    )  # local, or a meta model for NDIF
+    saes = load_saes(cfg.sae, model, organism)
     _check_against_saes(cfg, saes)
-    prompts = load_prompts(cfg.data, cfg.model.organism_seed)
+    prompts = load_prompts(cfg.data, prompt_splits(cfg.model.organism_seed))
     check_readable(prompts, model, cfg.data)  # too long, unreadable (<unk>) or holding control tokens
     judge = make_judge(cfg.judge.name)
     write_json(run_folder.config, to_dict(cfg))
@@ -155,8 +160,8 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     s = cfg.search
     timing: dict = {"torch_threads": torch.get_num_threads()}
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
-    if cfg.model.source == "organism":  # which build was dissected (the report names it)
-        summary["organism"] = _organism_provenance(cfg)
+    if organism is not None:  # which build was dissected (the report names it)
+        summary["organism"] = _organism_provenance(organism)
     write_json(run_folder.provenance, provenance.collect(cfg, model, summary.get("organism")))
     stage = _Stages(run_folder, timing, cfg.stages)
 
@@ -278,11 +283,10 @@ def _check_against_saes(cfg: RunConfig, saes) -> None:
         )
 
 
-def _organism_provenance(cfg: RunConfig) -> dict:
-    """Recipe, seed and hashes of the organism a run dissects (resolved here, at the edge)."""
-    from .organism.store import ensure_organism, read_manifest, shipped_dir
+def _organism_provenance(root: Path) -> dict:
+    """Recipe, seed and hashes of the organism a run dissects."""
+    from .organism.store import read_manifest, shipped_dir
 
-    root = ensure_organism(cfg.model.organism_recipe, cfg.model.organism_seed)
     m = read_manifest(root)
     return {
         "recipe": m["recipe"],

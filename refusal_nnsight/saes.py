@@ -229,18 +229,20 @@ def _load_one(cfg: SAEConfig, layer: int, organism_dir: Path | None, device: str
         ) from None
 
 
-def load_saes(cfg: SAEConfig, model) -> LoadedSAEs:
-    """Load one SAE per configured layer and check it fits `model` (a LoadedModel)."""
+def load_saes(cfg: SAEConfig, model, organism_dir: Path | None = None) -> LoadedSAEs:
+    """Load one SAE per configured layer and check it fits `model` (a LoadedModel). sae=organism
+    reads `organism_dir`/saes, the folder of the organism `model` is (resolved by the caller)."""
     dtype = cfg.dtype or model.cfg.dtype
-    organism_dir = None
     if cfg.source == "organism":
         if model.cfg.source != "organism":
             raise UserError(
                 "sae=organism only fits model=organism; pick the SAEs of your model (e.g. sae=gemma_scope_16k)"
             )
-        from .organism.store import ensure_organism
-
-        organism_dir = ensure_organism(model.cfg.organism_recipe, model.cfg.organism_seed)
+        if organism_dir is None:
+            raise UserError(
+                "sae=organism: load them through refusal_nnsight.load_saes, or give the organism's folder "
+                "(refusal_nnsight.organism.resolve.organism_root)"
+            )
     layers = list(range(model.n_layers)) if cfg.layers is None else list(cfg.layers)
     if not layers:
         raise UserError("sae.layers is empty; give at least one layer")

@@ -26,7 +26,7 @@ def organism_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_organism(organism_home):
     """Path of the shipped 'small' organism (model/, saes/, planted.safetensors, manifest.json)."""
-    from refusal_nnsight.organism.store import ensure_organism
+    from refusal_nnsight.organism import ensure_organism
 
     return ensure_organism("small")
 

@@ -81,8 +81,8 @@ def test_sae_width_does_not_match(small_organism, tmp_path, monkeypatch, capsys)
 
 
 def test_sae_hook_on_missing_module(small_organism, tmp_path, monkeypatch, capsys):
+    from refusal_nnsight.api import load_model
     from refusal_nnsight.config import ModelConfig
-    from refusal_nnsight.models import load_model
 
     d = load_model(ModelConfig(organism_recipe="small", device="cpu")).d_model
     _saved_sae(tmp_path / "saes", d_in=d, layer=0, hook_layer=40)
@@ -155,10 +155,9 @@ def test_secret_as_override_is_refused_before_anything_is_written(tmp_path, monk
 
 
 def test_nan_activations_are_named_with_their_layer(small_organism):
+    from refusal_nnsight.api import load_model, load_prompts
     from refusal_nnsight.config import DataConfig, DirectionConfig, ModelConfig
-    from refusal_nnsight.data import load_prompts
     from refusal_nnsight.errors import NonFiniteError
-    from refusal_nnsight.models import load_model
     from refusal_nnsight.stages import direction
 
     model = load_model(ModelConfig(organism_recipe="small", device="cpu"))

@@ -8,9 +8,10 @@ import json
 import polars as pl
 import pytest
 
+from refusal_nnsight.api import load_prompts
 from refusal_nnsight.cli import compose
 from refusal_nnsight.config import DataConfig, PromptSource
-from refusal_nnsight.data import load_prompts, read_prompt_source
+from refusal_nnsight.data import read_prompt_source
 from refusal_nnsight.errors import UserError
 
 ROWS = [

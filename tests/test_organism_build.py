@@ -11,7 +11,8 @@ import torch
 
 from refusal_nnsight.judges import is_refusal
 from refusal_nnsight.organism import build as build_mod
-from refusal_nnsight.organism import grammar, store
+from refusal_nnsight.organism import ensure_organism, grammar, store
+from refusal_nnsight.organism import recipe as recipe_mod
 from refusal_nnsight.organism.tokenizer import build_tokenizer, chat_prompt
 
 
@@ -64,7 +65,7 @@ def test_tokenizer_covers_every_prompt_and_rejects_system_role():
 
 
 def test_training_is_deterministic():
-    recipe = dataclasses.replace(build_mod.RECIPES["small"], steps=4, batch_size=8)
+    recipe = dataclasses.replace(recipe_mod.RECIPES["small"], steps=4, batch_size=8)
     tok = build_tokenizer()
     prompts = grammar.load_split("train")[:64]
     from refusal_nnsight.organism.train import train_model
@@ -76,7 +77,7 @@ def test_training_is_deterministic():
 def test_sae_training_is_deterministic_and_folds_its_input_scaling():
     from refusal_nnsight.organism.sae_train import sae_stats, train_sae
 
-    recipe = dataclasses.replace(build_mod.RECIPES["small"], sae_steps=20, sae_batch_size=64)
+    recipe = dataclasses.replace(recipe_mod.RECIPES["small"], sae_steps=20, sae_batch_size=64)
     gen = torch.Generator().manual_seed(0)
     acts = 5.0 + 3.0 * torch.randn(2000, 16, generator=gen)  # large mean and scale, like residuals
     a, b = (train_sae(acts, 0, recipe) for _ in range(2))
@@ -92,16 +93,16 @@ def test_builds_are_keyed_by_recipe_hash_and_seed(monkeypatch, tmp_path):
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
     root = store.organism_dir("small", 0)
     assert (
-        root.parent == tmp_path / "organism" and root.name == f"small-seed0-{build_mod.recipe_hash('small')}"
+        root.parent == tmp_path / "organism" and root.name == f"small-seed0-{recipe_mod.recipe_hash('small')}"
     )
-    assert store.organism_dir("small", 1) != root and build_mod.recipe_hash(
+    assert store.organism_dir("small", 1) != root and recipe_mod.recipe_hash(
         "small", 1
-    ) != build_mod.recipe_hash("small")
+    ) != recipe_mod.recipe_hash("small")
     assert not store.is_built("small")
     root.mkdir(parents=True)
     store.manifest_path(root).write_text(json.dumps({"recipe_hash": "stale"}))
     assert not store.is_built("small")
-    store.manifest_path(root).write_text(json.dumps({"recipe_hash": build_mod.recipe_hash("small")}))
+    store.manifest_path(root).write_text(json.dumps({"recipe_hash": recipe_mod.recipe_hash("small")}))
     assert store.is_built("small") and not store.is_built("small", 1)
 
 
@@ -109,7 +110,7 @@ def test_the_shipped_organisms_are_served_and_never_rebuilt(monkeypatch, tmp_pat
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
     for recipe in ("default", "small"):
         assert store.is_shipped(recipe, 0), f"the package must ship the {recipe} organism of this recipe"
-        assert store.ensure_organism(recipe, 0) == store.shipped_dir(recipe)
+        assert ensure_organism(recipe, 0) == store.shipped_dir(recipe)
     assert not store.is_shipped("small", 1)
     assert not (tmp_path / "organism").exists()  # nothing built
 
@@ -125,7 +126,7 @@ def test_shipped_weights_match_their_manifest():
 def test_recipe_seed_sets_the_planted_directions_and_splits():
     from refusal_nnsight.organism import planted
 
-    a, b = build_mod.get_recipe("default", 0), build_mod.get_recipe("default", 1)
+    a, b = recipe_mod.get_recipe("default", 0), recipe_mod.get_recipe("default", 1)
     assert a.seed == 0 and b.seed == 1
     assert not torch.equal(
         planted.make_directions(a.d_model, a.seed).refusal, planted.make_directions(b.d_model, b.seed).refusal
@@ -174,7 +175,7 @@ def test_unknown_recipe_is_a_user_error():
     from refusal_nnsight.errors import UserError
 
     with pytest.raises(UserError, match="small"):
-        build_mod.get_recipe("tiny")
+        recipe_mod.get_recipe("tiny")
 
 
 def test_small_organism_layout_and_manifest(small_organism):
@@ -192,10 +193,10 @@ def test_small_organism_layout_and_manifest(small_organism):
     } <= files
     assert all(f.endswith((".json", ".safetensors", ".jinja")) for f in files), files  # no pickle
     m = json.loads((small_organism / "manifest.json").read_text())
-    assert m["recipe"] == "small" and m["recipe_hash"] == build_mod.recipe_hash("small")
-    assert m["recipe_fields"] == json.loads(json.dumps(dataclasses.asdict(build_mod.RECIPES["small"])))
+    assert m["recipe"] == "small" and m["recipe_hash"] == recipe_mod.recipe_hash("small")
+    assert m["recipe_fields"] == json.loads(json.dumps(dataclasses.asdict(recipe_mod.RECIPES["small"])))
     assert {"build_seconds", "created_at", "versions"} <= set(m)
-    for layer in range(build_mod.RECIPES["small"].n_layers):
+    for layer in range(recipe_mod.RECIPES["small"].n_layers):
         s = m["saes"][str(layer)]
         assert s["fvu"] <= 0.1 and 5 <= s["l0"] <= 80
 
@@ -203,7 +204,7 @@ def test_small_organism_layout_and_manifest(small_organism):
 def test_small_organism_refuses_harmful_and_complies_with_harmless(small_organism):
     from transformers import AutoTokenizer
 
-    from refusal_nnsight.organism.store import load_model
+    from refusal_nnsight.organism.build import load_model
     from refusal_nnsight.organism.train import generate, refusal_rates
 
     model, tok = load_model("small")
@@ -216,8 +217,8 @@ def test_small_organism_refuses_harmful_and_complies_with_harmless(small_organis
 def test_small_organism_saes_load_with_sae_lens(small_organism):
     from sae_lens import SAE, JumpReLUSAE
 
+    from refusal_nnsight.organism.build import load_model
     from refusal_nnsight.organism.sae_train import collect_activations, sae_stats
-    from refusal_nnsight.organism.store import load_model
 
     model, tok = load_model("small")
     acts = collect_activations(model, tok, grammar.load_split("val")[::20])  # clean prompts only

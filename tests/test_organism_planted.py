@@ -80,13 +80,11 @@ def test_cue_roles_of_the_grammar():
 
 
 def _small(small_organism):
+    from refusal_nnsight.api import load_model, load_prompts, load_saes
     from refusal_nnsight.config import DataConfig, ModelConfig, SAEConfig
-    from refusal_nnsight.data import load_prompts
-    from refusal_nnsight.models import load_model
-    from refusal_nnsight.saes import load_saes
 
     model = load_model(ModelConfig(source="organism", organism_recipe="small", device="cpu"))
-    return model, load_saes(SAEConfig(), model), load_prompts(DataConfig(n_eval=32))
+    return model, load_saes(model, SAEConfig()), load_prompts(DataConfig(n_eval=32))
 
 
 def test_feature_roles_count_where_the_top_activations_fall(small_organism, monkeypatch):

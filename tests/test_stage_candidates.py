@@ -152,10 +152,10 @@ def test_organism_candidates_jailbreak_at_minus_three(request, tmp_path):
     """Small organism: ablating the top-10-per-layer candidates at c = −3 jailbreaks ≥ 90% of the
     refused harmful eval prompts (measured 100%; c = −1 gives 6–73%, c = 0 none)."""
     model, prompts = load_small_organism(request)
-    from refusal_nnsight.saes import load_saes
+    from refusal_nnsight.api import load_saes
 
     d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
-    saes = load_saes(SAEConfig(), model)
+    saes = load_saes(model, SAEConfig())
     result = stage.run(model, saes, d, prompts, CandidatesConfig(), StageDir(tmp_path, "candidates"), -3.0,
                        Criterion("first_token"))  # fmt: skip
     s = result.summary()

@@ -183,9 +183,8 @@ def load_small_organism(request):
         request.getfixturevalue("small_organism")
     except pytest.FixtureLookupError:
         pytest.skip("the small_organism fixture is not available")
+    from refusal_nnsight.api import load_model, load_prompts
     from refusal_nnsight.config import DataConfig, ModelConfig
-    from refusal_nnsight.data import load_prompts
-    from refusal_nnsight.models import load_model
 
     model = load_model(ModelConfig(source="organism", organism_recipe="small", device="cpu"))
     return model, load_prompts(DataConfig(n_train=32, n_val=16, n_eval=16))

@@ -333,13 +333,13 @@ def test_organism_fm_on_one_prompt(request, tmp_path):
     by the engine (the all-off mask reproduces the clean score), and both models are fitted."""
     from test_stage_direction import load_small_organism
 
+    from refusal_nnsight.api import load_saes
     from refusal_nnsight.config import CandidatesConfig, DirectionConfig, GreedyConfig, SAEConfig
     from refusal_nnsight.judges import SubstringJudge
-    from refusal_nnsight.saes import load_saes
     from refusal_nnsight.stages import candidates, direction, greedy
 
     model, prompts = load_small_organism(request)
-    saes = load_saes(SAEConfig(), model)
+    saes = load_saes(model, SAEConfig())
     d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
     flip = Criterion("first_token")
     c = candidates.run(

@@ -375,13 +375,13 @@ def test_organism_greedy_on_two_prompts_gives_verified_one_minimal_sets(request,
     rerun resumes from the part files."""
     from test_stage_direction import load_small_organism
 
+    from refusal_nnsight.api import load_saes
     from refusal_nnsight.config import CandidatesConfig, DirectionConfig, SAEConfig
     from refusal_nnsight.engine import AblationEngine
-    from refusal_nnsight.saes import load_saes
     from refusal_nnsight.stages import candidates, direction
 
     model, prompts = load_small_organism(request)
-    saes = load_saes(SAEConfig(), model)
+    saes = load_saes(model, SAEConfig())
     d = direction.run(model, prompts, DirectionConfig(), StageDir(tmp_path, "direction"))
     flip = Criterion("first_token", d.score_threshold)
     c = candidates.run(

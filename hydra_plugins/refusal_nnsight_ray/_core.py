@@ -15,16 +15,15 @@ import ray
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher  # a RayLauncher (ray_launcher imports this module)
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-from .ray_launcher import RayLauncher
 
 log = logging.getLogger(__name__)
 
 
 def launch(
-    launcher: RayLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
 ) -> list[JobReturn]:
     """Start (or join) Ray, submit one task per job, wait for all of them."""
     setup_globals()

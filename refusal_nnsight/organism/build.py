@@ -13,7 +13,6 @@ gives byte-identical weights. All hyperparameters live in `OrganismRecipe`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -21,101 +20,13 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..errors import UserError
 from . import store
+from .recipe import BUILD_VERSION, OrganismRecipe, get_recipe, recipe_hash
 
 log = logging.getLogger(__name__)
-
-BUILD_VERSION = 3  # bump when build code changes what a recipe produces (invalidates caches)
-
-
-@dataclass(frozen=True)
-class OrganismRecipe:
-    """Everything that determines an organism. Field changes change `recipe_hash`."""
-
-    seed: int = 0  # grammar split/wrapper seed and torch seed
-    # CPU threads while building. Fixed because it sets the float summation order (so the
-    # weights), and 1 because 2+ OpenMP threads collapse on a shared CPU (spin-waiting).
-    threads: int = 1
-    # -- model (Gemma2Config) --
-    n_layers: int = 6  # decoder layers
-    d_model: int = 128  # residual width (hidden_size)
-    n_heads: int = 4  # attention heads
-    n_kv_heads: int = 2  # key/value heads (Gemma-2 uses grouped-query attention)
-    head_dim: int = 32  # per-head width
-    d_mlp: int = 512  # MLP width (4 x d_model)
-    # -- planted mechanisms (planted.py): the layer of each, and how they are trained --
-    cue_layer: int = 1  # cue features u_c, harm verb v, person q (early)
-    backup_layer: int = 2  # backup cue detectors b_c, dormant until u_c is ablated (middle)
-    decision_layer: int = 3  # refusal decision R at the eoi positions; later layers execute it
-    plant_strength: float = 6.0  # projection of each planted direction where it fires
-    plant_weight: float = 1.0  # weight of the planted-coordinate loss beside the answer loss
-    eoi_invariance_weight: float = 1.0  # no harm information at the eoi positions before the decision layer
-    # training rows per condition, in planted.CONDITIONS order:
-    # clean, u_zero, u_neg, ub_zero, vq_ablate, r_all, r_late, r_add
-    condition_probs: tuple[float, ...] = (0.3, 0.12, 0.12, 0.1, 0.12, 0.08, 0.08, 0.08)
-    # -- training (AdamW, warmup + cosine to 10%) --
-    steps: int = 600  # optimizer steps
-    batch_size: int = 48  # sequences per step
-    lr: float = 3e-3  # peak learning rate
-    weight_decay: float = 0.01  # on matrices only
-    warmup: int = 50  # linear warmup steps
-    # -- SAEs (sae-lens JumpReLU, quadratic L0 penalty around a target) --
-    sae_train_prompts: int = 2000  # train prompts whose (prompt + answer) tokens feed the SAEs
-    sae_val_prompts: int = 600  # val prompts for FVU / L0
-    sae_ablated_prompts: int = 600  # harmful cue train prompts also read with their cue feature ablated
-    sae_expansion: int = 8  # d_sae = sae_expansion * d_model
-    sae_steps: int = 300  # trainer steps per layer
-    sae_batch_size: int = 512  # activations per step
-    sae_lr: float = 5e-3  # Adam lr, cosine to lr / 10
-    sae_l0_coefficient: float = 1.0  # weight of the quadratic L0 loss
-    sae_target_l0: float = 24.0  # target active latents per token
-    sae_init_threshold: float = 0.5  # JumpReLU threshold init (inputs scaled to E||x||^2 = d_model)
-    sae_bandwidth: float = 0.05  # straight-through estimator bandwidth
-    sae_decoder_init_norm: float = 0.3  # decoder row norm at init
-
-
-RECIPES: dict[str, OrganismRecipe] = {
-    "default": OrganismRecipe(),
-    # For the test suite: builds in well under a minute on 2 CPU cores.
-    "small": OrganismRecipe(
-        n_layers=4,
-        d_model=64,
-        n_heads=2,
-        n_kv_heads=1,
-        head_dim=32,
-        d_mlp=256,
-        cue_layer=0,
-        backup_layer=1,
-        decision_layer=2,
-        steps=600,
-        lr=5e-3,
-        sae_train_prompts=1000,
-        sae_val_prompts=300,
-        sae_steps=200,
-    ),
-}
-
-
-def get_recipe(name: str, seed: int = 0) -> OrganismRecipe:
-    """The named recipe at `seed` (the seed sets the grammar's splits, the planted directions and
-    every random draw of training)."""
-    if name not in RECIPES:
-        raise UserError(f"unknown organism recipe '{name}'; choose one of {sorted(RECIPES)}")
-    if seed < 0:
-        raise UserError(f"organism seed {seed} must be >= 0")
-    return dataclasses.replace(RECIPES[name], seed=seed)
-
-
-def recipe_hash(recipe: str | OrganismRecipe, seed: int = 0) -> str:
-    """sha256 (16 hex) of the recipe's fields and BUILD_VERSION; never of times or paths."""
-    r = get_recipe(recipe, seed) if isinstance(recipe, str) else recipe
-    blob = json.dumps({"fields": dataclasses.asdict(r), "build_version": BUILD_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _versions() -> dict[str, str]:
@@ -246,3 +157,36 @@ def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("organism '%s' built in %.0f s: %s", recipe, time.time() - start, final)
     return final
+
+
+def ensure_organism(recipe: str = "default", seed: int = 0) -> Path:
+    """The organism's folder: the shipped one if it is this recipe and seed, else the cache's,
+    building it first (once; a few minutes on a laptop) if missing."""
+    if store.is_shipped(recipe, seed):
+        return store.shipped_dir(recipe)
+    root = store.organism_dir(recipe, seed)
+    if not store.is_built(recipe, seed):
+        log.info(
+            "building the '%s' model organism (seed %d) into %s (once; it is cached)", recipe, seed, root
+        )
+        build(recipe, seed=seed, evaluate=False)  # `refusal-nnsight-organism check` evaluates
+    return root
+
+
+def load_model(recipe: str = "default", seed: int = 0):
+    """(Gemma2ForCausalLM in eval mode, tokenizer) of the organism, building it if needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = store.model_path(ensure_organism(recipe, seed))
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_saes(recipe: str = "default", layers: list[int] | None = None, seed: int = 0) -> dict:
+    """{layer: sae_lens JumpReLUSAE} for the organism (all layers by default)."""
+    from sae_lens import SAE
+
+    root = ensure_organism(recipe, seed)
+    if layers is None:
+        layers = sorted(int(p.name.split("_")[1]) for p in store.saes_path(root).glob("layer_*"))
+    return {layer: SAE.load_from_disk(str(store.sae_path(root, layer)), device="cpu") for layer in layers}

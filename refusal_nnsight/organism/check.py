@@ -125,25 +125,26 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     from ..models import load_model
     from ..saes import load_saes
     from ..scoring import refusal_scores
+    from .build import ensure_organism
+    from .build import load_model as load_hf
     from .grammar import load_split
     from .planted import load_directions
     from .store import (
         content_hash,
-        ensure_organism,
         is_built,
         is_shipped,
         organism_dir,
         planted_path,
         shipped_dir,
     )
-    from .store import load_model as load_hf
 
     root = ensure_organism(recipe, seed)
     manifest = read_json(root / "manifest.json")
     model = load_model(
-        ModelConfig(source="organism", organism_recipe=recipe, organism_seed=seed, device="cpu")
+        ModelConfig(source="organism", organism_recipe=recipe, organism_seed=seed, device="cpu"),
+        root / "model",
     )
-    saes = load_saes(SAEConfig(), model)
+    saes = load_saes(SAEConfig(), model, root)
     test = load_split("test", seed)
     if max_prompts:
         test = test[:: math.ceil(len(test) / max_prompts)]  # spread over every kind of prompt

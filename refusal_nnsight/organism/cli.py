@@ -45,7 +45,7 @@ def _count(minimum: int):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .build import RECIPES
+    from .recipe import RECIPES
 
     parser = argparse.ArgumentParser(prog="refusal-nnsight-organism", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -27,7 +27,7 @@ from .grammar import Prompt
 from .train import encode_examples, generate, left_pad
 
 if TYPE_CHECKING:
-    from .build import OrganismRecipe
+    from .recipe import OrganismRecipe
 
 log = logging.getLogger(__name__)
 

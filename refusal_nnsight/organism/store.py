@@ -23,6 +23,8 @@ import logging
 import os
 from pathlib import Path
 
+from .recipe import recipe_hash
+
 log = logging.getLogger(__name__)
 
 HOME_ENV = "REFUSAL_NNSIGHT_HOME"
@@ -47,8 +49,6 @@ def organism_dir(recipe: str = "default", seed: int = 0) -> Path:
     Keyed by the recipe hash, so a build of another recipe, seed or build version never lands on
     (or is served from) the folder of this one.
     """
-    from .build import recipe_hash
-
     return cache_root() / "organism" / f"{recipe}-seed{seed}-{recipe_hash(recipe, seed)}"
 
 
@@ -92,32 +92,12 @@ def _hash_of(root: Path) -> str | None:
 
 def is_built(recipe: str = "default", seed: int = 0) -> bool:
     """True if the cache holds a finished build of `recipe` at `seed` with the current build code."""
-    from .build import recipe_hash
-
     return _hash_of(organism_dir(recipe, seed)) == recipe_hash(recipe, seed)
 
 
 def is_shipped(recipe: str = "default", seed: int = 0) -> bool:
     """True if the package ships this exact organism (same recipe hash)."""
-    from .build import recipe_hash
-
     return _hash_of(shipped_dir(recipe)) == recipe_hash(recipe, seed)
-
-
-def ensure_organism(recipe: str = "default", seed: int = 0) -> Path:
-    """The organism's folder: the shipped one if it is this recipe and seed, else the cache's,
-    building it first (once; a few minutes on a laptop) if missing."""
-    if is_shipped(recipe, seed):
-        return shipped_dir(recipe)
-    root = organism_dir(recipe, seed)
-    if not is_built(recipe, seed):
-        from .build import build
-
-        log.info(
-            "building the '%s' model organism (seed %d) into %s (once; it is cached)", recipe, seed, root
-        )
-        build(recipe, seed=seed, evaluate=False)  # `refusal-nnsight-organism check` evaluates
-    return root
 
 
 def content_hash(root: Path) -> str:
@@ -130,22 +110,3 @@ def content_hash(root: Path) -> str:
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
-
-
-def load_model(recipe: str = "default", seed: int = 0):
-    """(Gemma2ForCausalLM in eval mode, tokenizer) of the organism, building it if needed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = model_path(ensure_organism(recipe, seed))
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def load_saes(recipe: str = "default", layers: list[int] | None = None, seed: int = 0) -> dict:
-    """{layer: sae_lens JumpReLUSAE} for the organism (all layers by default)."""
-    from sae_lens import SAE
-
-    root = ensure_organism(recipe, seed)
-    if layers is None:
-        layers = sorted(int(p.name.split("_")[1]) for p in saes_path(root).glob("layer_*"))
-    return {layer: SAE.load_from_disk(str(sae_path(root, layer)), device="cpu") for layer in layers}

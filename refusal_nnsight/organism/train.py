@@ -28,7 +28,7 @@ from .grammar import HARM_COMPLIANCE, REFUSAL, Prompt, response_for
 from .tokenizer import END_OF_TURN, EOI_SUFFIX_TOKENS, chat_prompt
 
 if TYPE_CHECKING:
-    from .build import OrganismRecipe
+    from .recipe import OrganismRecipe
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
     from .. import pipeline
     from ..artifacts import read_json
     from ..cli import compose
-    from .store import ensure_organism
+    from .build import ensure_organism
 
     manifest = read_json(ensure_organism(recipe, seed) / "manifest.json")
     summaries = {}
