@@ -12,7 +12,7 @@ computed as one row until they diverge (interventions._apply_shared).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,14 @@ from .saes import LoadedSAEs
 from .scoring import refusal_scores, refusal_scores_many
 
 Feature = tuple[int, int]  # (layer, latent index)
+
+
+def latents_by_layer(features: Iterable[Feature]) -> dict[int, list[int]]:
+    """layer → the distinct latent indices of `features` at that layer, ascending (layers ascending)."""
+    out: dict[int, set[int]] = {}
+    for layer, latent in features:
+        out.setdefault(int(layer), set()).add(int(latent))
+    return {layer: sorted(out[layer]) for layer in sorted(out)}
 
 
 def by_layer(features: Sequence[Feature]) -> dict[int, list[int]]:

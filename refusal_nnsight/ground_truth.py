@@ -83,11 +83,6 @@ def top_positions(model, saes, features: Sequence[Feature], prompts, k: int = TO
     return pl.DataFrame(rows, schema=schema)
 
 
-def feature_top_positions(model, saes, feature: Feature, prompts, k: int = TOP_K) -> pl.DataFrame:
-    """Where one feature's k strongest activations fall over the eval harmful + harmless prompts."""
-    return top_positions(model, saes, [feature], prompts, k).drop("feature")
-
-
 def position_tags(model, prompt_set, i: int, n_tokens: int) -> list[str]:
     """What each token of prompt i stands for: its cue's role ("cue:<category>", "composition",
     "other"), "refusal" on the eoi positions of a harmful prompt, "" elsewhere (unpadded order)."""

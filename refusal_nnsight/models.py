@@ -97,10 +97,6 @@ class LoadedModel:
             envoy = getattr(envoy, part)
         return envoy
 
-    def residual(self, layer: int):
-        """Envoy whose `.output` is `blocks.{layer}.hook_resid_post`."""
-        return self.layers()[layer]
-
     def format(self, instructions: Sequence[str]) -> list[str]:
         """Apply the chat template with the generation prompt (the prompt ends at the eoi tokens)."""
         tok = self.tokenizer

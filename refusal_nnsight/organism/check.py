@@ -169,7 +169,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "direction_ablation_refusal": probe.refusal([p for p in test if p.harmful], r_from=0),
         "direction_induce_refusal": probe.refusal(harmless, r_add=decision_layer),
     }
-    clean_lp, clean_store, _ = probe.forward(harmless)
+    clean_lp, _, _ = probe.forward(harmless)
     ablated_lp, _, _ = probe.forward(harmless, r_from=0)
     fig["direction_ablation_kl"] = float((clean_lp.exp() * (clean_lp - ablated_lp)).sum(-1).mean())
     # the backup: dormant on clean prompts, awake on cue words once u_c is ablated

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
 from ..config import EvaluateConfig
 from ..data import Prompts
-from ..engine import AblationEngine, Feature
+from ..engine import AblationEngine, Feature, latents_by_layer
 from ..errors import NonFiniteError
 from ..generation import generate
 from ..judges import Judge
@@ -205,9 +205,7 @@ def random_same_size(
     gen = torch.Generator().manual_seed(seed)
     out: dict[int, list[list[Feature]]] = {}
     for idx in sorted(minimal):
-        per_layer: dict[int, set[int]] = {}
-        for layer, f in minimal[idx]:
-            per_layer.setdefault(int(layer), set()).add(int(f))
+        per_layer = latents_by_layer(minimal[idx])
         draws = []
         for _ in range(n_random):
             drawn: list[Feature] = []
@@ -246,17 +244,51 @@ def run(
 ) -> EvaluateResult:
     """Generate, judge and score every condition whose input stage ran (a missing stage is skipped);
     SAE latents are scaled by `coefficient` (and by 0 in minimal_zero_ablation)."""
-    from .direction import ablation_edits, actadd_edits
-
     n = cfg.max_prompts or len(prompts.eval_harmful)
-    harmful = prompts.eval_harmful.take(n)
-    harmless = prompts.eval_harmless.take(n)
-    all_harmful = list(range(len(harmful)))
-    minimal = {}
+    harmful, harmless = prompts.eval_harmful.take(n), prompts.eval_harmless.take(n)
+    minimal: dict[int, list[Feature]] = {}
     if greedy is not None:
         minimal = {i: [(int(a), int(b)) for a, b in m] for i, m in greedy.minimal_sets.items() if m and i < n}
+    widths = {layer: saes.width(layer) for layer in saes.layers}
+    draws = random_same_size(minimal, widths, cfg.n_random, seed)
+    # 1. The plan: which prompts each condition runs, and its edits.
+    plan = _plan(
+        model, saes, direction, candidates, fm, minimal, draws, cfg, coefficient, len(harmful), len(harmless)
+    )
+    # 2. Every condition generated, judged and scored; the harmless KL of the direction's ablation.
+    completions, kl = _run_plan(model, plan, harmful, harmless, direction, cfg, judge)
     dissected = sorted(minimal)
+    random_rows = [(i, d, layer, f) for i in dissected for d, s in enumerate(draws[i]) for layer, f in s]
+    random_sets = pl.DataFrame(
+        random_rows,
+        schema={"prompt_idx": pl.Int64, "draw": pl.Int64, "layer": pl.Int64, "feature": pl.Int64},
+        orient="row",
+    )
+    metrics = {"judge": judge.name, "direction_kl": kl, "coefficient": coefficient}
+    result = EvaluateResult(completions, random_sets, metrics)
+    log.info("evaluate: %s", result.summary())
+    return result
 
+
+def _plan(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    direction: DirectionResult,
+    candidates: CandidatesResult | None,
+    fm: FMResult | None,
+    minimal: dict[int, list[Feature]],
+    draws: dict[int, list[list[Feature]]],
+    cfg: EvaluateConfig,
+    coefficient: float,
+    n_harmful: int,
+    n_harmless: int,
+) -> list[Condition]:
+    """The conditions to run, in order: harmful ones (all eval prompts, or the dissected ones),
+    then harmless ones."""
+    from .direction import ablation_edits, actadd_edits
+
+    all_harmful = list(range(n_harmful))
+    dissected = sorted(minimal)
     plan = [Condition("none", True, all_harmful)]
     if direction is not None:
         plan.append(Condition("direction_ablation", True, all_harmful, ablation_edits(direction)))
@@ -274,14 +306,40 @@ def run(
         if with_fm:
             sets = [minimal[i] + _fm_top(fm, i, cfg.fm_top, minimal[i]) for i in with_fm]
             plan.append(_per_prompt("minimal_plus_fm", model, saes, with_fm, sets, coefficient))
-    widths = {layer: saes.width(layer) for layer in saes.layers}
-    draws = random_same_size(minimal, widths, cfg.n_random, seed)
     for d in range(cfg.n_random if dissected else 0):
         sets = [draws[i][d] for i in dissected]
         plan.append(_per_prompt("random_same_size", model, saes, dissected, sets, coefficient, draw=d))
-    plan.append(Condition("none", False, list(range(len(harmless)))))
+    plan.append(Condition("none", False, list(range(n_harmless))))
     if direction is not None:
-        plan.append(Condition("direction_actadd", False, list(range(len(harmless))), actadd_edits(direction)))
+        plan.append(Condition("direction_actadd", False, list(range(n_harmless)), actadd_edits(direction)))
+    return plan
+
+
+COMPLETIONS_SCHEMA = {
+    "category": pl.Utf8,
+    "prompt": pl.Utf8,
+    "response": pl.Utf8,
+    "condition": pl.Utf8,
+    "prompt_idx": pl.Int64,
+    "refusal_score": pl.Float64,
+    "harmful": pl.Boolean,
+    "draw": pl.Int64,
+    "n_features": pl.Int64,
+}
+
+
+def _run_plan(
+    model: LoadedModel,
+    plan: list[Condition],
+    harmful,
+    harmless,
+    direction: DirectionResult,
+    cfg: EvaluateConfig,
+    judge: Judge,
+) -> tuple[pl.DataFrame, float | None]:
+    """The completions table (a row per condition and prompt) and the harmless KL of ablating
+    the direction (None without a direction)."""
+    from .direction import ablation_edits
 
     jail_col = f"is_jailbreak_{judge.name}"
     max_new = cfg.max_new_tokens or model.cfg.max_new_tokens
@@ -304,24 +362,14 @@ def run(
         if cond.name == "none" and not cond.harmful and direction is not None:
             ablated = last_logits(model, batch, ablation_edits(direction), cfg.batch_size)
             kl = float(kl_divergence(logits, ablated).mean())
-    schema = {
-        "category": pl.Utf8, "prompt": pl.Utf8, "response": pl.Utf8, jail_col: pl.Boolean, "condition": pl.Utf8,
-        "prompt_idx": pl.Int64, "refusal_score": pl.Float64, "harmful": pl.Boolean, "draw": pl.Int64,
-        "n_features": pl.Int64,
-    }  # fmt: skip
+    # the judge's column sits after the response, as the judge names it
+    names = list(COMPLETIONS_SCHEMA)
+    schema = {**{k: COMPLETIONS_SCHEMA[k] for k in names[:3]}, jail_col: pl.Boolean,
+              **{k: COMPLETIONS_SCHEMA[k] for k in names[3:]}}  # fmt: skip
     completions = pl.DataFrame(rows, schema=schema)
     if not completions["refusal_score"].is_finite().all():
         raise NonFiniteError("non-finite refusal scores in evaluate; check the model dtype")
-    random_rows = [(i, d, layer, f) for i in dissected for d, s in enumerate(draws[i]) for layer, f in s]
-    random_sets = pl.DataFrame(
-        random_rows,
-        schema={"prompt_idx": pl.Int64, "draw": pl.Int64, "layer": pl.Int64, "feature": pl.Int64},
-        orient="row",
-    )
-    metrics = {"judge": judge.name, "direction_kl": kl, "coefficient": coefficient}
-    result = EvaluateResult(completions, random_sets, metrics)
-    log.info("evaluate: %s", result.summary())
-    return result
+    return completions, kl
 
 
 def _per_prompt(

@@ -45,6 +45,7 @@ from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, 
 from ..backends import run_chunks
 from ..config import RedundancyConfig
 from ..data import Prompts
+from ..engine import Feature, latents_by_layer
 from ..errors import NonFiniteError
 from ..generation import generate
 from ..interventions import EditMode, FeatureEdit
@@ -56,7 +57,6 @@ from .greedy import GreedyResult
 
 log = logging.getLogger(__name__)
 
-Feature = tuple[int, int]  # (layer, latent index)
 CONDITIONS = ("clean", "m", "m_plus_h", "m_weak", "m_plus_h_weak", "reinject", "bos_clamp")
 
 
@@ -185,13 +185,8 @@ def row_edits(
     Rows may edit different features with different values (M at −3 and H at +2 in one edit),
     so every latent of a layer is encoded from the same pre-edit residual.
     """
-    by_layer: dict[int, set[int]] = {}
-    for row in rows:
-        for layer, f in row:
-            by_layer.setdefault(int(layer), set()).add(int(f))
     edits = []
-    for layer, members in sorted(by_layer.items()):
-        feats = sorted(members)
+    for layer, feats in latents_by_layer(f for row in rows for f in row).items():
         col = {f: j for j, f in enumerate(feats)}
         value = torch.zeros(len(rows), len(feats))
         mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
@@ -224,27 +219,51 @@ def run(
     refusal is broken, and those would crowd the backups out of H.
     """
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
-    notes: dict[str, str] = {}
     if not dissected:
         empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), {}, coefficient, cfg.weak_coefficient)
         why = "greedy found no minimal set: there is nothing to ablate"
-        notes.update({k: why for k, v in empty.summary().items() if v is None})
+        notes = {k: why for k, v in empty.summary().items() if v is None}
         return RedundancyResult(empty.awakened, empty.tests, notes, coefficient, cfg.weak_coefficient)
     minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
     texts = [prompts.eval_harmful.instructions[i] for i in dissected]
     batch = model.tokenize(texts)
-    c, weak = coefficient, cfg.weak_coefficient
-
-    def ablate(sets: Sequence[Sequence[Feature]], coeff: float) -> list[FeatureEdit]:
-        return row_edits(saes, [dict.fromkeys(s, coeff) for s in sets], model.device)
-
     scanned = sorted(saes.layers if layers is None else layers)
     log.info("redundancy: scanning %d prompts x SAE layers %s", len(texts), scanned)
+    # 1. H: latents dormant on the clean run and awake once M is ablated (strongly, and weakly).
+    awakened, h, h_weak = _find_h(model, saes, batch, dissected, minimal, cfg, coefficient, scanned)
+    # 2. The causal tests: every condition generated, judged and scored.
+    conditions = _conditions(model, saes, minimal, h, h_weak, cfg, coefficient, len(texts))
+    tests = _run_tests(model, batch, texts, dissected, conditions, cfg, judge)
+    notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
+    result = RedundancyResult(awakened, tests, notes, coefficient, cfg.weak_coefficient)
+    log.info("redundancy: %s", result.summary())
+    return result
+
+
+def _ablate(model, saes, sets: Sequence[Sequence[Feature]], coeff: float) -> list[FeatureEdit]:
+    """Row i scales the latents of sets[i] by coeff."""
+    return row_edits(saes, [dict.fromkeys(s, coeff) for s in sets], model.device)
+
+
+def _find_h(
+    model,
+    saes,
+    batch: Batch,
+    dissected: list[int],
+    minimal: list[list[Feature]],
+    cfg: RedundancyConfig,
+    coefficient: float,
+    scanned: list[int],
+) -> tuple[pl.DataFrame, list[list[Feature]], list[list[Feature]]]:
+    """Every awakened latent (the awakened table), and H per prompt at the strong (coefficient)
+    and weak (cfg.weak_coefficient) ablation of M: its top_awake latents."""
     clean_max, _ = scan(model, saes, batch, [], cfg.batch_size, scanned)
     rows: list[tuple] = []
     h_sets: dict[str, list[list[Feature]]] = {}
-    for name, coeff in (("strong", c), ("weak", weak)):
-        abl_max, abl_bos = scan(model, saes, batch, ablate(minimal, coeff), cfg.batch_size, scanned)
+    for name, coeff in (("strong", coefficient), ("weak", cfg.weak_coefficient)):
+        abl_max, abl_bos = scan(
+            model, saes, batch, _ablate(model, saes, minimal, coeff), cfg.batch_size, scanned
+        )
         h_sets[name] = []
         for i, idx in enumerate(dissected):
             found = find_awakened(
@@ -257,14 +276,21 @@ def run(
                 bos = float(abl_bos[layer][i, f])
                 rows.append((idx, name, layer, f, cm, am, bos, rank, rank < cfg.top_awake))
             h_sets[name].append([(layer, f) for layer, f, _, _ in found[: cfg.top_awake]])
-    awakened = _awakened_frame(rows)
-    h, h_weak = h_sets["strong"], h_sets["weak"]
-    if not any(h):
-        notes["n_awakened"] = (
-            f"no latent is dormant (max <= {cfg.dormant_max}) on the clean run and awake "
-            f"(max > {cfg.awake_min}) after ablating M at {c}"
-        )
+    return _awakened_frame(rows), h_sets["strong"], h_sets["weak"]
 
+
+def _conditions(
+    model,
+    saes,
+    minimal: list[list[Feature]],
+    h: list[list[Feature]],
+    h_weak: list[list[Feature]],
+    cfg: RedundancyConfig,
+    c: float,
+    n: int,
+) -> dict[str, tuple[list[FeatureEdit], list[int]]]:
+    """Each test condition → (its edits, the number of latents it edits per prompt)."""
+    weak = cfg.weak_coefficient
     m_h, m_h_weak = _union(minimal, h), _union(minimal, h_weak)
     bos_set = {"awakened": h, "minimal": minimal, "both": m_h}[cfg.bos_features]
     bos_clamp = row_edits(
@@ -278,16 +304,28 @@ def run(
         {**dict.fromkeys(m, c), **dict.fromkeys(x, cfg.reinject_scale)}
         for m, x in zip(minimal, h, strict=True)
     ]
-    conditions = {  # name → (edits, number of latents edited per prompt)
-        "clean": ([], [0] * len(texts)),
-        "m": (ablate(minimal, c), _sizes(minimal)),
-        "m_plus_h": (ablate(m_h, c), _sizes(m_h)),
-        "m_weak": (ablate(minimal, weak), _sizes(minimal)),
-        "m_plus_h_weak": (ablate(m_h_weak, weak), _sizes(m_h_weak)),
+    return {
+        "clean": ([], [0] * n),
+        "m": (_ablate(model, saes, minimal, c), _sizes(minimal)),
+        "m_plus_h": (_ablate(model, saes, m_h, c), _sizes(m_h)),
+        "m_weak": (_ablate(model, saes, minimal, weak), _sizes(minimal)),
+        "m_plus_h_weak": (_ablate(model, saes, m_h_weak, weak), _sizes(m_h_weak)),
         "reinject": (row_edits(saes, reinject, model.device), _sizes(m_h)),
         # the clamp goes first: at a shared layer it reads the residual before M's edit
-        "bos_clamp": (bos_clamp + ablate(minimal, c), _sizes(bos_set)),
+        "bos_clamp": (bos_clamp + _ablate(model, saes, minimal, c), _sizes(bos_set)),
     }
+
+
+def _run_tests(
+    model,
+    batch: Batch,
+    texts: list[str],
+    dissected: list[int],
+    conditions: dict[str, tuple[list[FeatureEdit], list[int]]],
+    cfg: RedundancyConfig,
+    judge: Judge,
+) -> pl.DataFrame:
+    """The tests table: per condition and prompt, the refusal score and the judged generation."""
     max_new = cfg.max_new_tokens or model.cfg.max_new_tokens
     test_rows = []
     for name, (edits, sizes) in tqdm(conditions.items(), desc="redundancy tests", leave=False):
@@ -297,7 +335,25 @@ def run(
         for i, idx in enumerate(dissected):
             s = float(scores[i])
             test_rows.append((idx, name, sizes[i], s, bool(refused[i]), not refused[i], texts_out[i]))
-    tests = _tests_frame(test_rows)
+    return _tests_frame(test_rows)
+
+
+def _notes(
+    awakened: pl.DataFrame,
+    tests: pl.DataFrame,
+    minimal: list[list[Feature]],
+    h: list[list[Feature]],
+    cfg: RedundancyConfig,
+    c: float,
+    scanned: list[int],
+) -> dict[str, str]:
+    """Why each None (or 0) of the summary is what it is."""
+    notes: dict[str, str] = {}
+    if not any(h):
+        notes["n_awakened"] = (
+            f"no latent is dormant (max <= {cfg.dormant_max}) on the clean run and awake "
+            f"(max > {cfg.awake_min}) after ablating M at {c}"
+        )
     notes.update(_reasons(awakened, tests, cfg))
     last = max(scanned)
     at_last = sum(all(layer == last for layer, _ in m) for m in minimal)
@@ -306,9 +362,7 @@ def run(
         notes["n_awakened"] = "; ".join(filter(None, [notes.get("n_awakened"),
             f"{at_last} of {len(minimal)} minimal sets lie only in the last SAE layer ({last}), downstream of "
             "which no latent can wake; n_awakened averages over all prompts"]))  # fmt: skip
-    result = RedundancyResult(awakened, tests, notes, coefficient, cfg.weak_coefficient)
-    log.info("redundancy: %s", result.summary())
-    return result
+    return notes
 
 
 def _union(a: list[list[Feature]], b: list[list[Feature]]) -> list[list[Feature]]:

@@ -1,0 +1,149 @@
+"""The greedy stage's result: a verified 1-minimal set per dissected prompt, every step of the
+search that found it, and the generations that checked it (schemas, summary, save and load)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import mean, median
+
+import polars as pl
+
+from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
+from ..engine import Feature
+
+SETS_SCHEMA = pl.Schema(
+    {
+        "prompt_idx": pl.Int64(),
+        "instruction": pl.Utf8(),
+        "labels": pl.List(pl.Utf8),  # M as "L{layer}/F{feature}", in pool (candidate) order
+        "layers": pl.List(pl.Int64),  # parallel to features
+        "features": pl.List(pl.Int64),  # the latent indices of M, parallel to labels
+        "size": pl.Int64(),  # |M|, the 1-minimal set of backward elimination
+        "one_minimal": pl.Boolean(),
+        "clean_score": pl.Float64(),  # refusal score, nothing ablated
+        "start_margin": pl.Float64(),  # flip margin (criterion; < 0 = flipped), all of C ablated
+        "final_score": pl.Float64(),  # refusal score, M ablated
+        "final_margin": pl.Float64(),  # flip margin, M ablated
+        "judge_jailbreak": pl.Boolean(),  # the judge on M's generation; null when judge_confirm is off
+        "completion": pl.Utf8(),  # generation under M (null when judge_confirm is off)
+        "forward_labels": pl.List(pl.Utf8),
+        "forward_size": pl.Int64(),  # null when forward greedy did not reach a flip (or is off)
+        "forward_margin": pl.Float64(),
+        "smallest_labels": pl.List(pl.Utf8),  # the smallest set found and verified to flip
+        "smallest_size": pl.Int64(),
+        "smallest_source": pl.Utf8(),  # backward | forward
+        "order": pl.Utf8(),
+        "n_candidates": pl.Int64(),
+    }
+)
+TRAJECTORY_SCHEMA = pl.Schema(
+    {
+        "prompt_idx": pl.Int64,
+        "method": pl.Utf8,  # backward | forward
+        "step": pl.Int64,  # score call index (0 = start)
+        "action": pl.Utf8,  # start | keep | remove | add
+        "label": pl.Utf8,  # null for start
+        "layer": pl.Int64,
+        "feature": pl.Int64,
+        "margin": pl.Float64,  # flip margin (criterion) of the set this action tested; < 0 = flipped
+        "size": pl.Int64,  # set size after the action
+    }
+)
+# The judged variants of each prompt: what the search decided, checked on generations.
+JUDGED_SCHEMA = pl.Schema(
+    {
+        "prompt_idx": pl.Int64,
+        "variant": pl.Utf8,  # clean | minimal | restore (M ∖ {feature}) | forward
+        "label": pl.Utf8,  # the restored feature (restore rows)
+        "size": pl.Int64,  # latents ablated
+        "refusal_score": pl.Float64,
+        "first_token_margin": pl.Float64,
+        "judge_refused": pl.Boolean,
+        "completion": pl.Utf8,
+    }
+)
+
+
+@dataclass
+class GreedyResult:
+    sets: pl.DataFrame  # one row per dissected prompt (SETS_SCHEMA)
+    trajectory: pl.DataFrame  # every tested step (TRAJECTORY_SCHEMA)
+    judged: pl.DataFrame  # generations of the decided variants (JUDGED_SCHEMA)
+    criterion: str = "first_token"
+    score_threshold: float = 0.0  # τ of the score criterion (from the direction stage)
+    coefficient: float = -3.0
+    notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
+
+    @property
+    def minimal_sets(self) -> dict[int, list[Feature]]:
+        """prompt_idx → M as [(layer, latent), ...]."""
+        return {
+            int(r["prompt_idx"]): list(zip(r["layers"], r["features"], strict=True))
+            for r in self.sets.iter_rows(named=True)
+        }
+
+    def agreement(self, criterion: str) -> float | None:
+        """Fraction of the judged decided variants on which `criterion` and the judge agree."""
+        t = self.judged.filter(pl.col("variant") != "clean")
+        if t.height == 0:
+            return None
+        jail = ~t["judge_refused"]
+        flip = {
+            "score": t["refusal_score"] < self.score_threshold,
+            "first_token": t["first_token_margin"] < 0,
+            "judge": jail,
+        }[criterion]
+        return mean_of(flip == jail)
+
+    def summary(self) -> dict:
+        rows = self.sets.to_dicts()
+        sizes = [r["size"] for r in rows]
+        fwd = [r["forward_size"] for r in rows if r["forward_size"] is not None]
+        small = [r["smallest_size"] for r in rows]
+        # jailbreak rate over the dissected prompts the judge finds refused at baseline
+        clean = self.judged.filter((pl.col("variant") == "clean") & pl.col("judge_refused"))
+        base = set(clean["prompt_idx"].to_list())
+        judged = [
+            r["judge_jailbreak"] for r in rows if r["prompt_idx"] in base and r["judge_jailbreak"] is not None
+        ]
+        return {
+            "n_prompts": len(rows),
+            "criterion": self.criterion,
+            "coefficient": self.coefficient,
+            "score_threshold": self.score_threshold,
+            "median_one_minimal_set_size": float(median(sizes)) if sizes else None,
+            "mean_one_minimal_set_size": float(mean(sizes)) if sizes else None,
+            "one_minimal_rate": mean(float(r["one_minimal"]) for r in rows) if rows else None,
+            "forward_median_set_size": float(median(fwd)) if fwd else None,
+            "median_smallest_set_size": float(median(small)) if small else None,
+            "mean_smallest_set_size": float(mean(small)) if small else None,
+            "n_smallest_below_one_minimal": sum(s < m for s, m in zip(small, sizes, strict=True)) if rows else None,
+            "jailbreak_rate": mean(float(j) for j in judged) if judged else None,
+            "jailbreak_rate_n": len(judged) if rows and self.judged.height else None,
+            "criterion_judge_agreement": self.agreement(self.criterion),
+            "score_judge_agreement": self.agreement("score"),
+            "first_token_judge_agreement": self.agreement("first_token"),
+            "agreement_n": self.judged.filter(pl.col("variant") != "clean").height if self.judged.height else None,
+        }  # fmt: skip
+
+    def save(self, out: StageDir) -> None:
+        write_parquet(out.file("sets.parquet"), self.sets)
+        write_parquet(out.file("trajectory.parquet"), self.trajectory)
+        write_parquet(out.file("judged.parquet"), self.judged)
+        meta = {"criterion": self.criterion, "score_threshold": self.score_threshold,
+                "coefficient": self.coefficient, "notes": self.notes}  # fmt: skip
+        write_json(out.file("greedy.json"), meta)
+        out.mark_done()
+
+    @classmethod
+    def load(cls, out: StageDir) -> GreedyResult:
+        meta = read_json(out.file("greedy.json"))
+        return cls(
+            read_parquet(out.file("sets.parquet")),
+            read_parquet(out.file("trajectory.parquet")),
+            read_parquet(out.file("judged.parquet")),
+            str(meta["criterion"]),
+            float(meta["score_threshold"]),
+            float(meta["coefficient"]),
+            dict(meta["notes"]),
+        )
