@@ -40,3 +40,24 @@ def test_figures_are_read_from_the_summary_by_dotted_key():
     summary = {"ground_truth": {"cue_recall": 0.5}, "greedy": {}}
     assert validate._get(summary, "ground_truth.cue_recall") == 0.5
     assert validate._get(summary, "greedy.one_minimal_rate") is None  # not measured stays null
+
+
+def test_scopes_follow_the_organisms_planted_layers():
+    """all layers; the layers before the refusal decision; the cue layer with redundancy scanned
+    at the backup layer — each a valid config."""
+    from refusal_nnsight.cli import compose
+    from refusal_nnsight.validation import validate as check_config
+
+    runs = validate._runs({"cue_layer": 1, "backup_layer": 2, "decision_layer": 3})
+    assert runs["cue"] == [
+        "search.candidates.layers=[1]",
+        "search.candidates.top_k=30",
+        "search.redundancy.layers=[2]",
+    ]
+    for overrides in runs.values():
+        cfg = compose([*overrides, "run_dir=unused"])
+        check_config(cfg)
+    cue = compose([*runs["cue"], "run_dir=unused"]).search
+    assert cue.candidates.layers == [1] and cue.redundancy.layers == [2]
+    harm = compose([*runs["harm"], "run_dir=unused"]).search
+    assert harm.candidates.layers == {"before_layer": 3} and harm.candidates.top_k == 30

@@ -1,8 +1,10 @@
 """`refusal-nnsight-organism validate`: the findings across organism seeds, not on one build.
 
-For each seed: build (or reuse) that organism, then run the whole pipeline twice on it, with its
-own splits — once over every SAE layer (`search=default`, the paper's scope) and once over the
-layers before refusal execution (`search=harm`). One row per seed holds each stage's figure and
+For each seed: build (or reuse) that organism, then run the whole pipeline three times on it,
+with its own splits — over every SAE layer (`search=default`, the paper's scope), over the
+layers before refusal execution (harm), and at the layer where the organism plants its cues, the
+redundancy scan at the layer of its backup detectors (cue: the method pointed at the right
+layers, which tests what it recovers there, not whether it finds those layers). One row per seed holds each stage's figure and
 the planted-truth scores; the table (Parquet + markdown) adds min / median / max, and every
 target is checked on every seed. The last line on stdout is one JSON object:
 {"per_seed": [{"seed", <figures>, "targets_met"}], "all_met", "seconds"}.
@@ -45,6 +47,18 @@ FIGURES: dict[str, tuple[str, str]] = {
     "all_layers_median_set_size": ("all_layers", "greedy.median_one_minimal_set_size"),
     "all_layers_cue_precision": ("all_layers", "ground_truth.cue_precision"),
     "all_layers_refusal_features": ("all_layers", "ground_truth.refusal_features"),
+    "cue_all_candidates_jailbreak": ("cue", "evaluate.candidates_ablated_jailbreak_rate"),
+    "cue_median_set_size": ("cue", "greedy.median_one_minimal_set_size"),
+    "cue_fm_heldout_accuracy": ("cue", "fm.heldout_accuracy"),
+    "cue_fm_linear_heldout_accuracy": ("cue", "fm.linear_heldout_accuracy"),
+    "cue_compositional_pair_found": ("cue", "ground_truth.compositional_pair_found"),
+    "cue_cue_recall": ("cue", "ground_truth.cue_recall"),
+    "cue_cue_precision": ("cue", "ground_truth.cue_precision"),
+    "cue_h_size": ("cue", "redundancy.h_size"),
+    "cue_m_zero_ablation_jailbreak": ("cue", "redundancy.m_weak_jailbreak_rate"),
+    "cue_m_plus_h_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_h_weak_jailbreak_rate"),
+    "cue_redundancy_found": ("cue", "ground_truth.redundancy_found"),
+    "cue_random_same_size_jailbreak": ("cue", "evaluate.random_same_size_jailbreak_rate"),
 }
 
 # figure -> (comparison, target), checked on every seed
@@ -64,13 +78,23 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 
-def _runs(decision_layer: int) -> dict[str, list[str]]:
-    """The two scopes: every SAE layer (the paper's search), and harm detection — the layers
-    before the organism's refusal decision, with 30 candidates per layer: the SAEs learn one
-    latent per cue word, so ten per layer cannot cover the grammar's ~50 cue, verb and person words."""
+def _runs(layers: dict) -> dict[str, list[str]]:
+    """The three scopes, from the organism's planted layers (manifest "model"): every SAE layer
+    (the paper's search); harm detection — the layers before the refusal decision; and the cue
+    layer, with redundancy scanned at the backup layer. 30 candidates per layer in the last two:
+    the SAEs learn one latent per cue word, so ten cannot cover the grammar's ~50 cue, verb and
+    person words."""
     return {
         "all_layers": ["search=default"],
-        "harm": [f"search.candidates.layers={{before_layer:{decision_layer}}}", "search.candidates.top_k=30"],
+        "harm": [
+            f"search.candidates.layers={{before_layer:{layers['decision_layer']}}}",
+            "search.candidates.top_k=30",
+        ],
+        "cue": [
+            f"search.candidates.layers=[{layers['cue_layer']}]",
+            "search.candidates.top_k=30",
+            f"search.redundancy.layers=[{layers['backup_layer']}]",
+        ],
     }
 
 
@@ -92,7 +116,7 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
 
     manifest = read_json(ensure_organism(recipe, seed) / "manifest.json")
     summaries = {}
-    for name, overrides in _runs(manifest["model"]["decision_layer"]).items():
+    for name, overrides in _runs(manifest["model"]).items():
         cfg = compose([*overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
                        f"run_dir={out / f'seed{seed}' / name}"])  # fmt: skip
         summaries[name] = pipeline.run(cfg)
@@ -101,8 +125,9 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
         row[fig] = _get(summaries[run], key)
     if isinstance(row["all_layers_refusal_features"], list):
         row["all_layers_refusal_features"] = len(row["all_layers_refusal_features"])
-    fm, lin = row["fm_heldout_accuracy"], row["fm_linear_heldout_accuracy"]
-    row["fm_beats_linear"] = None if fm is None or lin is None else fm > lin
+    for prefix in ("", "cue_"):
+        fm, lin = row[f"{prefix}fm_heldout_accuracy"], row[f"{prefix}fm_linear_heldout_accuracy"]
+        row[f"{prefix}fm_beats_linear"] = None if fm is None or lin is None else fm > lin
     row["targets_met"] = {k: meets(row.get(k), op, t) for k, (op, t) in TARGETS.items()}
     return row
 
