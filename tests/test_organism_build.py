@@ -231,3 +231,21 @@ def test_small_organism_saes_load_with_sae_lens(small_organism):
         assert sae.cfg.d_in == model.config.hidden_size and sae.cfg.d_sae == 8 * sae.cfg.d_in
         stats = sae_stats(sae, acts[layer])  # raw residuals in: no normalisation left to apply
         assert stats["fvu"] <= 0.1 and 5 <= stats["l0"] <= 80, stats
+
+
+def test_splicing_each_sae_in_keeps_the_verdicts(small_organism):
+    """The build's splice agreement goes through the toolkit's Reconstruction operator; on held-out
+    prompts of every kind each layer's SAE reconstruction keeps (almost) every refuse/comply verdict."""
+    from sae_lens import SAE
+
+    from refusal_nnsight.organism.build import load_model
+    from refusal_nnsight.organism.sae_train import splice_agreement
+
+    model, tok = load_model("small")
+    saes = {
+        layer: SAE.load_from_disk(str(small_organism / "saes" / f"layer_{layer}"))
+        for layer in range(model.config.num_hidden_layers)
+    }
+    agreement = splice_agreement(model, tok, saes, grammar.load_split("test")[::40])
+    assert sorted(agreement) == list(range(model.config.num_hidden_layers))
+    assert min(agreement.values()) >= 0.9, agreement

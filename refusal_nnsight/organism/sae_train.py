@@ -216,9 +216,14 @@ def splice_agreement(
     clean = clean if clean is not None else generate(model, tok, texts)
     base = [is_refusal(c) for c in clean]
     out = {}
+    from ..interventions import Reconstruction
+    from ..saes import SlicedSAE
+
     for layer, sae in saes.items():
+        # the toolkit's own operator: x -> D(E(x)), the error term dropped, at every position
+        splice = Reconstruction(SlicedSAE.from_sae(sae, layer))
         handle = model.model.layers[layer].register_forward_hook(
-            lambda m, a, o, sae=sae: sae.decode(sae.encode(o.float())).to(o.dtype)
+            lambda m, a, o, splice=splice: splice.edit(o.float(), None).to(o.dtype)
         )
         try:
             spliced = generate(model, tok, texts)
