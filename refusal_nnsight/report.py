@@ -170,7 +170,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None, li
         )
         out.append(
             f"- **Refusal direction.** The difference-in-means direction chosen at layer {d.get('layer')}, eoi "
-            f"position {d.get('position')}, jailbreaks {jail} of the baseline-refused harmful eval prompts when "
+            f"position {d.get('position')}, jailbreaks {jail} baseline-refused harmful eval prompts when "
             f"ablated, at harmless KL {_fmt(ev.get('direction_kl', d.get('kl')))}.{fb} "
             "([figure](#direction-selection), `direction/`)"
         )
