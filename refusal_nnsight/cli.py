@@ -140,10 +140,12 @@ def to_run_config(dcfg, explicit=None):
     from .config import RunConfig, from_dict
     from .validation import validate
 
-    data = OmegaConf.to_container(dcfg, resolve=False)
-    data.pop("hydra", None)
-    data.pop("experiment", None)
-    data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    raw = OmegaConf.to_container(dcfg, resolve=False)
+    assert isinstance(raw, dict)  # a config's root is a mapping
+    raw.pop("hydra", None)
+    raw.pop("experiment", None)
+    data = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    assert isinstance(data, dict)
     return validate(from_dict(RunConfig, data), explicit)
 
 
