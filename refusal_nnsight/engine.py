@@ -7,7 +7,7 @@ reads only the refusal score at the last position. Greedy, fm, redundancy and ev
 through it, so their cost is (#variants / batch size) forwards instead of #variants traces.
 Within a forward, the prompt's row runs once up to the first edited layer, and on CPU variants
 that are still identical (masks differing only in features that are zero on their row) are
-computed as one row until they diverge (interventions._apply_shared).
+computed as one row until they diverge (variants.apply_variants).
 """
 
 from __future__ import annotations

@@ -204,20 +204,15 @@ def apply(
     attention_mask: torch.Tensor,
     step: int = 0,
     capture: Sequence[int] = (),
-    expand_to: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """Apply `edits` inside the current nnsight trace (or generation step) of `model`.
 
     `model` is a LoadedModel; `attention_mask` [B, T_prompt] is the batch's prompt mask, used to
     place "bos"/offset positions and to keep left padding untouched. Modules are visited in
     forward order, as nnsight requires, so reads of residuals go through `capture`: the edited
-    residual [B, T, d] of each captured layer is returned (not saved; call .save() on what you keep).
-
-    `expand_to=V` runs ONE prompt row up to the first edited layer and broadcasts its residual to
-    V rows there (V edit variants of one prompt): the unedited layers below are computed once,
-    not V times. Attention masks and rotary tables of batch 1 broadcast over the V rows. On CPU,
-    when every edit is a scale FeatureEdit with per-row masks (the ablation engine's), variants
-    that are still identical are computed as one row (`_apply_shared`).
+    residual [B, T, d] of each captured layer is returned (not saved; save what you keep).
+    Many edit variants of one prompt go through `variants.apply_variants`, the ablation
+    engine's strategy, built on these same edits.
     """
     pre, by_layer = edits_by_layer(edits, model.n_layers)
     layers = model.layers()
@@ -227,89 +222,28 @@ def apply(
     where_cache: dict = {}
     if pre:
         first = layers[0]
-        first.input = _edit_all(pre, first.input, mask, step, where_cache)
+        first.input = edit_all(pre, first.input, mask, step, where_cache)
     captured: dict[int, torch.Tensor] = {}
-    visit = set(by_layer) | set(capture)
-    # Row sharing needs the group count on the host at every edited layer (torch.unique), a sync
-    # that would stall an accelerator's stream; it is measured on CPU only, so it runs there only.
-    shared = mask.device.type == "cpu" and not capture and not pre
-    if expand_to is not None and expand_to > 1 and shared and _shareable(by_layer):
-        return _apply_shared(model, by_layer, mask, step, where_cache, expand_to)
-    expand_at = None
-    if expand_to is not None:
-        expand_at = min(by_layer) if by_layer else model.n_layers - 1
-        visit.add(expand_at)
-    for layer in sorted(visit):
+    for layer in sorted(set(by_layer) | set(capture)):
         module = layers[layer]
-        if layer == expand_at:
-            x = module.output
-            x = x.expand(expand_to, *x.shape[1:])
-            module.output = _edit_all(by_layer.get(layer, ()), x, mask, step, where_cache)
-        elif layer in by_layer:
-            module.output = _edit_all(by_layer[layer], module.output, mask, step, where_cache)
+        if layer in by_layer:
+            module.output = edit_all(by_layer[layer], module.output, mask, step, where_cache)
         if layer in capture:
             captured[layer] = module.output
     return captured
 
 
-def _shareable(by_layer: dict[int, list[Edit]]) -> bool:
-    """One scale FeatureEdit per edited layer, per-row masks, one value for all rows."""
-    for edits in by_layer.values():
-        if len(edits) != 1 or not isinstance(edits[0], FeatureEdit):
-            return False
-        e = edits[0]
-        if e.mode != "scale" or e.mask is None or e.mask.dim() != 2:
-            return False
-        if isinstance(e.value, torch.Tensor) and e.value.dim() == 2:
-            return False
-    return bool(by_layer)
-
-
-def _apply_shared(model, by_layer: dict, mask: torch.Tensor, step: int, cache: dict, n_variants: int) -> dict:
-    """V edit variants of ONE prompt row, each distinct residual computed once.
-
-    Below the first edited layer every variant is the prompt's own row. At each edited layer,
-    a feature that is zero at every edited position of a row contributes (c − 1)·0 = 0 under a
-    scale edit, so variants on the same row whose masks differ only in such features stay
-    identical: they are one row until the next edited layer. Rows are regrouped at every edited
-    layer (by their row so far and their effective mask) and gathered back to the V variants at
-    the last layer. Exact: each variant's residual is the one it would have on its own.
-    """
-    layers = model.layers()
-    last = model.n_layers - 1
-    row_of = None  # [V]: the row each variant rides in
-    for layer in sorted({*by_layer, last}):
-        module = layers[layer]
-        x = module.output
-        if row_of is None:  # the first edited layer: one row for all variants
-            row_of = torch.zeros(n_variants, dtype=torch.long, device=x.device)
-        if layer in by_layer:
-            (e,) = by_layer[layer]
-            where = _where(e, x.shape[1], mask, step, cache)
-            active = e.sae.encode(x) != 0  # [R, T, S]
-            if where is not None:
-                active = active & where[..., None]
-            m = e.mask.to(x.device).bool()
-            effective = m & active.any(dim=1)[row_of]  # [V, S]: the features that change something
-            groups, row_of = torch.unique(
-                torch.cat([row_of[:, None], effective.long()], 1), dim=0, return_inverse=True
-            )
-            x = replace(e, mask=groups[:, 1:].bool()).edit(x[groups[:, 0]], where)  # one row per group
-        if layer == last:
-            x = x[row_of]
-        module.output = x
-    return {}
-
-
-def _edit_all(
+def edit_all(
     edits: Sequence[Edit], x: torch.Tensor, attention_mask: torch.Tensor, step: int, cache: dict
 ) -> torch.Tensor:
     for e in edits:
-        x = e.edit(x, _where(e, x.shape[1], attention_mask, step, cache))
+        x = e.edit(x, where_mask(e, x.shape[1], attention_mask, step, cache))
     return x
 
 
-def _where(e: Edit, width: int, attention_mask: torch.Tensor, step: int, cache: dict) -> torch.Tensor | None:
+def where_mask(
+    e: Edit, width: int, attention_mask: torch.Tensor, step: int, cache: dict
+) -> torch.Tensor | None:
     """position_mask of `e`, made once per (positions, width) and shared by every layer's edits."""
     key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), width)
     if key not in cache:

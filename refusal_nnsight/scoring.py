@@ -26,6 +26,7 @@ from .backends import run_chunks, run_tasks
 from .errors import NonFiniteError
 from .interventions import Edit
 from .models import Batch, LoadedModel
+from .variants import apply_variants
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def last_logits(
     `edits` may carry per-row masks over all N rows; they are sliced per chunk. Only the last
     position's logits are computed (`logits_to_keep=1`), and only the score leaves the trace
     when what="score". `variants=N` with a one-prompt batch evaluates N edit variants of that
-    prompt, computing the layers below the first edited one once (interventions.apply expand_to).
+    prompt, computing the layers below the first edited one once (variants.apply_variants).
     """
     batch = _as_batch(model, prompts)
     n, one = _logits_task(model, batch, edits, what, variants)
@@ -158,11 +159,11 @@ def _logits_task(model: LoadedModel, batch: Batch, edits: Sequence[Edit], what: 
 
     def one(i0: int, i1: int) -> torch.Tensor:
         chunk = batch.rows(i0, i1) if variants is None else batch
-        expand = None if variants is None else i1 - i0
         with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
-            interventions.apply(
-                model, interventions.rows(edits, i0, i1), chunk.attention_mask, expand_to=expand
-            )
+            if variants is None:
+                interventions.apply(model, interventions.rows(edits, i0, i1), chunk.attention_mask)
+            else:  # rows i0..i1 of the variants of one prompt
+                apply_variants(model, interventions.rows(edits, i0, i1), chunk.attention_mask, i1 - i0)
             logits = model.lm.output.logits[:, -1, :]
             if what == "score":
                 out = refusal_score_from_logits(logits, model.refusal_ids)
