@@ -105,6 +105,23 @@ def varying(frame: pl.DataFrame, keys: list[str]) -> dict[str, list]:
     return out
 
 
+def _stage_figures(frame: pl.DataFrame, key: str) -> list[str]:
+    """For an override of one stage's settings (`search.<stage>.<field>`), that stage's numeric
+    summary figures that differ across the jobs (what the setting moved)."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "search":
+        return []
+    prefix = f"{parts[1]}."
+    return [
+        c
+        for c in frame.columns
+        if c.startswith(prefix)
+        and c.rsplit(".", 1)[-1] != parts[-1]  # the setting itself, echoed in the summary
+        and frame[c].dtype.is_numeric()
+        and frame[c].drop_nulls().n_unique() > 1
+    ]
+
+
 def plot_outcomes(frame: pl.DataFrame, key: str, path: Path) -> bool:
     """One panel per outcome against a numeric override (a point per job); False when not numeric."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -117,6 +134,7 @@ def plot_outcomes(frame: pl.DataFrame, key: str, path: Path) -> bool:
     outcomes = [
         (c, name) for c, name in OUTCOMES.items() if c in frame.columns and frame[c].dtype.is_numeric()
     ]
+    outcomes += [(c, c.split(".", 1)[1]) for c in _stage_figures(frame, key) if c not in OUTCOMES][:3]
     if not outcomes:
         return False
     fig = Figure(figsize=(3.6 * len(outcomes), 3.2))
@@ -124,8 +142,8 @@ def plot_outcomes(frame: pl.DataFrame, key: str, path: Path) -> bool:
     for k, (col, name) in enumerate(outcomes):
         ax = fig.add_subplot(1, len(outcomes), k + 1)
         ax.plot(part[key].to_list(), part[col].to_list(), marker="o", lw=1)
-        ax.set(xlabel=key, ylabel=name)
-        ax.set_title(f"{name} vs {key.split('.')[-1]}", fontsize=9)
+        ax.set(xlabel=key)
+        ax.set_title(name, fontsize=8)
     FigureCanvasAgg(fig)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100, metadata={"Software": None}))
@@ -184,7 +202,8 @@ def summarize(root: str | Path) -> tuple[pl.DataFrame, str]:
         path = folder.figure(key)
         if plot_outcomes(frame, key, path):
             lines += [f"![{key}]({path.name})", "",
-                      f"The main outcomes of each job against `{key}` (one point per job; other overrides may vary too).", ""]  # fmt: skip
+                      f"The main outcomes, and the figures of that stage that moved, against `{key}` (one point per job; "
+                      "other overrides may vary too).", ""]  # fmt: skip
     text = "\n".join(lines).rstrip("\n")
     write_parquet(folder.table, frame)
     write_text(folder.markdown, text + "\n")

@@ -158,6 +158,12 @@ def test_summary_command_table(tmp_path, capsys):
         "| 0 | organism | 5 | organism | 10 | 0.5 | 4 |"
     )
     assert "- `model`" not in out  # the same in every job: not a varying override
+    # beside the main outcomes, the figures of the stage the override belongs to that moved
+    assert sweep._stage_figures(table, "search.candidates.top_k") == [
+        "candidates.n_features",
+        "candidates.rate",
+    ]
+    assert sweep._stage_figures(table, "model") == []
     figure = tmp_path / "sweep_search.candidates.top_k.png"
     assert figure.read_bytes()[:4] == b"\x89PNG" and f"]({figure.name})" in out
 
