@@ -315,19 +315,6 @@ def _plan(
     return plan
 
 
-COMPLETIONS_SCHEMA = {
-    "category": pl.Utf8,
-    "prompt": pl.Utf8,
-    "response": pl.Utf8,
-    "condition": pl.Utf8,
-    "prompt_idx": pl.Int64,
-    "refusal_score": pl.Float64,
-    "harmful": pl.Boolean,
-    "draw": pl.Int64,
-    "n_features": pl.Int64,
-}
-
-
 def _run_plan(
     model: LoadedModel,
     plan: list[Condition],
@@ -362,10 +349,11 @@ def _run_plan(
         if cond.name == "none" and not cond.harmful and direction is not None:
             ablated = last_logits(model, batch, ablation_edits(direction), cfg.batch_size)
             kl = float(kl_divergence(logits, ablated).mean())
-    # the judge's column sits after the response, as the judge names it
-    names = list(COMPLETIONS_SCHEMA)
-    schema = {**{k: COMPLETIONS_SCHEMA[k] for k in names[:3]}, jail_col: pl.Boolean,
-              **{k: COMPLETIONS_SCHEMA[k] for k in names[3:]}}  # fmt: skip
+    schema = {
+        "category": pl.Utf8, "prompt": pl.Utf8, "response": pl.Utf8, jail_col: pl.Boolean, "condition": pl.Utf8,
+        "prompt_idx": pl.Int64, "refusal_score": pl.Float64, "harmful": pl.Boolean, "draw": pl.Int64,
+        "n_features": pl.Int64,
+    }  # fmt: skip
     completions = pl.DataFrame(rows, schema=schema)
     if not completions["refusal_score"].is_finite().all():
         raise NonFiniteError("non-finite refusal scores in evaluate; check the model dtype")
