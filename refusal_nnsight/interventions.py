@@ -198,6 +198,23 @@ def edits_by_layer(edits: Sequence[Edit], n_layers: int) -> tuple[list[Edit], di
     return pre, dict(sorted(out.items()))
 
 
+def begin_forward(
+    model, edits: Sequence[Edit], attention_mask: torch.Tensor, step: int
+) -> tuple[list[Edit], dict[int, list[Edit]], torch.Tensor, dict]:
+    """What every forward through the operator starts with: the pre-edits, the edits by layer, the prompt mask
+    on the model's device and an empty position-mask cache, with the every-layer direction
+    ablations already applied to layer 0's input (the pre-edits). One device copy of the mask per
+    forward, and one position mask per position spec, shared by every layer (per-layer
+    host→device copies would serialise the GPU stream)."""
+    pre, by_layer = edits_by_layer(edits, model.n_layers)
+    mask = attention_mask.to(model.device)
+    where_cache: dict = {}
+    if pre:
+        first = model.layers()[0]
+        first.input = edit_all(pre, first.input, mask, step, where_cache)
+    return pre, by_layer, mask, where_cache
+
+
 def apply(
     model,
     edits: Sequence[Edit],
@@ -214,15 +231,8 @@ def apply(
     Many edit variants of one prompt go through `variants.apply_variants`, the ablation
     engine's strategy, built on these same edits.
     """
-    pre, by_layer = edits_by_layer(edits, model.n_layers)
+    _, by_layer, mask, where_cache = begin_forward(model, edits, attention_mask, step)
     layers = model.layers()
-    # One device copy of the mask per forward, and one position mask per position spec, shared
-    # by every layer (per-layer host→device copies would serialise the GPU stream).
-    mask = attention_mask.to(model.device)
-    where_cache: dict = {}
-    if pre:
-        first = layers[0]
-        first.input = edit_all(pre, first.input, mask, step, where_cache)
     captured: dict[int, torch.Tensor] = {}
     for layer in sorted(set(by_layer) | set(capture)):
         module = layers[layer]

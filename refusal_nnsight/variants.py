@@ -15,19 +15,14 @@ from dataclasses import replace
 
 import torch
 
-from .interventions import Edit, FeatureEdit, edit_all, edits_by_layer, where_mask
+from .interventions import Edit, FeatureEdit, begin_forward, edit_all, where_mask
 
 
 def apply_variants(model, edits: Sequence[Edit], attention_mask: torch.Tensor, n_variants: int) -> None:
     """Apply `edits` (their masks have one row per variant) to `n_variants` copies of the one
     prompt of the current trace (`attention_mask` [1, T])."""
-    pre, by_layer = edits_by_layer(edits, model.n_layers)
+    pre, by_layer, mask, where_cache = begin_forward(model, edits, attention_mask, 0)
     layers = model.layers()
-    mask = attention_mask.to(model.device)
-    where_cache: dict = {}
-    if pre:
-        first = layers[0]
-        first.input = edit_all(pre, first.input, mask, 0, where_cache)
     # Row sharing needs the group count on the host at every edited layer (torch.unique), a sync
     # that would stall an accelerator's stream; it is measured on CPU only, so it runs there only.
     if n_variants > 1 and mask.device.type == "cpu" and not pre and _shareable(by_layer):
