@@ -106,6 +106,18 @@ def feature_activations(
     return out
 
 
+def eval_activations(
+    model, saes, features: Sequence[Feature], prompts, batch_size: int = 32
+) -> dict[str, list[torch.Tensor]]:
+    """feature_activations of `features` on the eval prompts: {"harmful": [...], "harmless": [...]}.
+    The cards and the planted roles read the same activations, computed once."""
+    sets = {"harmful": prompts.eval_harmful.instructions, "harmless": prompts.eval_harmless.instructions}
+    return {
+        name: feature_activations(model, saes, features, texts, batch_size=batch_size)
+        for name, texts in sets.items()
+    }
+
+
 def token_offsets(model, instruction: str) -> tuple[str, list[tuple[int, int]]]:
     """The formatted prompt and each token's character span in it (unpadded order; the BOS that
     tokenize() adds to a template without one gets (0, 0))."""
@@ -221,21 +233,20 @@ def top_contexts(
 
 def feature_cards(
     model, saes, prompts, direction, greedy, fm=None, redundancy=None, *, coefficient: float, flip,
-    roles: pl.DataFrame | None = None, batch_size: int = 32,
+    roles: pl.DataFrame | None = None, acts: dict[str, list[torch.Tensor]] | None = None, batch_size: int = 32,
 ) -> pl.DataFrame:  # fmt: skip
     """One card (CARD_SCHEMA row) per feature of a minimal set, the FM's top features or H.
 
     roles: the planted role of each feature (ground_truth.feature_roles), on the organism only.
+    acts: eval_activations of the found features (in found_features order), if already computed.
     """
     found = found_features(greedy, fm, redundancy)
     feats = list(found)
     if not feats:
         return pl.DataFrame([], schema=CARD_SCHEMA)
     sets = {"harmful": prompts.eval_harmful.instructions, "harmless": prompts.eval_harmless.instructions}
-    acts = {
-        name: feature_activations(model, saes, feats, texts, batch_size=batch_size)
-        for name, texts in sets.items()
-    }
+    if acts is None:
+        acts = eval_activations(model, saes, feats, prompts, batch_size)
     cosines = cosines_of(saes, feats, direction.direction)
     dissected = sorted(greedy.minimal_sets)
     if dissected:

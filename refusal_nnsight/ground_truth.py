@@ -51,16 +51,20 @@ def _has_cues(prompt_set) -> bool:
 
 
 def top_positions(model, saes, features: Sequence[Feature], prompts, k: int = TOP_K,
-                  sets: Sequence[str] = ("harmful", "harmless")) -> pl.DataFrame:  # fmt: skip
+                  sets: Sequence[str] = ("harmful", "harmless"), acts=None) -> pl.DataFrame:  # fmt: skip
     """Each feature's k strongest activations over the eval prompt sets.
 
     Columns: feature (index into `features`), set, prompt_i, position (unpadded), activation,
     on_cue (token overlaps a planted cue span), on_eoi (an eoi position of a harmful prompt).
+    acts: features.eval_activations of `features`, when the caller has them already.
     """
     rows = []
     pools = {"harmful": prompts.eval_harmful, "harmless": prompts.eval_harmless}
     acts_by_set = {
-        name: feature_activations(model, saes, features, pools[name].instructions) for name in sets
+        name: acts[name]
+        if acts is not None
+        else feature_activations(model, saes, features, pools[name].instructions)
+        for name in sets
     }
     n_eoi = len(model.eoi_positions)
     for j in range(len(features)):
@@ -101,7 +105,9 @@ def position_tags(model, prompt_set, i: int, n_tokens: int) -> list[str]:
 REFUSAL_ROLE = "refusal"
 
 
-def feature_roles(model, saes, features: Sequence[Feature], prompts, k: int = TOP_K) -> pl.DataFrame:
+def feature_roles(
+    model, saes, features: Sequence[Feature], prompts, k: int = TOP_K, acts=None
+) -> pl.DataFrame:
     """The role of each feature, from where its k strongest activations fall over the eval prompts.
 
     role: the tag (see `position_tags`) held by at least half of its top positions ("cue:<category>",
@@ -119,7 +125,7 @@ def feature_roles(model, saes, features: Sequence[Feature], prompts, k: int = TO
     }
     if not feats or not _has_cues(prompts.eval_harmful):
         return pl.DataFrame([], schema=schema)
-    tops = top_positions(model, saes, feats, prompts, k)
+    tops = top_positions(model, saes, feats, prompts, k, acts=acts)
     pools = {"harmful": prompts.eval_harmful, "harmless": prompts.eval_harmless}
     lengths: dict[tuple[str, int], list[str]] = {}
     rows = []

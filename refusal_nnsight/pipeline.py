@@ -320,14 +320,16 @@ def _features(
     """Write features.parquet, a card for every feature the run found (results["features"], for
     the report); return the planted role of each (None without greedy, empty off the organism)."""
     from . import ground_truth
-    from .features import feature_cards, found_features
+    from .features import eval_activations, feature_cards, found_features
 
     greedy = results.get("greedy")
     if greedy is None:
         return None
     start = time.perf_counter()
     fm, redundancy = results.get("fm"), results.get("redundancy")
-    roles = ground_truth.feature_roles(model, saes, list(found_features(greedy, fm, redundancy)), prompts)
+    found = list(found_features(greedy, fm, redundancy))
+    acts = eval_activations(model, saes, found, prompts)  # read by the roles and the cards alike
+    roles = ground_truth.feature_roles(model, saes, found, prompts, acts=acts)
     cards = feature_cards(
         model,
         saes,
@@ -339,6 +341,7 @@ def _features(
         coefficient=cfg.search.coefficient,
         flip=flip,
         roles=roles,
+        acts=acts,
     )
     write_parquet(run_folder.features, cards)
     results["features"] = cards
