@@ -10,7 +10,6 @@ the numbers of each stage; the settings; why each null is null; where every tabl
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,27 +42,9 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
-def _linker(cfg_dict: dict) -> Callable[[int, int], str]:
-    """'L{layer}/F{feature}', linked to Neuronpedia when the SAE config names its Neuronpedia id."""
-    template = (cfg_dict.get("sae") or {}).get("neuronpedia")
-
-    def link(layer: int, feature: int) -> str:
-        label = f"L{layer}/F{feature}"
-        if not template:
-            return label
-        from .config import SAEConfig
-        from .saes import LoadedSAEs
-
-        url = LoadedSAEs(SAEConfig(neuronpedia=template), {}).neuronpedia_url(layer, feature)
-        return f"[{label}]({url})"
-
-    return link
-
-
 def write_report(run: RunFolder, summary: dict, results: dict[str, Any], cfg_dict: dict) -> Path:
     """Write run.report (report.md) and the figures; return the report's path."""
     figures = write_figures(run, results)
-    link = _linker(cfg_dict)
     search = cfg_dict.get("search") or {}
     cards = results.get("features")
     prov = read_json(run.provenance) if run.provenance.is_file() else {}
@@ -71,8 +52,8 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, Any], cfg_dic
     if summary.get("status"):
         lines += [f"**Status:** {summary['status']}", ""]
     lines += _provenance(summary, cfg_dict, prov)
-    lines += ["## What we found", ""] + found_sentences(summary, results, cards, link) + [""]
-    lines += ["## Feature cards", ""] + _cards(cards, summary, link) + [""]
+    lines += ["## What we found", ""] + found_sentences(summary, results, cards) + [""]
+    lines += ["## Feature cards", ""] + _cards(cards) + [""]
     lines += ["## Figures", ""]
     for spec in FIGURES:
         note = figures.get(spec.name)
@@ -157,7 +138,7 @@ def _anchor(label: str) -> str:
     return "#" + "".join(ch for ch in label.lower() if ch.isalnum() or ch in "-_")
 
 
-def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None, link=None) -> list[str]:
+def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) -> list[str]:
     """Plain sentences generated from the numbers, each pointing at its table or figure."""
     d, c, g, fm, red, ev, gt = (summary.get(k) or {} for k in
                                 ("direction", "candidates", "greedy", "fm", "redundancy", "evaluate", "ground_truth"))  # fmt: skip
@@ -297,7 +278,7 @@ def _code(text: str) -> str:
     return text.replace("`", "ˋ").replace("|", "¦")
 
 
-def _cards(cards: pl.DataFrame | None, summary: dict, link) -> list[str]:
+def _cards(cards: pl.DataFrame | None) -> list[str]:
     if cards is None or cards.height == 0:
         return ["No feature was found (greedy did not run or found no minimal set)."]
     lines = [
@@ -309,7 +290,7 @@ def _cards(cards: pl.DataFrame | None, summary: dict, link) -> list[str]:
     ]
     full = cards.filter((pl.col("n_minimal") > 0) | pl.col("fm_best_rank").is_not_null()).head(FULL_CARDS)
     for r in full.iter_rows(named=True):
-        lines += _card(r, link)
+        lines += _card(r)
     rest = cards.filter(~pl.col("label").is_in(full["label"].to_list()))
     if rest.height:
         lines += [
@@ -321,14 +302,19 @@ def _cards(cards: pl.DataFrame | None, summary: dict, link) -> list[str]:
         for r in rest.head(TABLE_CARDS).iter_rows(named=True):
             ctx = r["top_contexts"][0] if r["top_contexts"] else "(never fires)"
             lines.append(
-                f"| {link(r['layer'], r['feature'])} | {r['n_minimal']} / {r['n_fm_top']} / {r['n_in_h']} | "
+                f"| {_linked(r)} | {r['n_minimal']} / {r['n_fm_top']} / {r['n_in_h']} | "
                 f"{r['role'] or '—'} | {r['cosine']:.3f} | {_fmt(r['alone_score_change'])}, "
                 f"{_fmt(r['alone_flip_rate'])} | `{_code(ctx)}` |"
             )
     return lines
 
 
-def _card(r: dict, link) -> list[str]:
+def _linked(card: dict) -> str:
+    """The card's label, linked to its Neuronpedia page where the SAEs have one."""
+    return f"[{card['label']}]({card['neuronpedia']})" if card["neuronpedia"] else card["label"]
+
+
+def _card(r: dict) -> list[str]:
     found = [f"in {r['n_minimal']} of {r['n_dissected']} minimal sets"]
     if r["fm_best_rank"] is not None:
         found.append(f"FM top-{r['fm_best_rank'] + 1} (top 5 on {r['n_fm_top']} prompts)")
@@ -340,7 +326,7 @@ def _card(r: dict, link) -> list[str]:
             f"- planted role: **{r['role']}** ({r['role_share']:.0%} of its 10 strongest activations)"
         )
     if r["neuronpedia"]:
-        lines.append(f"- Neuronpedia: {link(r['layer'], r['feature'])}")
+        lines.append(f"- Neuronpedia: {_linked(r)}")
     lines.append(
         f"- decoder cosine with r̂ {r['cosine']:.3f}; fires on {r['fires_harmful']:.0%} of harmful and "
         f"{r['fires_harmless']:.0%} of harmless eval prompts; largest activation {r['max_activation']:.3g}"
