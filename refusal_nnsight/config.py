@@ -23,11 +23,19 @@ class ModelConfig:
     """A chat model and its family facts: chat template, post-instruction (eoi) tokens, refusal tokens."""
 
     name: str = "organism"  # short alias: run folders are runs/<name>/...
-    source: Literal["organism", "hf"] = "organism"  # the toolkit's own organism, or an HF repo id
+    # the toolkit's own organism, an HF repo id, or a GGUF file (loaded de-quantized)
+    source: Literal["organism", "hf", "gguf"] = "organism"
     repo_id: str | None = None  # HF repo id (source=hf)
+    gguf_path: str | None = None  # source=gguf: an installed package that ships the file, or a folder
+    gguf_file: str | None = None  # source=gguf: the file's name in that folder
     organism_recipe: str = "default"  # which organism build (source=organism)
     organism_seed: int = 0  # its seed: splits, planted directions, training (0 = the shipped organism)
-    family: Literal["gemma2", "llama3"] = "gemma2"
+    family: Literal["gemma2", "llama3", "chatml"] = "gemma2"
+    # Whether a formatted prompt starts with exactly one BOS (Gemma-2, Llama-3: checked, and added
+    # when the template lacks it). ChatML templates (SmolLM2, Qwen) write none; their tokenizers call
+    # <|im_start|> the BOS, which every turn repeats. With false nothing is added or counted, and the
+    # <bos> positions of the redundancy stage are the first token of the prompt.
+    bos: bool = True
     residual_module: str = "model.layers"  # ModuleList whose layer L output is blocks.L.hook_resid_post
     n_layers: int | None = None  # expected; checked against the loaded config when set
     d_model: int | None = None  # expected; checked against the loaded config when set
@@ -139,8 +147,10 @@ class PromptSource:
     """One prompt set: the organism grammar, a local file, or an HF dataset (conf/data/{harmful,harmless})."""
 
     name: str = "organism"
-    source: Literal["organism", "file", "hf"] = "organism"
-    path: str | None = None  # local CSV / JSON / JSONL / Parquet file, or an HF dataset id (source=hf)
+    source: Literal["organism", "file", "hf", "package"] = "organism"
+    # local CSV / JSON / JSONL / Parquet file, an HF dataset id (source=hf), or a data file inside an
+    # installed package, "<package>/<path in it>" (source=package; the package is never imported)
+    path: str | None = None
     config: str | None = None  # HF dataset config name
     split: str | None = None  # HF split
     column: str = "instruction"  # the column holding the instruction
@@ -148,6 +158,8 @@ class PromptSource:
     filter_column: str | None = None  # keep only rows whose filter_column == filter_value
     filter_value: str | None = None
     license: str | None = None  # shown in the report (Alpaca is CC BY-NC 4.0)
+    # split train / val / eval in proportion to category_column's values (else a plain shuffle)
+    stratify: bool = False
 
 
 @dataclass

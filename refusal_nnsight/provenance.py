@@ -45,6 +45,17 @@ def git_commit(root: Path = _SOURCE) -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
+def _sha256(path: Path) -> str:
+    """sha256 (16 hex) of a file, read in chunks (a GGUF file is ~100 MB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command as typed: the program's name (not its full path) and its arguments."""
     argv = list(sys.argv if argv is None else argv)
@@ -59,6 +70,11 @@ def collect(cfg, model, organism: dict | None = None) -> dict:
     weights: dict = {"source": m.source}
     if organism:
         weights.update(organism)
+    elif m.source == "gguf":
+        from .models import gguf_folder
+
+        weights.update(gguf_path=m.gguf_path, gguf_file=m.gguf_file,
+                       gguf_sha256=_sha256(gguf_folder(m) / str(m.gguf_file)))  # fmt: skip
     else:
         weights["repo_id"] = m.repo_id
         # transformers records the hub snapshot it loaded; None for local folders

@@ -98,6 +98,9 @@ def _provenance(summary: dict, cfg_dict: dict, prov: dict) -> list[str]:
             f"the model organism, recipe `{org['recipe']}`, seed {org['seed']}, recipe hash `{org['recipe_hash']}`, "
             f"weights hash `{org['content_hash']}`{' (the build shipped with the package)' if org['shipped'] else ''}"
         )
+    elif m.get("source") == "gguf":
+        g = prov.get("model") or {}
+        weights = f"GGUF file `{m.get('gguf_file')}` from `{m.get('gguf_path')}`, sha256 `{g.get('gguf_sha256')}`, de-quantized"
     elif m.get("repo_id"):
         rev = (prov.get("model") or {}).get("revision")
         weights = f"`{m['repo_id']}`" + (f" at revision `{rev}`" if rev else " (revision not recorded)")

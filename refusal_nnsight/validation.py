@@ -294,18 +294,22 @@ _APPLIES: tuple[tuple[str, str, tuple[str, ...]], ...] = tuple(
     (f"data.{s}", name, sources)
     for s in ("harmful", "harmless")
     for name, sources in (
-        ("path", ("file", "hf")), ("config", ("hf",)), ("split", ("hf",)), ("column", ("file", "hf")),
-        ("category_column", ("file", "hf")), ("filter_column", ("file", "hf")),
-        ("filter_value", ("file", "hf")), ("license", ("file", "hf")),
+        ("path", ("file", "hf", "package")), ("config", ("hf",)), ("split", ("hf",)),
+        ("column", ("file", "hf", "package")), ("category_column", ("file", "hf", "package")),
+        ("filter_column", ("file", "hf", "package")),
+        ("filter_value", ("file", "hf", "package")), ("license", ("file", "hf", "package")),
+        ("stratify", ("file", "hf", "package")),
     )
 ) + (
     ("model", "repo_id", ("hf",)), ("model", "organism_recipe", ("organism",)),
+    ("model", "gguf_path", ("gguf",)), ("model", "gguf_file", ("gguf",)),
     ("model", "organism_seed", ("organism",)),
     ("sae", "release", ("pretrained",)), ("sae", "sae_id", ("pretrained",)), ("sae", "path", ("disk",)),
 )  # fmt: skip
 _SOURCE_HELP = {
     "file": "file (a local CSV / JSON / JSONL / Parquet file)", "hf": "hf (a hub repo or dataset id)",
-    "organism": "organism", "pretrained": "pretrained (an sae-lens release)", "disk": "disk (an SAE folder)",
+    "package": "package (a data file in an installed package)",
+    "organism": "organism", "gguf": "gguf (a GGUF file)", "pretrained": "pretrained (an sae-lens release)", "disk": "disk (an SAE folder)",
 }  # fmt: skip
 
 
@@ -330,12 +334,23 @@ def _check_applicable(cfg: RunConfig, explicit: Collection[str] | None) -> None:
         where = f"data.{'harmful' if s is cfg.data.harmful else 'harmless'}"
         if s.source != "organism" and not s.path:
             raise UserError(f"{where}.source={s.source} needs {where}.path (a file, or a hub dataset id)")
+        if s.stratify and not s.category_column:
+            raise UserError(
+                f"{where}.stratify needs {where}.category_column (the column split in proportion)"
+            )
         if (s.filter_column is None) != (s.filter_value is None):
             raise UserError(
                 f"{where}.filter_column and {where}.filter_value go together; set both or neither"
             )
     if cfg.model.source == "hf" and not cfg.model.repo_id:
         raise UserError("model.source=hf needs model.repo_id (e.g. google/gemma-2-2b-it)")
+    if cfg.model.source == "gguf" and not (cfg.model.gguf_path and cfg.model.gguf_file):
+        raise UserError(
+            "model.source=gguf needs model.gguf_path (an installed package or a folder) and model.gguf_file"
+        )
+    if cfg.model.source == "gguf" and cfg.backend.name != "local":
+        # NDIF hosts hub models, and its client (ndif_check too) builds the model from a hub config
+        raise UserError(f"backend={cfg.backend.name} needs a hub model; a GGUF model runs with backend=local")
     if cfg.sae.source == "pretrained" and not (cfg.sae.release and cfg.sae.sae_id):
         raise UserError("sae.source=pretrained needs sae.release and sae.sae_id (an sae-lens release and id)")
     if cfg.sae.source == "disk" and not cfg.sae.path:

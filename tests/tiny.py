@@ -1,4 +1,4 @@
-"""Tiny random Gemma-2 and Llama-3 models with tokenizers whose chat templates match the real
+"""Tiny random Gemma-2, Llama-3 and SmolLM2 (Llama, ChatML, no BOS) models with tokenizers whose chat templates match the real
 families, built offline from config. They go through the same loading and intervention code as
 the real models (issue: "tiny random models of the same architecture").
 """
@@ -76,10 +76,37 @@ WORDS = [
     "model",
     "assistant",
 ]
+# SmolLM2's default system turn and second refusal word (the ChatML tokenizer only: the other
+# tokenizers keep their vocabulary, so their random models stay as they were)
+CHATML_WORDS = [
+    "system",
+    "You",
+    "are",
+    "helpful",
+    "AI",
+    "named",
+    "SmolLM,",
+    "trained",
+    "by",
+    "Hugging",
+    "Face",
+    "Sorry",
+]
+
+# HuggingFaceTB/SmolLM2-135M-Instruct's chat template (the one its GGUF file carries): ChatML with a
+# default system turn and no BOS.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
-def _tokenizer(specials: list[str], bos: str, eos: str, pad: str, template: str) -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate(specials + ["<unk>", "\n"] + sorted(set(WORDS)))}
+def _tokenizer(
+    specials: list[str], bos: str, eos: str, pad: str, template: str, words: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(specials + ["<unk>", "\n"] + sorted(set(WORDS) | set(words)))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Newlines are tokens of their own (the eoi suffix ends with "\n"); words split on spaces/punctuation.
     tk.pre_tokenizer = pre_tokenizers.Sequence(
@@ -116,6 +143,14 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
     return _tokenizer(specials, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_TEMPLATE)
 
 
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """SmolLM2's special tokens: it names <|im_start|> its BOS, though no BOS opens a prompt."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return _tokenizer(
+        specials, "<|im_start|>", "<|im_end|>", "<|im_end|>", CHATML_TEMPLATE, tuple(CHATML_WORDS)
+    )
+
+
 def tiny_gemma2(seed: int = 0, n_layers: int = 3, d: int = 64):
     tok = gemma2_tokenizer()
     torch.manual_seed(seed)
@@ -139,8 +174,26 @@ def tiny_llama3(seed: int = 0, n_layers: int = 3, d: int = 64):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+def tiny_smollm2(seed: int = 0, n_layers: int = 3, d: int = 64):
+    """A LlamaForCausalLM with tied embeddings, as SmolLM2-135M-Instruct, and its ChatML tokenizer."""
+    tok = chatml_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
 def model_config(family: str, n_layers: int = 3, d: int = 64) -> ModelConfig:
-    """The same family facts as conf/model/{gemma2_2b_it,llama31_8b_it}.yaml, with tiny shapes."""
+    """The same family facts as conf/model/{gemma2_2b_it,llama31_8b_it,smollm2_135m_it}.yaml, with
+    tiny shapes."""
+    if family == "chatml":
+        return ModelConfig(
+            name="tiny_smollm2", source="hf", family="chatml", bos=False, n_layers=n_layers, d_model=d,
+            device="cpu", attn_implementation=None, refusal_strings=["I", "Sorry"],
+        )  # fmt: skip
     if family == "gemma2":
         return ModelConfig(
             name="tiny_gemma2", source="hf", family="gemma2", n_layers=n_layers, d_model=d, device="cpu"
