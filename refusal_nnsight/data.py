@@ -131,6 +131,8 @@ def read_prompt_source(src: PromptSource, harmful: bool) -> PromptSet:
     ):
         if col is not None and col not in frame.columns:
             raise UserError(f"{where} has no column '{col}' (columns: {frame.columns}); set data.<set>.{key}")
+    if isinstance(frame.schema[src.column], pl.List):  # a multi-turn set (MT-Bench): its first turn
+        frame = frame.with_columns(pl.col(src.column).list.first())
     if src.filter_column is not None:
         frame = frame.filter(
             pl.col(src.filter_column).cast(pl.Utf8).fill_null("") == (src.filter_value or "")

@@ -290,6 +290,7 @@ def _organism_provenance(root: Path) -> dict:
     m = read_manifest(root)
     return {
         "recipe": m["recipe"],
+        "kind": m.get("kind", "organism"),  # "tuned": a real model safety-tuned by the recipe
         "seed": m.get("seed", 0),
         "recipe_hash": m["recipe_hash"],
         "content_hash": m.get("content_hash"),

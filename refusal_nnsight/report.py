@@ -94,8 +94,9 @@ def _provenance(summary: dict, cfg_dict: dict, prov: dict) -> list[str]:
     m, s = cfg_dict.get("model") or {}, cfg_dict.get("sae") or {}
     org = summary.get("organism")
     if org:
+        what = "a real model safety-tuned by" if org.get("kind") == "tuned" else "the model organism,"
         weights = (
-            f"the model organism, recipe `{org['recipe']}`, seed {org['seed']}, recipe hash `{org['recipe_hash']}`, "
+            f"{what} recipe `{org['recipe']}`, seed {org['seed']}, recipe hash `{org['recipe_hash']}`, "
             f"weights hash `{org['content_hash']}`{' (the build shipped with the package)' if org['shipped'] else ''}"
         )
     elif m.get("source") == "gguf":

@@ -203,7 +203,8 @@ def _load_one(cfg: SAEConfig, layer: int, organism_dir: Path | None, device: str
         assert organism_dir is not None  # load_saes resolves it for source=organism
         path = organism_dir / "saes" / f"layer_{layer}"
         if not path.exists():
-            raise UserError(f"the organism has no SAE at layer {layer}; its SAEs cover layers 0..n_layers-1")
+            have = sorted(int(p.name.removeprefix("layer_")) for p in (organism_dir / "saes").glob("layer_*"))
+            raise UserError(f"the organism has no SAE at layer {layer}; its SAEs are at layers {have}")
         return SAE.load_from_disk(str(path), device=device, dtype=dtype)
     if cfg.source == "disk":
         if not cfg.path:
@@ -243,7 +244,13 @@ def load_saes(cfg: SAEConfig, model, organism_dir: Path | None = None) -> Loaded
                 "sae=organism: load them through refusal_nnsight.load_saes, or give the organism's folder "
                 "(refusal_nnsight.organism.resolve.organism_root)"
             )
-    layers = list(range(model.n_layers)) if cfg.layers is None else list(cfg.layers)
+    if cfg.layers is not None:
+        layers = list(cfg.layers)
+    elif cfg.source == "organism":  # every layer the build trained an SAE for
+        assert organism_dir is not None
+        layers = sorted(int(p.name.removeprefix("layer_")) for p in (organism_dir / "saes").glob("layer_*"))
+    else:
+        layers = list(range(model.n_layers))
     if not layers:
         raise UserError("sae.layers is empty; give at least one layer")
     for layer in layers:

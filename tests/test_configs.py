@@ -60,5 +60,5 @@ def test_cli_unknown_name_is_one_line_exit_2():
     proc = subprocess.run(exe, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown model 'nope'; choose one of ['gemma2_2b_it', 'llama31_8b_it', 'organism', 'smollm2_135m_it']"
+        "error: unknown model 'nope'; choose one of ['gemma2_2b_it', 'llama31_8b_it', 'organism', 'smollm2_135m_it', 'smollm2_harmbench']"
     ]

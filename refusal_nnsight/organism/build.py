@@ -120,7 +120,8 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
 
 
 def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path:
-    """Build the organism for `recipe` at `seed` from scratch into `store.organism_dir(recipe, seed)`.
+    """Build the organism for `recipe` at `seed` from scratch into `store.organism_dir(recipe, seed)`
+    (or, for a TunedRecipe, the safety-tuned real model: tuned.py).
 
     Works in a temporary sibling folder and renames it into place only when complete, so an
     interrupted build never leaves a half organism behind. Returns the organism's folder.
@@ -132,7 +133,12 @@ def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.time()
     try:
-        sections = _build_into(r, tmp, evaluate)
+        if isinstance(r, OrganismRecipe):
+            sections = _build_into(r, tmp, evaluate)
+        else:  # a real model, safety-tuned (tuned.py); its held-out figures are part of the build
+            from .tuned import build_into
+
+            sections = build_into(r, tmp)
         manifest = {
             "recipe": recipe,
             "seed": seed,

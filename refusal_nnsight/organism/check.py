@@ -129,6 +129,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     from .build import load_model as load_hf
     from .grammar import load_split
     from .planted import load_directions
+    from .recipe import organism_recipe
     from .store import (
         content_hash,
         is_built,
@@ -138,6 +139,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         shipped_dir,
     )
 
+    organism_recipe(recipe, seed)  # planted truth to check, before any build
     root = ensure_organism(recipe, seed)
     manifest = read_json(root / "manifest.json")
     model = load_model(

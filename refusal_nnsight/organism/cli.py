@@ -1,6 +1,7 @@
 """`refusal-nnsight-organism`: build, check and validate the offline model organism.
 
-refusal-nnsight-organism build    [--recipe default|small] [--seed N] [--no-eval]   train from scratch
+refusal-nnsight-organism build    [--recipe default|small|smollm2_harmbench] [--seed N] [--no-eval]
+                                                                                    train from scratch
 refusal-nnsight-organism check    [--recipe ...] [--seed N] [--max-prompts N]       figures vs targets
 refusal-nnsight-organism validate [--recipe ...] [--seeds 0-4] [--out DIR]          the pipeline per seed
 """
@@ -90,7 +91,8 @@ def _build(args: argparse.Namespace) -> int:
 
     root = build(args.recipe, seed=args.seed, evaluate=not args.no_eval)
     m = read_manifest(root)
-    summary = {k: m[k] for k in ("recipe", "seed", "recipe_hash", "build_seconds", "saes", "eval") if k in m}
+    keys = ("recipe", "seed", "recipe_hash", "build_seconds", "saes", "eval", "train", "artifact_bytes")
+    summary = {k: m[k] for k in keys if k in m}
     summary["content_hash"] = content_hash(root)
     if is_shipped(args.recipe, args.seed):
         summary["equals_shipped"] = summary["content_hash"] == content_hash(shipped_dir(args.recipe))

