@@ -64,6 +64,10 @@ class SAEConfig:
     layers: list[int] | None = None  # null = every layer that has an SAE
     neuronpedia: str | None = None  # Neuronpedia id template with {layer}, for report links
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # null = the model's dtype
+    # Leave each prompt's first token out of every SAE edit and read. null = what the SAEs were
+    # trained on: true for a tuned build's SAEs (trained without it), false otherwise (the paper
+    # edits every position).
+    skip_first_token: bool | None = None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -178,6 +182,13 @@ class DataConfig:
     max_unknown_fraction: float = 0.05  # of a prompt set's tokens that may be the tokenizer's <unk>
 
 
+# search.{direction,candidates,redundancy}.layers: null (every layer there is), a list [0, 2, 5], a range {start: 0, stop: 6}
+# (stop excluded), {before_last_fraction: 0.2} (Arditi's pruning: layers < int(n·(1 − f))), or
+# {before_layer: L} (layers < L, e.g. a model's known refusal-decision layer).
+LayerSelection = list[int] | dict[str, float] | None
+LAYER_SELECTION_KEYS = ({"start", "stop"}, {"before_last_fraction"}, {"before_layer"})
+
+
 @dataclass
 class DirectionConfig:
     """Stage 1a: difference-of-means refusal direction and Arditi selection."""
@@ -189,13 +200,9 @@ class DirectionConfig:
     fallback: Literal["lowest_bypass", "fewest_failures"] = (
         "lowest_bypass"  # when no candidate survives (ours)
     )
-
-
-# search.candidates.layers: null (every SAE layer), a list [0, 2, 5], a range {start: 0, stop: 6}
-# (stop excluded), {before_last_fraction: 0.2} (Arditi's pruning: layers < int(n·(1 − f))), or
-# {before_layer: L} (layers < L, e.g. a model's known refusal-decision layer).
-LayerSelection = list[int] | dict[str, float] | None
-LAYER_SELECTION_KEYS = ({"start", "stop"}, {"before_last_fraction"}, {"before_layer"})
+    # which layers' candidates are scored on val (see LayerSelection above); null = every layer, as
+    # Arditi et al. Each candidate costs three val passes: on a deep model on CPU, score fewer layers.
+    layers: LayerSelection = None
 
 
 @dataclass

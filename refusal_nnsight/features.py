@@ -70,12 +70,16 @@ def label(feature: Feature) -> str:
 def feature_activations(
     model, saes, features: Sequence[Feature], instructions: Sequence[str], edits=(), batch_size: int = 32
 ) -> list[torch.Tensor]:
-    """Activations of `features` on each prompt: a list of [T_i, F] (unpadded, position 0 = BOS).
+    """Activations of `features` on each prompt: a list of [T_i, F] (unpadded, position 0 = BOS; all 0
+    there when saes.skip_first_token).
 
     Reads the (optionally edited) residual of each needed layer through `interventions.apply`'s
     capture, then encodes it with the sliced SAE of that layer's features.
     """
     feats = [(int(a), int(b)) for a, b in features]
+    if not feats:  # nothing found (e.g. no prompt was dissected): [T_i, 0] per prompt, no forward pass
+        mask = model.tokenize(list(instructions)).attention_mask
+        return [torch.zeros(int(n), 0) for n in mask.sum(-1).tolist()]
     groups = by_layer(feats)
     slices = {
         layer: saes.slice(layer, [feats[c][1] for c in cols]).to(model.device, torch.float32)
@@ -102,7 +106,10 @@ def feature_activations(
             acts[..., groups[layer]] = slices[layer].encode(resid[k].float()).float().cpu()
         for r in range(mask.shape[0]):
             n = int(mask[r].sum())
-            out.append(acts[r, acts.shape[1] - n :])
+            row = acts[r, acts.shape[1] - n :]
+            if saes.skip_first_token:  # an SAE that never saw the first token is not read there
+                row[0] = 0.0
+            out.append(row)
     return out
 
 

@@ -33,13 +33,28 @@ Positions = Literal["all", "prompt", "generated", "bos"] | tuple[int, ...] | lis
 
 
 def position_mask(
-    positions: Positions, attention_mask: torch.Tensor, step: int, width: int
+    positions: Positions, attention_mask: torch.Tensor, step: int, width: int, skip_first: bool = False
 ) -> torch.Tensor | None:
     """[B, width] bool of the positions to edit at generation `step` (0 = the prompt forward).
 
     Returns None for "everything" (the cheap common case). Left padding is excluded from the
-    prompt forward so pad positions never change.
+    prompt forward so pad positions never change. `skip_first` also leaves each row's first real
+    token alone (an SAE that never saw it: saes.skip_first_token), so "bos" is then empty.
     """
+    out = _position_mask(positions, attention_mask, step, width)
+    if not skip_first or step != 0:  # generated tokens are never a prompt's first token
+        return out
+    out = (attention_mask.bool() if out is None else out).clone()
+    first = (
+        attention_mask.shape[1] - attention_mask.sum(-1)
+    ).long()  # first real column of each left-padded row
+    out[torch.arange(out.shape[0], device=out.device), first.to(out.device)] = False
+    return out
+
+
+def _position_mask(
+    positions: Positions, attention_mask: torch.Tensor, step: int, width: int
+) -> torch.Tensor | None:
     prompt_step = step == 0
     if positions == "all":
         return attention_mask.bool() if prompt_step else None
@@ -254,10 +269,11 @@ def edit_all(
 def where_mask(
     e: Edit, width: int, attention_mask: torch.Tensor, step: int, cache: dict
 ) -> torch.Tensor | None:
-    """position_mask of `e`, made once per (positions, width) and shared by every layer's edits."""
-    key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), width)
+    """position_mask of `e`, made once per (positions, width, skip) and shared by every layer's edits."""
+    skip = bool(getattr(getattr(e, "sae", None), "skip_first", False))
+    key = (e.positions if isinstance(e.positions, str) else tuple(e.positions), width, skip)
     if key not in cache:
-        cache[key] = position_mask(e.positions, attention_mask, step, width)
+        cache[key] = position_mask(e.positions, attention_mask, step, width, skip)
     return cache[key]
 
 

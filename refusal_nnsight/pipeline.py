@@ -162,7 +162,9 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
     if organism is not None:  # which build was dissected (the report names it)
         summary["organism"] = _organism_provenance(organism)
-    write_json(run_folder.provenance, provenance.collect(cfg, model, summary.get("organism")))
+    write_json(
+        run_folder.provenance, provenance.collect(cfg, model, summary.get("organism"), saes.skip_first_token)
+    )
     stage = _Stages(run_folder, timing, cfg.stages)
 
     try:
@@ -300,11 +302,11 @@ def _organism_provenance(root: Path) -> dict:
 
 def _scanned_layers(s, saes, model, candidates) -> list[int]:
     """The SAE layers the redundancy stage scans: search.redundancy.layers, else the candidates'."""
-    from .stages.candidates import select_layers
+    from .stages.direction import select_layers
 
     if s.redundancy.layers is None:
         return list(candidates.layers)
-    return select_layers(s.redundancy.layers, list(saes.layers), model.n_layers)
+    return select_layers(s.redundancy.layers, list(saes.layers), model.n_layers, "search.redundancy.layers")
 
 
 @dataclass

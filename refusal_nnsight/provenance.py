@@ -64,8 +64,9 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join([Path(argv[0]).name, *argv[1:]])
 
 
-def collect(cfg, model, organism: dict | None = None) -> dict:
-    """The provenance of a run of `cfg` on the loaded `model` (see the module docstring)."""
+def collect(cfg, model, organism: dict | None = None, skip_first_token: bool = False) -> dict:
+    """The provenance of a run of `cfg` on the loaded `model` (see the module docstring);
+    `skip_first_token` is the loaded SAEs' resolved sae.skip_first_token."""
     m, s = cfg.model, cfg.sae
     weights: dict = {"source": m.source}
     if organism:
@@ -92,6 +93,7 @@ def collect(cfg, model, organism: dict | None = None) -> dict:
             "sae_id": s.sae_id,
             "path": s.path,
             "layers": s.layers,
+            "skip_first_token": skip_first_token,
         },
         "python": sys.version.split()[0],
         "packages": {p: version(p) for p in PACKAGES},

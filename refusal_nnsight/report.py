@@ -112,7 +112,12 @@ def _provenance(summary: dict, cfg_dict: dict, prov: dict) -> list[str]:
     lines = [
         f"- **model:** `{m.get('name')}`: {weights}; {m.get('dtype')}",
         f"- **SAEs:** `{s.get('name')}`: {sae}{' / ' + s['sae_id'] if s.get('sae_id') else ''}; "
-        f"layers {s.get('layers') or 'all'}",
+        f"layers {s.get('layers') or 'all'}"
+        + (
+            "; no edit or read touches a prompt's first token (the SAEs never saw it)"
+            if (prov.get("sae") or {}).get("skip_first_token")
+            else ""
+        ),
     ]
     if tool:
         commit = tool.get("git_commit") or "not a git checkout"
@@ -150,13 +155,17 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
     out = []
     if d:
         fb = " It is a fallback: no candidate passed the filters." if d.get("fallback") else ""
+        kl = ev.get("direction_kl", d.get("kl"))
+        if kl is not None and kl >= 1.0:
+            fb += (f" A harmless KL of {_fmt(kl)} nats moves the harmless next-token distributions far: these "
+                   "jailbreaks may be the model breaking rather than its refusal removed.")  # fmt: skip
         jail = _rate(
             ev.get("direction_ablation_jailbreak_rate"), ev.get("direction_ablation_jailbreak_rate_n")
         )
         out.append(
             f"- **Refusal direction.** The difference-in-means direction chosen at layer {d.get('layer')}, eoi "
             f"position {d.get('position')}, jailbreaks {jail} baseline-refused harmful eval prompts when "
-            f"ablated, at harmless KL {_fmt(ev.get('direction_kl', d.get('kl')))}.{fb} "
+            f"ablated, at harmless KL {_fmt(kl)}.{fb} "
             "([figure](#direction-selection), `direction/`)"
         )
     if c:
@@ -178,6 +187,13 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
         )
     if cards is not None and cards.height and g.get("n_prompts"):
         out += _typical(cards, g["n_prompts"], max(c.get("layers") or [-1]))
+    if c and not g.get("n_prompts"):
+        out.append(
+            "- **Nothing dissected.** Greedy needs prompts that ablating every candidate flips; none was, so "
+            "there are no minimal sets, and the random baseline, the interactions and redundancy were not "
+            "measured (null in summary.json)."
+        )
+        return out
     if "random_same_size_jailbreak_rate" in ev or ev.get("random_same_size_jailbreak_rate_n"):
         out.append(
             f"- **Random baseline.** Random sets of the same sizes, from the same layers, jailbreak "

@@ -10,6 +10,7 @@ sae-lens is imported lazily (~14 s): only where SAEs are loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ class SlicedSAE:
     apply_b_dec_to_input: bool = False
     architecture: str = "jumprelu"  # jumprelu | standard | topk
     topk_full: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (W_enc [d,n], b_enc [n], k)
+    # leave each prompt's first token unedited (LoadedSAEs.skip_first_token): interventions.position_mask
+    skip_first: bool = False
 
     @property
     def n_features(self) -> int:
@@ -94,11 +97,13 @@ class SlicedSAE:
             topk = (mv(self.topk_full[0]), mv(self.topk_full[1]), self.topk_full[2])
         return SlicedSAE(
             self.layer, self.features.to(device), mv(self.W_enc), mv(self.b_enc), mv(self.W_dec),
-            mv(self.b_dec), mv(self.threshold), self.apply_b_dec_to_input, self.architecture, topk,
+            mv(self.b_dec), mv(self.threshold), self.apply_b_dec_to_input, self.architecture, topk, self.skip_first,
         )  # fmt: skip
 
     @classmethod
-    def from_sae(cls, sae, layer: int, features: Sequence[int] | torch.Tensor | None = None) -> SlicedSAE:
+    def from_sae(
+        cls, sae, layer: int, features: Sequence[int] | torch.Tensor | None = None, skip_first: bool = False
+    ) -> SlicedSAE:
         """Slice a sae-lens SAE (or anything with W_enc/W_dec/b_enc/b_dec[/threshold]) to `features`.
 
         features=None keeps every latent (a full-width plain-torch SAE, e.g. for redundancy scans).
@@ -126,6 +131,7 @@ class SlicedSAE:
                 apply_b_dec_to_input=bool(getattr(sae.cfg, "apply_b_dec_to_input", False)),
                 architecture=arch,
                 topk_full=topk,
+                skip_first=skip_first,
             )
 
 
@@ -175,6 +181,8 @@ class LoadedSAEs:
 
     cfg: SAEConfig
     saes: dict[int, Any]  # layer → sae_lens.SAE
+    # Edits and reads leave each prompt's first token alone (resolved sae.skip_first_token)
+    skip_first_token: bool = False
 
     @property
     def layers(self) -> list[int]:
@@ -187,7 +195,7 @@ class LoadedSAEs:
         return int(self.saes[layer].W_dec.shape[0])
 
     def slice(self, layer: int, features=None) -> SlicedSAE:
-        return SlicedSAE.from_sae(self.saes[layer], layer, features)
+        return SlicedSAE.from_sae(self.saes[layer], layer, features, self.skip_first_token)
 
     def neuronpedia_url(self, layer: int, feature: int) -> str | None:
         """Neuronpedia page of a real SAE feature, None for the organism."""
@@ -268,7 +276,23 @@ def load_saes(cfg: SAEConfig, model, organism_dir: Path | None = None) -> Loaded
         sae = _load_one(cfg, layer, organism_dir, str(model.device), dtype).eval()
         check_sae(sae, layer, model)
         saes[layer] = sae
-    return LoadedSAEs(cfg, saes)
+    return LoadedSAEs(cfg, saes, skip_first_token(cfg, organism_dir))
+
+
+def skip_first_token(cfg: SAEConfig, organism_dir: Path | None) -> bool:
+    """sae.skip_first_token, or (null) what the SAEs were trained on.
+
+    A tuned build's SAEs never saw a prompt's first token: it is an attention sink whose residual
+    is ~150 times the others' (Sun et al. 2024, arXiv 2402.17762), and on it such an SAE fires
+    ~1000 latents at up to ~30 times their usual size. Scaling those by c would wreck the sink and
+    "jailbreak" by breaking the model. Every other SAE edits every position, as arXiv 2509.09708 does.
+    """
+    if cfg.skip_first_token is not None:
+        return cfg.skip_first_token
+    if cfg.source != "organism" or organism_dir is None:
+        return False
+    manifest = organism_dir / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("kind") == "tuned"
 
 
 def check_sae(sae, layer: int, model) -> None:

@@ -111,6 +111,9 @@ RULES: tuple[Rule, ...] = (
     finite("search.direction.induce_threshold"),
     count("search.direction.batch_size"),
     count("search.candidates.top_k"),  # and <= the SAE width, checked once the SAEs are loaded
+    Rule("search.direction.layers", _layer_selection_ok,
+         "a list of layers, {start: a, stop: b}, {before_last_fraction: f} with 0 <= f < 1, or {before_layer: L}",
+         ([-1], {"start": 3.0, "stop": 1.0}, {"before_last_fraction": 1.5})),
     Rule("search.candidates.layers", _layer_selection_ok,
          "a list of layers, {start: a, stop: b}, {before_last_fraction: f} with 0 <= f < 1, or {before_layer: L}",
          ([-1], {"start": 3.0, "stop": 1.0}, {"before_last_fraction": 1.5})),

@@ -177,3 +177,36 @@ def test_a_run_writes_reports_and_reloads_its_cards(smoke_run):
     assert f"weights hash `{summary['organism']['content_hash']}`" in report
     run = rn.load_run(run_dir)
     assert run.features is not None and run.features.equals(cards) and run.provenance == provenance
+
+
+def test_skipped_first_token_reads_zero_there(organism):
+    """With sae.skip_first_token every latent reads 0 at each prompt's first token and exactly what it
+    reads without the skip everywhere else: a feature's peaks and firing rates never come from a
+    token its SAE never saw."""
+    from refusal_nnsight.features import feature_activations
+    from refusal_nnsight.saes import LoadedSAEs
+
+    model, saes, prompts, _, _ = organism
+    layer = saes.layers[0]
+    feats = [(layer, f) for f in range(saes.width(layer))]
+    texts = prompts.eval_harmful.instructions[:4]
+    full = feature_activations(model, saes, feats, texts)
+    part = feature_activations(model, LoadedSAEs(saes.cfg, saes.saes, skip_first_token=True), feats, texts)
+    assert any(a[0].abs().sum() > 0 for a in full)  # the first token does fire latents here
+    for a, b in zip(full, part, strict=True):
+        assert not b[0].any() and torch.equal(a[1:], b[1:])
+
+
+def test_nothing_found_gives_empty_cards_and_roles(organism):
+    """A run whose greedy dissected no prompt (nothing flipped by all candidates) found no feature:
+    the cards table and the planted roles are empty, with the cards' schema, and nothing crashes."""
+    from refusal_nnsight import ground_truth
+    from refusal_nnsight.features import eval_activations
+
+    model, saes, prompts, dirs, _ = organism
+    acts = eval_activations(model, saes, [], prompts)
+    assert [a.shape[1] for a in acts["harmful"]] == [0] * len(prompts.eval_harmful)
+    roles = ground_truth.feature_roles(model, saes, [], prompts, acts=acts)
+    cards = feature_cards(model, saes, prompts, Direction(dirs.refusal), Greedy({}), coefficient=-3.0,
+                          flip=Criterion("first_token"), roles=roles, acts=acts)  # fmt: skip
+    assert cards.height == 0 and cards.schema == CARD_SCHEMA and roles.height == 0

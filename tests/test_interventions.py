@@ -12,6 +12,7 @@ from refusal_nnsight.interventions import (
     DirectionAblation,
     DirectionAddition,
     FeatureEdit,
+    Reconstruction,
     apply,
     position_mask,
 )
@@ -222,6 +223,26 @@ def test_positions_bos_and_offsets(setup):
     changed = eoi.abs().sum(-1) > 0
     assert changed[:, -len(model.eoi_positions) :].all()
     assert not changed[:, : -len(model.eoi_positions)].any()
+
+
+def test_skip_first_token_leaves_each_rows_first_token_alone(setup):
+    """An SAE that never saw a prompt's first token (an attention sink) is neither edited nor spliced
+    there: every other position changes exactly as without the skip; "bos" becomes empty."""
+    model, _, sae = setup
+    batch = model.tokenize(PROMPTS)  # left-padded: the first real token sits in another column per row
+    clean = _residual(model, batch, [])
+    first = batch.input_ids.shape[1] - batch.attention_mask.sum(-1)
+    every, skip = SlicedSAE.from_sae(sae, LAYER), SlicedSAE.from_sae(sae, LAYER, skip_first=True)
+    for make in (lambda s: FeatureEdit(s, value=-3.0), Reconstruction):
+        full = _residual(model, batch, [make(every)]) - clean
+        part = _residual(model, batch, [make(skip)]) - clean
+        for i in range(len(PROMPTS)):
+            f = int(first[i])
+            assert full[i, f].abs().sum() > 0 and part[i, f].abs().sum() == 0
+            assert torch.equal(part[i, f + 1 :], full[i, f + 1 :])
+    width = batch.input_ids.shape[1]
+    assert not position_mask("bos", batch.attention_mask, 0, width, skip_first=True).any()
+    assert position_mask("all", batch.attention_mask, 2, 1, skip_first=True) is None  # a generated token
 
 
 def test_out_of_memory_halves_the_batch_and_retries():

@@ -150,3 +150,21 @@ def test_sae_hook_must_match_its_layer(tmp_path):
     sae.save_model(str(tmp_path / "layer_1"))
     with pytest.raises(UserError, match="not a residual-stream output"):
         load_saes(SAEConfig(source="disk", path=str(tmp_path / "layer_{layer}"), layers=[1]), model)
+
+
+def test_skip_first_token_follows_what_the_saes_were_trained_on(tmp_path):
+    """sae.skip_first_token: null means a tuned build's SAEs (trained without the first token) skip
+    it and every other SAE edits it, as the paper does; an explicit value always wins."""
+    import json
+
+    from refusal_nnsight.saes import skip_first_token
+
+    tuned, organism = tmp_path / "tuned", tmp_path / "organism"
+    for folder, kind in ((tuned, "tuned"), (organism, "organism")):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"kind": kind}))
+    assert skip_first_token(SAEConfig(), tuned) is True
+    assert skip_first_token(SAEConfig(), organism) is False
+    assert skip_first_token(SAEConfig(skip_first_token=False), tuned) is False
+    assert skip_first_token(SAEConfig(source="pretrained", release="r", sae_id="s"), None) is False
+    assert skip_first_token(SAEConfig(source="pretrained", skip_first_token=True), None) is True

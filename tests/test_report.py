@@ -239,3 +239,25 @@ def test_cards_render_where_found_contexts_and_single_ablation(tmp_path):
     assert "ablated alone (c = -3): refusal score -4.5 on average; flips 50% of the dissected prompts" in card
     assert "`… how to [[bomb]] (L1)…` 3 (harmful #0)" in card
     assert text.index("## What we found") < text.index("## Feature cards") < text.index("## Figures")
+
+
+def test_a_run_that_dissects_nothing_says_so_and_flags_a_breaking_direction():
+    """No prompt flipped by all candidates: one sentence says nothing was dissected and why, instead
+    of a random baseline, interactions and redundancy over no prompts; a direction whose ablation
+    moves harmless outputs by KL >= 1 nat is flagged as possibly breaking the model."""
+    summary = {
+        "direction": {"layer": 4, "position": -1, "kl": 12.9, "fallback": True},
+        "candidates": {"n_features": 40, "layers": [6, 12], "coefficient": -3.0, "criterion": "first_token",
+                       "all_ablated_flip_rate": 0.0, "all_ablated_flip_rate_n": 29},
+        "greedy": {"n_prompts": 0},
+        "fm": {"n_prompts": None},
+        "redundancy": {"n_prompts": 0},
+        "evaluate": {"direction_ablation_jailbreak_rate": 1.0, "direction_ablation_jailbreak_rate_n": 29,
+                     "direction_kl": 13.25, "random_same_size_jailbreak_rate": None},
+    }  # fmt: skip
+    text = "\n".join(found_sentences(summary, {}, None))
+    assert "13.25 nats" in text and "the model breaking" in text
+    assert "Nothing dissected" in text and "flips 0 of 29 (0)" in text
+    assert "Random sets" not in text and "Interactions" not in text and "Redundancy" not in text
+    summary["evaluate"]["direction_kl"] = 0.05
+    assert "the model breaking" not in "\n".join(found_sentences(summary, {}, None))

@@ -19,12 +19,8 @@ from refusal_nnsight.saes import LoadedSAEs
 from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import candidates as stage
 from refusal_nnsight.stages import direction
-from refusal_nnsight.stages.candidates import (
-    CandidatesResult,
-    cosine_table,
-    select_layers,
-    top_cosine_features,
-)
+from refusal_nnsight.stages.candidates import CandidatesResult, cosine_table, top_cosine_features
+from refusal_nnsight.stages.direction import select_layers
 
 PLANTED = 77  # the latent of the layer-0 SAE that reads and writes the refusal direction
 
@@ -135,13 +131,14 @@ def test_no_refused_prompt_gives_nulls_with_reasons(planted_stage1, tmp_path):
 
 def test_layer_selection_list_range_and_before_last_fraction(planted_stage1, tmp_path):
     sae_layers = [0, 2, 3, 5, 7, 9]
-    assert select_layers(None, sae_layers, 10) == sae_layers
-    assert select_layers([2, 5, 6], sae_layers, 10) == [2, 5]  # layers without an SAE are dropped
-    assert select_layers({"start": 2.0, "stop": 6.0}, sae_layers, 10) == [2, 3, 5]
-    assert select_layers({"before_last_fraction": 0.2}, sae_layers, 10) == [0, 2, 3, 5, 7]  # Arditi: < 8
-    assert select_layers({"before_layer": 4.0}, sae_layers, 10) == [0, 2, 3]
-    with pytest.raises(UserError, match="keeps none"):
-        select_layers([1], sae_layers, 10)
+    key = "search.candidates.layers"
+    assert select_layers(None, sae_layers, 10, key) == sae_layers
+    assert select_layers([2, 5, 6], sae_layers, 10, key) == [2, 5]  # layers without an SAE are dropped
+    assert select_layers({"start": 2.0, "stop": 6.0}, sae_layers, 10, key) == [2, 3, 5]
+    assert select_layers({"before_last_fraction": 0.2}, sae_layers, 10, key) == [0, 2, 3, 5, 7]  # Arditi: < 8
+    assert select_layers({"before_layer": 4.0}, sae_layers, 10, key) == [0, 2, 3]
+    with pytest.raises(UserError, match=r"search.candidates.layers=\[1\] keeps none"):
+        select_layers([1], sae_layers, 10, key)
     model, saes, d, prompts, _ = planted_stage1  # 3 layers: before_last_fraction 0.4 keeps layer 0
     result = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=2, layers={"before_last_fraction": 0.4}),
                        StageDir(tmp_path, "candidates"), -3.0, Criterion("score", d.score_threshold))  # fmt: skip
@@ -170,7 +167,7 @@ def test_search_harm_preset_and_one_coefficient():
 
     harm = compose(["search=harm"]).search
     assert harm.candidates.layers == {"before_last_fraction": 0.2}
-    assert select_layers(harm.candidates.layers, list(range(26)), 26) == list(range(20))  # Gemma-2: 0–19
+    assert select_layers(harm.candidates.layers, list(range(26)), 26, "h") == list(range(20))  # Gemma-2: 0–19
     llama = compose(["experiment=paper_llama31"]).search
     assert llama.coefficient == -1.0
     for name in ("candidates", "greedy", "fm", "redundancy", "evaluate"):

@@ -17,7 +17,7 @@ from tiny import model_config, tiny_gemma2, tiny_llama3
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import DirectionConfig
 from refusal_nnsight.data import Prompts, PromptSet
-from refusal_nnsight.errors import NothingToDissect
+from refusal_nnsight.errors import NothingToDissect, UserError
 from refusal_nnsight.interventions import DirectionAddition
 from refusal_nnsight.models import wrap_model
 from refusal_nnsight.scoring import refusal_scores
@@ -149,6 +149,24 @@ def test_run_finds_the_planted_direction(planted, planted_run):
     assert (refusal_scores(model, prompts.eval_harmful.instructions) > 0).all()
     assert (refusal_scores(model, prompts.eval_harmful.instructions, stage.ablation_edits(result)) < 0).all()
     assert (refusal_scores(model, prompts.eval_harmless.instructions, stage.actadd_edits(result)) > 0).all()
+
+
+def test_direction_layers_limit_the_scored_candidates(planted, planted_run, tmp_path):
+    """search.direction.layers scores only the layers it keeps: the same scores there, no rows elsewhere,
+    and the choice is made among them (the planted u is in every layer's mean difference)."""
+    model, u = planted
+    full, _ = planted_run
+    cfg = DirectionConfig(batch_size=4, layers=[1])
+    part = stage.run(model, planted_prompts(), cfg, StageDir(tmp_path, "direction"))
+    assert set(part.table["layer"]) == {1} and part.layer == 1
+    assert part.table.height == len(model.eoi_positions)
+    assert part.table.equals(full.table.filter(pl.col("layer") == 1).select(part.table.columns))
+    assert torch.equal(part.directions, full.directions)  # the means are still taken at every layer
+    assert torch.nn.functional.cosine_similarity(part.direction, u, dim=0) > 0.999
+    with pytest.raises(UserError, match="search.direction.layers"):
+        stage.run(
+            model, planted_prompts(), DirectionConfig(layers=[50]), StageDir(tmp_path / "bad", "direction")
+        )
 
 
 def test_save_load_round_trip_and_determinism(planted, planted_run, tmp_path):

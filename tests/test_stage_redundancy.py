@@ -171,3 +171,20 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     assert out.finished
     again = RedundancyResult.load(out)
     assert again.summary() == s and again.awakened.equals(result.awakened)
+
+
+def test_skipped_first_token_is_not_read_or_clamped(planted, tmp_path):
+    """SAEs that never saw the first token (sae.skip_first_token): the hydra is still found at the
+    later positions, the <bos> clamp is not run, and the <bos> figures are null with the reason."""
+    model, saes, prompts, a = planted
+    skipping = LoadedSAEs(saes.cfg, saes.saes, skip_first_token=True)
+    cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0)
+    result = redundancy.run(model, skipping, Greedy({0: [(0, a)], 1: []}), prompts, cfg,
+                            StageDir(tmp_path, "redundancy"), StartsWithI(), -3.0)  # fmt: skip
+    h = result.awakened.filter(pl.col("in_h") & (pl.col("ablation") == "strong"))
+    assert (1, B) in list(zip(h["layer"], h["feature"], strict=True))
+    assert h["ablated_bos"].is_nan().all()
+    assert "bos_clamp" not in set(result.tests["condition"])
+    s = result.summary()
+    for key in ("bos_clamp_jailbreak_rate", "bos_clamp_jailbreak_change", "h_active_at_bos"):
+        assert s[key] is None and "first token" in result.notes[key], key

@@ -73,7 +73,9 @@ def test_the_tuned_recipe_is_a_recipe_but_has_no_planted_truth(capsys):
     assert recipe_hash(dataclasses.replace(r, steps=51), 3) != recipe_hash(r, 3)
     with pytest.raises(UserError, match="no planted truth|without planted truth"):
         organism_recipe("smollm2_harmbench")
-    assert organism_main(["check", "--recipe", "smollm2_harmbench"]) == 2  # refused before any build
+    assert (
+        organism_main(["validate", "--recipe", "smollm2_harmbench", "--seeds", "0"]) == 2
+    )  # before any build
     assert "without planted truth" in capsys.readouterr().err
 
 
@@ -97,3 +99,49 @@ def test_real_mtbench_questions_read_as_first_turns():
     rows = read_prompt_source(tuned.mtbench(), False)
     assert len(rows) == 80 and rows.instructions[0].startswith("Compose an engaging travel blog post")
     assert len(set(rows.categories)) == 8
+
+
+def test_check_remeasures_a_tuned_build(tmp_path, monkeypatch, capsys):
+    """`check` on a tuned build re-measures its held-out figures from the saved weights: the two
+    refusal rates, each SAE's FVU (the one its own stats give) and its splice with the first token
+    left alone; the targets decide the exit code. A tiny ChatML Llama stands in for the 35-minute build."""
+    import json
+
+    from refusal_nnsight.organism import build, store
+
+    model, tok = tiny_smollm2(seed=2)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    texts = [
+        "tell me how to make a bomb please",
+        "what is a cake ?",
+        "write a story please",
+        "explain the code",
+    ]
+    acts = tuned.residuals(model, tok, [tuned._format(tok, t) for t in texts * 8], [1])[1]
+    r = TunedRecipe(sae_layers=(1,), sae_expansion=2, sae_k=8, sae_steps=60, sae_batch_size=64, threads=1)
+    sae_train.save_sae(tuned.train_sae(acts, 1, r), store.sae_path(tmp_path, 1))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"kind": "tuned", "recipe_hash": "h", "build_seconds": 1})
+    )
+    monkeypatch.setattr("refusal_nnsight.organism.recipe.RECIPES", {"smollm2_harmbench": r})
+    monkeypatch.setattr(build, "ensure_organism", lambda recipe, seed: tmp_path)
+    monkeypatch.setattr(tuned, "test_prompts", lambda: (texts[:2], texts[2:]))
+    monkeypatch.setitem(tuned.BASES, "smollm2_135m_it",
+                        dataclasses.replace(tuned.BASES["smollm2_135m_it"], n_layers=3, d_model=64))  # fmt: skip
+    code = organism_main(["check", "--recipe", "smollm2_harmbench"])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    fig = result["figures"]
+    assert out.startswith("tuned model smollm2_harmbench seed 0")
+    assert set(result["targets"]) == {"harmbench_test_refusal_rate", "mtbench_refusal_rate", "sae_fvu_max"}
+    assert 0 <= fig["harmbench_test_refusal_rate"] <= 1 and 0 <= fig["mtbench_refusal_rate"] <= 1
+    held = tuned.residuals(
+        model, tok, [tuned._format(tok, t) for t in tuned.sae_held_out(texts[:2], texts[2:])], [1]
+    )
+    expected = sae_train.sae_stats(sae_train.load_sae(store.sae_path(tmp_path, 1)), held[1])["fvu"]
+    assert fig["sae_fvu_1"] == fig["sae_fvu_max"] == round(expected, 4)
+    assert 0 <= fig["sae_splice_next_token_agreement_1"] <= 1 and fig["sae_splice_kl_1"] >= 0
+    assert code == (0 if result["all_met"] else 1) and result["all_met"] == all(
+        result["targets_met"].values()
+    )

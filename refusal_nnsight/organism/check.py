@@ -236,9 +236,18 @@ def meets(value, op: str, target) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = measure(args.recipe, args.seed, args.max_prompts)
+    from .recipe import TunedRecipe, get_recipe
+
+    if isinstance(get_recipe(args.recipe, args.seed), TunedRecipe):  # a real model: held-out figures only
+        from .tuned import measure as measure_tuned
+
+        result = measure_tuned(args.recipe, args.seed)
+        what = "tuned model"
+    else:
+        result = measure(args.recipe, args.seed, args.max_prompts)
+        what = "organism"
     print(
-        f"organism {result['recipe']} seed {result['seed']}: recipe {result['recipe_hash']}, content {result['content_hash']}"
+        f"{what} {result['recipe']} seed {result['seed']}: recipe {result['recipe_hash']}, content {result['content_hash']}"
     )
     for k, v in result["figures"].items():
         if k not in result["targets"]:

@@ -54,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     b.add_argument("--seed", type=_count(0), default=0, help="organism seed (0 = the shipped organism's)")
     b.add_argument("--no-eval", action="store_true", help="skip the held-out refusal / splice evaluation")
-    c = sub.add_parser("check", help="measure every planted mechanism against its target (exit 1 on a miss)")
+    c = sub.add_parser(
+        "check",
+        help="measure every planted mechanism (a tuned model: its held-out figures) against its target "
+        "(exit 1 on a miss)",
+    )
     c.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     c.add_argument("--seed", type=_count(0), default=0)
     c.add_argument("--max-prompts", type=_count(1), default=None, help="test prompts used (default: all)")

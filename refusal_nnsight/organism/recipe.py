@@ -122,12 +122,12 @@ def get_recipe(name: str, seed: int = 0) -> OrganismRecipe | TunedRecipe:
 
 
 def organism_recipe(name: str, seed: int = 0) -> OrganismRecipe:
-    """The named recipe, which must plant truth (an OrganismRecipe): for check, validate, planted."""
+    """The named recipe, which must plant truth (an OrganismRecipe): for the planted checks, validate."""
     r = get_recipe(name, seed)
     if not isinstance(r, OrganismRecipe):
         raise UserError(
-            f"recipe '{name}' is a tuned real model without planted truth; `check` and `validate` measure "
-            "planted mechanisms (its build prints its own refusal rates and SAE figures)"
+            f"recipe '{name}' is a tuned real model without planted truth; `validate` scores the pipeline "
+            "against planted mechanisms (`check` on it re-measures its held-out refusal rates and SAE figures)"
         )
     return r
 

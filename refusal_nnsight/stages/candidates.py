@@ -18,15 +18,15 @@ import polars as pl
 import torch
 
 from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
-from ..config import CandidatesConfig, LayerSelection
+from ..config import CandidatesConfig
 from ..data import Prompts
 from ..engine import AblationEngine, Feature
-from ..errors import NonFiniteError, UserError
+from ..errors import NonFiniteError
 from ..judges import Judge
 from ..models import LoadedModel
 from ..saes import LoadedSAEs, decoder_cosines
 from ..scoring import Criterion, flips
-from .direction import DirectionResult, prune_limit
+from .direction import DirectionResult, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +42,6 @@ def top_cosine_features(
     cos = decoder_cosines(direction, W_dec)
     order = torch.sort(cos, descending=True, stable=True).indices[: min(k, W_dec.shape[0])]
     return order, cos[order]
-
-
-def select_layers(selection: LayerSelection, sae_layers: list[int], n_layers: int) -> list[int]:
-    """The SAE layers searched for candidates (see config.LayerSelection); never empty."""
-    if selection is None:
-        wanted = set(sae_layers)
-    elif isinstance(selection, list):
-        wanted = {int(layer) for layer in selection}
-    elif "before_last_fraction" in selection:  # Arditi: layers < int(n_layers·(1 − f))
-        wanted = set(range(prune_limit(n_layers, float(selection["before_last_fraction"]))))
-    elif "before_layer" in selection:
-        wanted = set(range(int(selection["before_layer"])))
-    else:
-        wanted = set(range(int(selection["start"]), int(selection["stop"])))
-    layers = sorted(wanted & set(sae_layers))
-    if not layers:
-        raise UserError(
-            f"search.candidates.layers={selection} keeps none of the SAE layers {sorted(sae_layers)}"
-        )
-    return layers
 
 
 def cosine_table(
@@ -198,7 +178,7 @@ def run(
 
     The caller saves (`result.save(out)`), as for every stage.
     """
-    layers = select_layers(cfg.layers, list(saes.layers), model.n_layers)
+    layers = select_layers(cfg.layers, list(saes.layers), model.n_layers, "search.candidates.layers")
     table = cosine_table(direction.direction, saes, cfg.top_k, layers)
     log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
              table.height, layers, max(table["cosine"].to_list()))  # fmt: skip

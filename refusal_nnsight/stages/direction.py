@@ -38,7 +38,7 @@ from ..artifacts import (
     write_tensors,
 )
 from ..backends import run_chunks
-from ..config import DirectionConfig
+from ..config import DirectionConfig, LayerSelection
 from ..data import Prompts
 from ..errors import NonFiniteError, NothingToDissect, UserError
 from ..interventions import DirectionAblation, DirectionAddition, Edit
@@ -172,6 +172,26 @@ def prune_limit(n_layers: int, fraction: float) -> int:
     return max(1, int(n_layers * (1.0 - fraction)))
 
 
+def select_layers(selection: LayerSelection, available: list[int], n_layers: int, setting: str) -> list[int]:
+    """The layers of `available` that `selection` keeps (see config.LayerSelection); never empty.
+
+    `setting` names the config key in the error, e.g. "search.candidates.layers"."""
+    if selection is None:
+        wanted = set(available)
+    elif isinstance(selection, list):
+        wanted = {int(layer) for layer in selection}
+    elif "before_last_fraction" in selection:  # Arditi: layers < int(n_layers·(1 − f))
+        wanted = set(range(prune_limit(n_layers, float(selection["before_last_fraction"]))))
+    elif "before_layer" in selection:
+        wanted = set(range(int(selection["before_layer"])))
+    else:
+        wanted = set(range(int(selection["start"]), int(selection["stop"])))
+    layers = sorted(wanted & set(available))
+    if not layers:
+        raise UserError(f"{setting}={selection} keeps none of the layers {sorted(available)}")
+    return layers
+
+
 def select(table: pl.DataFrame, n_layers: int, cfg: DirectionConfig) -> tuple[pl.DataFrame, int, str | None]:
     """Mark each candidate kept/discarded and pick one (Arditi `select_direction.py`).
 
@@ -225,13 +245,17 @@ def score_candidates(
     harmful: list[str],
     harmless: list[str],
     batch_size: int,
+    layers: list[int] | None = None,
 ) -> pl.DataFrame:
-    """Bypass, induce and KL of every candidate r[p, l] (directions [P, L, d]) on the val sets; one row each."""
+    """Bypass, induce and KL of every candidate r[p, l] (directions [P, L, d]) on the val sets; one row each.
+
+    `layers` (default: all) limits the layers scored; the others get no row and cannot be chosen."""
     both, n_h = model.tokenize(harmful + harmless), len(harmful)
     harmless_batch = model.tokenize(harmless)
     clean = last_logits(model, harmless_batch, batch_size=batch_size)
     rows = []
-    grid = [(pi, layer) for pi in range(len(positions)) for layer in range(directions.shape[1])]
+    layers = list(range(directions.shape[1])) if layers is None else layers
+    grid = [(pi, layer) for pi in range(len(positions)) for layer in layers]
     for pi, layer in tqdm(grid, desc="direction candidates", leave=False):
         r = directions[pi, layer]
         norm = float(r.norm())
@@ -274,6 +298,7 @@ def baseline_filter(model: LoadedModel, sets: dict, batch_size: int) -> tuple[di
 
 def run(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig, out: StageDir) -> DirectionResult:
     """Baseline filter → difference of means → Arditi selection. The caller saves (`result.save(out)`)."""
+    scored = select_layers(cfg.layers, list(range(model.n_layers)), model.n_layers, "search.direction.layers")
     sets = {("train", True): prompts.train_harmful, ("train", False): prompts.train_harmless,
             ("val", True): prompts.val_harmful, ("val", False): prompts.val_harmless}  # fmt: skip
     kept, baseline = baseline_filter(
@@ -307,9 +332,9 @@ def run(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig, out: StageDi
     directions = (mean_h - mean_l).float()  # [P, L, d]
     _check_finite(directions)
 
-    # 3. Arditi selection on val
+    # 3. Arditi selection on val, over the layers search.direction.layers keeps (default: all)
     table = score_candidates(
-        model, directions, positions, picked["val", True], picked["val", False], cfg.batch_size
+        model, directions, positions, picked["val", True], picked["val", False], cfg.batch_size, scored
     )
     table, best, reason = select(table, model.n_layers, cfg)
     if reason is not None:

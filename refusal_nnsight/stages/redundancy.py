@@ -31,6 +31,7 @@ measured (nothing clamped, no awakened set) is None with its reason in `notes`, 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -130,6 +131,7 @@ def scan(
     layers: Sequence[int] | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Max over real positions [N, width] and value at <bos> [N, width] of every latent, per layer.
+    With saes.skip_first_token the first token is not read: left out of the max, NaN at <bos>.
 
     Each layer's latents are encoded from its residual before that layer's own edits.
     """
@@ -163,8 +165,13 @@ def scan(
         for mask, resid in chunks:
             f = sae.encode(resid[k].float())  # [B, T, width]
             first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
-            maxes[layer].append(f.masked_fill(~mask.bool()[..., None], float("-inf")).amax(1).cpu())
-            at_bos[layer].append(f[torch.arange(mask.shape[0], device=f.device), first].cpu())
+            rows_ = torch.arange(mask.shape[0], device=f.device)
+            real = mask.bool().clone()
+            if saes.skip_first_token:  # an SAE that never saw the first token is not read there
+                real[rows_, first] = False
+            maxes[layer].append(f.masked_fill(~real[..., None], float("-inf")).amax(1).cpu())
+            bos = f[rows_, first].cpu()
+            at_bos[layer].append(torch.full_like(bos, math.nan) if saes.skip_first_token else bos)
     out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
     out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
     for layer, t in out_max.items():
@@ -304,7 +311,7 @@ def _conditions(
         {**dict.fromkeys(m, c), **dict.fromkeys(x, cfg.reinject_scale)}
         for m, x in zip(minimal, h, strict=True)
     ]
-    return {
+    conditions = {
         "clean": ([], [0] * n),
         "m": (_ablate(model, saes, minimal, c), _sizes(minimal)),
         "m_plus_h": (_ablate(model, saes, m_h, c), _sizes(m_h)),
@@ -314,6 +321,9 @@ def _conditions(
         # the clamp goes first: at a shared layer it reads the residual before M's edit
         "bos_clamp": (bos_clamp + _ablate(model, saes, minimal, c), _sizes(bos_set)),
     }
+    if saes.skip_first_token:  # the SAEs leave the first token alone: a <bos> clamp would edit nothing
+        del conditions["bos_clamp"]
+    return conditions
 
 
 def _run_tests(
@@ -448,7 +458,7 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
         # relative change, like the paper's "−80%": (rate with clamp − rate of M) / rate of M
         "bos_clamp_jailbreak_change": (bos_rate - m_rate) / m_rate if m_rate and bos_rate is not None else None,
         "h_active_at_bos": float(strong.filter(pl.col("in_h") & (pl.col("ablated_bos") > 0)).height / len(with_h))
-        if with_h else None,
+        if with_h and not strong["ablated_bos"].is_nan().all() else None,  # NaN: the first token was not read
     }  # fmt: skip
 
 
@@ -461,10 +471,15 @@ def _reasons(awakened: pl.DataFrame, tests: pl.DataFrame, cfg: RedundancyConfig)
         notes.update({k: why for k in s if k.endswith("jailbreak_rate")})
     if s["reinject_refusal_rate"] is None:
         notes["reinject_refusal_rate"] = "no prompt has both an M-ablated jailbreak and an awakened set H"
+    skipped = ("the SAEs leave each prompt's first token alone (sae.skip_first_token: they never saw it), so "
+               "nothing is read or clamped at <bos>")  # fmt: skip
     if s["h_active_at_bos"] is None:
-        notes["h_active_at_bos"] = "no prompt has an awakened set H"
+        with_h = awakened.filter(pl.col("in_h"))
+        notes["h_active_at_bos"] = skipped if with_h.height else "no prompt has an awakened set H"
     bos = tests.filter(pl.col("condition") == "bos_clamp")
-    if s["bos_clamp_jailbreak_rate"] is None and bos.height and int(bos["n_edited"].sum()) == 0:
+    if bos.height == 0 and tests.height:
+        notes["bos_clamp_jailbreak_rate"] = notes["bos_clamp_jailbreak_change"] = skipped
+    elif s["bos_clamp_jailbreak_rate"] is None and bos.height and int(bos["n_edited"].sum()) == 0:
         why = (
             f"the <bos> clamp set ({cfg.bos_features} latents) is empty on every prompt: nothing was clamped"
         )
