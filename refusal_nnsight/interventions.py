@@ -45,11 +45,13 @@ def position_mask(
     if not skip_first or step != 0:  # generated tokens are never a prompt's first token
         return out
     out = (attention_mask.bool() if out is None else out).clone()
-    first = (
-        attention_mask.shape[1] - attention_mask.sum(-1)
-    ).long()  # first real column of each left-padded row
-    out[torch.arange(out.shape[0], device=out.device), first.to(out.device)] = False
+    out[torch.arange(out.shape[0], device=out.device), first_column(attention_mask).to(out.device)] = False
     return out
+
+
+def first_column(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] long: the column of each left-padded row's first real token (its BOS, where it has one)."""
+    return (attention_mask.shape[1] - attention_mask.sum(-1)).long()
 
 
 def _position_mask(
@@ -67,7 +69,7 @@ def _position_mask(
     if not prompt_step:
         return out  # bos / prompt offsets exist only in the prompt forward
     if positions == "bos":
-        first = (attention_mask.shape[1] - attention_mask.sum(-1)).long()  # first real token per row
+        first = first_column(attention_mask)
         out[torch.arange(out.shape[0]), first] = True
         return out
     offsets = torch.as_tensor(list(positions), dtype=torch.long)

@@ -264,6 +264,8 @@ def residuals(model, tok, texts: Sequence[str], layers: Sequence[int]) -> dict[i
     import nnsight
     from nnsight import TransformersModel
 
+    from ..interventions import position_mask
+
     lm = TransformersModel(model, tokenizer=tok)
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(texts), 16):
@@ -271,12 +273,12 @@ def residuals(model, tok, texts: Sequence[str], layers: Sequence[int]) -> dict[i
                   padding_side="left", truncation=True, max_length=384)  # fmt: skip
         with lm.trace({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}):
             saved = nnsight.save([lm.model.layers[layer].output for layer in layers])
-        keep = enc["attention_mask"].bool()
         # The first token's residual is thousands of times larger than the others' (an attention
         # sink's massive activation, Sun et al. 2024, arXiv 2402.17762): it would swamp the SAE's
-        # loss and its FVU, so it is left out (every edit keeps the SAE's error term there).
-        first = keep.shape[1] - keep.sum(-1)
-        keep[torch.arange(keep.shape[0]), first] = False
+        # loss and its FVU, so it is left out (and the toolkit never edits or reads it with these
+        # SAEs: sae.skip_first_token).
+        keep = position_mask("all", enc["attention_mask"], 0, enc["input_ids"].shape[1], skip_first=True)
+        assert keep is not None  # the prompt forward always has a mask
         for layer, h in zip(layers, saved, strict=True):
             out[layer].append(h[keep].float())
     return {layer: torch.cat(v) for layer, v in out.items()}
@@ -389,7 +391,6 @@ def measure(recipe: str, seed: int = 0) -> dict:
     model, tok = load_hf(
         replace(BASES[r.base], source="organism", organism_recipe=recipe), store.model_path(root)
     )
-    model.eval()
     harmful_test, harmless_test = test_prompts()
     fig: dict[str, float] = {
         "harmbench_test_refusal_rate": refusal_rate(model, tok, harmful_test),

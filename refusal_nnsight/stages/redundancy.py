@@ -164,13 +164,11 @@ def scan(
         sae = saes.slice(layer).to(chunks[0][1].device if chunks else model.device, torch.float32)
         for mask, resid in chunks:
             f = sae.encode(resid[k].float())  # [B, T, width]
-            first = (mask.shape[1] - mask.sum(-1)).long()  # the <bos> column of each left-padded row
-            rows_ = torch.arange(mask.shape[0], device=f.device)
-            real = mask.bool().clone()
-            if saes.skip_first_token:  # an SAE that never saw the first token is not read there
-                real[rows_, first] = False
+            # the real positions; with saes.skip_first_token, not the first, which the SAE never saw
+            real = interventions.position_mask("all", mask, 0, mask.shape[1], saes.skip_first_token)
+            assert real is not None  # the prompt forward always has a mask
             maxes[layer].append(f.masked_fill(~real[..., None], float("-inf")).amax(1).cpu())
-            bos = f[rows_, first].cpu()
+            bos = f[torch.arange(mask.shape[0], device=f.device), interventions.first_column(mask)].cpu()
             at_bos[layer].append(torch.full_like(bos, math.nan) if saes.skip_first_token else bos)
     out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
     out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
