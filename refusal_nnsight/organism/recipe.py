@@ -74,17 +74,18 @@ class TunedRecipe:
     # written harmless prompts answered with the base model's own greedy answers --
     steps: int = 60  # optimizer steps (AdamW, constant lr)
     batch_harmful: int = 4  # harmful examples per step
-    batch_harmless: int = 4  # harmless examples per step
+    batch_harmless: int = 6  # harmless examples per step (more than harmful: over-refusal is the harder side)
     lr: float = 5e-5
     distill_tokens: int = 64  # length of each self-distilled harmless answer
     # -- SAEs (sae-lens BatchTopK, saved as JumpReLU) on a few residual layers --
     sae_layers: tuple[int, ...] = (6, 12, 18, 24)
     sae_expansion: int = 4  # d_sae = sae_expansion * d_model
-    sae_k: int = 32  # active latents per token (batch average)
-    sae_steps: int = 800
+    sae_k: int = 128  # active latents per token (batch average); at 32 or 64 held-out FVU stayed > 0.1
+    sae_steps: int = 3000
     sae_batch_size: int = 512
-    sae_lr: float = 2e-4
-    sae_answer_tokens: int = 64  # the tuned model's own answers, appended to each SAE training prompt
+    sae_lr: float = 1e-3
+    sae_answer_tokens: int = 160  # the tuned model's own answers, appended to each SAE training prompt
+    sae_samples: int = 2  # extra sampled answers to each harmless training prompt, for more SAE tokens
 
 
 RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {

