@@ -108,7 +108,7 @@ def test_real_mtbench_questions_read_as_first_turns():
 def test_check_remeasures_a_tuned_build(tmp_path, monkeypatch, capsys):
     """`check` on a tuned build re-measures its held-out figures from the saved weights: the two
     refusal rates, each SAE's FVU (the one its own stats give) and its splice with the first token
-    left alone; the targets decide the exit code. A tiny ChatML Llama stands in for the 35-minute build."""
+    left alone; the targets decide the exit code. A tiny ChatML Llama stands in for the 47-minute build."""
     import json
 
     from refusal_nnsight.organism import build, store
@@ -191,7 +191,7 @@ def test_the_real_build_end_to_end_on_a_short_recipe(tmp_path, monkeypatch):
     for rates in (manifest["eval"]["base_refusal_rates"], manifest["eval"]["refusal_rates"]):
         assert set(rates) == {"harmbench_test", "mtbench"} and all(0 <= v <= 1 for v in rates.values())
     for layer, stats in manifest["saes"].items():
-        assert 0 < stats["fvu"] < 2 and 0 < stats["l0"] <= 4 * r.sae_k and stats["train_tokens"] > 1000
+        assert 0 < stats["fvu"] < 2 and stats["l0"] > 0 and stats["train_tokens"] > 1000
         sae = sae_train.load_sae(store.sae_path(tmp_path, int(layer)))
         assert sae.cfg.metadata.hf_hook_name == f"model.layers.{layer}" and sae.cfg.d_in == 576
     # the SAE corpus: training prompts (HarmBench val, the written harmless ones, each answered) and
