@@ -69,7 +69,8 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, Any], cfg_dic
                 spec.caption,
                 "",
             ]
-    lines += [""] + _findings(summary, results, search)
+    skip_first = bool((prov.get("sae") or {}).get("skip_first_token"))
+    lines += [""] + _findings(summary, results, search, skip_first)
     lines += ["## Numbers by stage", ""] + _numbers(summary)
     lines += _settings(run, cfg_dict, search, summary)
     lines += ["## Notes", ""] + _notes(results)
@@ -431,22 +432,29 @@ CRITERIA = {
 }
 
 
-def _findings(summary: dict, results: dict, search: dict) -> list[str]:
+def _findings(summary: dict, results: dict, search: dict, skip_first: bool = False) -> list[str]:
     """What the edit is, what a flip is, and the figures that answer the method's questions:
-    both coefficients, like-with-like rates, smallest sets, FM pair kinds, the prompt classifier."""
+    both coefficients, like-with-like rates, smallest sets, FM pair kinds, the prompt classifier.
+    `skip_first`: the SAEs never saw a prompt's first token, so no edit touches it."""
     g, fm, ev, red = (summary.get(k) or {} for k in ("greedy", "fm", "evaluate", "redundancy"))
     c = search.get("coefficient", ev.get("coefficient", g.get("coefficient")))
     lines = ["## How it was measured", ""]
     if c is not None:
+        where = "at every position but each prompt's first token" if skip_first else "at every position"
         lines.append(
             f"- Edit: every SAE ablation scales the chosen latents by c = {_fmt(c)} (f_i ← c·f_i, the SAE error "
-            f"term kept, at every position){' — negative steering, not only removal' if c < 0 else ''}."
+            f"term kept, {where}){' — negative steering, not only removal' if c < 0 else ''}."
         )
     rd = search.get("redundancy") or {}
     if red:
+        clamp = (
+            "its <bos> clamp was not run (the SAEs never saw the first token)"
+            if skip_first
+            else f"its <bos> clamp sets the {rd.get('bos_features', 'awakened')} latents to "
+            f"{_fmt(rd.get('bos_clamp_value', 0.0))} at <bos> only"
+        )
         lines.append(
-            f"- Redundancy's weak ablation scales M by {_fmt(red.get('weak_coefficient'))}; its <bos> clamp sets the "
-            f"{rd.get('bos_features', 'awakened')} latents to {_fmt(rd.get('bos_clamp_value', 0.0))} at <bos> only."
+            f"- Redundancy's weak ablation scales M by {_fmt(red.get('weak_coefficient'))}; {clamp}."
         )
     crit = g.get("criterion") or (search.get("greedy") or {}).get("criterion")
     if crit:

@@ -195,6 +195,23 @@ def test_report_states_the_edit_criterion_and_honest_rates(tmp_path):
     assert "(synergy 2, redundant 1, suppression 2)" in text
     assert "FM 0.98, linear 0.93" in text and "2048 per prompt, 8192 in total" in text
     assert "evaluate.candidates_ablated_jailbreak_rate: condition candidates_ablated did not run" in text
+    assert (
+        "at every position)" in text
+        and "its <bos> clamp sets the awakened latents to 0 at <bos> only" in text
+    )
+
+
+def test_the_method_lines_say_when_the_first_token_is_left_alone(tmp_path):
+    """SAEs that never saw a prompt's first token: the edit line says so, and the <bos> clamp is
+    reported as not run rather than described as if it had been."""
+    from refusal_nnsight.artifacts import write_json
+
+    run = RunFolder(tmp_path)
+    write_json(run.provenance, {"sae": {"skip_first_token": True}})
+    text = write_report(run, FULL_SUMMARY, _results(), CFG).read_text()
+    assert "at every position but each prompt's first token)" in text
+    assert "its <bos> clamp was not run (the SAEs never saw the first token)" in text
+    assert "at <bos> only" not in text
 
 
 def test_found_sentences_follow_the_numbers():
