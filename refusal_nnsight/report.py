@@ -42,6 +42,11 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
+def _skips_first_token(prov: dict) -> bool:
+    """Whether the run's SAEs never saw a prompt's first token, so no edit or read touched it."""
+    return bool((prov.get("sae") or {}).get("skip_first_token"))
+
+
 def write_report(run: RunFolder, summary: dict, results: dict[str, Any], cfg_dict: dict) -> Path:
     """Write run.report (report.md) and the figures; return the report's path."""
     figures = write_figures(run, results)
@@ -69,8 +74,7 @@ def write_report(run: RunFolder, summary: dict, results: dict[str, Any], cfg_dic
                 spec.caption,
                 "",
             ]
-    skip_first = bool((prov.get("sae") or {}).get("skip_first_token"))
-    lines += [""] + _findings(summary, results, search, skip_first)
+    lines += [""] + _findings(summary, results, search, _skips_first_token(prov))
     lines += ["## Numbers by stage", ""] + _numbers(summary)
     lines += _settings(run, cfg_dict, search, summary)
     lines += ["## Notes", ""] + _notes(results)
@@ -116,7 +120,7 @@ def _provenance(summary: dict, cfg_dict: dict, prov: dict) -> list[str]:
         f"layers {s.get('layers') or 'all'}"
         + (
             "; no edit or read touches a prompt's first token (the SAEs never saw it)"
-            if (prov.get("sae") or {}).get("skip_first_token")
+            if _skips_first_token(prov)
             else ""
         ),
     ]

@@ -265,13 +265,10 @@ def generate(
     """Answers (special tokens dropped) to chat-formatted `texts`, left-padded batches: greedy, or
     sampled at temperature 1 with top-p 0.95 from torch's generator seeded with `sample_seed`."""
     model.eval()
+    sampling: dict = {"do_sample": False}
     if sample_seed is not None:
         torch.manual_seed(sample_seed)
-    sampling = (
-        {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
-        if sample_seed is not None
-        else {"do_sample": False}
-    )
+        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 0.95}
     out: list[str] = []
     for i in range(0, len(texts), batch_size):
         enc = tok([_format(tok, t) for t in texts[i : i + batch_size]], return_tensors="pt", padding=True,
@@ -556,7 +553,7 @@ def build_into(r: TunedRecipe, root: Path) -> dict:
     distilled = [
         (p, a.strip())
         for p, a in zip(HARMLESS_TRAIN, answers, strict=True)
-        if a.strip() and not is_refusal(a)
+        if not is_refusal(a)  # a blank answer counts as a refusal too
     ]
     lap("distill")
     log.info(
