@@ -108,6 +108,31 @@ def _plain(fields: dict) -> dict:
     return json.loads(json.dumps(fields, default=str))
 
 
+def _build_key(built: dict) -> dict:
+    """What names an organism build's weights: its recipe, seed and hashes."""
+    return {k: built[k] for k in ("recipe", "seed", "recipe_hash", "content_hash")}
+
+
+def _claim_build(run_folder: RunFolder, built: dict | None) -> None:
+    """Refuse a folder whose results were computed on another organism build: the same config
+    names a recipe and seed, not weights, and a recipe changed in code (or a rebuild on another
+    CPU) yields other weights under the same settings."""
+    if not built or not run_folder.identity.exists():
+        return
+    recorded = read_json(run_folder.identity).get("organism")
+    if recorded is None:  # a folder from before builds were recorded: nothing to compare
+        log.warning("run_dir %s does not record which organism build it dissected", run_folder.root)
+        return
+    now = _build_key(built)
+    if recorded != now:
+        diff = next(k for k in now if recorded.get(k) != now[k])
+        raise UserError(
+            f"run_dir {run_folder.root} holds results on another build of the organism: {diff}="
+            f"{recorded.get(diff)} there, {now[diff]} now; use a new run_dir, or force_restart=true "
+            "(--force-restart) to discard them"
+        )
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -154,14 +179,17 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     prompts = load_prompts(cfg.data, prompt_splits(cfg.model.organism_seed))
     check_readable(prompts, model, cfg.data)  # too long, unreadable (<unk>) or holding control tokens
     judge = make_judge(cfg.judge.name)
+    built = organism and _organism_provenance(organism)
+    _claim_build(run_folder, built)
     write_json(run_folder.config, to_dict(cfg))
     if not run_folder.identity.exists():
-        write_json(run_folder.identity, {"config_hash": run_folder.config_hash, "fields": result_fields(cfg)})
+        identity = {"config_hash": run_folder.config_hash, "fields": result_fields(cfg)}
+        write_json(run_folder.identity, identity | ({"organism": _build_key(built)} if built else {}))
     s = cfg.search
     timing: dict = {"torch_threads": torch.get_num_threads()}
     summary: dict = {"model": cfg.model.name, "sae": cfg.sae.name, "data": cfg.data.name, "search": s.name}
-    if organism is not None:  # which build was dissected (the report names it)
-        summary["organism"] = _organism_provenance(organism)
+    if built:  # which build was dissected (the report names it)
+        summary["organism"] = built
     write_json(
         run_folder.provenance, provenance.collect(cfg, model, summary.get("organism"), saes.skip_first_token)
     )

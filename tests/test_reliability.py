@@ -138,6 +138,30 @@ def test_resume_under_another_config_is_refused_naming_the_field(
     assert json.loads((run_dir / "run.json").read_text())["fields"]["search.candidates.top_k"] == 5
 
 
+def test_resume_on_another_build_of_the_organism_is_refused(small_organism, tmp_path):
+    """The config names a recipe and seed, not weights: a run folder records which build it
+    dissected, and a resume against other weights under the same config is refused."""
+    from refusal_nnsight.errors import UserError
+
+    run_dir = tmp_path / "run"
+    pipeline.run(_compose_run(run_dir, "stages=[direction]"))
+    identity = run_dir / "run.json"
+    recorded = json.loads(identity.read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert recorded["organism"] == {k: summary["organism"][k] for k in recorded["organism"]}
+    assert recorded["organism"]["content_hash"]
+
+    pipeline.run(_compose_run(run_dir, "stages=[direction]"))  # the same build resumes
+    recorded["organism"]["content_hash"] = "0" * 16  # as if the folder had dissected another build
+    identity.write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"another build of the organism: content_hash=0{16} there"):
+        pipeline.run(_compose_run(run_dir, "stages=[direction]"))
+    pipeline.run(_compose_run(run_dir, "stages=[direction]", "force_restart=true"))
+    assert json.loads(identity.read_text())["organism"] == {
+        k: summary["organism"][k] for k in recorded["organism"]
+    }
+
+
 def test_damaged_artifacts_are_detected_and_recomputed(small_organism, tmp_path, caplog):
     run_dir = tmp_path / "run"
     pipeline.run(_compose_run(run_dir))
