@@ -54,7 +54,9 @@ def test_batchtopk_sae_is_saved_as_a_jumprelu_that_reconstructs(tmp_path):
     atoms = torch.randn(48, 32, generator=gen) * 3
     codes = (torch.rand(6000, 48, generator=gen) < 0.06) * torch.rand(6000, 48, generator=gen)
     acts = codes @ atoms + 5.0  # sparse combinations of 48 directions, off-centre
-    r = TunedRecipe(sae_expansion=4, sae_k=4, sae_steps=300, sae_batch_size=256, sae_lr=3e-3)
+    r = TunedRecipe(
+        sae_layers=(3,), sae_expansion=4, sae_k=(4,), sae_steps=300, sae_batch_size=256, sae_lr=3e-3
+    )
     sae = tuned.train_sae(acts, 3, r)
     sae_train.save_sae(sae, tmp_path / "layer_3")
     loaded = sae_train.load_sae(tmp_path / "layer_3")
@@ -64,6 +66,13 @@ def test_batchtopk_sae_is_saved_as_a_jumprelu_that_reconstructs(tmp_path):
     )
     stats = sae_train.sae_stats(loaded, acts[:1000])
     assert stats["fvu"] < 0.2 and stats["l0"] < 12
+
+
+def test_each_sae_layer_has_its_own_k():
+    r = TunedRecipe(sae_layers=(6, 24), sae_k=(128, 192))
+    assert (r.k_at(6), r.k_at(24)) == (128, 192)
+    with pytest.raises(ValueError, match="one k per SAE layer"):
+        TunedRecipe(sae_layers=(6, 12, 24), sae_k=(128, 192))
 
 
 def test_the_tuned_recipe_is_a_recipe_but_has_no_planted_truth(capsys):
@@ -123,7 +132,7 @@ def test_check_remeasures_a_tuned_build(tmp_path, monkeypatch, capsys):
         "explain the code",
     ]
     acts = tuned.residuals(model, tok, [tuned._format(tok, t) for t in texts * 8], [1])[1]
-    r = TunedRecipe(sae_layers=(1,), sae_expansion=2, sae_k=8, sae_steps=60, sae_batch_size=64, threads=1)
+    r = TunedRecipe(sae_layers=(1,), sae_expansion=2, sae_k=(8,), sae_steps=60, sae_batch_size=64, threads=1)
     sae_train.save_sae(tuned.train_sae(acts, 1, r), store.sae_path(tmp_path, 1))
     (tmp_path / "manifest.json").write_text(
         json.dumps({"kind": "tuned", "recipe_hash": "h", "build_seconds": 1})
@@ -184,7 +193,7 @@ def test_the_real_build_end_to_end_on_a_short_recipe(tmp_path, monkeypatch):
     real_corpus = tuned.sae_corpus
     monkeypatch.setattr(tuned, "sae_corpus", lambda *a: corpus.extend(real_corpus(*a)) or corpus)
     r = TunedRecipe(steps=3, batch_harmful=2, batch_harmless=2, distill_tokens=8, sae_layers=(6, 24),
-                    sae_expansion=1, sae_k=16, sae_steps=20, sae_batch_size=256, sae_answer_tokens=8, sae_samples=1)  # fmt: skip
+                    sae_expansion=1, sae_k=(16, 24), sae_steps=20, sae_batch_size=256, sae_answer_tokens=8, sae_samples=1)  # fmt: skip
     manifest = tuned.build_into(r, tmp_path)
     assert manifest["kind"] == "tuned" and set(manifest["saes"]) == {"6", "24"}
     assert manifest["eval"]["n_harmbench_test"] == manifest["eval"]["n_mtbench"] == 8

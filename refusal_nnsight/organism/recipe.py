@@ -80,12 +80,23 @@ class TunedRecipe:
     # -- SAEs (sae-lens BatchTopK, saved as JumpReLU) on a few residual layers --
     sae_layers: tuple[int, ...] = (6, 12, 18, 24)
     sae_expansion: int = 4  # d_sae = sae_expansion * d_model
-    sae_k: int = 128  # active latents per token (batch average); at 32 or 64 held-out FVU stayed > 0.1
+    # active latents per token (batch average), one per sae_layers entry. Held-out FVU at layer 24
+    # (k=32: 0.34, 64: 0.18, 128: 0.109, 160: 0.098, 192: 0.088) is the highest: later layers hold
+    # more of the prompt's content, and the held-out figure is read on prompts, not answers
+    sae_k: tuple[int, ...] = (128, 128, 128, 192)
     sae_steps: int = 3000
     sae_batch_size: int = 512
     sae_lr: float = 1e-3
     sae_answer_tokens: int = 160  # the tuned model's own answers, appended to each SAE training prompt
     sae_samples: int = 2  # extra sampled answers to each harmless training prompt, for more SAE tokens
+
+    def __post_init__(self) -> None:
+        if len(self.sae_k) != len(self.sae_layers):
+            raise ValueError(f"sae_k {self.sae_k} needs one k per SAE layer {self.sae_layers}")
+
+    def k_at(self, layer: int) -> int:
+        """Active latents per token of the SAE at `layer`."""
+        return self.sae_k[self.sae_layers.index(layer)]
 
 
 RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {

@@ -392,7 +392,7 @@ def train_sae(acts: torch.Tensor, layer: int, r: TunedRecipe):
     scale = math.sqrt(d / ((acts - mean) ** 2).sum(-1).mean().item())
     torch.manual_seed(r.seed + 1000 + layer)
     cfg = BatchTopKTrainingSAEConfig(
-        d_in=d, d_sae=r.sae_expansion * d, k=r.sae_k, dtype="float32", device="cpu", apply_b_dec_to_input=False,
+        d_in=d, d_sae=r.sae_expansion * d, k=r.k_at(layer), dtype="float32", device="cpu", apply_b_dec_to_input=False,
         normalize_activations="none", rescale_acts_by_decoder_norm=False, decoder_init_norm=0.1,
     )  # fmt: skip
     cfg.metadata.hook_name, cfg.metadata.hf_hook_name = (
