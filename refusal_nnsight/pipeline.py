@@ -179,7 +179,7 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
     prompts = load_prompts(cfg.data, prompt_splits(cfg.model.organism_seed))
     check_readable(prompts, model, cfg.data)  # too long, unreadable (<unk>) or holding control tokens
     judge = make_judge(cfg.judge.name)
-    built = organism and _organism_provenance(organism)
+    built = _organism_provenance(organism) if organism is not None else None
     _claim_build(run_folder, built)
     write_json(run_folder.config, to_dict(cfg))
     if not run_folder.identity.exists():
