@@ -94,6 +94,7 @@ def test_experiment_preset_composes():
         "organism", "smollm2_harmbench", False, ["Sorry"],
     )  # fmt: skip
     assert (cfg.sae.source, cfg.sae.layers) == ("organism", None)
+    assert cfg.threads == 1  # the count the README's SmolLM2 figures were measured at
     assert (cfg.data.harmful.name, cfg.data.harmless.name) == ("harmbench_pkg", "mtbench_pkg")
     assert cfg.data.n_train + cfg.data.n_val + cfg.data.n_eval <= 80  # MT-Bench's size
     # candidates before the last 20% of layers (not the late refusal-execution layer 24), and a
