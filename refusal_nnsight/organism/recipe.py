@@ -52,7 +52,9 @@ class OrganismRecipe:
     sae_val_prompts: int = 600  # val prompts for FVU / L0
     sae_ablated_prompts: int = 600  # harmful cue train prompts also read with their cue feature ablated
     sae_expansion: int = 8  # d_sae = sae_expansion * d_model
-    sae_steps: int = 300  # trainer steps per layer
+    # trainer steps per layer. At 300 the L0 penalty had not converged (L0 ~38 whatever the target)
+    # and the FM fell below the linear model on every seed; 3000 reach the target L0
+    sae_steps: int = 3000
     sae_batch_size: int = 512  # activations per step
     sae_lr: float = 5e-3  # Adam lr, cosine to lr / 10
     sae_l0_coefficient: float = 1.0  # weight of the quadratic L0 loss
