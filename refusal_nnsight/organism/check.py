@@ -18,9 +18,9 @@ is later scored against:
                                 b_c's largest clean projection, and its mean on cue words under
                                 u_c ablation, in units of the planted strength
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
-                                (reported, no target: the SAEs learn one latent per cue word, each holding
-                                its category's direction in part — feature absorption, Chanin et al. 2024,
-                                arXiv 2409.14507 — so no latent is the category direction itself)
+                                (reported, no target: a cue direction is spread over several latents, and
+                                the latent carrying most of it on the cue words can serve several
+                                categories, so no decoder row is one category's direction)
 The last line printed is one JSON object (figures, targets, `targets_met`, `all_met`).
 """
 

@@ -82,8 +82,8 @@ def _runs(layers: dict) -> dict[str, list[str]]:
     """The three scopes, from the organism's planted layers (manifest "model"): every SAE layer
     (the paper's search); harm detection — the layers before the refusal decision; and the cue
     layer, with redundancy scanned at the backup layer. 30 candidates per layer in the last two:
-    the SAEs learn one latent per cue word, so ten cannot cover the grammar's ~50 cue, verb and
-    person words."""
+    they search one to three layers, and the cue, verb and person features of six categories
+    are spread over several latents each."""
     return {
         "all_layers": ["search=default"],
         "harm": [
