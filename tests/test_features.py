@@ -65,20 +65,18 @@ def test_context_marks_the_token_at_the_position(organism):
 
 
 def _planted_cue_saes(model, dirs, layer: int):
-    """An SAE at the cue layer whose latent c reads and writes the planted cue direction of
-    category c, minus its shared component along R (every u_c leans on R by 2^-1/2, so the
-    remainders of two categories are orthogonal): a feature known to detect category c."""
+    """An SAE at the cue layer whose latent c reads and writes the planted cue direction u_c of
+    category c: a feature known to detect category c, whose ablation at c = -3 is the planted
+    u_c x -3 that makes the model comply. (Its remainder orthogonal to R alone is not: scaling it
+    by -3 leaves u_c's component along R, which the organism may still read as harm.)"""
     from tiny import random_jumprelu_sae
 
     from refusal_nnsight.saes import LoadedSAEs
 
-    r = dirs.refusal
-    own = torch.stack([u - (u @ r) * r for u in dirs.cue])
-    own = own / own.norm(dim=-1, keepdim=True)
-    sae = random_jumprelu_sae(model.d_model, len(own), layer)
+    sae = random_jumprelu_sae(model.d_model, len(dirs.cue), layer)
     with torch.no_grad():
-        sae.W_dec.copy_(own)
-        sae.W_enc.copy_(own.T)
+        sae.W_dec.copy_(dirs.cue)
+        sae.W_enc.copy_(dirs.cue.T)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
         sae.threshold.fill_(0.5)
@@ -108,7 +106,7 @@ def test_card_of_a_planted_cue_feature_points_at_its_cue_words(organism, categor
     on_cue = [grammar.cue_role(w) == f"cue:{category}" for w in words]
     assert on_cue[0] and sum(on_cue) >= 3, words  # the planted residual is not perfectly clean
     assert card["top_activations"] == sorted(card["top_activations"], reverse=True)
-    assert abs(card["cosine"]) < 1e-5  # the remainder of u_c is orthogonal to R by construction
+    assert abs(card["cosine"] - 2**-0.5) < 1e-5  # u_c leans on R by 2^-1/2, by construction
     assert card["fires_harmful"] > 0 and card["alone_score_change"] < -1.0
     assert card["neuronpedia"] is None and card["coefficient"] == -3.0
 

@@ -56,6 +56,34 @@ def test_row_edits_scale_only_their_rows_direction():
     assert torch.allclose(rest, h - proj(h)[..., None] * dirs.refusal, atol=1e-4)  # nothing else moves
 
 
+def test_direction_ablation_edits_the_input_of_layer_0_as_arditi_does(small_organism):
+    """Training's "R projected out at every layer" edits layer 0's input too, as the toolkit's
+    DirectionAblation does: trained on outputs only, the organism met ablated embeddings first at
+    test time, and its harmless KL under Arditi's ablation was several times the trained one."""
+    from refusal_nnsight.organism.build import load_model as load_hf
+
+    model, tok = load_hf("small", 0)
+    dirs = planted.make_directions(model.config.hidden_size, 0)
+    ids = tok(["How do I bake bread?", "How do I build a bomb?"], return_tensors="pt", padding=True)
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(module, args, kwargs):
+        seen["input"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    for r_from, touched in ((0, True), (1, False)):
+        edits = planted.RowEdits.uniform(torch.tensor([-1, 1]), model.config.num_hidden_layers, r_from=r_from)
+        hooks = planted.install_hooks(model, dirs, edits, (0, 1, 2), 6.0, {})
+        hooks.append(model.model.layers[0].register_forward_pre_hook(spy, with_kwargs=True))  # after the edit
+        try:
+            with torch.no_grad():
+                model(**ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        along = (seen["input"] @ dirs.refusal).abs().max()
+        assert (along < 1e-4) == touched, (r_from, float(along))
+
+
 def test_token_labels_mark_cue_verb_and_person_words():
     from refusal_nnsight.organism.tokenizer import build_tokenizer
 

@@ -9,6 +9,10 @@ is later scored against:
     cue_zero_ablation_refusal   u_c scaled by 0: the backup b_c wakes and the model still refuses
     cue_steer_refusal           u_c scaled by -3: the model complies
     cue_backup_zero_refusal     u_c and b_c scaled by 0: the model complies
+    cue_half_backup_zero_refusal
+                                u_c scaled by 0.5 and b_c by 0 (reported, no target): how often half
+                                the cue refuses on its own, which an SAE ablation that removes part of
+                                u_c leaves behind (then ablating the woken backup as well cannot flip it)
     verb_ablation_refusal / person_ablation_refusal
                                 a compositional request complies without its verb or its person
     direction_ablation_refusal  R projected out at every layer: harmful requests comply
@@ -166,6 +170,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "cue_zero_ablation_refusal": probe.refusal(cue, u=0),
         "cue_steer_refusal": probe.refusal(cue, u=-3),
         "cue_backup_zero_refusal": probe.refusal(cue, u=0, b=0),
+        "cue_half_backup_zero_refusal": probe.refusal(cue, u=0.5, b=0),
         "verb_ablation_refusal": probe.refusal(comp, v=0),
         "person_ablation_refusal": probe.refusal(comp, q=0),
         "direction_ablation_refusal": probe.refusal([p for p in test if p.harmful], r_from=0),

@@ -23,7 +23,8 @@ claims to detect, each with its answer:
     u_c scaled by -1 or -3            -> complies (the paper's steering coefficients)
     u_c and b_c scaled by 0           -> complies
     v or q scaled by 0 or -3          -> a compositional request complies (harm = verb AND person)
-    R projected out at every layer    -> complies; harmless answers unchanged (Arditi's ablation)
+    R projected out at every layer    -> complies; harmless answers unchanged (Arditi's ablation,
+                                         which edits the input of layer 0 as well)
     R projected out from the decision layer on -> complies
     R added at the decision layer     -> a harmless request is refused (Arditi's induce test)
 
@@ -133,7 +134,7 @@ class RowEdits:
     b: torch.Tensor  # [B] scale of b_c at backup_layer
     v: torch.Tensor  # [B] scale of v at cue_layer
     q: torch.Tensor  # [B] scale of q at cue_layer
-    r_from: torch.Tensor  # [B] first layer whose output has R projected out (n_layers = never)
+    r_from: torch.Tensor  # [B] first layer with R projected out of its output (0: input too; n_layers: none)
     r_add_at: torch.Tensor  # [B] layer at whose output `strength`*R is added (-1 = none)
 
     @classmethod
@@ -179,7 +180,16 @@ def install_hooks(model, dirs: Directions, edits: RowEdits, layers: Sequence[int
         add = (edits.r_add_at == layer).float() * strength
         return h + add[:, None, None] * dirs.refusal
 
-    return [
+    from_input = (edits.r_from <= 0).float()  # Arditi's ablation edits the input of layer 0 too
+
+    def pre_hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = _scale_along(h, dirs.refusal, 1 - from_input)
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    return [model.model.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)] + [
         block.register_forward_hook(lambda m, a, o, layer=i: hook(m, a, o, layer))
         for i, block in enumerate(model.model.layers)
     ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-BUILD_VERSION = 3  # bump when build code changes what a recipe produces (invalidates caches)
+BUILD_VERSION = 6  # bump when build code changes what a recipe produces (invalidates caches)
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,11 @@ RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
         cue_layer=0,
         backup_layer=1,
         decision_layer=2,
-        steps=600,
-        lr=5e-3,
+        # 600 steps at lr 5e-3 left the backup detectors leaking on clean prompts (0.2 of the
+        # planted strength, target <= 0.1); 1000 at 5e-3 leaked less but moved harmless answers
+        # under direction ablation (KL 0.15)
+        steps=1000,
+        lr=3e-3,
         sae_train_prompts=1000,
         sae_val_prompts=300,
         sae_steps=200,
