@@ -142,9 +142,19 @@ def _rate(value, n) -> str:
     """'0.94 (30 of 32)' from a rate and its denominator; 'not measured' for None."""
     if value is None:
         return "not measured"
-    if n:
+    if n and abs(value * n - round(value * n)) < 1e-6:
         return f"{round(value * n)} of {n} ({_fmt(value)})"
+    if n:  # an average (over random draws, say), not a count of these n
+        return f"{_fmt(value)} on average over {n}"
     return _fmt(value)
+
+
+def _draws_per_prompt(evaluate) -> int:
+    """Random same-size sets drawn per prompt in an evaluate result (1 when unknown)."""
+    sets = getattr(evaluate, "random_sets", None)
+    if sets is None or not sets.height:
+        return 1
+    return int(sets["draw"].n_unique())
 
 
 def _anchor(label: str) -> str:
@@ -200,10 +210,15 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
         )
         return out
     if "random_same_size_jailbreak_rate" in ev or ev.get("random_same_size_jailbreak_rate_n"):
+        rate, n = ev.get("random_same_size_jailbreak_rate"), ev.get("random_same_size_jailbreak_rate_n")
+        draws = _draws_per_prompt(results.get("evaluate"))
+        if draws > 1 and rate is not None and n:  # the rate is over every draw: count draws, not prompts
+            what = f"{_rate(rate, n * draws)} of their draws ({draws} per prompt) on the same {n} prompts"
+        else:
+            what = f"{_rate(rate, n)} of the same prompts"
         out.append(
-            f"- **Random baseline.** Random sets of the same sizes, from the same layers, jailbreak "
-            f"{_rate(ev.get('random_same_size_jailbreak_rate'), ev.get('random_same_size_jailbreak_rate_n'))} of "
-            "the same prompts. ([figure](#evaluation), `evaluate/comparison.parquet`)"
+            f"- **Random baseline.** Random sets of the same sizes, from the same layers, jailbreak {what}. "
+            "([figure](#evaluation), `evaluate/comparison.parquet`)"
         )
     if fm:
         acc, lin = fm.get("heldout_accuracy"), fm.get("linear_heldout_accuracy")

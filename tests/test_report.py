@@ -278,3 +278,21 @@ def test_a_run_that_dissects_nothing_says_so_and_flags_a_breaking_direction():
     assert "Random sets" not in text and "Interactions" not in text and "Redundancy" not in text
     summary["evaluate"]["direction_kl"] = 0.05
     assert "the model breaking" not in "\n".join(found_sentences(summary, {}, None))
+
+
+def test_random_baseline_counts_draws_not_prompts():
+    """The random same-size rate averages every draw of every prompt: 1 jailbreak in 3 draws on
+    each of 32 prompts is "1 of 96", never "0 of 32" beside a non-zero rate."""
+
+    @dataclass
+    class Evaluate:
+        random_sets: pl.DataFrame
+
+    sets = pl.DataFrame({"prompt_idx": [i for i in range(32) for _ in range(3)], "draw": [0, 1, 2] * 32})
+    ev = {**FULL_SUMMARY["evaluate"], "random_same_size_jailbreak_rate": 1 / 96,
+          "random_same_size_jailbreak_rate_n": 32}  # fmt: skip
+    summary = {**FULL_SUMMARY, "evaluate": ev}
+    text = "\n".join(found_sentences(summary, {"evaluate": Evaluate(sets)}, None))
+    assert "jailbreak 1 of 96 (0.01042) of their draws (3 per prompt) on the same 32 prompts" in text
+    alone = "\n".join(found_sentences(summary, {}, None))  # draws unknown: a rate, not a count
+    assert "0 of 32" not in alone and "0.01042 on average over 32" in alone
