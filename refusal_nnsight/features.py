@@ -59,6 +59,8 @@ CARD_SCHEMA = pl.Schema(
         "neuronpedia": pl.Utf8(),  # null for SAEs without a Neuronpedia page (the organism)
         "role": pl.Utf8(),  # planted role (organism only), else null
         "role_share": pl.Float64(),
+        "role_peak": pl.Utf8(),  # the tag its top activations share, when the role is not it (see ground_truth)
+        "role_plain_share": pl.Float64(),  # fraction of harmless eval prompts without planted words it fires on
     }
 )
 
@@ -277,5 +279,7 @@ def feature_cards(
             "alone_score_change": float(change[:, j].mean()) if dissected else None,
             "alone_flip_rate": float(flipped[:, j].float().mean()) if dissected and flipped is not None else None,
             "neuronpedia": saes.neuronpedia_url(*f), "role": role.get("role"), "role_share": role.get("role_share"),
+            "role_peak": role.get("peak_tag") if role.get("peak_tag") != role.get("role") else None,
+            "role_plain_share": role.get("plain_share"),
         })  # fmt: skip
     return pl.DataFrame(rows, schema=CARD_SCHEMA)

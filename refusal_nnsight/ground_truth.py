@@ -112,8 +112,14 @@ def feature_roles(
 
     role: the tag (see `position_tags`) held by at least half of its top positions ("cue:<category>",
     "composition", "refusal"), "other" when no tag holds half, "dormant" when it never fires on the
-    clean prompts (a backup feature that wakes only under ablation). Columns: layer, feature,
-    role, role_share (fraction of top positions with that tag), n_top.
+    clean prompts (a backup feature that wakes only under ablation). A feature that fires on at
+    least half of the plain harmless eval prompts (those holding no planted word: no cue word, harm
+    verb or person word; look-alikes and compositional ones do hold them) is never a cue or the
+    composition: the planted cue, verb and person directions are trained to 0 off their words, so
+    such a feature reads something general that peaks on cue words (a latent along R does: every
+    planted cue leans on R). Columns: layer, feature, role, role_share (fraction of top positions
+    with that tag), n_top, plain_share (fraction of plain harmless eval prompts it fires on; null
+    without any), peak_tag (the tag most of its top positions share, before that check).
     """
     feats = [(int(a), int(b)) for a, b in features]
     schema = {
@@ -122,17 +128,31 @@ def feature_roles(
         "role": pl.Utf8,
         "role_share": pl.Float64,
         "n_top": pl.Int64,
+        "plain_share": pl.Float64,
+        "peak_tag": pl.Utf8,
     }
     if not feats or not _has_cues(prompts.eval_harmful):
         return pl.DataFrame([], schema=schema)
+    if acts is None:
+        acts = {
+            "harmful": feature_activations(model, saes, feats, prompts.eval_harmful.instructions),
+            "harmless": feature_activations(model, saes, feats, prompts.eval_harmless.instructions),
+        }
     tops = top_positions(model, saes, feats, prompts, k, acts=acts)
+    plain = [
+        a for a, m in zip(acts["harmless"], prompts.eval_harmless.meta, strict=True) if not m.get("cue_spans")
+    ]
+    fires: list[float | None] = [None] * len(feats)  # no plain harmless prompt: the check does not apply
+    if plain:
+        fires = torch.stack([(a > 0).any(0) for a in plain]).float().mean(0).tolist()
     pools = {"harmful": prompts.eval_harmful, "harmless": prompts.eval_harmless}
     lengths: dict[tuple[str, int], list[str]] = {}
     rows = []
     for j, (layer, latent) in enumerate(feats):
         mine = tops.filter(pl.col("feature") == j).to_dicts()
         if not mine:
-            rows.append({"layer": layer, "feature": latent, "role": "dormant", "role_share": 0.0, "n_top": 0})
+            rows.append({"layer": layer, "feature": latent, "role": "dormant", "role_share": 0.0, "n_top": 0,
+                         "plain_share": fires[j], "peak_tag": None})  # fmt: skip
             continue
         counts: dict[str, int] = {}
         for r in mine:
@@ -145,10 +165,14 @@ def feature_roles(
             counts[tag] = counts.get(tag, 0) + 1
         tag, n = max(sorted(counts.items()), key=lambda kv: kv[1])
         share = n / len(mine)
-        role = tag if share >= MOSTLY else "other"
-        rows.append(
-            {"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine)}
-        )
+        role = peak = tag if share >= MOSTLY else "other"
+        plain_share = fires[j]
+        if _is_cue(role) and plain_share is not None and plain_share >= MOSTLY:
+            log.info("L%d/F%d peaks on %s words but fires on %.0f%% of plain harmless prompts: role other",
+                     layer, latent, role, 100 * plain_share)  # fmt: skip
+            role = "other"
+        rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine),
+                     "plain_share": fires[j], "peak_tag": peak})  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
 
 

@@ -361,7 +361,13 @@ def _card(r: dict) -> list[str]:
     if r["n_in_h"]:
         found.append(f"awakened (in H) on {r['n_in_h']} prompts")
     lines = [f"### {r['label']}", "", "- found: " + "; ".join(found)]
-    if r["role"]:
+    if r["role"] and r.get("role_peak"):
+        lines.append(
+            f"- planted role: **{r['role']}**: {r['role_share']:.0%} of its 10 strongest activations are on "
+            f"{r['role_peak']} words, but it fires on {r['role_plain_share']:.0%} of the harmless eval prompts "
+            "that hold no planted word, where no planted cue fires"
+        )
+    elif r["role"]:
         lines.append(
             f"- planted role: **{r['role']}** ({r['role_share']:.0%} of its 10 strongest activations)"
         )

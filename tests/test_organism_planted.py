@@ -117,7 +117,9 @@ def _small(small_organism):
 
 def test_feature_roles_count_where_the_top_activations_fall(small_organism, monkeypatch):
     """A feature's role is the tag of at least half of its top positions: cue words of one
-    category, harmful eoi positions (refusal), else other; never active: dormant."""
+    category, harmful eoi positions (refusal), else other; never active: dormant. A feature firing
+    on half the harmless prompts without planted words or more is never a cue (the planted cues are
+    0 off their words)."""
     import polars as pl
 
     from refusal_nnsight import ground_truth
@@ -136,6 +138,7 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
         + [(1, cue_t)] * 4
         + [(2, 1)] * 6
         + [(2, cue_t)] * 4
+        + [(4, cue_t)] * 10
     )
     frame = pl.DataFrame(
         [
@@ -152,5 +155,16 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
         ]  # fmt: skip
     )
     monkeypatch.setattr(ground_truth, "top_positions", lambda *a, **k: frame)
-    roles = ground_truth.feature_roles(model, saes, [(0, 1), (0, 2), (0, 3), (0, 4)], prompts)
-    assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant"]
+    worded = torch.zeros(n, 5)
+    worded[:, [0, 4]] = 1.0  # harmless prompts with planted words (look-alikes ...): the cue fires too
+    plain = torch.zeros(n, 5)
+    plain[:, 4] = 1.0  # feature 4 fires on every harmless prompt
+    harmless = [worded if m.get("cue_spans") else plain for m in prompts.eval_harmless.meta]
+    acts = {"harmful": [torch.zeros(n, 5)] * len(ps.instructions), "harmless": harmless}
+    roles = ground_truth.feature_roles(
+        model, saes, [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)], prompts, acts=acts
+    )
+    # feature 4 peaks on the weapons cue word too, but fires on the harmless prompts without planted
+    # words as well: not a cue; feature 0 fires on look-alike cue words only and stays one
+    assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant", "other"]
+    assert roles["peak_tag"][4] == "cue:weapons" and roles["plain_share"].to_list() == [0, 0, 0, 0, 1]

@@ -296,3 +296,18 @@ def test_random_baseline_counts_draws_not_prompts():
     assert "jailbreak 1 of 96 (0.01042) of their draws (3 per prompt) on the same 32 prompts" in text
     alone = "\n".join(found_sentences(summary, {}, None))  # draws unknown: a rate, not a count
     assert "0 of 32" not in alone and "0.01042 on average over 32" in alone
+
+
+def test_card_says_why_a_feature_peaking_on_cues_is_not_a_cue():
+    """A card whose role was withheld (it peaks on cue words but fires on most plain harmless prompts)
+    names where it peaks and why it is not a cue; a plain role reads as before."""
+    from refusal_nnsight.report import _card
+
+    row = _cards(None).row(0, named=True)
+    plain = "\n".join(_card(dict(row, role="cue:weapons", role_share=0.9)))
+    assert "- planted role: **cue:weapons** (90% of its 10 strongest activations)" in plain
+    general = "\n".join(
+        _card(dict(row, role="other", role_share=0.6, role_peak="composition", role_plain_share=1.0))
+    )
+    assert "**other**: 60% of its 10 strongest activations are on composition words" in general
+    assert "fires on 100% of the harmless eval prompts that hold no planted word" in general
