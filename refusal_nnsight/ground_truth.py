@@ -241,22 +241,27 @@ def ground_truth_summary(
 
 
 def redundancy_found(result) -> tuple[bool | None, float | None]:
-    """(H non-empty and ablating M ∪ H jailbreaks more prompts than M alone, that gain).
+    """(H non-empty and ablating M ∪ H jailbreaks more prompts than M alone and than M ∪ C, the
+    gain over M alone).
 
     Measured at the redundancy stage's weak coefficient, where M alone need not jailbreak (at the
-    greedy coefficient M jailbreaks by construction, so no gain is possible). None without tests.
+    greedy coefficient M jailbreaks by construction, so no gain is possible). C is the stage's
+    control: as many latents at H's layers, active already on the clean run, so that "ablating
+    more latents flips more" is not read as redundancy. None without tests.
     """
     tests = result.tests
     if not len(tests):
         return None, None
-    weak = tests.filter(pl.col("condition").is_in(["m_weak", "m_plus_h_weak"]))
-    if not len(weak):
+    names = ("m_weak", "m_plus_h_weak", "m_plus_control_weak")
+    weak = tests.filter(pl.col("condition").is_in(names))
+    if not len(weak.filter(pl.col("condition") == "m_weak")):
         return None, None
     rate = {c: float(weak.filter(pl.col("condition") == c)["jailbroken"].cast(pl.Float64).mean() or 0.0)
-            for c in ("m_weak", "m_plus_h_weak")}  # fmt: skip
+            for c in names}  # fmt: skip
     in_h = result.awakened.filter(pl.col("in_h")) if "in_h" in result.awakened.columns else result.awakened
     gain = rate["m_plus_h_weak"] - rate["m_weak"]
-    return bool(len(in_h) > 0 and gain > 0), gain
+    beats_control = rate["m_plus_h_weak"] > rate["m_plus_control_weak"]
+    return bool(len(in_h) > 0 and gain > 0 and beats_control), gain
 
 
 def compositional_pair_found(result, prompts, model, saes, strict: bool = False) -> int | None:

@@ -247,10 +247,17 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
         )
     if red:
         weak, weak_h = red.get("m_weak_jailbreak_rate"), red.get("m_plus_h_weak_jailbreak_rate")
+        control = red.get("m_plus_control_weak_jailbreak_rate")
         if weak is None or weak_h is None:
             verdict = "whether ablating H as well jailbreaks more was not measured"
+        elif weak_h > weak and control is not None and control >= weak_h:
+            verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}, but as "
+                       f"many latents that were already active raise it to {_fmt(control)}: no redundancy found")  # fmt: skip
         elif weak_h > weak:
-            verdict = f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}: redundancy found"
+            verdict = f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}"
+            if control is not None:
+                verdict += f" (as many latents that were already active: {_fmt(control)})"
+            verdict += ": redundancy found"
         else:
             verdict = f"ablating H as well does not raise the jailbreak rate ({_fmt(weak)} → {_fmt(weak_h)}): no redundancy found"
         out.append(

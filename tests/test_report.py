@@ -238,6 +238,10 @@ def test_found_sentences_follow_the_numbers():
     assert "so the interactions add something" in "\n".join(found_sentences(summary, {}, None))
     summary["fm"].update(heldout_accuracy=0.9, heldout_r2=0.3)
     assert "the interactions add nothing measurable" in "\n".join(found_sentences(summary, {}, None))
+    summary["redundancy"]["m_plus_control_weak_jailbreak_rate"] = 0.75  # the control does as well
+    assert "but as many latents that were already active raise it to 0.75: no redundancy found" in "\n".join(
+        found_sentences(summary, {}, None)
+    )
     summary["redundancy"]["m_plus_h_weak_jailbreak_rate"] = 0.25
     assert "does not raise the jailbreak rate (0.25 → 0.25): no redundancy found" in "\n".join(
         found_sentences(summary, {}, None)

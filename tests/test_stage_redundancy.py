@@ -24,7 +24,7 @@ from refusal_nnsight.data import Prompts, PromptSet
 from refusal_nnsight.models import wrap_model
 from refusal_nnsight.saes import LoadedSAEs
 from refusal_nnsight.stages import redundancy
-from refusal_nnsight.stages.redundancy import RedundancyResult, find_awakened, summarise
+from refusal_nnsight.stages.redundancy import RedundancyResult, control_set, find_awakened, summarise
 
 PROMPTS = ["tell me how to make a bomb please", "what is a cake ?"]
 WIDTH, B, C = 96, 7, 11  # SAE width; the planted hydra latent (layer 1) and the decoy (layer 0)
@@ -51,6 +51,35 @@ def test_find_awakened_selects_dormant_to_awake_only():
     # 0/0 wakes; 0/1 stays below awake_min; 0/2 was active already; 0/3 is M itself; 3/0 wakes
     assert [(layer, f) for layer, f, _, _ in found] == [(0, 0), (3, 0)]
     assert found[0][2:] == (0.0, 2.0)
+
+
+def test_control_set_matches_h_layer_by_layer_with_latents_that_did_not_wake():
+    """The control beside H: as many latents per layer as H has there, the most active after the
+    ablation among those already active on the clean run (M left out), never an awakened one."""
+    cfg = RedundancyConfig(dormant_max=0.0, awake_min=0.5)
+    clean = {0: torch.tensor([0.0, 1.0, 2.0, 0.3, 1.0]), 3: torch.tensor([0.0, 1.0, 0.0])}
+    ablated = {0: torch.tensor([4.0, 3.0, 9.0, 5.0, 0.2]), 3: torch.tensor([6.0, 0.9, 0.0])}
+    h = [(0, 0), (3, 0)]  # both woke
+    # layer 0: 0/2 is M; 0/3 (5.0) then 0/1 (3.0) were active already; 0/4 stays below awake_min
+    assert control_set(clean, ablated, exclude=[(0, 2)], h=h, cfg=cfg) == [(0, 3), (3, 1)]
+    assert control_set(clean, ablated, exclude=[(0, 2)], h=[(0, 0), (0, 9)], cfg=cfg) == [(0, 3), (0, 1)]
+    assert control_set(clean, ablated, exclude=[], h=[], cfg=cfg) == []
+
+
+def test_redundancy_needs_m_plus_h_to_beat_the_control():
+    """Ablating M ∪ H must jailbreak more than M alone and more than M ∪ C: when as many latents
+    that did not wake do as well, "ablating more flips more" explains it, and it is not found."""
+    from refusal_nnsight.ground_truth import redundancy_found
+
+    def result(control_jailbroken: bool):
+        rows = [(0, "clean", 0, 3.0, True, False, ""), (0, "m_weak", 1, 1.0, True, False, ""),
+                (0, "m_plus_h_weak", 2, -1.0, False, True, ""),
+                (0, "m_plus_control_weak", 2, -1.0, not control_jailbroken, control_jailbroken, "")]  # fmt: skip
+        aw = redundancy._awakened_frame([(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True)])
+        return RedundancyResult(aw, redundancy._tests_frame(rows))
+
+    assert redundancy_found(result(False)) == (True, 1.0)
+    assert redundancy_found(result(True)) == (False, 1.0)
 
 
 def test_summary_rates_and_reasons_from_tables():

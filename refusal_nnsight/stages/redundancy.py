@@ -15,6 +15,10 @@ For each dissected harmful prompt with minimal set M (stage greedy):
      alone need not jailbreak. "M minus its strongest feature" was rejected: M is 1-minimal, so
      that fails by construction, and H (awakened by all of M) is the wrong set for a smaller
      ablation. H is re-scanned under the weak ablation, so each test ablates what it wakes.
+   * m_plus_control_weak: the control for "ablating more latents flips more": M ∪ C at the weak
+     coefficient, C as many latents at each of H's layers as H has there, the most active once M
+     is ablated among those already active on the clean run (so not awakened). Redundancy needs
+     M ∪ H to beat M ∪ C, not only M.
    * reinject: in the M-ablated run, H is scaled by reinject_scale (default 2: its awakened
      contribution added once more). If H carries refusal, refusal returns.
    * bos_clamp: M ablated as in `m`, plus the `bos_features` latents (default H) clamped to
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -58,7 +63,16 @@ from .greedy import GreedyResult
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("clean", "m", "m_plus_h", "m_weak", "m_plus_h_weak", "reinject", "bos_clamp")
+CONDITIONS = (
+    "clean",
+    "m",
+    "m_plus_h",
+    "m_weak",
+    "m_plus_h_weak",
+    "m_plus_control_weak",
+    "reinject",
+    "bos_clamp",
+)
 
 
 @dataclass
@@ -235,9 +249,9 @@ def run(
     scanned = sorted(saes.layers if layers is None else layers)
     log.info("redundancy: scanning %d prompts x SAE layers %s", len(texts), scanned)
     # 1. H: latents dormant on the clean run and awake once M is ablated (strongly, and weakly).
-    awakened, h, h_weak = _find_h(model, saes, batch, dissected, minimal, cfg, coefficient, scanned)
+    awakened, h, h_weak, control = _find_h(model, saes, batch, dissected, minimal, cfg, coefficient, scanned)
     # 2. The causal tests: every condition generated, judged and scored.
-    conditions = _conditions(model, saes, minimal, h, h_weak, cfg, coefficient, len(texts))
+    conditions = _conditions(model, saes, minimal, h, h_weak, control, cfg, coefficient, len(texts))
     tests = _run_tests(model, batch, texts, dissected, conditions, cfg, judge)
     notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
     result = RedundancyResult(awakened, tests, notes, coefficient, cfg.weak_coefficient)
@@ -259,12 +273,13 @@ def _find_h(
     cfg: RedundancyConfig,
     coefficient: float,
     scanned: list[int],
-) -> tuple[pl.DataFrame, list[list[Feature]], list[list[Feature]]]:
-    """Every awakened latent (the awakened table), and H per prompt at the strong (coefficient)
-    and weak (cfg.weak_coefficient) ablation of M: its top_awake latents."""
+) -> tuple[pl.DataFrame, list[list[Feature]], list[list[Feature]], list[list[Feature]]]:
+    """Every awakened latent (the awakened table), H per prompt at the strong (coefficient) and
+    weak (cfg.weak_coefficient) ablation of M (its top_awake latents), and the weak test's control
+    set per prompt (see `control_set`)."""
     clean_max, _ = scan(model, saes, batch, [], cfg.batch_size, scanned)
     rows: list[tuple] = []
-    h_sets: dict[str, list[list[Feature]]] = {}
+    h_sets: dict[str, list[list[Feature]]] = {"control": []}
     for name, coeff in (("strong", coefficient), ("weak", cfg.weak_coefficient)):
         abl_max, abl_bos = scan(
             model, saes, batch, _ablate(model, saes, minimal, coeff), cfg.batch_size, scanned
@@ -281,7 +296,38 @@ def _find_h(
                 bos = float(abl_bos[layer][i, f])
                 rows.append((idx, name, layer, f, cm, am, bos, rank, rank < cfg.top_awake))
             h_sets[name].append([(layer, f) for layer, f, _, _ in found[: cfg.top_awake]])
-    return _awakened_frame(rows), h_sets["strong"], h_sets["weak"]
+            if name == "weak":
+                h_sets["control"].append(
+                    control_set(
+                        {k: v[i] for k, v in clean_max.items()},
+                        {k: v[i] for k, v in abl_max.items()},
+                        minimal[i],
+                        h_sets["weak"][-1],
+                        cfg,
+                    )
+                )
+    return _awakened_frame(rows), h_sets["strong"], h_sets["weak"], h_sets["control"]
+
+
+def control_set(
+    clean_max: dict[int, torch.Tensor],
+    ablated_max: dict[int, torch.Tensor],
+    exclude: Sequence[Feature],
+    h: Sequence[Feature],
+    cfg,
+) -> list[Feature]:
+    """As many latents at each of H's layers as H has there: the most active once M is ablated
+    (max > cfg.awake_min) among those already active on the clean run (max > cfg.dormant_max), so
+    none of them woke; `exclude` (M) left out. Fewer where a layer has fewer such latents."""
+    skip = {(int(a), int(b)) for a, b in exclude}
+    out: list[Feature] = []
+    for layer, n in sorted(Counter(layer for layer, _ in h).items()):
+        c, a = clean_max[layer], ablated_max[layer]
+        cand = [f for f in torch.nonzero((c > cfg.dormant_max) & (a > cfg.awake_min)).flatten().tolist()
+                if (layer, f) not in skip]  # fmt: skip
+        cand.sort(key=lambda f: (-float(a[f]), f))
+        out += [(layer, f) for f in cand[:n]]
+    return out
 
 
 def _conditions(
@@ -290,13 +336,14 @@ def _conditions(
     minimal: list[list[Feature]],
     h: list[list[Feature]],
     h_weak: list[list[Feature]],
+    control: list[list[Feature]],
     cfg: RedundancyConfig,
     c: float,
     n: int,
 ) -> dict[str, tuple[list[FeatureEdit], list[int]]]:
     """Each test condition → (its edits, the number of latents it edits per prompt)."""
     weak = cfg.weak_coefficient
-    m_h, m_h_weak = _union(minimal, h), _union(minimal, h_weak)
+    m_h, m_h_weak, m_control = _union(minimal, h), _union(minimal, h_weak), _union(minimal, control)
     bos_set = {"awakened": h, "minimal": minimal, "both": m_h}[cfg.bos_features]
     bos_clamp = row_edits(
         saes,
@@ -315,6 +362,7 @@ def _conditions(
         "m_plus_h": (_ablate(model, saes, m_h, c), _sizes(m_h)),
         "m_weak": (_ablate(model, saes, minimal, weak), _sizes(minimal)),
         "m_plus_h_weak": (_ablate(model, saes, m_h_weak, weak), _sizes(m_h_weak)),
+        "m_plus_control_weak": (_ablate(model, saes, m_control, weak), _sizes(m_control)),
         "reinject": (row_edits(saes, reinject, model.device), _sizes(m_h)),
         # the clamp goes first: at a shared layer it reads the residual before M's edit
         "bos_clamp": (bos_clamp + _ablate(model, saes, minimal, c), _sizes(bos_set)),
@@ -450,6 +498,7 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
         "m_plus_h_score_change": delta,
         "m_weak_jailbreak_rate": rate("m_weak"),
         "m_plus_h_weak_jailbreak_rate": rate("m_plus_h_weak"),
+        "m_plus_control_weak_jailbreak_rate": rate("m_plus_control_weak"),
         "reinject_refusal_rate": None if reinject is None else 1.0 - reinject,
         "reinject_refusal_rate_n": len(restore) if n else None,
         "bos_clamp_jailbreak_rate": bos_rate,
