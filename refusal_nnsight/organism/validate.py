@@ -42,6 +42,10 @@ FIGURES: dict[str, tuple[str, str]] = {
     "compositional_pair_found": ("harm", "ground_truth.compositional_pair_found"),
     "redundancy_found": ("harm", "ground_truth.redundancy_found"),
     "redundancy_jailbreak_gain": ("harm", "ground_truth.redundancy_jailbreak_gain"),
+    # the weak (zero-ablation) test's three rates: M, M ∪ H, and M ∪ C (the control, not woken)
+    "redundancy_m_jailbreak": ("harm", "redundancy.m_weak_jailbreak_rate"),
+    "redundancy_m_plus_h_jailbreak": ("harm", "redundancy.m_plus_h_weak_jailbreak_rate"),
+    "redundancy_m_plus_control_jailbreak": ("harm", "redundancy.m_plus_control_weak_jailbreak_rate"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
     "all_layers_median_set_size": ("all_layers", "greedy.median_one_minimal_set_size"),
@@ -57,6 +61,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_h_size": ("cue", "redundancy.h_size"),
     "cue_m_zero_ablation_jailbreak": ("cue", "redundancy.m_weak_jailbreak_rate"),
     "cue_m_plus_h_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_h_weak_jailbreak_rate"),
+    "cue_m_plus_control_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_control_weak_jailbreak_rate"),
     "cue_redundancy_found": ("cue", "ground_truth.redundancy_found"),
     "cue_random_same_size_jailbreak": ("cue", "evaluate.random_same_size_jailbreak_rate"),
 }
