@@ -235,7 +235,7 @@ def ground_truth_summary(
     if redundancy is not None:
         out["redundancy_found"], out["redundancy_jailbreak_gain"] = redundancy_found(redundancy)
     if out["redundancy_found"] is None:
-        why = "redundancy did not run, or ran no zero-ablation test"
+        why = "redundancy did not run, or ran no weak-ablation test with its control"
         notes.update(redundancy_found=why, redundancy_jailbreak_gain=why)
     return out, roles, notes
 
@@ -247,14 +247,15 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
     Measured at the redundancy stage's weak coefficient, where M alone need not jailbreak (at the
     greedy coefficient M jailbreaks by construction, so no gain is possible). C is the stage's
     control: as many latents at H's layers, active already on the clean run, so that "ablating
-    more latents flips more" is not read as redundancy. None without tests.
+    more latents flips more" is not read as redundancy. None without the M and control tests (a
+    redundancy stage saved before the control existed is not scored against a control of 0).
     """
     tests = result.tests
     if not len(tests):
         return None, None
     names = ("m_weak", "m_plus_h_weak", "m_plus_control_weak")
     weak = tests.filter(pl.col("condition").is_in(names))
-    if not len(weak.filter(pl.col("condition") == "m_weak")):
+    if not all(len(weak.filter(pl.col("condition") == c)) for c in ("m_weak", "m_plus_control_weak")):
         return None, None
     rate = {c: float(weak.filter(pl.col("condition") == c)["jailbroken"].cast(pl.Float64).mean() or 0.0)
             for c in names}  # fmt: skip

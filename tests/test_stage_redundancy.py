@@ -80,6 +80,9 @@ def test_redundancy_needs_m_plus_h_to_beat_the_control():
 
     assert redundancy_found(result(False)) == (True, 1.0)
     assert redundancy_found(result(True)) == (False, 1.0)
+    old = result(False)  # saved before the control existed: not measured, not a control of 0
+    old.tests = old.tests.filter(pl.col("condition") != "m_plus_control_weak")
+    assert redundancy_found(old) == (None, None)
 
 
 def test_summary_rates_and_reasons_from_tables():
