@@ -172,7 +172,7 @@ def feature_roles(
                      layer, latent, role, 100 * plain_share)  # fmt: skip
             role = "other"
         rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine),
-                     "plain_share": fires[j], "peak_tag": peak})  # fmt: skip
+                     "plain_share": plain_share, "peak_tag": peak})  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
 
 
