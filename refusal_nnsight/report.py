@@ -253,11 +253,13 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
         elif weak_h > weak and control is not None and control >= weak_h:
             verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}, but as "
                        f"many latents that were already active raise it to {_fmt(control)}: no redundancy found")  # fmt: skip
+        elif weak_h > weak and control is None:
+            verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}; the "
+                       "control (as many latents that were already active) was not measured, so whether H is "
+                       "redundancy or just more latents is not known")  # fmt: skip
         elif weak_h > weak:
-            verdict = f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}"
-            if control is not None:
-                verdict += f" (as many latents that were already active: {_fmt(control)})"
-            verdict += ": redundancy found"
+            verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)} (as many "
+                       f"latents that were already active: {_fmt(control)}): redundancy found")  # fmt: skip
         else:
             verdict = f"ablating H as well does not raise the jailbreak rate ({_fmt(weak)} → {_fmt(weak_h)}): no redundancy found"
         out.append(

@@ -232,12 +232,18 @@ def test_found_sentences_follow_the_numbers():
     assert "Greedy dissected 4 prompts" in text and "jailbreak 27 of 30 (0.9) judged generations" in text
     assert "Random sets of the same sizes" in text and "jailbreak not measured" in text  # None is never 0
     assert "shape the score, not the decision" in text  # R² better, accuracy not
-    assert "raises the jailbreak rate from 0.25 to 0.75: redundancy found" in text
+    # a run folder saved before the control existed: M ∪ H beating M alone is not called redundancy
+    assert "raises the jailbreak rate from 0.25 to 0.75; the control" in text
+    assert "redundancy found" not in text
     assert "[L1/F17](#l1f17)" in text  # the most frequent minimal-set features link to their cards
     summary["fm"]["heldout_accuracy"] = 0.97
     assert "so the interactions add something" in "\n".join(found_sentences(summary, {}, None))
     summary["fm"].update(heldout_accuracy=0.9, heldout_r2=0.3)
     assert "the interactions add nothing measurable" in "\n".join(found_sentences(summary, {}, None))
+    summary["redundancy"]["m_plus_control_weak_jailbreak_rate"] = 0.5  # the control does less
+    assert "0.25 to 0.75 (as many latents that were already active: 0.5): redundancy found" in "\n".join(
+        found_sentences(summary, {}, None)
+    )
     summary["redundancy"]["m_plus_control_weak_jailbreak_rate"] = 0.75  # the control does as well
     assert "but as many latents that were already active raise it to 0.75: no redundancy found" in "\n".join(
         found_sentences(summary, {}, None)
