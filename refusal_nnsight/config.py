@@ -212,6 +212,9 @@ class CandidatesConfig:
     top_k: int = 10  # per SAE layer
     layers: LayerSelection = None  # which SAE layers candidates come from (see LayerSelection above)
     batch_size: int = 64  # prompts per forward in the all-of-C ablation check
+    # also ablate each searched layer's candidates alone, and all but that layer's: which layers do
+    # the work, and whether one undoes the rest (two more passes per layer over the harmful eval prompts)
+    per_layer: bool = False
 
 
 @dataclass

@@ -162,6 +162,24 @@ def _anchor(label: str) -> str:
     return "#" + "".join(ch for ch in label.lower() if ch.isalnum() or ch in "-_")
 
 
+def _by_layer(c: dict) -> str:
+    """The candidates' per-layer check as a sentence ("" when it was not run)."""
+    alone, without = c.get("layer_alone_flip_rate"), c.get("layer_without_flip_rate")
+    if not alone or not without:
+        return ""
+    n, everything = c.get("all_ablated_flip_rate_n"), c.get("all_ablated_flip_rate")
+    parts = [
+        f"layer {layer} {_rate(alone[layer], n)} alone, {_rate(without.get(layer), n)} without it"
+        for layer in alone
+    ]
+    out = f" Per searched layer, the refused prompts flipped by its candidates alone and by all candidates but its: {'; '.join(parts)}."
+    more = [layer for layer in alone if everything is not None and (without.get(layer) or 0) > everything]
+    if more:
+        counts = ", ".join(f"layer {layer} {_rate(without[layer], n)}" for layer in more)
+        out += f" Leaving a layer out flips more than ablating every candidate ({_rate(everything, n)}): {counts}."
+    return out
+
+
 def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) -> list[str]:
     """Plain sentences generated from the numbers, each pointing at its table or figure."""
     d, c, g, fm, red, ev, gt = (summary.get(k) or {} for k in
@@ -188,7 +206,8 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"- **Candidates.** {c.get('n_features')} SAE latents on layers {c.get('layers')} point most along it; "
             f"ablating all of them (c = {_fmt(c.get('coefficient'))}) flips "
             f"{_rate(c.get('all_ablated_flip_rate'), c.get('all_ablated_flip_rate_n'))} refused prompts by the "
-            f"`{c.get('criterion')}` criterion. ([figure](#candidate-features), `candidates/candidates.parquet`)"
+            f"`{c.get('criterion')}` criterion.{_by_layer(c)} ([figure](#candidate-features), "
+            "`candidates/candidates.parquet`)"
         )
     if g.get("n_prompts"):
         out.append(

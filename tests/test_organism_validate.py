@@ -61,3 +61,6 @@ def test_scopes_follow_the_organisms_planted_layers():
     assert cue.candidates.layers == [1] and cue.redundancy.layers == [2]
     harm = compose([*runs["harm"], "run_dir=unused"]).search
     assert harm.candidates.layers == {"before_layer": 3} and harm.candidates.top_k == 30
+    assert (
+        harm.candidates.per_layer
+    )  # which layer's candidates undo the others' (all_candidates_without_layer0_flip)

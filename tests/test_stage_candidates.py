@@ -15,6 +15,7 @@ from tiny import random_jumprelu_sae
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import CandidatesConfig, DirectionConfig, SAEConfig
 from refusal_nnsight.errors import UserError
+from refusal_nnsight.report import found_sentences
 from refusal_nnsight.saes import LoadedSAEs
 from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import candidates as stage
@@ -173,3 +174,52 @@ def test_search_harm_preset_and_one_coefficient():
     for name in ("candidates", "greedy", "fm", "redundancy", "evaluate"):
         assert not hasattr(getattr(llama, name), "coefficient"), name
     assert compose().search.greedy.criterion == "first_token"  # agrees with the judge most often (greedy)
+
+
+def test_per_layer_check_finds_the_layer_that_carries_refusal(planted_stage1, tmp_path):
+    """Planted truth: only layer 0's SAE has a latent along the refusal direction. Its candidates
+    alone flip every refused prompt, all but its flip none; each row is the all-of-C check of
+    that subset (the same flips as a run that searches only those layers)."""
+    model, _, d, prompts, _ = planted_stage1
+    u = d.direction / d.direction.norm()
+    saes = planted_saes(u)
+    with torch.no_grad():
+        for layer in (1, 2):  # no latent of these layers writes along the refusal direction
+            w = saes[layer].W_dec
+            w -= (w @ u)[:, None] * u
+    flip = Criterion("score", d.score_threshold)
+    out = StageDir(tmp_path, "candidates")
+    result = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, per_layer=True), out, -3.0, flip)
+    result.save(out)
+    s = result.summary()
+    assert s["layer_alone_flip_rate"] == {"0": 1.0, "1": 0.0, "2": 0.0}
+    assert s["layer_without_flip_rate"] == {"0": 0.0, "1": 1.0, "2": 1.0}
+    assert (
+        result.by_layer["n_features"].to_list() == [4, 4, 4]
+        and result.by_layer["n_refused"].to_list() == [4] * 3
+    )
+    only_12 = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, layers=[1, 2]),
+                        StageDir(tmp_path / "c12", "candidates"), -3.0, flip)  # fmt: skip
+    assert only_12.summary()["all_ablated_flip_rate"] == s["layer_without_flip_rate"]["0"]
+    back = CandidatesResult.load(out)
+    assert back.by_layer is not None and back.by_layer.equals(result.by_layer) and back.summary() == s
+    text = "\n".join(found_sentences({"candidates": s}, {}, None))
+    assert "layer 0 4 of 4 (1) alone, 0 of 4 (0) without it" in text
+    # off (the default), or one layer searched: not measured, with the reason
+    off = stage.run(
+        model,
+        saes,
+        d,
+        prompts,
+        CandidatesConfig(top_k=4),
+        StageDir(tmp_path / "off", "candidates"),
+        -3.0,
+        flip,
+    )
+    assert (
+        off.summary()["layer_alone_flip_rate"] is None
+        and "per_layer is off" in off.notes["layer_alone_flip_rate"]
+    )
+    one = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, layers=[0], per_layer=True),
+                    StageDir(tmp_path / "one", "candidates"), -3.0, flip)  # fmt: skip
+    assert one.by_layer is None and "one SAE layer" in one.notes["layer_without_flip_rate"]

@@ -30,6 +30,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "direction_jailbreak": ("harm", "evaluate.direction_ablation_jailbreak_rate"),
     "direction_kl": ("harm", "evaluate.direction_kl"),
     "all_candidates_jailbreak": ("harm", "evaluate.candidates_ablated_jailbreak_rate"),
+    # the same check by the flip criterion, and without layer 0's candidates (search.candidates.per_layer)
+    "all_candidates_flip": ("harm", "candidates.all_ablated_flip_rate"),
+    "all_candidates_without_layer0_flip": ("harm", "candidates.layer_without_flip_rate.0"),
     "criterion_judge_agreement": ("harm", "greedy.criterion_judge_agreement"),
     "one_minimal_rate": ("harm", "greedy.one_minimal_rate"),
     "median_set_size": ("harm", "greedy.median_one_minimal_set_size"),
@@ -94,6 +97,7 @@ def _runs(layers: dict) -> dict[str, list[str]]:
         "harm": [
             f"search.candidates.layers={{before_layer:{layers['decision_layer']}}}",
             "search.candidates.top_k=30",
+            "search.candidates.per_layer=true",
         ],
         "cue": [
             f"search.candidates.layers=[{layers['cue_layer']}]",

@@ -7,6 +7,9 @@ candidate set C. Then a check on the harmful eval prompts: ablating all of C (sc
 position, error term kept) should flip, by the flip criterion, each prompt the model refuses at
 baseline (by the same criterion); the prompts where it does not are reported, because later
 stages cannot find a minimal subset of a set that does not work.
+
+With `per_layer`, the same check per searched layer L: L's candidates alone, and C without L's
+(`layers.parquet`), so a layer whose candidates undo the others' shows as "without L flips more".
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class CandidatesResult:
     score_threshold: float  # its τ (used by criterion=score)
     layers: list[int]  # the SAE layers searched
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
+    # layer, n_features, n_refused, alone_flip_rate, without_flip_rate (search.candidates.per_layer)
+    by_layer: pl.DataFrame | None = None
 
     @property
     def features(self) -> list[Feature]:
@@ -112,12 +117,22 @@ class CandidatesResult:
             "all_ablated_flip_rate_n": n,
             "n_not_flipped": None if flipped is None else n - flipped,
             "cosine_max": max(self.table["cosine"].to_list()) if self.table.height else None,
+            # per searched layer (str keys): the flip rate with only its candidates ablated, and without them
+            "layer_alone_flip_rate": self._by_layer("alone_flip_rate"),
+            "layer_without_flip_rate": self._by_layer("without_flip_rate"),
         }
+
+    def _by_layer(self, column: str) -> dict[str, float | None] | None:
+        if self.by_layer is None:
+            return None
+        return {str(r["layer"]): r[column] for r in self.by_layer.to_dicts()}
 
     def save(self, out: StageDir) -> None:
         """candidates.parquet, prompts.parquet, candidates.json; done.json last."""
         write_parquet(out.file("candidates.parquet"), self.table)
         write_parquet(out.file("prompts.parquet"), self.prompts)
+        if self.by_layer is not None:
+            write_parquet(out.file("layers.parquet"), self.by_layer)
         write_json(out.file("candidates.json"), {**self.summary(), "notes": self.notes})
         out.mark_done()
 
@@ -132,6 +147,7 @@ class CandidatesResult:
             float(info["score_threshold"]),
             [int(layer) for layer in info["layers"]],
             dict(info["notes"]),
+            read_parquet(out.file("layers.parquet")) if out.file("layers.parquet").exists() else None,
         )
 
 
@@ -162,6 +178,40 @@ def all_ablated_check(
     })  # fmt: skip
 
 
+def by_layer_check(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    features: list[Feature],
+    instructions: list[str],
+    refused: list[bool],
+    coefficient: float,
+    batch_size: int,
+    criterion: Criterion,
+    judge: Judge | None = None,
+) -> pl.DataFrame:
+    """Per layer L of `features`: the flip rate, over the `refused` prompts, with only L's
+    features ablated (alone) and with all features but L's (without)."""
+    batch = model.tokenize(instructions)
+    engine = AblationEngine(model, saes, features, value=coefficient, batch_size=batch_size)
+    layer_of = torch.tensor([layer for layer, _ in features])
+    keep = torch.tensor(refused, dtype=torch.bool)
+    rows = []
+    for layer in sorted(set(layer_of.tolist())):
+        row: dict = {
+            "layer": layer,
+            "n_features": int((layer_of == layer).sum()),
+            "n_refused": int(keep.sum()),
+        }
+        for name, cols in (("alone", layer_of == layer), ("without", layer_of != layer)):
+            edits = engine.edits(cols.expand(len(batch), -1))
+            _, _, flipped = flips(model, batch, edits, criterion, batch_size, judge, instructions)
+            row[f"{name}_flip_rate"] = float(flipped[keep].float().mean()) if keep.any() else None
+        rows.append(row)
+    schema = {"layer": pl.Int64, "n_features": pl.Int64, "n_refused": pl.Int64,
+              "alone_flip_rate": pl.Float64, "without_flip_rate": pl.Float64}  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)
+
+
 def run(
     model: LoadedModel,
     saes: LoadedSAEs,
@@ -189,7 +239,23 @@ def run(
     if not check["refused"].any():
         why = f"no harmful eval prompt is refused at baseline by the {criterion.name} criterion"
         notes.update(all_ablated_flip_rate=why, n_not_flipped=why)
-    result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes)
+    layered = None
+    why_not = None
+    if not cfg.per_layer:
+        why_not = "search.candidates.per_layer is off"
+    elif len(layers) < 2:
+        why_not = "one SAE layer was searched: its candidates alone are all of C"
+    elif not check["refused"].any():
+        why_not = notes["all_ablated_flip_rate"]
+    else:
+        layered = by_layer_check(model, saes, list(zip(table["layer"], table["feature"], strict=True)),
+                                 prompts.eval_harmful.instructions, check["refused"].to_list(), coefficient,
+                                 cfg.batch_size, criterion, judge)  # fmt: skip
+        log.info("candidates by layer: %s", layered.to_dicts())
+    if why_not is not None:
+        notes.update(layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not)
+    result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes,
+                              layered)  # fmt: skip
     missed = check.filter(pl.col("refused") & ~pl.col("jailbroken"))
     if missed.height:
         log.warning("ablating all %d candidates (c=%g) leaves %d refused harmful eval prompts refused, e.g. %r",
