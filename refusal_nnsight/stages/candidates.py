@@ -195,18 +195,23 @@ def by_layer_check(
     engine = AblationEngine(model, saes, features, value=coefficient, batch_size=batch_size)
     layer_of = torch.tensor([layer for layer, _ in features])
     keep = torch.tensor(refused, dtype=torch.bool)
-    rows = []
-    for layer in sorted(set(layer_of.tolist())):
-        row: dict = {
-            "layer": layer,
-            "n_features": int((layer_of == layer).sum()),
-            "n_refused": int(keep.sum()),
-        }
-        for name, cols in (("alone", layer_of == layer), ("without", layer_of != layer)):
+    rate: dict[
+        tuple[bool, ...], float | None
+    ] = {}  # by ablated columns: with two layers, without L = alone the other
+
+    def flip_rate(cols: torch.Tensor) -> float | None:
+        key = tuple(cols.tolist())
+        if key not in rate:
             edits = engine.edits(cols.expand(len(batch), -1))
             _, _, flipped = flips(model, batch, edits, criterion, batch_size, judge, instructions)
-            row[f"{name}_flip_rate"] = float(flipped[keep].float().mean()) if keep.any() else None
-        rows.append(row)
+            rate[key] = float(flipped[keep].float().mean()) if keep.any() else None
+        return rate[key]
+
+    rows = []
+    for layer in sorted(set(layer_of.tolist())):
+        rows.append({"layer": layer, "n_features": int((layer_of == layer).sum()), "n_refused": int(keep.sum()),
+                     "alone_flip_rate": flip_rate(layer_of == layer),
+                     "without_flip_rate": flip_rate(layer_of != layer)})  # fmt: skip
     schema = {"layer": pl.Int64, "n_features": pl.Int64, "n_refused": pl.Int64,
               "alone_flip_rate": pl.Float64, "without_flip_rate": pl.Float64}  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
@@ -232,9 +237,9 @@ def run(
     table = cosine_table(direction.direction, saes, cfg.top_k, layers)
     log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
              table.height, layers, max(table["cosine"].to_list()))  # fmt: skip
-    check = all_ablated_check(model, saes, list(zip(table["layer"], table["feature"], strict=True)),
-                              prompts.eval_harmful.instructions, coefficient, cfg.batch_size, criterion,
-                              judge)  # fmt: skip
+    features = list(zip(table["layer"], table["feature"], strict=True))
+    check = all_ablated_check(model, saes, features, prompts.eval_harmful.instructions, coefficient,
+                              cfg.batch_size, criterion, judge)  # fmt: skip
     notes: dict[str, str] = {}
     if not check["refused"].any():
         why = f"no harmful eval prompt is refused at baseline by the {criterion.name} criterion"
@@ -248,9 +253,8 @@ def run(
     elif not check["refused"].any():
         why_not = notes["all_ablated_flip_rate"]
     else:
-        layered = by_layer_check(model, saes, list(zip(table["layer"], table["feature"], strict=True)),
-                                 prompts.eval_harmful.instructions, check["refused"].to_list(), coefficient,
-                                 cfg.batch_size, criterion, judge)  # fmt: skip
+        layered = by_layer_check(model, saes, features, prompts.eval_harmful.instructions,
+                                 check["refused"].to_list(), coefficient, cfg.batch_size, criterion, judge)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
         notes.update(layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not)
