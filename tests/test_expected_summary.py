@@ -11,15 +11,17 @@ EXPECTED = Path(__file__).parent / "expected" / "smoke_summary.json"
 
 
 def _diff(got, want, where: str = "") -> list[str]:
-    """Paths where got and want differ; floats to 1e-4 relative: CPU kernels differ in the last bits
+    """Paths where got and want differ; floats to 1e-3 relative: CPU kernels differ in the last bits
     from one instruction set to another, and an FM fit or a score change over many forwards
-    amplifies that to ~1e-5 (seen between an AVX-512 machine and the one that wrote the file)."""
+    amplifies that (~1e-5 between an AVX-512 machine and the one that wrote the file; 1.7e-4 on the
+    held-out R² of the FM and of the linear model on an AMD EPYC, whose MKL takes another path).
+    Counts, sets and verdicts must still be equal."""
     if isinstance(want, dict) and isinstance(got, dict):
         out = [f"{where}.{k}: missing" for k in want if k not in got]
         out += [f"{where}.{k}: unexpected" for k in got if k not in want]
         return out + [d for k in want if k in got for d in _diff(got[k], want[k], f"{where}.{k}")]
     if isinstance(want, float) and isinstance(got, float):
-        return [] if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-9) else [f"{where}: {got} != {want}"]
+        return [] if math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-9) else [f"{where}: {got} != {want}"]
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
         return [
             d for i, (g, w) in enumerate(zip(got, want, strict=True)) for d in _diff(g, w, f"{where}[{i}]")
