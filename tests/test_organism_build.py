@@ -171,6 +171,23 @@ def test_build_is_atomic(monkeypatch, tmp_path):
     assert list((tmp_path / "organism").iterdir()) == []  # no temporary folder left behind
 
 
+def test_manifest_records_the_machine_the_weights_were_trained_on(monkeypatch, tmp_path):
+    """Builds are exact per kind of CPU, so the manifest says which CPU (outside the hashes)."""
+    monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
+
+    def tiny(recipe, root, evaluate):
+        (root / "model").mkdir(parents=True)
+        (root / "model" / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(build_mod, "_build_into", tiny)
+    root = build_mod.build("small")
+    m = store.read_manifest(root)
+    assert m["built_on"] == build_mod.built_on()
+    assert m["built_on"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["built_on"]["cpu"]
+    assert m["content_hash"] == store.content_hash(root)  # the manifest, with it, is outside the hash
+
+
 def test_unknown_recipe_is_a_user_error():
     from refusal_nnsight.errors import UserError
 

@@ -36,6 +36,21 @@ def test_table_has_a_row_per_figure_and_min_median_max(tmp_path):
     assert frame["seed"].to_list() == [0, 1] and frame["targets_met"].to_list() == [True, False]
 
 
+def test_table_names_the_machine_each_seed_was_built_on(tmp_path):
+    """A seed's build is exact on one kind of CPU only: the table says which, '—' where the
+    manifest predates the record."""
+    from refusal_nnsight.organism.check import describe_machine
+
+    here = {"arch": "x86_64", "cpu": "AMD EPYC", "cpu_capability": "AVX512"}
+    rows = [_row(0, built_on=describe_machine(None)), _row(1, built_on=describe_machine(here))]
+    text = validate.write_table(rows, tmp_path)
+    assert "| built_on |  | — | x86_64 AMD EPYC (AVX512) |  |  |  |" in text
+    assert pl.read_parquet(tmp_path / "validate.parquet")["built_on"].to_list() == [
+        "—",
+        "x86_64 AMD EPYC (AVX512)",
+    ]
+
+
 def test_figures_are_read_from_the_summary_by_dotted_key():
     summary = {"ground_truth": {"cue_recall": 0.5}, "greedy": {}}
     assert validate._get(summary, "ground_truth.cue_recall") == 0.5

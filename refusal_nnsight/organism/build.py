@@ -41,6 +41,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def built_on() -> dict[str, str]:
+    """The machine a build ran on, as far as it sets the weights: training on another CPU (other
+    vector instructions, or another vendor's path through the BLAS library) sums floats in another
+    order and ends in another network, so a seed's build is exact on one kind of machine only."""
+    import torch
+
+    return {"arch": platform.machine(), "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+
+
 def _every(prompts: list, n: int) -> list:
     """n prompts spread evenly over the list (deterministic; the list mixes kinds in blocks)."""
     step = max(1, len(prompts) // n)
@@ -149,8 +170,9 @@ def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path
             "content_hash": store.content_hash(tmp),  # of every file but this manifest
             "build_seconds": round(time.time() - start, 1),
             "versions": _versions(),
-            # build_seconds and created_at are the only fields that differ between two builds;
-            # neither is hashed.
+            "built_on": built_on(),
+            # build_seconds and created_at are the only fields that differ between two builds on
+            # one machine (built_on between machines); none is hashed.
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         store.manifest_path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

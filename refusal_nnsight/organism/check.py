@@ -227,7 +227,16 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "targets_met": met,
         "all_met": all(met.values()),
         "build_seconds": manifest.get("build_seconds"),
+        # the machine that trained these weights (null: the manifest predates the record)
+        "built_on": manifest.get("built_on"),
     }
+
+
+def describe_machine(built_on: dict | None) -> str:
+    """'x86_64 AMD EPYC (AVX512)' from a manifest's built_on; '—' when it was not recorded."""
+    if not built_on:
+        return "—"
+    return f"{built_on['arch']} {built_on['cpu']} ({built_on['cpu_capability']})"
 
 
 def meets(value, op: str, target) -> bool:
@@ -254,6 +263,8 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"{what} {result['recipe']} seed {result['seed']}: recipe {result['recipe_hash']}, content {result['content_hash']}"
     )
+    if result.get("built_on"):
+        print(f"  built on {describe_machine(result['built_on'])}")
     for k, v in result["figures"].items():
         if k not in result["targets"]:
             print(f"  ---- {k:38s} {v:8.4f}   (reported)")

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .check import meets
+from .check import describe_machine, meets
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
         cfg = compose([*overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
                        f"run_dir={out / f'seed{seed}' / name}"])  # fmt: skip
         summaries[name] = pipeline.run(cfg)
-    row: dict = {"seed": seed}
+    # the machine that trained this seed's weights: a seed's figures are exact on one kind of CPU only
+    row: dict = {"seed": seed, "built_on": describe_machine(manifest.get("built_on"))}
     for fig, (run, key) in FIGURES.items():
         row[fig] = _get(summaries[run], key)
     if isinstance(row["all_layers_refusal_features"], list):
