@@ -180,6 +180,36 @@ def _by_layer(c: dict) -> str:
     return out
 
 
+def _criterion_vs_judge(candidates: Any, evaluate: Any) -> str:
+    """How the judge's verdicts on the all-of-C generations (evaluate) compare with the flip
+    criterion's, on the same refused prompts ("" when either is missing). The criterion reads the
+    first token; greedy dissects only the prompts it flips, so where the judge disagrees greedy
+    leaves prompts out that were jailbroken."""
+    if candidates is None or evaluate is None or not hasattr(evaluate, "completions"):
+        return ""
+    col = evaluate.jailbreak_column
+    done = evaluate.completions.filter(pl.col("condition") == "candidates_ablated")
+    if col not in done.columns or not done.height:
+        return ""
+    both = candidates.prompts.filter(pl.col("refused")).join(
+        done.select("prompt_idx", "response", col), on="prompt_idx", how="inner"
+    )
+    if not both.height:
+        return ""
+    judged = int(both[col].sum())
+    stay = both.filter(~pl.col("jailbroken") & pl.col(col))
+    out = (f" Judged on their generations (evaluate), the same ablation jailbreaks {judged} of "
+           f"{both.height} of them")  # fmt: skip
+    if stay.height:
+        example = stay["response"][0].strip()
+        out += (f"; on {stay.height} the criterion counts a refusal where the judge finds compliance (e.g. "
+                f"“{example[:60]}”), and greedy leaves those prompts out")  # fmt: skip
+    gone = both.filter(pl.col("jailbroken") & ~pl.col(col)).height
+    if gone:
+        out += f"; on {gone} the criterion counts a flip the judge does not"
+    return out + "."
+
+
 def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) -> list[str]:
     """Plain sentences generated from the numbers, each pointing at its table or figure."""
     d, c, g, fm, red, ev, gt = (summary.get(k) or {} for k in
@@ -206,7 +236,9 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"- **Candidates.** {c.get('n_features')} SAE latents on layers {c.get('layers')} point most along it; "
             f"ablating all of them (c = {_fmt(c.get('coefficient'))}) flips "
             f"{_rate(c.get('all_ablated_flip_rate'), c.get('all_ablated_flip_rate_n'))} refused prompts by the "
-            f"`{c.get('criterion')}` criterion.{_by_layer(c)} ([figure](#candidate-features), "
+            f"`{c.get('criterion')}` criterion."
+            f"{_criterion_vs_judge(results.get('candidates'), results.get('evaluate'))}{_by_layer(c)} "
+            "([figure](#candidate-features), "
             "`candidates/candidates.parquet`)"
         )
     if g.get("n_prompts"):

@@ -321,3 +321,39 @@ def test_card_says_why_a_feature_peaking_on_cues_is_not_a_cue():
     )
     assert "**other**: 60% of its 10 strongest activations are on composition words" in general
     assert "fires on 100% of the harmless eval prompts that hold no planted word" in general
+
+
+def test_candidates_sentence_sets_the_judge_beside_the_criterion():
+    """On the same refused prompts: where the ablated model opens with the refusal's first token
+    and then complies, the criterion says refused and the judge says jailbroken — the report says
+    how often, with an example, and that greedy leaves those prompts out."""
+    from refusal_nnsight.stages.evaluate import EvaluateResult
+
+    @dataclass
+    class Candidates:
+        prompts: pl.DataFrame
+
+    # prompt 3 is not refused at baseline: not counted. 0 agrees (flip); 1 and 2 open with "I'm"
+    # and comply; 4 flips by the criterion and the judge finds a refusal.
+    cands = Candidates(pl.DataFrame({"prompt_idx": [0, 1, 2, 3, 4], "refused": [True, True, True, False, True],
+                                     "jailbroken": [True, False, False, False, True]}))  # fmt: skip
+    done = pl.DataFrame({
+        "prompt_idx": [0, 1, 2, 3, 4, 0],
+        "condition": ["candidates_ablated"] * 5 + ["none"],
+        "response": ["Sure, here", "I'm: here are some.", "I'm: here is how", "Sure", "I'm sorry", "I'm sorry"],
+        "is_jailbreak_substring": [True, True, True, True, False, False],
+    })  # fmt: skip
+    ev = EvaluateResult(done, pl.DataFrame(), {"judge": "substring"})
+    summary = {"candidates": {"n_features": 5, "layers": [0, 1], "coefficient": -3.0, "criterion": "first_token",
+                              "all_ablated_flip_rate": 0.5, "all_ablated_flip_rate_n": 4}}  # fmt: skip
+    text = "\n".join(found_sentences(summary, {"candidates": cands, "evaluate": ev}, None))
+    assert "flips 2 of 4 (0.5) refused prompts by the `first_token` criterion" in text
+    assert "the same ablation jailbreaks 3 of 4 of them" in text
+    assert (
+        "on 2 the criterion counts a refusal where the judge finds compliance (e.g. “I'm: here are some.”)"
+        in text
+    )
+    assert "greedy leaves those prompts out; on 1 the criterion counts a flip the judge does not." in text
+    assert "Judged on their generations" not in "\n".join(
+        found_sentences(summary, {"candidates": cands}, None)
+    )
