@@ -153,17 +153,15 @@ class CandidatesResult:
 
 def all_ablated_check(
     model: LoadedModel,
-    saes: LoadedSAEs,
-    features: list[Feature],
+    engine: AblationEngine,
     instructions: list[str],
-    coefficient: float,
     batch_size: int,
     criterion: Criterion,
     judge: Judge | None = None,
 ) -> pl.DataFrame:
-    """Clean and all-of-C-ablated score, first-token margin and criterion verdict of each prompt."""
+    """Clean and all-of-C-ablated (every feature of `engine`, at its value) score, first-token
+    margin and criterion verdict of each prompt."""
     batch = model.tokenize(instructions)
-    engine = AblationEngine(model, saes, features, value=coefficient, batch_size=batch_size)
     ones = torch.ones(len(batch), engine.size, dtype=torch.bool)
     runs = {
         name: flips(model, batch, edits, criterion, batch_size, judge, instructions)
@@ -180,20 +178,17 @@ def all_ablated_check(
 
 def by_layer_check(
     model: LoadedModel,
-    saes: LoadedSAEs,
-    features: list[Feature],
+    engine: AblationEngine,
     instructions: list[str],
     refused: list[bool],
-    coefficient: float,
     batch_size: int,
     criterion: Criterion,
     judge: Judge | None = None,
 ) -> pl.DataFrame:
-    """Per layer L of `features`: the flip rate, over the `refused` prompts, with only L's
-    features ablated (alone) and with all features but L's (without)."""
+    """Per layer L of the engine's features: the flip rate, over the `refused` prompts, with only
+    L's features ablated (alone) and with all features but L's (without)."""
     batch = model.tokenize(instructions)
-    engine = AblationEngine(model, saes, features, value=coefficient, batch_size=batch_size)
-    layer_of = torch.tensor([layer for layer, _ in features])
+    layer_of = torch.tensor([layer for layer, _ in engine.pool])
     keep = torch.tensor(refused, dtype=torch.bool)
     rate: dict[
         tuple[bool, ...], float | None
@@ -238,8 +233,9 @@ def run(
     log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
              table.height, layers, max(table["cosine"].to_list()))  # fmt: skip
     features = list(zip(table["layer"], table["feature"], strict=True))
-    check = all_ablated_check(model, saes, features, prompts.eval_harmful.instructions, coefficient,
-                              cfg.batch_size, criterion, judge)  # fmt: skip
+    engine = AblationEngine(model, saes, features, value=coefficient, batch_size=cfg.batch_size)
+    instructions = prompts.eval_harmful.instructions
+    check = all_ablated_check(model, engine, instructions, cfg.batch_size, criterion, judge)
     notes: dict[str, str] = {}
     if not check["refused"].any():
         why = f"no harmful eval prompt is refused at baseline by the {criterion.name} criterion"
@@ -253,8 +249,8 @@ def run(
     elif not check["refused"].any():
         why_not = notes["all_ablated_flip_rate"]
     else:
-        layered = by_layer_check(model, saes, features, prompts.eval_harmful.instructions,
-                                 check["refused"].to_list(), coefficient, cfg.batch_size, criterion, judge)  # fmt: skip
+        layered = by_layer_check(model, engine, instructions, check["refused"].to_list(), cfg.batch_size,
+                                 criterion, judge)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
         notes.update(layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not)
