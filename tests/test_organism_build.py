@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +122,34 @@ def test_shipped_weights_match_their_manifest():
         root = store.shipped_dir(recipe)
         m = json.loads(store.manifest_path(root).read_text())
         assert m["content_hash"] == store.content_hash(root), recipe
+
+
+def test_content_hash_counts_json_by_content_not_key_order(tmp_path):
+    """sae-lens writes cfg.json keys in a per-process order: two builds with identical weights
+    must still hash equal, and a changed value must not."""
+    for name, cfg in (("a", '{"d_in": 64, "d_sae": 512}'), ("b", '{"d_sae": 512,  "d_in": 64}'),
+                      ("c", '{"d_in": 64, "d_sae": 256}')):  # fmt: skip
+        (tmp_path / name / "saes").mkdir(parents=True)
+        (tmp_path / name / "saes" / "cfg.json").write_text(cfg)
+        (tmp_path / name / "w.safetensors").write_bytes(b"\x00\x01")
+    a, b, c = (store.content_hash(tmp_path / n) for n in "abc")
+    assert a == b != c
+    (tmp_path / "b" / "w.safetensors").write_bytes(b"\x00\x02")
+    assert store.content_hash(tmp_path / "b") != a
+
+
+def test_saved_sae_config_has_sorted_keys(tmp_path):
+    """Whatever order the trainer writes cfg.json in, the saved file is the sorted one."""
+    from refusal_nnsight.organism import sae_train
+
+    class Trained:  # the one call save_sae makes on a sae-lens training SAE
+        def save_inference_model(self, path: str) -> None:
+            Path(path).mkdir()
+            (Path(path) / "cfg.json").write_text('{"metadata": {"l0": 24.0, "hook_name": "h"}, "d_sae": 512}')
+
+    sae_train.save_sae(Trained(), tmp_path / "sae")
+    raw = (tmp_path / "sae" / "cfg.json").read_text()
+    assert raw == '{"d_sae":512,"metadata":{"hook_name":"h","l0":24.0}}'
 
 
 def test_recipe_seed_sets_the_planted_directions_and_splits():

@@ -215,7 +215,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "recipe_hash": manifest["recipe_hash"],
         "content_hash": content_hash(root),
         "shipped": root == shipped_dir(recipe),
-        # a cached rebuild of the shipped recipe and seed, compared byte for byte with the shipped weights
+        # a cached rebuild of the shipped recipe and seed, compared with the shipped files (store.content_hash)
         "equals_shipped": (
             content_hash(organism_dir(recipe, seed)) == content_hash(shipped_dir(recipe))
             if is_shipped(recipe, seed) and is_built(recipe, seed)

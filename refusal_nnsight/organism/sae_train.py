@@ -190,8 +190,14 @@ def sae_stats(sae, acts: torch.Tensor) -> dict[str, float]:
 
 
 def save_sae(sae, directory: Path) -> None:
-    """sae-lens inference format: cfg.json + sae_weights.safetensors."""
+    """sae-lens inference format: cfg.json + sae_weights.safetensors. cfg.json is rewritten with
+    sorted keys: sae-lens's key order changes from one process to the next, and two builds of one
+    recipe should be byte-identical files."""
+    from .store import canonical_json
+
     sae.save_inference_model(str(directory))
+    cfg = Path(directory) / "cfg.json"
+    cfg.write_bytes(canonical_json(cfg.read_bytes()))
 
 
 def load_sae(directory: Path):

@@ -101,12 +101,22 @@ def is_shipped(recipe: str = "default", seed: int = 0) -> bool:
 
 
 def content_hash(root: Path) -> str:
-    """sha256 (16 hex) of every weight and tokenizer file of an organism: equal iff the builds are."""
+    """sha256 (16 hex) of every weight and tokenizer file of an organism: equal iff the builds are.
+
+    A JSON file counts by its content, not its key order: sae-lens writes an SAE's cfg.json keys
+    in an order that changes from one process to the next (string hashing is randomised per
+    process), so two builds with identical weights would otherwise hash apart.
+    """
     import hashlib
 
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+            h.update(canonical_json(path.read_bytes()) if path.suffix == ".json" else path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def canonical_json(raw: bytes) -> bytes:
+    """A JSON document with sorted keys and fixed separators (its bytes depend on its content only)."""
+    return json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
