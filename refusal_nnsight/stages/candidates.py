@@ -26,7 +26,7 @@ from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import NonFiniteError
 from ..judges import Judge
-from ..models import LoadedModel
+from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs, decoder_cosines
 from ..scoring import Criterion, flips
 from .direction import DirectionResult, select_layers
@@ -154,14 +154,14 @@ class CandidatesResult:
 def all_ablated_check(
     model: LoadedModel,
     engine: AblationEngine,
+    batch: Batch,
     instructions: list[str],
     batch_size: int,
     criterion: Criterion,
     judge: Judge | None = None,
 ) -> pl.DataFrame:
     """Clean and all-of-C-ablated (every feature of `engine`, at its value) score, first-token
-    margin and criterion verdict of each prompt."""
-    batch = model.tokenize(instructions)
+    margin and criterion verdict of each prompt (`batch`: `instructions` tokenized)."""
     ones = torch.ones(len(batch), engine.size, dtype=torch.bool)
     runs = {
         name: flips(model, batch, edits, criterion, batch_size, judge, instructions)
@@ -179,6 +179,7 @@ def all_ablated_check(
 def by_layer_check(
     model: LoadedModel,
     engine: AblationEngine,
+    batch: Batch,
     instructions: list[str],
     refused: list[bool],
     batch_size: int,
@@ -187,12 +188,10 @@ def by_layer_check(
 ) -> pl.DataFrame:
     """Per layer L of the engine's features: the flip rate, over the `refused` prompts, with only
     L's features ablated (alone) and with all features but L's (without)."""
-    batch = model.tokenize(instructions)
     layer_of = torch.tensor([layer for layer, _ in engine.pool])
     keep = torch.tensor(refused, dtype=torch.bool)
-    rate: dict[
-        tuple[bool, ...], float | None
-    ] = {}  # by ablated columns: with two layers, without L = alone the other
+    # by ablated columns, each set passed once: with two layers, "without L" is the other alone
+    rate: dict[tuple[bool, ...], float | None] = {}
 
     def flip_rate(cols: torch.Tensor) -> float | None:
         key = tuple(cols.tolist())
@@ -235,9 +234,11 @@ def run(
     features = list(zip(table["layer"], table["feature"], strict=True))
     engine = AblationEngine(model, saes, features, value=coefficient, batch_size=cfg.batch_size)
     instructions = prompts.eval_harmful.instructions
-    check = all_ablated_check(model, engine, instructions, cfg.batch_size, criterion, judge)
+    batch = model.tokenize(instructions)
+    check = all_ablated_check(model, engine, batch, instructions, cfg.batch_size, criterion, judge)
+    any_refused = bool(check["refused"].any())
     notes: dict[str, str] = {}
-    if not check["refused"].any():
+    if not any_refused:
         why = f"no harmful eval prompt is refused at baseline by the {criterion.name} criterion"
         notes.update(all_ablated_flip_rate=why, n_not_flipped=why)
     layered = None
@@ -246,10 +247,10 @@ def run(
         why_not = "search.candidates.per_layer is off"
     elif len(layers) < 2:
         why_not = "one SAE layer was searched: its candidates alone are all of C"
-    elif not check["refused"].any():
+    elif not any_refused:
         why_not = notes["all_ablated_flip_rate"]
     else:
-        layered = by_layer_check(model, engine, instructions, check["refused"].to_list(), cfg.batch_size,
+        layered = by_layer_check(model, engine, batch, instructions, check["refused"].to_list(), cfg.batch_size,
                                  criterion, judge)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
