@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -181,7 +182,14 @@ def _is_cue(role: str) -> bool:
 
 
 def ground_truth_summary(
-    model, saes, prompts, greedy, fm=None, redundancy=None, roles: pl.DataFrame | None = None
+    model,
+    saes,
+    prompts,
+    greedy,
+    fm=None,
+    redundancy=None,
+    roles: pl.DataFrame | None = None,
+    backup: PlantedBackup | None = None,
 ) -> tuple[dict, pl.DataFrame, dict]:
     """Planted-truth figures of a run (summary.json "ground_truth"), the role of each found feature,
     and why each null figure is null.
@@ -192,14 +200,17 @@ def ground_truth_summary(
     - cue_precision: of the distinct minimal-set features, the fraction whose role is a cue or the
       composition (a refusal-decision feature is a true finding, but not a harm cue);
     - refusal_features: the minimal-set features of role "refusal", as labels;
-    - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain): see their functions.
+    - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain), backup_in_h_rate (+
+      its _n and backup_min_cosine): see their functions.
 
+    backup: the organism's planted backup detectors, where the organism has them.
     roles: feature_roles of a superset of the found features, when the caller has them already
     (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
     empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None,
-             "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None}  # fmt: skip
+             "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
+             "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None}  # fmt: skip
     notes: dict[str, str] = {}
     if not _has_cues(ps):
         why = "the prompts carry no planted truth (only the organism's grammar does)"
@@ -237,7 +248,58 @@ def ground_truth_summary(
     if out["redundancy_found"] is None:
         why = "redundancy did not run, or ran no weak-ablation test with its control"
         notes.update(redundancy_found=why, redundancy_jailbreak_gain=why)
+    figures, why_not = backup_in_h(redundancy, ps, saes, backup)
+    out.update(figures)
+    if why_not:
+        notes.update(dict.fromkeys(figures, why_not))
     return out, roles, notes
+
+
+@dataclass(frozen=True)
+class PlantedBackup:
+    """The organism's backup detectors: the layer they are planted at, the residual layers the
+    redundancy stage scanned, and each harm category's unit direction [d]."""
+
+    layer: int
+    scanned: tuple[int, ...]
+    directions: dict[str, torch.Tensor]
+
+
+def backup_in_h(redundancy, ps, saes, backup: PlantedBackup | None) -> tuple[dict, str | None]:
+    """Does the redundancy stage's awakened set H hold the planted backup? ({figures}, why null).
+
+    The backup latent of a category is the latent of the SAE at the backup layer whose decoder row
+    has the largest cosine with that category's planted backup direction (`backup_min_cosine`: the
+    smallest of those cosines, how well the SAE represents the backups at all). backup_in_h_rate:
+    of the dissected prompts with an explicit cue word, the fraction whose H at the weak ablation
+    (the set the causal test ablates) holds the backup latent of the prompt's category. It
+    separates "the scan finds the backup" from redundancy_found, "ablating it flips the prompt".
+    """
+    figures: dict[str, Any] = {"backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None}
+    if backup is None:
+        return figures, "the model plants no backup detectors (only the organism does)"
+    if redundancy is None or not len(redundancy.tests):
+        return figures, "redundancy did not run, or dissected no prompt"
+    if backup.layer not in saes.layers or backup.layer not in backup.scanned:
+        return figures, f"the redundancy stage did not scan the backup layer {backup.layer}"
+    from .saes import decoder_cosines
+
+    w_dec = saes.slice(backup.layer).W_dec
+    best = {}
+    for category, direction in backup.directions.items():
+        cos = decoder_cosines(direction, w_dec)
+        best[category] = (int(cos.argmax()), float(cos.max()))
+    figures["backup_min_cosine"] = min(c for _, c in best.values())
+    aw = redundancy.awakened
+    h = aw.filter((pl.col("ablation") == "weak") & pl.col("in_h") & (pl.col("layer") == backup.layer))
+    in_h = {(int(i), int(f)) for i, f in zip(h["prompt_idx"], h["feature"], strict=True)}
+    dissected = sorted({int(i) for i in redundancy.tests["prompt_idx"]})
+    cue = [i for i in dissected if ps.meta[i]["kind"] == "cue" and ps.categories[i] in best]
+    if not cue:
+        return figures, "no prompt with an explicit cue word was dissected"
+    figures["backup_in_h_n"] = len(cue)
+    figures["backup_in_h_rate"] = sum((i, best[ps.categories[i]][0]) in in_h for i in cue) / len(cue)
+    return figures, None
 
 
 def redundancy_found(result) -> tuple[bool | None, float | None]:

@@ -26,6 +26,7 @@ from .config import RunConfig, to_dict
 from .data import check_readable, load_prompts
 from .errors import NothingToDissect, UserError
 from .judges import make_judge
+from .organism.planted import planted_backup
 from .organism.resolve import organism_root, prompt_splits
 from .saes import load_saes
 from .scoring import Criterion
@@ -384,8 +385,15 @@ def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict, roles: pl
     """Planted-truth checks, available only on the organism (its grammar knows the cues)."""
     from . import ground_truth
 
+    backup = None
+    root = organism_root(cfg.model)
+    planted = planted_backup(root) if root is not None else None
+    if planted is not None and results.get("candidates") is not None:
+        scanned = tuple(_scanned_layers(cfg.search, saes, model, results["candidates"]))
+        backup = ground_truth.PlantedBackup(planted[0], scanned, planted[1])
+    greedy, fm, redundancy = results.get("greedy"), results.get("fm"), results.get("redundancy")
     figures, roles, notes = ground_truth.ground_truth_summary(
-        model, saes, prompts, results.get("greedy"), results.get("fm"), results.get("redundancy"), roles
+        model, saes, prompts, greedy, fm, redundancy, roles, backup=backup
     )
     results["ground_truth"] = GroundTruth(roles, notes)  # for the report: roles and null reasons
     return figures

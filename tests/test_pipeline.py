@@ -54,6 +54,7 @@ SUMMARY_KEYS = [
     "ground_truth.compositional_pair_found",
     "ground_truth.redundancy_found",
     "ground_truth.redundancy_jailbreak_gain",
+    "ground_truth.backup_in_h_rate",
     "timing.total_s",
     "timing.direction_s",
     "timing.candidates_s",

@@ -357,3 +357,19 @@ def test_candidates_sentence_sets_the_judge_beside_the_criterion():
     assert "Judged on their generations" not in "\n".join(
         found_sentences(summary, {"candidates": cands}, None)
     )
+
+
+def test_planted_truth_sentence_says_whether_h_holds_the_planted_backup():
+    """Beside "redundancy found", the organism's run says on how many dissected cue prompts H held
+    the planted backup's latent, so a redundancy found through other latents is not read as the
+    planted one; without a measurement the clause is left out, not written as 0."""
+    gt = {"cue_recall": 1.0, "cue_precision": 1.0, "refusal_features": [], "compositional_pair_found": True,
+          "redundancy_found": True, "backup_in_h_rate": 0.0, "backup_in_h_n": 14, "backup_min_cosine": 0.28}  # fmt: skip
+    summary = {**FULL_SUMMARY, "ground_truth": gt}
+    text = "\n".join(found_sentences(summary, {}, None))
+    assert "redundancy found: yes." in text
+    assert "cosine ≥ 0.28) is in H on 0 of the 14 dissected prompts with a cue word" in text
+    gt.update(backup_in_h_rate=0.625, backup_in_h_n=16)
+    assert "is in H on 10 of the 16 dissected prompts" in "\n".join(found_sentences(summary, {}, None))
+    gt.update(backup_in_h_rate=None, backup_in_h_n=None)
+    assert "planted backup" not in "\n".join(found_sentences(summary, {}, None))

@@ -220,3 +220,38 @@ def test_skipped_first_token_is_not_read_or_clamped(planted, tmp_path):
     s = result.summary()
     for key in ("bos_clamp_jailbreak_rate", "bos_clamp_jailbreak_change", "h_active_at_bos"):
         assert s[key] is None and "first token" in result.notes[key], key
+
+
+def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
+    """Ground truth for the scan: the backup latent of a category is the backup layer's latent
+    closest to its planted direction; a cue prompt counts when its weak-ablation H holds that
+    latent. Compositional prompts are not counted, and the strong ablation's H does not count."""
+    from types import SimpleNamespace
+
+    from refusal_nnsight.ground_truth import PlantedBackup, backup_in_h
+
+    d = 8
+    w_dec = torch.eye(d)[:6] * 2.0  # latent k lies along e_k
+    saes = SimpleNamespace(layers=[1, 2], slice=lambda layer: SimpleNamespace(W_dec=w_dec))
+    backup = PlantedBackup(
+        2, (1, 2), {"weapons": torch.eye(d)[3], "drugs": torch.eye(d)[5] * 0.6 + torch.eye(d)[4] * 0.8}
+    )
+    ps = PromptSet(["a", "b", "c", "d"], True, ["weapons", "drugs", "weapons", "compositional"],
+                   [{"kind": "cue"}, {"kind": "cue"}, {"kind": "cue"}, {"kind": "compositional"}])  # fmt: skip
+    tests = redundancy._tests_frame([(i, "clean", 0, 3.0, True, False, "") for i in range(4)])
+    aw = redundancy._awakened_frame([
+        (0, "weak", 2, 3, 0.0, 2.0, 0.0, 0, True),  # prompt 0 (weapons): its backup, in H
+        (1, "weak", 2, 5, 0.0, 2.0, 0.0, 0, True),  # prompt 1 (drugs): a latent at cosine 0.6, not the closest (4)
+        (2, "strong", 2, 3, 0.0, 2.0, 0.0, 0, True),  # prompt 2: the backup woke at the strong ablation only
+        (2, "weak", 2, 3, 0.0, 2.0, 0.0, 25, False),  # ... and at the weak one, but ranked out of H
+        (3, "weak", 2, 3, 0.0, 2.0, 0.0, 0, True),  # prompt 3: not a cue prompt
+    ])  # fmt: skip
+    got, why = backup_in_h(RedundancyResult(aw, tests), ps, saes, backup)
+    assert why is None
+    assert got["backup_in_h_n"] == 3 and got["backup_in_h_rate"] == pytest.approx(1 / 3)
+    assert got["backup_min_cosine"] == pytest.approx(0.8)
+    # not measured (None, with a reason), never 0: a model without planted backups, an unscanned layer
+    assert backup_in_h(RedundancyResult(aw, tests), ps, saes, None)[0]["backup_in_h_rate"] is None
+    unscanned = PlantedBackup(2, (1,), backup.directions)
+    got, why = backup_in_h(RedundancyResult(aw, tests), ps, saes, unscanned)
+    assert got["backup_in_h_rate"] is None and "did not scan the backup layer 2" in why

@@ -206,3 +206,15 @@ def load_directions(path) -> Directions:
 
     t = load_file(str(path))
     return Directions(t["refusal"], t["cue"], t["backup"], t["verb"], t["person"])
+
+
+def planted_backup(root) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(the backup layer, category -> unit backup direction) of the organism built at `root`;
+    None for a build without planted truth (a tuned real model)."""
+    from .store import planted_path, read_manifest
+
+    path = planted_path(root)
+    if not path.exists():
+        return None
+    layer = read_manifest(root)["model"]["backup_layer"]
+    return int(layer), dict(zip(categories(), load_directions(path).backup, strict=True))

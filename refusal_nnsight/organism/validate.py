@@ -49,6 +49,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     "redundancy_m_jailbreak": ("harm", "redundancy.m_weak_jailbreak_rate"),
     "redundancy_m_plus_h_jailbreak": ("harm", "redundancy.m_plus_h_weak_jailbreak_rate"),
     "redundancy_m_plus_control_jailbreak": ("harm", "redundancy.m_plus_control_weak_jailbreak_rate"),
+    # whether H (weak ablation) holds the planted backup's latent, on the dissected cue prompts
+    "backup_in_h": ("harm", "ground_truth.backup_in_h_rate"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
     "all_layers_median_set_size": ("all_layers", "greedy.median_one_minimal_set_size"),
@@ -66,6 +68,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_m_plus_h_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_h_weak_jailbreak_rate"),
     "cue_m_plus_control_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_control_weak_jailbreak_rate"),
     "cue_redundancy_found": ("cue", "ground_truth.redundancy_found"),
+    "cue_backup_in_h": ("cue", "ground_truth.backup_in_h_rate"),
     "cue_random_same_size_jailbreak": ("cue", "evaluate.random_same_size_jailbreak_rate"),
 }
 
