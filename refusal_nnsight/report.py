@@ -328,12 +328,12 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"minimal-set features that sit on a cue); refusal-decision features in minimal sets: "
             f"{', '.join(refusal) if refusal else 'none'}; compositional pair found: "
             f"{_fmt(gt.get('compositional_pair_found'))}; redundancy found: {_fmt(gt.get('redundancy_found'))}."
-            + _backup_sentence(gt)
+            + _backup_sentence(gt, red.get("weak_coefficient"))
         )
     return out or ["- Nothing was found: no stage after the direction ran."]
 
 
-def _backup_sentence(gt: dict) -> str:
+def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
     """Whether H holds the planted backup (the scan's recall), beside whether ablating H flips."""
     rate, n = gt.get("backup_in_h_rate"), gt.get("backup_in_h_n")
     if rate is None or not n:
@@ -341,7 +341,7 @@ def _backup_sentence(gt: dict) -> str:
     return (
         f" The planted backup's latent (the backup layer's latent closest to its direction, cosine ≥ "
         f"{_fmt(gt.get('backup_min_cosine'))}) is in H on {round(rate * n)} of the {n} dissected prompts with "
-        "a cue word (M ablated weakly)."
+        f"a cue word (M ablated at c = {_fmt(weak_coefficient)})."
     )
 
 

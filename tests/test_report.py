@@ -365,10 +365,12 @@ def test_planted_truth_sentence_says_whether_h_holds_the_planted_backup():
     planted one; without a measurement the clause is left out, not written as 0."""
     gt = {"cue_recall": 1.0, "cue_precision": 1.0, "refusal_features": [], "compositional_pair_found": True,
           "redundancy_found": True, "backup_in_h_rate": 0.0, "backup_in_h_n": 14, "backup_min_cosine": 0.28}  # fmt: skip
-    summary = {**FULL_SUMMARY, "ground_truth": gt}
+    summary = {**FULL_SUMMARY, "ground_truth": gt, "redundancy": {"weak_coefficient": 0.0}}
     text = "\n".join(found_sentences(summary, {}, None))
     assert "redundancy found: yes." in text
-    assert "cosine ≥ 0.28) is in H on 0 of the 14 dissected prompts with a cue word" in text
+    assert (
+        "cosine ≥ 0.28) is in H on 0 of the 14 dissected prompts with a cue word (M ablated at c = 0)" in text
+    )
     gt.update(backup_in_h_rate=0.625, backup_in_h_n=16)
     assert "is in H on 10 of the 16 dissected prompts" in "\n".join(found_sentences(summary, {}, None))
     gt.update(backup_in_h_rate=None, backup_in_h_n=None)
