@@ -303,8 +303,10 @@ def backup_in_h(redundancy, ps, saes, backup: PlantedBackup | None) -> tuple[dic
 
 
 def redundancy_found(result) -> tuple[bool | None, float | None]:
-    """(H non-empty and ablating M ∪ H jailbreaks more prompts than M alone and than M ∪ C, the
-    gain over M alone).
+    """(H non-empty and ablating M ∪ H jailbreaks more prompts than M alone and than M ∪ C, each
+    by a one-sided sign test on the same prompts at the redundancy stage's SIGNIFICANCE, the gain
+    over M alone). A gain of one prompt in 25 is not a finding: it needs five prompts gained and
+    none lost, or more where some are lost.
 
     Measured at the redundancy stage's weak coefficient, where M alone need not jailbreak (at the
     greedy coefficient M jailbreaks by construction, so no gain is possible). C is the stage's
@@ -312,19 +314,22 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
     more latents flips more" is not read as redundancy. None without the M and control tests (a
     redundancy stage saved before the control existed is not scored against a control of 0).
     """
+    from .stages.redundancy import SIGNIFICANCE, sign_test
+
     tests = result.tests
-    if not len(tests):
-        return None, None
+    # the prompts refused at baseline (judged), the denominator of the stage's rates
+    base = tests.filter((pl.col("condition") == "clean") & pl.col("judge_refused"))["prompt_idx"].to_list()
     names = ("m_weak", "m_plus_h_weak", "m_plus_control_weak")
-    weak = tests.filter(pl.col("condition").is_in(names))
+    weak = tests.filter(pl.col("condition").is_in(names) & pl.col("prompt_idx").is_in(base))
     if not all(len(weak.filter(pl.col("condition") == c)) for c in ("m_weak", "m_plus_control_weak")):
         return None, None
     rate = {c: float(weak.filter(pl.col("condition") == c)["jailbroken"].cast(pl.Float64).mean() or 0.0)
             for c in names}  # fmt: skip
     in_h = result.awakened.filter(pl.col("in_h")) if "in_h" in result.awakened.columns else result.awakened
     gain = rate["m_plus_h_weak"] - rate["m_weak"]
-    beats_control = rate["m_plus_h_weak"] > rate["m_plus_control_weak"]
-    return bool(len(in_h) > 0 and gain > 0 and beats_control), gain
+    p_m, p_c = (sign_test(tests, "m_plus_h_weak", than, base) for than in ("m_weak", "m_plus_control_weak"))
+    significant = p_m is not None and p_c is not None and max(p_m, p_c) <= SIGNIFICANCE
+    return bool(len(in_h) > 0 and gain > 0 and significant), gain
 
 
 def compositional_pair_found(result, prompts, model, saes, strict: bool = False) -> int | None:

@@ -308,9 +308,21 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)}; the "
                        "control (as many latents that were already active) was not measured, so whether H is "
                        "redundancy or just more latents is not known")  # fmt: skip
+        elif weak_h > weak and red.get("m_plus_h_weak_gain_p") is None:
+            verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)} (as many "
+                       f"latents that were already active: {_fmt(control)}); whether that is more than chance was "
+                       "not tested (a run folder from before the sign tests), so it is not called redundancy")  # fmt: skip
+        elif weak_h > weak and not _significant(red):
+            verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)} (as many "
+                       f"latents that were already active: {_fmt(control)}), but a sign test on the same prompts "
+                       f"does not separate that from chance (one-sided p = {_fmt(red.get('m_plus_h_weak_gain_p'))} "
+                       f"against M alone, {_fmt(red.get('m_plus_h_weak_control_p'))} against the control; level "
+                       f"{_fmt(red.get('gain_significance'))}): no redundancy found")  # fmt: skip
         elif weak_h > weak:
             verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)} (as many "
-                       f"latents that were already active: {_fmt(control)}): redundancy found")  # fmt: skip
+                       f"latents that were already active: {_fmt(control)}; one-sided sign-test p = "
+                       f"{_fmt(red.get('m_plus_h_weak_gain_p'))} against M alone, "
+                       f"{_fmt(red.get('m_plus_h_weak_control_p'))} against the control): redundancy found")  # fmt: skip
         else:
             verdict = f"ablating H as well does not raise the jailbreak rate ({_fmt(weak)} → {_fmt(weak_h)}): no redundancy found"
         out.append(
@@ -331,6 +343,15 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             + _backup_sentence(gt, red.get("weak_coefficient"))
         )
     return out or ["- Nothing was found: no stage after the direction ran."]
+
+
+def _significant(red: dict) -> bool:
+    """Whether both sign tests of the redundancy stage (M ∪ H against M, and against M ∪ C) pass
+    its level; a run folder saved before the tests existed has neither, and is not called found."""
+    level, p_m, p_c = (
+        red.get(k) for k in ("gain_significance", "m_plus_h_weak_gain_p", "m_plus_h_weak_control_p")
+    )
+    return level is not None and p_m is not None and p_c is not None and max(p_m, p_c) <= level
 
 
 def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:

@@ -241,9 +241,17 @@ def test_found_sentences_follow_the_numbers():
     summary["fm"].update(heldout_accuracy=0.9, heldout_r2=0.3)
     assert "the interactions add nothing measurable" in "\n".join(found_sentences(summary, {}, None))
     summary["redundancy"]["m_plus_control_weak_jailbreak_rate"] = 0.5  # the control does less
-    assert "0.25 to 0.75 (as many latents that were already active: 0.5): redundancy found" in "\n".join(
-        found_sentences(summary, {}, None)
+    assert "0.25 to 0.75 (as many latents that were already active: 0.5); whether that is more than chance was " \
+        "not tested" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
+    summary["redundancy"].update(
+        m_plus_h_weak_gain_p=0.01, m_plus_h_weak_control_p=0.03, gain_significance=0.05
     )
+    assert "0.25 to 0.75 (as many latents that were already active: 0.5; one-sided sign-test p = 0.01 against M " \
+        "alone, 0.03 against the control): redundancy found" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
+    summary["redundancy"]["m_plus_h_weak_control_p"] = 0.5  # as likely as not against the control
+    assert "does not separate that from chance (one-sided p = 0.01 against M alone, 0.5 against the control; " \
+        "level 0.05): no redundancy found" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
+    summary["redundancy"]["m_plus_h_weak_control_p"] = 0.03
     summary["redundancy"]["m_plus_control_weak_jailbreak_rate"] = 0.75  # the control does as well
     assert "but as many latents that were already active raise it to 0.75: no redundancy found" in "\n".join(
         found_sentences(summary, {}, None)

@@ -66,23 +66,47 @@ def test_control_set_matches_h_layer_by_layer_with_latents_that_did_not_wake():
     assert control_set(clean, ablated, exclude=[], h=[], cfg=cfg) == []
 
 
+def _weak_tests(n: int, h_gains: int, control_jailbroken: int, m_jailbroken: int = 0) -> pl.DataFrame:
+    """n prompts refused at baseline: M ∪ H jailbreaks the first m_jailbroken + h_gains of them, M
+    alone the first m_jailbroken, M ∪ C the first control_jailbroken."""
+    rows = []
+    for i in range(n):
+        h, m, c = i < m_jailbroken + h_gains, i < m_jailbroken, i < control_jailbroken
+        rows += [(i, "clean", 0, 3.0, True, False, ""), (i, "m_weak", 1, 1.0, not m, m, ""),
+                 (i, "m_plus_h_weak", 2, -1.0, not h, h, ""), (i, "m_plus_control_weak", 2, -1.0, not c, c, "")]  # fmt: skip
+    return redundancy._tests_frame(rows)
+
+
 def test_redundancy_needs_m_plus_h_to_beat_the_control():
     """Ablating M ∪ H must jailbreak more than M alone and more than M ∪ C: when as many latents
     that did not wake do as well, "ablating more flips more" explains it, and it is not found."""
     from refusal_nnsight.ground_truth import redundancy_found
 
-    def result(control_jailbroken: bool):
-        rows = [(0, "clean", 0, 3.0, True, False, ""), (0, "m_weak", 1, 1.0, True, False, ""),
-                (0, "m_plus_h_weak", 2, -1.0, False, True, ""),
-                (0, "m_plus_control_weak", 2, -1.0, not control_jailbroken, control_jailbroken, "")]  # fmt: skip
-        aw = redundancy._awakened_frame([(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True)])
-        return RedundancyResult(aw, redundancy._tests_frame(rows))
-
-    assert redundancy_found(result(False)) == (True, 1.0)
-    assert redundancy_found(result(True)) == (False, 1.0)
-    old = result(False)  # saved before the control existed: not measured, not a control of 0
+    aw = redundancy._awakened_frame([(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True)])
+    assert redundancy_found(RedundancyResult(aw, _weak_tests(10, 6, 0))) == (True, 0.6)
+    assert redundancy_found(RedundancyResult(aw, _weak_tests(10, 6, 6))) == (False, 0.6)
+    old = RedundancyResult(aw, _weak_tests(10, 6, 0))  # saved before the control existed: not a control of 0
     old.tests = old.tests.filter(pl.col("condition") != "m_plus_control_weak")
     assert redundancy_found(old) == (None, None)
+
+
+def test_redundancy_is_not_found_on_a_gain_chance_explains():
+    """One prompt gained in 25 (0.40 -> 0.44) is within chance: a sign test on the same prompts
+    needs five gained and none lost (p = 1/32) before M ∪ H is said to beat M alone and the control."""
+    from refusal_nnsight.ground_truth import redundancy_found
+    from refusal_nnsight.stages.redundancy import sign_test
+
+    aw = redundancy._awakened_frame([(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True)])
+    one = _weak_tests(25, 1, 10, m_jailbroken=10)
+    found, gain = redundancy_found(RedundancyResult(aw, one))
+    assert found is False and gain == pytest.approx(0.04)
+    assert sign_test(one, "m_plus_h_weak", "m_weak", list(range(25))) == pytest.approx(0.5)
+    four, five = _weak_tests(25, 4, 0), _weak_tests(25, 5, 0)
+    assert sign_test(four, "m_plus_h_weak", "m_weak", list(range(25))) == pytest.approx(1 / 16)
+    assert redundancy_found(RedundancyResult(aw, four))[0] is False
+    assert redundancy_found(RedundancyResult(aw, five))[0] is True
+    assert summarise(aw, five)["m_plus_h_weak_gain_p"] == pytest.approx(1 / 32)
+    assert sign_test(five, "m_weak", "m_weak", list(range(25))) == 1.0  # nothing discordant
 
 
 def test_summary_rates_and_reasons_from_tables():

@@ -49,6 +49,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "redundancy_m_jailbreak": ("harm", "redundancy.m_weak_jailbreak_rate"),
     "redundancy_m_plus_h_jailbreak": ("harm", "redundancy.m_plus_h_weak_jailbreak_rate"),
     "redundancy_m_plus_control_jailbreak": ("harm", "redundancy.m_plus_control_weak_jailbreak_rate"),
+    # one-sided sign tests on the same prompts: M ∪ H against M alone, and against M ∪ C
+    "redundancy_gain_p": ("harm", "redundancy.m_plus_h_weak_gain_p"),
+    "redundancy_control_p": ("harm", "redundancy.m_plus_h_weak_control_p"),
     # whether H (weak ablation) holds the planted backup's latent, on the dissected cue prompts
     "backup_in_h": ("harm", "ground_truth.backup_in_h_rate"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),

@@ -458,6 +458,27 @@ def _rate(tests: pl.DataFrame, condition: str, prompts: list[int] | None = None,
     return None if t.height == 0 else mean_of(t[col])
 
 
+# One-sided level of the sign tests that M ∪ H jailbreaks more prompts than M alone and than M ∪ C
+SIGNIFICANCE = 0.05
+
+
+def sign_test(tests: pl.DataFrame, better: str, than: str, prompts: list[int]) -> float | None:
+    """One-sided exact sign test (binomial, p = 1/2) that condition `better` jailbreaks more of
+    `prompts` than `than`, on the discordant prompts (jailbroken under one condition only).
+    1.0 when none is discordant; None when either condition was not run."""
+    from scipy.stats import binomtest
+
+    pair = tests.filter(pl.col("prompt_idx").is_in(prompts) & pl.col("condition").is_in([better, than]))
+    wide = pair.pivot(on="condition", index="prompt_idx", values="jailbroken")
+    if better not in wide.columns or than not in wide.columns:
+        return None
+    gains = wide.filter(pl.col(better) & ~pl.col(than)).height
+    losses = wide.filter(~pl.col(better) & pl.col(than)).height
+    if gains + losses == 0:
+        return 1.0
+    return float(binomtest(gains, gains + losses, 0.5, alternative="greater").pvalue)
+
+
 def _h_prompts(awakened: pl.DataFrame, ablation: str = "strong") -> list[int]:
     return sorted(
         set(awakened.filter((pl.col("ablation") == ablation) & pl.col("in_h"))["prompt_idx"].to_list())
@@ -499,6 +520,10 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
         "m_weak_jailbreak_rate": rate("m_weak"),
         "m_plus_h_weak_jailbreak_rate": rate("m_plus_h_weak"),
         "m_plus_control_weak_jailbreak_rate": rate("m_plus_control_weak"),
+        # is the gain of M ∪ H more than chance? Sign tests on the same prompts, against M alone and M ∪ C
+        "m_plus_h_weak_gain_p": sign_test(tests, "m_plus_h_weak", "m_weak", base) if base else None,
+        "m_plus_h_weak_control_p": sign_test(tests, "m_plus_h_weak", "m_plus_control_weak", base) if base else None,
+        "gain_significance": SIGNIFICANCE,  # the level both p-values are held to
         "reinject_refusal_rate": None if reinject is None else 1.0 - reinject,
         "reinject_refusal_rate_n": len(restore) if n else None,
         "bos_clamp_jailbreak_rate": bos_rate,
