@@ -332,15 +332,22 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
     return bool(len(in_h) > 0 and gain > 0 and significant), gain
 
 
-def compositional_pair_found(result, prompts, model, saes, strict: bool = False) -> int | None:
+def compositional_pair_found(
+    result, prompts, model, saes, strict: bool = False, roles: pl.DataFrame | None = None
+) -> int | None:
     """1 if a confirmed FM pair of a dissected compositional prompt joins its verb and its object.
 
-    For each dissected harmful prompt of kind "compositional" (cues = verb, object head word):
-    strict — one feature of a confirmed pair peaks (its strongest activation on that prompt) on
-    the verb token and the other peaks on the object token; loose (features less clean) — one
-    fires (> 0) on the verb token and the other on the object token. 1 if any pair passes either
-    (only the strict one when `strict`; logged with the criterion), 0 if none does, None when no
-    compositional prompt was dissected or the prompts carry no cue metadata.
+    For each dissected harmful prompt of kind "compositional" (cues = verb, object head word), a
+    confirmed pair counts when both its features have the role "composition" (`feature_roles`:
+    most of their strongest activations over the eval prompts fall on harm verbs or person words,
+    and they do not fire on most plain harmless prompts) and, on that prompt: strict — one peaks
+    (its strongest activation) on the verb token and the other on the object token; loose
+    (features less clean) — one fires (> 0) on the verb token and the other on the object token.
+    Without the role check a cue feature of another category that fires weakly on both words
+    would pass as the planted pair. 1 if any pair passes (only strictly when `strict`; logged with
+    the criterion), 0 if none does, None when no compositional prompt was dissected or the
+    prompts carry no cue metadata. roles: feature_roles of the pairs' features, when the caller
+    has them (computed otherwise).
     """
     ps = prompts.eval_harmful
     if not _has_cues(ps):
@@ -353,6 +360,14 @@ def compositional_pair_found(result, prompts, model, saes, strict: bool = False)
     ]
     if not comp:
         return None
+    confirmed = result.interactions.filter(pl.col("prompt_idx").is_in(comp) & pl.col("confirmed"))
+    pair_feats = sorted(
+        {(int(a), int(b)) for a, b in zip(confirmed["layer_i"], confirmed["feature_i"], strict=True)}
+        | {(int(a), int(b)) for a, b in zip(confirmed["layer_j"], confirmed["feature_j"], strict=True)}
+    )
+    if roles is None:
+        roles = feature_roles(model, saes, pair_feats, prompts)
+    role_of = {(int(r["layer"]), int(r["feature"])): r["role"] for r in roles.to_dicts()}
     for idx in comp:
         pairs = result.interactions.filter((pl.col("prompt_idx") == idx) & pl.col("confirmed")).to_dicts()
         if not pairs:
@@ -363,14 +378,19 @@ def compositional_pair_found(result, prompts, model, saes, strict: bool = False)
         col = {f: c for c, f in enumerate(feats)}
         instr = ps.instructions[idx]
         acts = feature_activations(model, saes, feats, [instr])[0]  # [T, F]
-        roles = torch.tensor(token_roles(model, instr, ps.meta[idx]["cue_spans"][:2]))
+        on = torch.tensor(token_roles(model, instr, ps.meta[idx]["cue_spans"][:2]))
 
         for p in pairs:
-            ci, cj = col[(p["layer_i"], p["feature_i"])], col[(p["layer_j"], p["feature_j"])]
-            if {_peak_role(acts[:, ci], roles), _peak_role(acts[:, cj], roles)} == {0, 1}:
+            fi, fj = (p["layer_i"], p["feature_i"]), (p["layer_j"], p["feature_j"])
+            if not role_of.get(fi) == role_of.get(fj) == "composition":
+                log.info("FM pair %s × %s on prompt %d: roles %s × %s, not the composition", p["label_i"],
+                         p["label_j"], idx, role_of.get(fi), role_of.get(fj))  # fmt: skip
+                continue
+            ci, cj = col[fi], col[fj]
+            if {_peak_role(acts[:, ci], on), _peak_role(acts[:, cj], on)} == {0, 1}:
                 log.info("compositional pair (strict) on prompt %d: %s × %s", idx, p["label_i"], p["label_j"])
                 return 1
-            fires = [[_fires(acts[:, c], roles, r) for r in (0, 1)] for c in (ci, cj)]
+            fires = [[_fires(acts[:, c], on, r) for r in (0, 1)] for c in (ci, cj)]
             if not strict and ((fires[0][0] and fires[1][1]) or (fires[0][1] and fires[1][0])):
                 log.info("compositional pair (loose) on prompt %d: %s × %s", idx, p["label_i"], p["label_j"])
                 return 1

@@ -289,18 +289,28 @@ def test_compositional_pair_found_on_planted_activations(monkeypatch):
                "layer_j": pair[1][0], "feature_j": pair[1][1], "confirmed": confirmed}  # fmt: skip
         return SimpleNamespace(fit=pl.DataFrame({"prompt_idx": [0]}), interactions=pl.DataFrame([row]))
 
-    assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None) == 1
-    assert (
-        ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None, strict=True)
-        == 1
-    )
-    assert ground_truth.compositional_pair_found(result([(1, 10), (2, 5)]), prompts, model, None) == 0
+    # each feature's role over the eval prompts (feature_roles); (3, 7) acts like (1, 11) on this
+    # prompt but is another category's cue feature, so it is not the planted pair
+    fires[(3, 7)] = fires[(1, 11)]
+    role = {(1, 10): "composition", (1, 11): "composition", (2, 5): "composition", (2, 6): "composition",
+            (3, 7): "cue:weapons"}  # fmt: skip
+    role_table = pl.DataFrame([{"layer": a, "feature": b, "role": r} for (a, b), r in role.items()])
+
+    def found(res, strict: bool = False):
+        return ground_truth.compositional_pair_found(
+            res, prompts, model, None, strict=strict, roles=role_table
+        )
+
+    assert found(result([(1, 10), (1, 11)])) == 1
+    assert found(result([(1, 10), (1, 11)]), strict=True) == 1
+    assert found(result([(1, 10), (2, 5)])) == 0
     loose = result([(1, 10), (2, 6)])  # (2, 6) peaks off the cues but also fires on the object
-    assert ground_truth.compositional_pair_found(loose, prompts, model, None) == 1
-    assert ground_truth.compositional_pair_found(loose, prompts, model, None, strict=True) == 0
-    assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)], False), prompts, model, None) == 0
+    assert found(loose) == 1
+    assert found(loose, strict=True) == 0
+    assert found(result([(1, 10), (1, 11)], False)) == 0
+    assert found(result([(1, 10), (3, 7)])) == 0  # joins verb and object, but (3, 7) is a cue feature
     meta["kind"] = "cue"
-    assert ground_truth.compositional_pair_found(result([(1, 10), (1, 11)]), prompts, model, None) is None
+    assert found(result([(1, 10), (1, 11)])) is None
 
 
 def test_feature_activations_match_sae_lens_on_the_residual():
