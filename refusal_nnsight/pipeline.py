@@ -276,7 +276,7 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
         summary.setdefault(name, {}).update(result.summary())
     # What each found feature is (features.parquet), and how the findings score against planted truth.
     roles = _features(run_folder, cfg, model, saes, prompts, results, timing, flip)
-    summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results, roles)
+    summary["ground_truth"] = _ground_truth(cfg, model, saes, prompts, results, roles, organism)
     if model.remote is not None:  # costs of the run, kept with the timings (not a result)
         timing["remote_jobs"] = model.remote.jobs
         timing["remote_payload_mb"] = round(model.remote.payload_bytes / 2**20, 3)
@@ -381,13 +381,15 @@ def _features(
     return roles
 
 
-def _ground_truth(cfg: RunConfig, model, saes, prompts, results: dict, roles: pl.DataFrame | None) -> dict:
-    """Planted-truth checks, available only on the organism (its grammar knows the cues)."""
+def _ground_truth(
+    cfg: RunConfig, model, saes, prompts, results: dict, roles: pl.DataFrame | None, organism: Path | None
+) -> dict:
+    """Planted-truth checks, available only on the organism (its grammar knows the cues); `organism`
+    is its folder (None for other models), which holds the planted backup directions."""
     from . import ground_truth
 
     backup = None
-    root = organism_root(cfg.model)
-    planted = planted_backup(root) if root is not None else None
+    planted = planted_backup(organism) if organism is not None else None
     if planted is not None and results.get("candidates") is not None:
         scanned = tuple(_scanned_layers(cfg.search, saes, model, results["candidates"]))
         backup = ground_truth.PlantedBackup(planted[0], scanned, planted[1])
