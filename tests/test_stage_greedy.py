@@ -432,3 +432,29 @@ def test_judge_criterion_searches_on_generations(monkeypatch, tmp_path):
     res = run_fake(model, candidates, ps, cfg, StageDir(tmp_path, "greedy"), Criterion("judge"))
     assert res.minimal_sets[0] == [(2, 0), (2, 9), (3, 1)] and res.minimal_sets[1] == [(0, 3), (3, 4)]
     assert res.summary()["criterion_judge_agreement"] == 1.0
+
+
+def test_top_feature_is_the_latent_in_the_most_minimal_sets():
+    """One latent in most sets is the trivial explanation the summary puts beside the sets: the
+    share counts prompts, and ties go to the lowest layer, then the lowest latent."""
+    from refusal_nnsight.stages.greedy_result import (
+        JUDGED_SCHEMA,
+        SETS_SCHEMA,
+        TRAJECTORY_SCHEMA,
+        GreedyResult,
+    )
+
+    def result(sets: list[list[tuple[int, int]]]) -> GreedyResult:
+        rows = [{"prompt_idx": i, "layers": [a for a, _ in m], "features": [b for _, b in m], "size": len(m),
+                 "one_minimal": True, "smallest_size": len(m)} for i, m in enumerate(sets)]  # fmt: skip
+        sets_df = pl.DataFrame(rows, schema=SETS_SCHEMA) if rows else pl.DataFrame(schema=SETS_SCHEMA)
+        return GreedyResult(
+            sets_df, pl.DataFrame(schema=TRAJECTORY_SCHEMA), pl.DataFrame(schema=JUDGED_SCHEMA)
+        )
+
+    s = result([[(1, 5)], [(0, 7), (1, 5)], [(2, 3)], [(1, 5), (2, 3)]]).summary()
+    assert (s["top_feature"], s["top_feature_share"]) == ("L1/F5", 0.75)
+    tie = result([[(2, 3)], [(0, 9)]]).summary()
+    assert (tie["top_feature"], tie["top_feature_share"]) == ("L0/F9", 0.5)
+    none = result([]).summary()
+    assert none["top_feature"] is None and none["top_feature_share"] is None

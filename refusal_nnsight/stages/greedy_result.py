@@ -3,6 +3,7 @@ search that found it, and the generations that checked it (schemas, summary, sav
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from statistics import mean, median
 
@@ -118,6 +119,9 @@ class GreedyResult:
             "median_smallest_set_size": float(median(small)) if small else None,
             "mean_smallest_set_size": float(mean(small)) if small else None,
             "n_smallest_below_one_minimal": sum(s < m for s, m in zip(small, sizes, strict=True)) if rows else None,
+            # one latent in most sets is the trivial explanation to rule out: a latent that flips any
+            # prompt (e.g. one steered along the refusal direction) explains them all alike
+            **self.top_feature(),
             "jailbreak_rate": mean(float(j) for j in judged) if judged else None,
             "jailbreak_rate_n": len(judged) if rows and self.judged.height else None,
             "criterion_judge_agreement": self.agreement(self.criterion),
@@ -125,6 +129,15 @@ class GreedyResult:
             "first_token_judge_agreement": self.agreement("first_token"),
             "agreement_n": self.judged.filter(pl.col("variant") != "clean").height if self.judged.height else None,
         }  # fmt: skip
+
+    def top_feature(self) -> dict:
+        """The latent in the most minimal sets (ties: the lowest layer, then latent) and the fraction
+        of dissected prompts whose set holds it; None for both when nothing was dissected."""
+        counts = Counter(f for m in self.minimal_sets.values() for f in set(m))
+        if not counts:
+            return {"top_feature": None, "top_feature_share": None}
+        (layer, latent), n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {"top_feature": f"L{layer}/F{latent}", "top_feature_share": n / self.sets.height}
 
     def save(self, out: StageDir) -> None:
         write_parquet(out.file("sets.parquet"), self.sets)
