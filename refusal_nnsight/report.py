@@ -329,8 +329,8 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"- **Redundancy.** Ablating each minimal set woke {_fmt(red.get('n_awakened'))} dormant latents per "
             f"prompt on average; H, the strongest of them, holds {_fmt(red.get('h_size'))} (on "
             f"{_fmt(red.get('n_prompts_with_h'))} of {_fmt(red.get('n_prompts'))} prompts). With M "
-            f"ablated weakly (c = {_fmt(red.get('weak_coefficient'))}), {verdict}. ([figure](#awakened-latents), "
-            "`redundancy/tests.parquet`)"
+            f"ablated weakly (c = {_fmt(red.get('weak_coefficient'))}), {verdict}.{_holding_sentence(red)} "
+            "([figure](#awakened-latents), `redundancy/tests.parquet`)"
         )
     if gt and any(v is not None for v in gt.values()):
         refusal = gt.get("refusal_features")
@@ -343,6 +343,19 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             + _backup_sentence(gt, red.get("weak_coefficient"))
         )
     return out or ["- Nothing was found: no stage after the direction ran."]
+
+
+def _holding_sentence(red: dict) -> str:
+    """How many of H's latents hold the refusal, each ablated with M alone."""
+    share, n = red.get("h_holding_share"), red.get("h_holding_n")
+    if share is None or not n:
+        return ""
+    k = round(share * n)
+    return (
+        f" Ablated one at a time with M (same c), {k} of H's {n} latents lower the refusal score, as a "
+        f"feature that holds the refusal would; the other {n - k} raise it or leave it (`effect` in "
+        "`redundancy/awakened.parquet`)."
+    )
 
 
 def _significant(red: dict) -> bool:

@@ -260,6 +260,10 @@ def test_found_sentences_follow_the_numbers():
     assert "does not raise the jailbreak rate (0.25 → 0.25): no redundancy found" in "\n".join(
         found_sentences(summary, {}, None)
     )
+    assert "lower the refusal score" not in "\n".join(found_sentences(summary, {}, None))  # not measured
+    summary["redundancy"].update(h_holding_share=0.25, h_holding_n=8)
+    assert "one at a time with M (same c), 2 of H's 8 latents lower the refusal score, as a feature that holds " \
+        "the refusal would; the other 6 raise it or leave it" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
 
 
 def test_cards_render_where_found_contexts_and_single_ablation(tmp_path):

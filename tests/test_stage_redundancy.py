@@ -138,6 +138,38 @@ def test_summary_rates_and_reasons_from_tables():
     assert none["h_active_at_bos"] is None  # no H: not measured, not 0
 
 
+def test_h_holding_share_counts_the_latents_whose_ablation_lowers_the_refusal_score(tmp_path):
+    """Of the weak H's latents, the share that holds the refusal (effect < 0); a run folder from
+    before the effects (no column) is not measured, and says so."""
+    tests = redundancy._tests_frame(
+        [(i, c, 0, 3.0, True, False, "") for i in (0, 1) for c in ("clean", "m", "m_plus_h")]
+    )
+    rows = [(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True), (0, "weak", 1, 6, 0.0, 1.0, 0.0, 1, True),
+            (1, "weak", 2, 7, 0.0, 3.0, 0.0, 0, True), (1, "strong", 2, 7, 0.0, 3.0, 0.0, 0, True)]  # fmt: skip
+    awakened = redundancy._with_effects(
+        redundancy._awakened_frame(rows), {(0, 1, 5): -2.0, (0, 1, 6): 0.5, (1, 2, 7): -0.1}
+    )
+    assert awakened.filter(pl.col("ablation") == "strong")["effect"].to_list() == [None]
+    s = summarise(awakened, tests)
+    assert s["h_holding_n"] == 3 and s["h_holding_share"] == pytest.approx(2 / 3)
+    old = awakened.drop("effect")
+    assert summarise(old, tests)["h_holding_share"] is None
+    assert (
+        "before the per-latent effects"
+        in redundancy._reasons(old, tests, RedundancyConfig())["h_holding_share"]
+    )
+    out = StageDir(tmp_path, "redundancy")
+    RedundancyResult(old, tests).save(out)
+    loaded = RedundancyResult.load(out)
+    assert loaded.summary()["h_holding_share"] is None and "not measured" in loaded.notes["h_holding_share"]
+    empty = redundancy._awakened_frame([])
+    assert summarise(empty, tests)["h_holding_n"] == 0
+    assert (
+        "no prompt has an awakened set H"
+        in redundancy._reasons(empty, tests, RedundancyConfig())["h_holding_share"]
+    )
+
+
 def test_an_empty_bos_clamp_is_null_not_zero():
     """Nothing clamped (the clamp set is empty on every prompt): the <bos> rate and its change
     are not measured — None with the reason, where 0.0 used to stand in."""
@@ -197,7 +229,11 @@ def planted():
 
 def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     model, saes, prompts, a = planted
-    cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0)
+    # B wakes only under the full push (c = −3) on this tiny model: the weak ablation is set to it,
+    # so that the per-latent effects (computed on the weak H) see B
+    cfg = RedundancyConfig(
+        awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0, weak_coefficient=-3.0
+    )
     out = StageDir(tmp_path, "redundancy")
     result = redundancy.run(model, saes, Greedy({0: [(0, a)], 1: []}), prompts, cfg, out, StartsWithI(), -3.0)
     result.save(out)  # the caller saves, as the pipeline does
@@ -224,6 +260,12 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     assert s["jailbreak_rate_n"] == 0 and s["m_jailbreak_rate"] is None and s["reinject_refusal_rate"] is None
     assert "refused on its clean generation" in result.notes["m_jailbreak_rate"]
     assert s["n_awakened"] >= 1 and s["h_size"] <= cfg.top_awake
+    # zero-ablating A wakes B too, and B, ablated with A, lowers the refusal score: it holds the refusal
+    weak = result.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
+    b = weak.filter((pl.col("layer") == 1) & (pl.col("feature") == B))
+    assert b.height == 1 and b["effect"][0] < -1.0
+    assert weak["effect"].null_count() == 0 and aw["effect"].null_count() == aw.height  # weak H only
+    assert s["h_holding_n"] == weak.height and s["h_holding_share"] == (weak["effect"] < 0).mean()
     assert out.finished
     again = RedundancyResult.load(out)
     assert again.summary() == s and again.awakened.equals(result.awakened)

@@ -55,6 +55,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     # one-sided sign tests on the same prompts: M ∪ H against M alone, and against M ∪ C
     "redundancy_gain_p": ("harm", "redundancy.m_plus_h_weak_gain_p"),
     "redundancy_control_p": ("harm", "redundancy.m_plus_h_weak_control_p"),
+    # of the weak H's latents, each ablated with M alone, the share that lowers the refusal score
+    "h_holding_share": ("harm", "redundancy.h_holding_share"),
     # whether H (weak ablation) holds the planted backup's latent, on the dissected cue prompts
     "backup_in_h": ("harm", "ground_truth.backup_in_h_rate"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
@@ -76,6 +78,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_m_plus_h_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_h_weak_jailbreak_rate"),
     "cue_m_plus_control_zero_ablation_jailbreak": ("cue", "redundancy.m_plus_control_weak_jailbreak_rate"),
     "cue_redundancy_found": ("cue", "ground_truth.redundancy_found"),
+    "cue_h_holding_share": ("cue", "redundancy.h_holding_share"),
     "cue_backup_in_h": ("cue", "ground_truth.backup_in_h_rate"),
     "cue_random_same_size_jailbreak": ("cue", "evaluate.random_same_size_jailbreak_rate"),
 }

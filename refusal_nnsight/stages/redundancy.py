@@ -19,6 +19,10 @@ For each dissected harmful prompt with minimal set M (stage greedy):
      coefficient, C as many latents at each of H's layers as H has there, the most active once M
      is ablated among those already active on the clean run (so not awakened). Redundancy needs
      M ∪ H to beat M ∪ C, not only M.
+   * effect (per latent, in the awakened table): each latent h of the weak H ablated with M at
+     the weak coefficient, one at a time: refusal score of M ∪ {h} minus that of M alone. A
+     hydra feature holds the refusal (effect < 0); a latent that pushes toward compliance raises
+     the score when ablated (effect > 0).
    * reinject: in the M-ablated run, H is scaled by reinject_scale (default 2: its awakened
      contribution added once more). If H carries refusal, refusal returns.
    * bos_clamp: M ablated as in `m`, plus the `bos_features` latents (default H) clamped to
@@ -77,9 +81,9 @@ CONDITIONS = (
 
 @dataclass
 class RedundancyResult:
-    awakened: (
-        pl.DataFrame
-    )  # prompt_idx, ablation (strong|weak), layer, feature, clean_max, ablated_max, ablated_bos, rank, in_h
+    # prompt_idx, ablation (strong|weak), layer, feature, clean_max, ablated_max, ablated_bos, rank,
+    # in_h, effect (weak H only: refusal score of M ∪ {h} minus M's, both at the weak coefficient)
+    awakened: pl.DataFrame
     tests: pl.DataFrame  # prompt_idx, condition, n_edited, refusal_score, judge_refused, jailbroken, response
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
     coefficient: float = -3.0  # scale of M (and H) in the strong conditions
@@ -107,10 +111,16 @@ class RedundancyResult:
     @classmethod
     def load(cls, out: StageDir) -> RedundancyResult:
         meta = read_json(out.file("redundancy.json"))
+        awakened = read_parquet(out.file("awakened.parquet"))
+        notes = dict(meta["notes"])
+        if "effect" not in awakened.columns:  # saved before the per-latent effects were measured
+            notes.setdefault(
+                "h_holding_share", "a run folder from before the per-latent effects: not measured"
+            )
         return cls(
-            read_parquet(out.file("awakened.parquet")),
+            awakened,
             read_parquet(out.file("tests.parquet")),
-            dict(meta["notes"]),
+            notes,
             float(meta["coefficient"]),
             float(meta["weak_coefficient"]),
         )
@@ -253,6 +263,8 @@ def run(
     # 2. The causal tests: every condition generated, judged and scored.
     conditions = _conditions(model, saes, minimal, h, h_weak, control, cfg, coefficient, len(texts))
     tests = _run_tests(model, batch, texts, dissected, conditions, cfg, judge)
+    # 3. Which of H hold the refusal: each latent of the weak H ablated with M, one at a time.
+    awakened = _with_effects(awakened, h_effects(model, saes, texts, dissected, minimal, h_weak, cfg))
     notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
     result = RedundancyResult(awakened, tests, notes, coefficient, cfg.weak_coefficient)
     log.info("redundancy: %s", result.summary())
@@ -421,6 +433,43 @@ def _notes(
     return notes
 
 
+def h_effects(
+    model,
+    saes,
+    texts: list[str],
+    dissected: list[int],
+    minimal: list[list[Feature]],
+    h: list[list[Feature]],
+    cfg: RedundancyConfig,
+) -> dict[tuple[int, int, int], float]:
+    """(prompt_idx, layer, latent) → refusal score with M ∪ {h} ablated at the weak coefficient
+    minus the score with M alone, for every latent h of each prompt's weak H. Both scores come from
+    one tokenized batch (M alone, then M ∪ {h} per latent), so they share the padding."""
+    rows: list[tuple[int, Feature | None]] = [(i, x) for i, hs in enumerate(h) if hs for x in [None, *hs]]
+    if not rows:
+        return {}
+    sets = [minimal[i] + ([x] if x is not None else []) for i, x in rows]
+    batch = model.tokenize([texts[i] for i, _ in rows])
+    scores = refusal_scores(model, batch, _ablate(model, saes, sets, cfg.weak_coefficient), cfg.batch_size)
+    base: dict[int, float] = {}
+    out: dict[tuple[int, int, int], float] = {}
+    for (i, x), score in zip(rows, scores.tolist(), strict=True):
+        if x is None:
+            base[i] = float(score)
+        else:
+            out[(dissected[i], int(x[0]), int(x[1]))] = float(score) - base[i]
+    return out
+
+
+def _with_effects(awakened: pl.DataFrame, effects: dict[tuple[int, int, int], float]) -> pl.DataFrame:
+    """The awakened table with each weak-H latent's effect (null elsewhere)."""
+    keys = zip(
+        awakened["prompt_idx"], awakened["ablation"], awakened["layer"], awakened["feature"], strict=True
+    )
+    col = [effects.get((p, layer, f)) if a == "weak" else None for p, a, layer, f in keys]
+    return awakened.with_columns(pl.Series("effect", col, dtype=pl.Float64))
+
+
 def _union(a: list[list[Feature]], b: list[list[Feature]]) -> list[list[Feature]]:
     return [x + y for x, y in zip(a, b, strict=True)]
 
@@ -435,7 +484,7 @@ def _awakened_frame(rows: list[tuple]) -> pl.DataFrame:
         "clean_max": pl.Float64, "ablated_max": pl.Float64, "ablated_bos": pl.Float64,
         "rank": pl.Int64, "in_h": pl.Boolean,
     }  # fmt: skip
-    return pl.DataFrame(rows, schema=schema, orient="row")
+    return _with_effects(pl.DataFrame(rows, schema=schema, orient="row"), {})
 
 
 def _tests_frame(rows: list[tuple]) -> pl.DataFrame:
@@ -507,6 +556,10 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
         d = score.filter(pl.col("prompt_idx").is_in(with_h))
         delta = mean_of(d["m_plus_h"] - d["m"])
     rate = (lambda c: _rate(tests, c, base)) if base else (lambda c: None)
+    # a run folder from before the per-latent effects has no effect column: not measured there
+    effects = (
+        awakened.filter(pl.col("effect").is_not_null())["effect"] if "effect" in awakened.columns else None
+    )
     return {
         "n_prompts": n,
         "n_awakened": strong.height / n if n else None,  # all awakened latents, before the top_awake cut
@@ -524,6 +577,9 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
         "m_plus_h_weak_gain_p": sign_test(tests, "m_plus_h_weak", "m_weak", base) if base else None,
         "m_plus_h_weak_control_p": sign_test(tests, "m_plus_h_weak", "m_plus_control_weak", base) if base else None,
         "gain_significance": SIGNIFICANCE,  # the level both p-values are held to
+        # of the weak H's latents, each ablated with M alone: the share that lowers the refusal score
+        "h_holding_share": mean_of(effects < 0) if effects is not None and len(effects) else None,
+        "h_holding_n": len(effects) if effects is not None else None,
         "reinject_refusal_rate": None if reinject is None else 1.0 - reinject,
         "reinject_refusal_rate_n": len(restore) if n else None,
         "bos_clamp_jailbreak_rate": bos_rate,
@@ -565,6 +621,12 @@ def _reasons(awakened: pl.DataFrame, tests: pl.DataFrame, cfg: RedundancyConfig)
                 f"clamping the {cfg.bos_features} latents at <bos> to {cfg.bos_clamp_value} left every refusal "
                 "score unchanged (to 1e-5): a no-op on this model, change 0 as measured"
             )
+    if s["h_holding_share"] is None:
+        notes["h_holding_share"] = (
+            "a run folder from before the per-latent effects: not measured"
+            if s["h_holding_n"] is None
+            else "no prompt has an awakened set H at the weak ablation"
+        )
     if s["m_plus_h_score_change"] is None:
         notes["m_plus_h_score_change"] = "no prompt has an awakened set H"
     elif s["m_plus_h_score_change"] > 0:
