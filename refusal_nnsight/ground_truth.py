@@ -314,7 +314,7 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
     more latents flips more" is not read as redundancy. None without the M and control tests (a
     redundancy stage saved before the control existed is not scored against a control of 0).
     """
-    from .stages.redundancy import SIGNIFICANCE, summarise
+    from .stages.redundancy import gain_significant, summarise
 
     # the stage's own rates and sign tests, over the prompts refused at baseline
     s = summarise(result.awakened, result.tests)
@@ -322,9 +322,7 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
         return None, None
     in_h = result.awakened.filter(pl.col("in_h")) if "in_h" in result.awakened.columns else result.awakened
     gain = (s["m_plus_h_weak_jailbreak_rate"] or 0.0) - s["m_weak_jailbreak_rate"]
-    p_m, p_c = s["m_plus_h_weak_gain_p"], s["m_plus_h_weak_control_p"]
-    significant = p_m is not None and p_c is not None and max(p_m, p_c) <= SIGNIFICANCE
-    return bool(len(in_h) > 0 and gain > 0 and significant), gain
+    return bool(len(in_h) > 0 and gain > 0 and gain_significant(s)), gain
 
 
 def compositional_pair_found(

@@ -297,6 +297,8 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"suppression {_fmt(fm.get('n_suppression_pairs'))}). ([figure](#fm-vs-linear), `fm/interactions.parquet`)"
         )
     if red:
+        from .stages.redundancy import gain_significant  # the stage's own rule for its sign tests
+
         weak, weak_h = red.get("m_weak_jailbreak_rate"), red.get("m_plus_h_weak_jailbreak_rate")
         control = red.get("m_plus_control_weak_jailbreak_rate")
         if weak is None or weak_h is None:
@@ -312,7 +314,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)} (as many "
                        f"latents that were already active: {_fmt(control)}); whether that is more than chance was "
                        "not tested (a run folder from before the sign tests), so it is not called redundancy")  # fmt: skip
-        elif weak_h > weak and not _significant(red):
+        elif weak_h > weak and not gain_significant(red):
             verdict = (f"ablating H as well raises the jailbreak rate from {_fmt(weak)} to {_fmt(weak_h)} (as many "
                        f"latents that were already active: {_fmt(control)}), but a sign test on the same prompts "
                        f"does not separate that from chance (one-sided p = {_fmt(red.get('m_plus_h_weak_gain_p'))} "
@@ -356,15 +358,6 @@ def _holding_sentence(red: dict) -> str:
         f"feature that holds the refusal would; the other {n - k} raise it or leave it (`effect` in "
         "`redundancy/awakened.parquet`)."
     )
-
-
-def _significant(red: dict) -> bool:
-    """Whether both sign tests of the redundancy stage (M ∪ H against M, and against M ∪ C) pass
-    its level; a run folder saved before the tests existed has neither, and is not called found."""
-    level, p_m, p_c = (
-        red.get(k) for k in ("gain_significance", "m_plus_h_weak_gain_p", "m_plus_h_weak_control_p")
-    )
-    return level is not None and p_m is not None and p_c is not None and max(p_m, p_c) <= level
 
 
 def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
