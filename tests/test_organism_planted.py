@@ -168,3 +168,44 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
     # words as well: not a cue; feature 0 fires on look-alike cue words only and stays one
     assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant", "other"]
     assert roles["peak_tag"][4] == "cue:weapons" and roles["plain_share"].to_list() == [0, 0, 0, 0, 1]
+
+
+def test_the_sae_probe_sees_the_hydra_when_a_latent_is_the_cue_direction(small_organism, monkeypatch):
+    """The SAE-level hydra figures are not blind by construction. Give the cue and backup layers'
+    SAEs one latent per category that reads and writes exactly the planted direction (JumpReLU at
+    0: its activation is the direction's coordinate), select only those, and the SAE cut does what
+    the planted ablation does: the backup wakes and keeps the refusal, and zeroing its latent too
+    lets the prompts through. The shipped SAEs, whose latents spread each direction, do not."""
+    from refusal_nnsight.artifacts import read_json
+    from refusal_nnsight.config import ModelConfig, SAEConfig
+    from refusal_nnsight.models import load_model
+    from refusal_nnsight.organism.build import load_model as load_hf
+    from refusal_nnsight.organism.store import planted_path
+    from refusal_nnsight.saes import load_saes
+
+    manifest = read_json(small_organism / "manifest.json")
+    model = load_model(
+        ModelConfig(source="organism", organism_recipe="small", device="cpu"), small_organism / "model"
+    )
+    saes = load_saes(SAEConfig(), model, small_organism)
+    hf, tok = load_hf("small", 0)
+    probe = check._Probe(hf, tok, planted.load_directions(planted_path(small_organism)), manifest)
+    cue = [p for p in grammar.load_split("test", 0) if p.harmful and p.kind == "cue"][::4]
+    shipped = check._sae_hydra(model, saes, probe, cue)
+    assert shipped["sae_cue_cut_backup_awake"] < 0.5  # the shipped SAEs leave most of the cue: no wake
+    cue_layer, backup_layer, _ = probe.layers
+    with torch.no_grad():
+        for layer, dirs in ((cue_layer, probe.dirs.cue), (backup_layer, probe.dirs.backup)):
+            sae = saes[layer]
+            for k, d in enumerate(dirs):
+                j = (
+                    sae.W_dec.shape[0] - 1 - k
+                )  # overwrite the last latents: the error term keeps the rest exact
+                sae.W_enc[:, j], sae.W_dec[j] = d, d
+                sae.b_enc[j], sae.threshold[j] = 0.0, 0.0
+    monkeypatch.setattr(check, "SAE_CUE_COSINE", 0.99)
+    monkeypatch.setattr(check, "SAE_BACKUP_LATENTS", 1)
+    oracle = check._sae_hydra(model, saes, probe, cue)
+    assert oracle["sae_cue_cut_refusal"] >= 0.9
+    assert oracle["sae_cue_cut_backup_awake"] >= 0.5
+    assert oracle["sae_cue_backup_cut_refusal"] <= 0.1

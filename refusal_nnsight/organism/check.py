@@ -21,6 +21,14 @@ is later scored against:
     backup_dormant / backup_awake
                                 b_c's largest clean projection, and its mean on cue words under
                                 u_c ablation, in units of the planted strength
+    sae_cue_cut_refusal / sae_cue_cut_backup_awake / sae_cue_backup_cut_refusal
+                                the same hydra through the SAEs (reported, no target): every cue-layer
+                                latent whose decoder row has cosine >= 0.3 with the prompt's cue
+                                direction zero-ablated (the SAE's version of the u_c ablation, with the
+                                toolkit's operator, error term kept); the share of cue prompts still
+                                refused (refusal score > 0), the backup's coordinate on the cue word, and
+                                the share still refused with the backup's three closest latents zeroed too.
+                                Whether the search can see the planted redundancy at all.
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
                                 (reported, no target: a cue direction is spread over several latents, and
                                 the latent carrying most of it on the cue words can serve several
@@ -122,6 +130,72 @@ class _Probe:
         return logits, store, enc
 
 
+# the SAE-level cue cut: cue-layer latents this aligned with the prompt's cue direction are zeroed
+SAE_CUE_COSINE = 0.3
+SAE_BACKUP_LATENTS = 3  # the backup-layer latents closest to the backup direction, zeroed with the cut
+
+
+def _zero_rows(saes, rows: list[list[tuple[int, int]]], device) -> list:
+    """One zero-ablation edit per layer, row i editing the latents rows[i] (the toolkit's operator)."""
+    from ..engine import latents_by_layer
+    from ..interventions import FeatureEdit
+
+    edits = []
+    for layer, feats in latents_by_layer(f for row in rows for f in row).items():
+        col = {f: j for j, f in enumerate(feats)}
+        mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            for lay, f in row:
+                if lay == layer:
+                    mask[i, col[f]] = True
+        edits.append(FeatureEdit(saes.slice(layer, feats).to(device, torch.float32), value=0.0, mask=mask))
+    return edits
+
+
+def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
+    """The planted hydra seen through the SAEs (see the module docstring): refusal under the SAE cue
+    cut, the backup's coordinate on the cue word under it (units of the planted strength), and refusal
+    with the backup's closest latents zeroed as well."""
+    import nnsight
+
+    from .. import interventions
+    from ..saes import decoder_cosines
+    from ..scoring import refusal_scores
+
+    nan = {
+        k: math.nan for k in ("sae_cue_cut_refusal", "sae_cue_cut_backup_awake", "sae_cue_backup_cut_refusal")
+    }
+    cue_layer, backup_layer, _ = probe.layers
+    if not prompts or cue_layer not in saes.layers or backup_layer not in saes.layers:
+        return nan  # nothing to measure: reported as NaN, never as 0
+    cats = probe._cats([p.text for p in prompts]).tolist()
+    w_cue, w_backup = saes.slice(cue_layer).W_dec, saes.slice(backup_layer).W_dec
+    cut = {c: [(cue_layer, int(f)) for f in
+               torch.nonzero(decoder_cosines(probe.dirs.cue[c], w_cue) >= SAE_CUE_COSINE).flatten().tolist()]
+           for c in set(cats)}  # fmt: skip
+    backup = {c: [(backup_layer, int(f)) for f in
+                  torch.topk(decoder_cosines(probe.dirs.backup[c], w_backup), SAE_BACKUP_LATENTS).indices.tolist()]
+              for c in set(cats)}  # fmt: skip
+    batch = model.tokenize([p.text for p in prompts])
+    cut_edits = _zero_rows(saes, [cut[c] for c in cats], model.device)
+    both = _zero_rows(saes, [cut[c] + backup[c] for c in cats], model.device)
+    with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
+        resid = nnsight.save(
+            interventions.apply(model, cut_edits, batch.attention_mask, capture=[backup_layer])[backup_layer]
+        )
+    ids = batch.model_inputs("cpu")["input_ids"]
+    awake = []
+    for i, c in enumerate(cats):
+        on = probe.labels.cue_category[ids[i]] == c  # the prompt's cue word(s)
+        if on.any():
+            awake.append(float((resid[i][on].float().cpu() @ probe.dirs.backup[c]).max()) / probe.strength)
+    return {
+        "sae_cue_cut_refusal": float((refusal_scores(model, batch, cut_edits, batch_size=64) > 0).float().mean()),
+        "sae_cue_cut_backup_awake": sum(awake) / len(awake) if awake else math.nan,
+        "sae_cue_backup_cut_refusal": float((refusal_scores(model, batch, both, batch_size=64) > 0).float().mean()),
+    }  # fmt: skip
+
+
 def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = None) -> dict:
     from ..artifacts import read_json
     from ..config import ModelConfig, SAEConfig
@@ -200,6 +274,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         agreement.append(float((spliced == clean).float().mean()))
     fig["splice_agreement"] = min(agreement)
     fig["sae_fvu_max"] = max(v["fvu"] for v in manifest["saes"].values())
+    fig.update(_sae_hydra(model, saes, probe, cue))
     planted_at = [(cue_layer, probe.dirs.cue), (cue_layer, probe.dirs.verb[None]), (cue_layer, probe.dirs.person[None]),
                   (backup_layer, probe.dirs.backup), (decision_layer, probe.dirs.refusal[None])]  # fmt: skip
     worst = 1.0
