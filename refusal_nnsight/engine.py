@@ -33,6 +33,32 @@ def latents_by_layer(features: Iterable[Feature]) -> dict[int, list[int]]:
     return {layer: sorted(out[layer]) for layer in sorted(out)}
 
 
+def row_edits(
+    saes: LoadedSAEs,
+    rows: Sequence[dict[Feature, float]],
+    device,
+    mode: EditMode = "scale",
+    positions: Positions = "all",
+) -> list[FeatureEdit]:
+    """One FeatureEdit per layer from per-row {feature: value} (scale c or clamp v) maps.
+
+    Rows may edit different features with different values (M at −3 and H at +2 in one edit),
+    so every latent of a layer is encoded from the same pre-edit residual.
+    """
+    edits = []
+    for layer, feats in latents_by_layer(f for row in rows for f in row).items():
+        col = {f: j for j, f in enumerate(feats)}
+        value = torch.zeros(len(rows), len(feats))
+        mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            for (lay, f), v in row.items():
+                if lay == layer:
+                    value[i, col[f]], mask[i, col[f]] = v, True
+        sae = saes.slice(layer, feats).to(device, torch.float32)
+        edits.append(FeatureEdit(sae, value=value, mode=mode, mask=mask, positions=positions))
+    return edits
+
+
 def by_layer(features: Sequence[Feature]) -> dict[int, list[int]]:
     """layer → the columns (indices into `features`) of that layer's features, layers ascending."""
     out: dict[int, list[int]] = {}

@@ -135,23 +135,6 @@ SAE_CUE_COSINE = 0.3
 SAE_BACKUP_LATENTS = 3  # the backup-layer latents closest to the backup direction, zeroed with the cut
 
 
-def _zero_rows(saes, rows: list[list[tuple[int, int]]], device) -> list:
-    """One zero-ablation edit per layer, row i editing the latents rows[i] (the toolkit's operator)."""
-    from ..engine import latents_by_layer
-    from ..interventions import FeatureEdit
-
-    edits = []
-    for layer, feats in latents_by_layer(f for row in rows for f in row).items():
-        col = {f: j for j, f in enumerate(feats)}
-        mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            for lay, f in row:
-                if lay == layer:
-                    mask[i, col[f]] = True
-        edits.append(FeatureEdit(saes.slice(layer, feats).to(device, torch.float32), value=0.0, mask=mask))
-    return edits
-
-
 def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     """The planted hydra seen through the SAEs (see the module docstring): refusal under the SAE cue
     cut, the backup's coordinate on the cue word under it (units of the planted strength), and refusal
@@ -159,6 +142,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     import nnsight
 
     from .. import interventions
+    from ..engine import row_edits
     from ..saes import decoder_cosines
     from ..scoring import refusal_scores
 
@@ -177,8 +161,8 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
                   torch.topk(decoder_cosines(probe.dirs.backup[c], w_backup), SAE_BACKUP_LATENTS).indices.tolist()]
               for c in set(cats)}  # fmt: skip
     batch = model.tokenize([p.text for p in prompts])
-    cut_edits = _zero_rows(saes, [cut[c] for c in cats], model.device)
-    both = _zero_rows(saes, [cut[c] + backup[c] for c in cats], model.device)
+    cut_edits = row_edits(saes, [dict.fromkeys(cut[c], 0.0) for c in cats], model.device)
+    both = row_edits(saes, [dict.fromkeys(cut[c] + backup[c], 0.0) for c in cats], model.device)
     with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
         resid = nnsight.save(
             interventions.apply(model, cut_edits, batch.attention_mask, capture=[backup_layer])[backup_layer]

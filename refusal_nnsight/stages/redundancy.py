@@ -55,10 +55,10 @@ from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, 
 from ..backends import run_chunks
 from ..config import RedundancyConfig
 from ..data import Prompts
-from ..engine import Feature, latents_by_layer
+from ..engine import Feature, row_edits
 from ..errors import NonFiniteError
 from ..generation import generate
-from ..interventions import EditMode, FeatureEdit
+from ..interventions import FeatureEdit
 from ..judges import Judge
 from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs
@@ -200,32 +200,6 @@ def scan(
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"non-finite SAE activations at layer {layer} in the redundancy scan")
     return out_max, out_bos
-
-
-def row_edits(
-    saes: LoadedSAEs,
-    rows: Sequence[dict[Feature, float]],
-    device,
-    mode: EditMode = "scale",
-    positions: interventions.Positions = "all",
-) -> list[FeatureEdit]:
-    """One FeatureEdit per layer from per-row {feature: value} (scale c or clamp v) maps.
-
-    Rows may edit different features with different values (M at −3 and H at +2 in one edit),
-    so every latent of a layer is encoded from the same pre-edit residual.
-    """
-    edits = []
-    for layer, feats in latents_by_layer(f for row in rows for f in row).items():
-        col = {f: j for j, f in enumerate(feats)}
-        value = torch.zeros(len(rows), len(feats))
-        mask = torch.zeros(len(rows), len(feats), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            for (lay, f), v in row.items():
-                if lay == layer:
-                    value[i, col[f]], mask[i, col[f]] = v, True
-        sae = saes.slice(layer, feats).to(device, torch.float32)
-        edits.append(FeatureEdit(sae, value=value, mode=mode, mask=mask, positions=positions))
-    return edits
 
 
 def run(
