@@ -209,3 +209,7 @@ def test_the_sae_probe_sees_the_hydra_when_a_latent_is_the_cue_direction(small_o
     assert oracle["sae_cue_cut_refusal"] >= 0.9
     assert oracle["sae_cue_cut_backup_awake"] >= 0.5
     assert oracle["sae_cue_backup_cut_refusal"] <= 0.1
+    # the exact latent takes the whole cue; the shipped latents leave part of it
+    assert oracle["sae_cue_cut_cue_left"] <= 0.1 < shipped["sae_cue_cut_cue_left"]
+    # scaled to what the exact cut leaves, the planted ablation wakes the backup as the cut does
+    assert oracle["sae_cue_cut_planted_backup_awake"] >= 0.5

@@ -29,6 +29,12 @@ is later scored against:
                                 refused (refusal score > 0), the backup's coordinate on the cue word, and
                                 the share still refused with the backup's three closest latents zeroed too.
                                 Whether the search can see the planted redundancy at all.
+    sae_cue_cut_cue_left / sae_cue_cut_planted_backup_awake
+                                why not, when the backup stays asleep (reported, no target): the share of
+                                the cue coordinate on the cue word that the SAE cut leaves, and the backup's
+                                coordinate when the planted ablation scales u_c to that same share. A
+                                backup that wakes under the second and not under the cut reads more than
+                                the missing cue: the cut also removes what the latents carry off u_c.
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
                                 (reported, no target: a cue direction is spread over several latents, and
                                 the latent carrying most of it on the cue words can serve several
@@ -147,8 +153,10 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     from ..scoring import refusal_scores
 
     nan = {
-        k: math.nan for k in ("sae_cue_cut_refusal", "sae_cue_cut_backup_awake", "sae_cue_backup_cut_refusal")
-    }
+        k: math.nan
+        for k in ("sae_cue_cut_refusal", "sae_cue_cut_backup_awake", "sae_cue_backup_cut_refusal",
+                  "sae_cue_cut_cue_left", "sae_cue_cut_planted_backup_awake")
+    }  # fmt: skip
     cue_layer, backup_layer, _ = probe.layers
     if not prompts or cue_layer not in saes.layers or backup_layer not in saes.layers:
         return nan  # nothing to measure: reported as NaN, never as 0
@@ -164,20 +172,44 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     cut_edits = row_edits(saes, [dict.fromkeys(cut[c], 0.0) for c in cats], model.device)
     both = row_edits(saes, [dict.fromkeys(cut[c] + backup[c], 0.0) for c in cats], model.device)
     with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
-        resid = nnsight.save(
-            interventions.apply(model, cut_edits, batch.attention_mask, capture=[backup_layer])[backup_layer]
+        captured = interventions.apply(
+            model, cut_edits, batch.attention_mask, capture=[cue_layer, backup_layer]
         )
+        resid = nnsight.save(captured[backup_layer])
+        cut_cue = nnsight.save(captured[cue_layer])
     ids = batch.model_inputs("cpu")["input_ids"]
-    awake = []
-    for i, c in enumerate(cats):
-        on = probe.labels.cue_category[ids[i]] == c  # the prompt's cue word(s)
-        if on.any():
-            awake.append(float((resid[i][on].float().cpu() @ probe.dirs.backup[c]).max()) / probe.strength)
+    awake, cue_cut = (
+        _on_cue_words(probe, ids, cats, resid, probe.dirs.backup),
+        _on_cue_words(probe, ids, cats, cut_cue, probe.dirs.cue),
+    )
+    _, clean, enc = probe.forward(prompts)  # pre-edit residuals of the unedited model
+    cue_clean = _on_cue_words(probe, enc["input_ids"], cats, clean[cue_layer], probe.dirs.cue)
+    left = [a / b for a, b in zip(cue_cut, cue_clean, strict=True) if b > 0]
+    share = sum(left) / len(left) if left else math.nan
+    planted_awake = math.nan
+    if math.isfinite(share):  # the planted ablation, scaled to leave the cue the cut leaves
+        _, scaled, enc = probe.forward(prompts, u=share)
+        woke = _on_cue_words(probe, enc["input_ids"], cats, scaled[backup_layer], probe.dirs.backup)
+        planted_awake = sum(woke) / len(woke) if woke else math.nan
     return {
         "sae_cue_cut_refusal": float((refusal_scores(model, batch, cut_edits, batch_size=64) > 0).float().mean()),
         "sae_cue_cut_backup_awake": sum(awake) / len(awake) if awake else math.nan,
         "sae_cue_backup_cut_refusal": float((refusal_scores(model, batch, both, batch_size=64) > 0).float().mean()),
+        "sae_cue_cut_cue_left": share,
+        "sae_cue_cut_planted_backup_awake": planted_awake,
     }  # fmt: skip
+
+
+def _on_cue_words(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor,
+                  dirs: torch.Tensor) -> list[float]:  # fmt: skip
+    """Per prompt with a cue word: the largest coordinate along its category's row of `dirs` over its
+    cue word(s), in units of the planted strength (prompts without one are skipped)."""
+    out = []
+    for i, c in enumerate(cats):
+        on = probe.labels.cue_category[ids[i]] == c  # the prompt's cue word(s)
+        if c >= 0 and on.any():
+            out.append(float((resid[i][on].float().cpu() @ dirs[c]).max()) / probe.strength)
+    return out
 
 
 def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = None) -> dict:
