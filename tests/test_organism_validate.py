@@ -51,6 +51,25 @@ def test_table_names_the_machine_each_seed_was_built_on(tmp_path):
     ]
 
 
+def test_table_names_the_weights_each_column_comes_from(tmp_path):
+    """Two tables agree on a seed only if its weights do: the row holds the hash of the organism's
+    files, which one changed weight byte changes and the manifest (build time, machine) does not."""
+    root = tmp_path / "organism"
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "model.safetensors").write_bytes(b"\x00\x01\x02\x03")
+    manifest = {"built_on": {"arch": "x86_64", "cpu": "AMD EPYC", "cpu_capability": "AVX512"}}
+    (root / "manifest.json").write_text('{"created_at": "2026-12-01"}')
+    first = validate.build_identity(root, manifest)
+    assert first["built_on"] == "x86_64 AMD EPYC (AVX512)" and len(first["content_hash"]) == 16
+    (root / "manifest.json").write_text('{"created_at": "2026-12-02"}')
+    assert validate.build_identity(root, manifest) == first
+    (root / "model" / "model.safetensors").write_bytes(b"\x00\x01\x02\x04")
+    second = validate.build_identity(root, manifest)
+    assert second["content_hash"] != first["content_hash"]
+    text = validate.write_table([_row(0, **first), _row(1, **second)], tmp_path)
+    assert f"| content_hash |  | {first['content_hash']} | {second['content_hash']} |  |  |  |" in text
+
+
 def test_figures_are_read_from_the_summary_by_dotted_key():
     summary = {"ground_truth": {"cue_recall": 0.5}, "greedy": {}}
     assert validate._get(summary, "ground_truth.cue_recall") == 0.5

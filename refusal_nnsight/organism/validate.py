@@ -130,6 +130,16 @@ def _get(summary: dict, dotted: str):
     return value
 
 
+def build_identity(root: Path, manifest: dict) -> dict[str, str]:
+    """Which build a seed's column describes. A build is exact on one kind of CPU only, so a seed
+    rebuilt elsewhere may be another network: `built_on` names the machine that trained it and
+    `content_hash` its files as they are now (store.content_hash), which a reader compares with
+    another table's to know whether the two columns come from the same weights."""
+    from .store import content_hash
+
+    return {"built_on": describe_machine(manifest.get("built_on")), "content_hash": content_hash(root)}
+
+
 def run_seed(recipe: str, seed: int, out: Path) -> dict:
     """The pipeline on one organism seed, in both scopes; returns its row of figures."""
     from .. import pipeline
@@ -137,14 +147,14 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
     from ..cli import compose
     from .build import ensure_organism
 
-    manifest = read_json(ensure_organism(recipe, seed) / "manifest.json")
+    root = ensure_organism(recipe, seed)
+    manifest = read_json(root / "manifest.json")
     summaries = {}
     for name, overrides in _runs(manifest["model"]).items():
         cfg = compose([*overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
                        f"run_dir={out / f'seed{seed}' / name}"])  # fmt: skip
         summaries[name] = pipeline.run(cfg)
-    # the machine that trained this seed's weights: a seed's figures are exact on one kind of CPU only
-    row: dict = {"seed": seed, "built_on": describe_machine(manifest.get("built_on"))}
+    row: dict = {"seed": seed, **build_identity(root, manifest)}
     for fig, (run, key) in FIGURES.items():
         row[fig] = _get(summaries[run], key)
     if isinstance(row["all_layers_refusal_features"], list):
