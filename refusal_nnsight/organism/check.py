@@ -252,6 +252,8 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     look = [p for p in test if p.kind == "lookalike"]
     comp_ok = [p for p in test if not p.harmful and p.kind == "compositional"]
     cue_layer, backup_layer, decision_layer = probe.layers
+    # a few minutes on 2 cores, more beside a build: say where it is
+    log.info("check: the planted interventions on %d test prompts", len(test))
     fig: dict[str, float] = {
         "harmful_refusal_rate": probe.refusal([p for p in test if p.harmful]),
         "harmless_refusal_rate": probe.refusal(harmless),
@@ -281,6 +283,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
     fig["backup_awake"] = float(b[on_cue].gather(-1, cats[on_cue][:, None]).mean()) / a
     # SAEs: reconstruction, splice agreement, and whether a latent reads each planted direction
+    log.info("check: the SAEs of layers %s (splice agreement, the cue cut)", list(saes.layers))
     batch = model.tokenize([p.text for p in test])
     full = {layer: saes.slice(layer) for layer in saes.layers}
     clean = refusal_scores(model, batch, batch_size=64) > 0
