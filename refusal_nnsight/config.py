@@ -29,7 +29,7 @@ class ModelConfig:
     gguf_path: str | None = None  # source=gguf: an installed package that ships the file, or a folder
     gguf_file: str | None = None  # source=gguf: the file's name in that folder
     organism_recipe: str = "default"  # which organism build (source=organism)
-    organism_seed: int = 0  # its seed: splits, planted directions, training (0 = the shipped organism)
+    organism_seed: int = 0  # its seed: splits, planted directions, training (default recipe: 0-4 ship)
     family: Literal["gemma2", "llama3", "chatml"] = "gemma2"
     # Whether a formatted prompt starts with exactly one BOS (Gemma-2, Llama-3: checked, and added
     # when the template lacks it). ChatML templates (SmolLM2, Qwen) write none; their tokenizers call

@@ -325,7 +325,7 @@ def _organism_provenance(root: Path) -> dict:
         "seed": m.get("seed", 0),
         "recipe_hash": m["recipe_hash"],
         "content_hash": m.get("content_hash"),
-        "shipped": root == shipped_dir(m["recipe"]),
+        "shipped": root == shipped_dir(m["recipe"], m.get("seed", 0)),
     }
 
 

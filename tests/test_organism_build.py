@@ -107,21 +107,29 @@ def test_builds_are_keyed_by_recipe_hash_and_seed(monkeypatch, tmp_path):
     assert store.is_built("small") and not store.is_built("small", 1)
 
 
+# what the package ships: every organism `validate --seeds 0-4` reports, and the test suite's
+SHIPPED = [("default", seed) for seed in range(5)] + [("small", 0)]
+
+
 def test_the_shipped_organisms_are_served_and_never_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
-    for recipe in ("default", "small"):
-        assert store.is_shipped(recipe, 0), f"the package must ship the {recipe} organism of this recipe"
-        assert ensure_organism(recipe, 0) == store.shipped_dir(recipe)
-    assert not store.is_shipped("small", 1)
+    for recipe, seed in SHIPPED:
+        assert store.is_shipped(recipe, seed), f"the package must ship the {recipe} organism of seed {seed}"
+        assert ensure_organism(recipe, seed) == store.shipped_dir(recipe, seed)
+    assert not store.is_shipped("small", 1) and not store.is_shipped("default", 5)
     assert not (tmp_path / "organism").exists()  # nothing built
 
 
 def test_shipped_weights_match_their_manifest():
-    """The shipped files are the ones their manifest was written for (a content hash of every file)."""
-    for recipe in ("default", "small"):
-        root = store.shipped_dir(recipe)
+    """The shipped files are the ones their manifest was written for (a content hash of every file),
+    each in the folder of its recipe and seed, and nothing else ships."""
+    folders = {p.name for p in store.shipped_dir().parent.iterdir() if p.is_dir()}
+    assert folders == {store.shipped_dir(r, s).name for r, s in SHIPPED}
+    for recipe, seed in SHIPPED:
+        root = store.shipped_dir(recipe, seed)
         m = json.loads(store.manifest_path(root).read_text())
-        assert m["content_hash"] == store.content_hash(root), recipe
+        assert (m["recipe"], m["seed"]) == (recipe, seed)
+        assert m["content_hash"] == store.content_hash(root), (recipe, seed)
 
 
 def test_content_hash_counts_json_by_content_not_key_order(tmp_path):
@@ -136,6 +144,24 @@ def test_content_hash_counts_json_by_content_not_key_order(tmp_path):
     assert a == b != c
     (tmp_path / "b" / "w.safetensors").write_bytes(b"\x00\x02")
     assert store.content_hash(tmp_path / "b") != a
+
+
+def test_content_hash_ignores_the_library_versions_stamped_into_json(tmp_path):
+    """config.json records the transformers release that saved it, an SAE's cfg.json the sae-lens
+    one: the same weights saved by another release are the same build, any other change is not."""
+    cfgs = {
+        "a": ('{"hidden_size": 128, "transformers_version": "5.24.0"}', '{"metadata": {"sae_lens_version": "6.54.12", "l0": 24.0}}'),
+        "b": ('{"hidden_size": 128, "transformers_version": "5.25.0"}', '{"metadata": {"sae_lens_version": "6.60.0", "l0": 24.0}}'),
+        "c": ('{"hidden_size": 64, "transformers_version": "5.24.0"}', '{"metadata": {"sae_lens_version": "6.54.12", "l0": 24.0}}'),
+        "d": ('{"hidden_size": 128, "transformers_version": "5.24.0"}', '{"metadata": {"sae_lens_version": "6.54.12", "l0": 23.0}}'),
+    }  # fmt: skip
+    for name, (model_cfg, sae_cfg) in cfgs.items():
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "saes").mkdir()
+        (tmp_path / name / "model" / "config.json").write_text(model_cfg)
+        (tmp_path / name / "saes" / "cfg.json").write_text(sae_cfg)
+    a, b, c, d = (store.content_hash(tmp_path / n) for n in "abcd")
+    assert a == b and len({a, c, d}) == 3
 
 
 def test_saved_sae_config_has_sorted_keys(tmp_path):
@@ -225,7 +251,7 @@ def test_unknown_recipe_is_a_user_error():
 
 
 def test_small_organism_layout_and_manifest(small_organism):
-    assert small_organism == store.shipped_dir("small") and store.is_shipped("small")
+    assert small_organism == store.shipped_dir("small", 0) and store.is_shipped("small", 0)
     files = {p.relative_to(small_organism).as_posix() for p in small_organism.rglob("*") if p.is_file()}
     assert {
         "model/config.json",

@@ -191,7 +191,7 @@ def ensure_organism(recipe: str = "default", seed: int = 0) -> Path:
     """The organism's folder: the shipped one if it is this recipe and seed, else the cache's,
     building it first (once; a few minutes on a laptop) if missing."""
     if store.is_shipped(recipe, seed):
-        return store.shipped_dir(recipe)
+        return store.shipped_dir(recipe, seed)
     root = store.organism_dir(recipe, seed)
     if not store.is_built(recipe, seed):
         log.info(

@@ -308,10 +308,10 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "seed": seed,
         "recipe_hash": manifest["recipe_hash"],
         "content_hash": content_hash(root),
-        "shipped": root == shipped_dir(recipe),
+        "shipped": root == shipped_dir(recipe, seed),
         # a cached rebuild of the shipped recipe and seed, compared with the shipped files (store.content_hash)
         "equals_shipped": (
-            content_hash(organism_dir(recipe, seed)) == content_hash(shipped_dir(recipe))
+            content_hash(organism_dir(recipe, seed)) == content_hash(shipped_dir(recipe, seed))
             if is_shipped(recipe, seed) and is_built(recipe, seed)
             else None
         ),

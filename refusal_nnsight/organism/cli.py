@@ -52,7 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train the organism and its SAEs from scratch into the cache")
     b.add_argument("--recipe", default="default", choices=sorted(RECIPES))
-    b.add_argument("--seed", type=_count(0), default=0, help="organism seed (0 = the shipped organism's)")
+    b.add_argument(
+        "--seed",
+        type=_count(0),
+        default=0,
+        help="organism seed (the default recipe ships seeds 0-4; a rebuild of one says if it equals it)",
+    )
     b.add_argument("--no-eval", action="store_true", help="skip the held-out refusal / splice evaluation")
     c = sub.add_parser(
         "check",
@@ -63,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_count(0), default=0)
     c.add_argument("--max-prompts", type=_count(1), default=None, help="test prompts used (default: all)")
     v = sub.add_parser(
-        "validate", help="build or reuse organisms of several seeds and run the pipeline on each"
+        "validate", help="run the pipeline on the organisms of several seeds (shipped, or built once)"
     )
     v.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     v.add_argument("--seeds", type=_seeds, default=_seeds("0-4"), help="e.g. 0-4 or 0,2,5")
@@ -99,7 +104,9 @@ def _build(args: argparse.Namespace) -> int:
     summary = {k: m[k] for k in keys if k in m}
     summary["content_hash"] = content_hash(root)
     if is_shipped(args.recipe, args.seed):
-        summary["equals_shipped"] = summary["content_hash"] == content_hash(shipped_dir(args.recipe))
+        summary["equals_shipped"] = summary["content_hash"] == content_hash(
+            shipped_dir(args.recipe, args.seed)
+        )
     print(f"organism built: {root}\n{json.dumps(summary, indent=2)}")
     return 0
 

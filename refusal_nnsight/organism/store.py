@@ -1,8 +1,9 @@
 """Where organisms live on disk, and the one place that builds their paths.
 
-The seed-0 organisms of the 'default' and 'small' recipes ship inside the package (`shipped/`), so
-every machine dissects the same weights: training on another CPU sums floats in another order and
-ends in another network. Any other recipe or seed is built on first use into
+The organisms of seeds 0-4 of the 'default' recipe (the ones `validate` reports) and seed 0 of
+'small' (the test suite's) ship inside the package (`shipped/<recipe>-seed<N>/`), so every machine
+dissects the same weights: training on another CPU sums floats in another order and ends in another
+network. Any other recipe or seed is built on first use into
 `organism_dir(recipe, seed)` = $REFUSAL_NNSIGHT_HOME/organism/<recipe>-seed<N>-<recipe hash>
 (default home ~/.cache/refusal_nnsight). Layout of an organism folder:
 
@@ -37,10 +38,10 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_nnsight"
 
 
-def shipped_dir(recipe: str = "default") -> Path:
-    """The seed-0 organism of `recipe` as shipped inside the package (read-only): 'default' for
-    every run, 'small' for the test suite."""
-    return Path(__file__).parent / "shipped" / recipe
+def shipped_dir(recipe: str = "default", seed: int = 0) -> Path:
+    """Where the package ships the organism of `recipe` at `seed` (read-only), if it ships it
+    (`is_shipped`): 'default' seeds 0-4 for runs and `validate`, 'small' seed 0 for the test suite."""
+    return Path(__file__).parent / "shipped" / f"{recipe}-seed{seed}"
 
 
 def organism_dir(recipe: str = "default", seed: int = 0) -> Path:
@@ -97,7 +98,13 @@ def is_built(recipe: str = "default", seed: int = 0) -> bool:
 
 def is_shipped(recipe: str = "default", seed: int = 0) -> bool:
     """True if the package ships this exact organism (same recipe hash)."""
-    return _hash_of(shipped_dir(recipe)) == recipe_hash(recipe, seed)
+    return _hash_of(shipped_dir(recipe, seed)) == recipe_hash(recipe, seed)
+
+
+# Keys naming the library release that wrote a file (transformers in config.json and
+# generation_config.json, sae-lens in an SAE's cfg.json): provenance, kept in the manifest's
+# `versions`, not content. Another release writing the same weights must not make another build.
+VERSION_STAMPS = frozenset({"transformers_version", "sae_lens_version", "sae_lens_training_version"})
 
 
 def content_hash(root: Path) -> str:
@@ -105,7 +112,8 @@ def content_hash(root: Path) -> str:
 
     A JSON file counts by its content, not its key order: sae-lens writes an SAE's cfg.json keys
     in an order that changes from one process to the next (string hashing is randomised per
-    process), so two builds with identical weights would otherwise hash apart.
+    process), so two builds with identical weights would otherwise hash apart. Nor do the library
+    versions stamped into those files count (`VERSION_STAMPS`).
     """
     import hashlib
 
@@ -113,10 +121,20 @@ def content_hash(root: Path) -> str:
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             h.update(str(path.relative_to(root)).encode())
-            h.update(canonical_json(path.read_bytes()) if path.suffix == ".json" else path.read_bytes())
+            raw = path.read_bytes()
+            h.update(canonical_json(raw, drop=VERSION_STAMPS) if path.suffix == ".json" else raw)
     return h.hexdigest()[:16]
 
 
-def canonical_json(raw: bytes) -> bytes:
-    """A JSON document with sorted keys and fixed separators (its bytes depend on its content only)."""
-    return json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+def canonical_json(raw: bytes, drop: frozenset[str] = frozenset()) -> bytes:
+    """A JSON document with sorted keys and fixed separators (its bytes depend on its content only),
+    without the object keys named in `drop`, at any depth."""
+
+    def without(x):
+        if isinstance(x, dict):
+            return {k: without(v) for k, v in x.items() if k not in drop}
+        if isinstance(x, list):
+            return [without(v) for v in x]
+        return x
+
+    return json.dumps(without(json.loads(raw)), sort_keys=True, separators=(",", ":")).encode()

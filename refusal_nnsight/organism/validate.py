@@ -1,6 +1,7 @@
 """`refusal-nnsight-organism validate`: the findings across organism seeds, not on one build.
 
-For each seed: build (or reuse) that organism, then run the whole pipeline three times on it,
+For each seed: take that organism (seeds 0-4 of 'default' ship with the package; any other is
+built once and cached), then run the whole pipeline three times on it,
 with its own splits — over every SAE layer (`search=default`, the paper's scope), over the
 layers before refusal execution (harm), and at the layer where the organism plants its cues, the
 redundancy scan at the layer of its backup detectors (cue: the method pointed at the right
