@@ -211,6 +211,23 @@ def test_cli_rejects_unknown_recipe(capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_machine_record_names_the_processor_generation(monkeypatch, tmp_path):
+    """A virtual machine's model name ("AMD EPYC") does not name the processor's generation, which
+    sets the weights: built_on records vendor, family, model and stepping from the first entry."""
+    cpuinfo = tmp_path / "cpuinfo"
+    entry = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    cpuinfo.write_text(entry.format(n=0, m=17) + "\n" + entry.format(n=1, m=99))
+    real = Path
+
+    monkeypatch.setattr(
+        build_mod, "Path", lambda p, *a: real(cpuinfo) if p == "/proc/cpuinfo" else real(p, *a)
+    )
+    machine = build_mod.built_on()
+    assert machine["cpu"] == "AMD EPYC" and machine["cpu_id"] == "AuthenticAMD family 25 model 17 stepping 1"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")  # no family fields: no id
+    assert "cpu_id" not in build_mod.built_on() and build_mod.built_on()["cpu"] == "Some CPU"
+
+
 def test_build_is_atomic(monkeypatch, tmp_path):
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
 

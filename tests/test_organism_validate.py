@@ -49,6 +49,9 @@ def test_table_names_the_machine_each_seed_was_built_on(tmp_path):
         "—",
         "x86_64 AMD EPYC (AVX512)",
     ]
+    # a virtual machine's model name hides the generation; a build that recorded it says it
+    zen4 = {**here, "cpu_id": "AuthenticAMD family 25 model 17 stepping 1"}
+    assert describe_machine(zen4) == "x86_64 AMD EPYC (AVX512; AuthenticAMD family 25 model 17 stepping 1)"
 
 
 def test_table_names_the_weights_each_column_comes_from(tmp_path):

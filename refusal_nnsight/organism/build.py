@@ -41,15 +41,34 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in Linux's /proc/cpuinfo ({} elsewhere)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break  # the first processor only
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fields
+
+
+def _cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
+    return _cpuinfo().get("model name") or platform.processor() or "unknown"
+
+
+def _cpu_id() -> str | None:
+    """Vendor, family, model and stepping ('AuthenticAMD family 25 model 17 stepping 1'), which tell
+    apart processor generations that a virtual machine's model name ("AMD EPYC") does not; None
+    where /proc/cpuinfo does not give them."""
+    info = _cpuinfo()
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    if not all(k in info for k in keys):
+        return None
+    return "{} family {} model {} stepping {}".format(*(info[k] for k in keys))
 
 
 def built_on() -> dict[str, str]:
@@ -58,8 +77,10 @@ def built_on() -> dict[str, str]:
     order and ends in another network, so a seed's build is exact on one kind of machine only."""
     import torch
 
-    return {"arch": platform.machine(), "cpu": _cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+    machine = {"arch": platform.machine(), "cpu": _cpu_model(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+    cpu_id = _cpu_id()
+    return machine if cpu_id is None else {**machine, "cpu_id": cpu_id}
 
 
 def _every(prompts: list, n: int) -> list:

@@ -327,10 +327,13 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
 
 
 def describe_machine(built_on: dict | None) -> str:
-    """'x86_64 AMD EPYC (AVX512)' from a manifest's built_on; '—' when it was not recorded."""
+    """'x86_64 AMD EPYC (AVX512)' from a manifest's built_on, with the processor's family and model
+    where the build recorded them ('x86_64 AMD EPYC (AVX512; AuthenticAMD family 25 model 17
+    stepping 1)'); '—' when it was not recorded."""
     if not built_on:
         return "—"
-    return f"{built_on['arch']} {built_on['cpu']} ({built_on['cpu_capability']})"
+    cpu_id = f"; {built_on['cpu_id']}" if built_on.get("cpu_id") else ""
+    return f"{built_on['arch']} {built_on['cpu']} ({built_on['cpu_capability']}{cpu_id})"
 
 
 def meets(value, op: str, target) -> bool:
