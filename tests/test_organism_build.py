@@ -132,6 +132,24 @@ def test_shipped_weights_match_their_manifest():
         assert m["content_hash"] == store.content_hash(root), (recipe, seed)
 
 
+def test_a_rebuild_is_compared_with_the_shipped_organism_of_its_seed(monkeypatch, tmp_path):
+    """`check` and `build` say whether the cache's rebuild equals the shipped files: unknown without
+    a rebuild, yes for the same files, no once one weight byte differs."""
+    import shutil
+
+    monkeypatch.setenv(store.HOME_ENV, str(tmp_path))
+    assert store.rebuild_equals_shipped("small", 0) is None  # nothing rebuilt
+    assert store.rebuild_equals_shipped("small", 1) is None  # not shipped
+    rebuilt = store.organism_dir("small", 0)
+    shutil.copytree(store.shipped_dir("small", 0), rebuilt)
+    assert store.rebuild_equals_shipped("small", 0) is True
+    weights = rebuilt / "model" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    assert store.rebuild_equals_shipped("small", 0) is False
+
+
 def test_content_hash_counts_json_by_content_not_key_order(tmp_path):
     """sae-lens writes cfg.json keys in a per-process order: two builds with identical weights
     must still hash equal, and a changed value must not."""
@@ -217,11 +235,7 @@ def test_machine_record_names_the_processor_generation(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     entry = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
     cpuinfo.write_text(entry.format(n=0, m=17) + "\n" + entry.format(n=1, m=99))
-    real = Path
-
-    monkeypatch.setattr(
-        build_mod, "Path", lambda p, *a: real(cpuinfo) if p == "/proc/cpuinfo" else real(p, *a)
-    )
+    monkeypatch.setattr(build_mod, "CPUINFO", cpuinfo)
     machine = build_mod.built_on()
     assert machine["cpu"] == "AMD EPYC" and machine["cpu_id"] == "AuthenticAMD family 25 model 17 stepping 1"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")  # no family fields: no id

@@ -41,11 +41,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
+CPUINFO = Path("/proc/cpuinfo")  # Linux's processor table; absent elsewhere
+
+
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields in Linux's /proc/cpuinfo ({} elsewhere)."""
+    """The first processor's fields in CPUINFO ({} where there is none)."""
     fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in CPUINFO.read_text().splitlines():
             if not line.strip():
                 break  # the first processor only
             key, _, value = line.partition(":")
@@ -55,32 +58,24 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def _cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo; elsewhere what `platform` knows)."""
-    return _cpuinfo().get("model name") or platform.processor() or "unknown"
-
-
-def _cpu_id() -> str | None:
-    """Vendor, family, model and stepping ('AuthenticAMD family 25 model 17 stepping 1'), which tell
-    apart processor generations that a virtual machine's model name ("AMD EPYC") does not; None
-    where /proc/cpuinfo does not give them."""
-    info = _cpuinfo()
-    keys = ("vendor_id", "cpu family", "model", "stepping")
-    if not all(k in info for k in keys):
-        return None
-    return "{} family {} model {} stepping {}".format(*(info[k] for k in keys))
-
-
 def built_on() -> dict[str, str]:
     """The machine a build ran on, as far as it sets the weights: training on another CPU (other
     vector instructions, or another vendor's path through the BLAS library) sums floats in another
-    order and ends in another network, so a seed's build is exact on one kind of machine only."""
+    order and ends in another network, so a seed's build is exact on one kind of machine only.
+
+    `cpu` is the model name (elsewhere than Linux, what `platform` knows); `cpu_id`, where the
+    processor table gives them, is vendor, family, model and stepping ('AuthenticAMD family 25
+    model 17 stepping 1'), which tell apart generations a virtual machine's model name ("AMD
+    EPYC") does not."""
     import torch
 
-    machine = {"arch": platform.machine(), "cpu": _cpu_model(),
+    info = _cpuinfo()
+    machine = {"arch": platform.machine(), "cpu": info.get("model name") or platform.processor() or "unknown",
                "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
-    cpu_id = _cpu_id()
-    return machine if cpu_id is None else {**machine, "cpu_id": cpu_id}
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    if all(k in info for k in keys):
+        machine["cpu_id"] = "{} family {} model {} stepping {}".format(*(info[k] for k in keys))
+    return machine
 
 
 def _every(prompts: list, n: int) -> list:

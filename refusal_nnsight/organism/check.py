@@ -224,14 +224,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     from .grammar import load_split
     from .planted import load_directions
     from .recipe import organism_recipe
-    from .store import (
-        content_hash,
-        is_built,
-        is_shipped,
-        organism_dir,
-        planted_path,
-        shipped_dir,
-    )
+    from .store import content_hash, planted_path, rebuild_equals_shipped, shipped_dir
 
     organism_recipe(recipe, seed)  # planted truth to check, before any build
     root = ensure_organism(recipe, seed)
@@ -309,12 +302,8 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "recipe_hash": manifest["recipe_hash"],
         "content_hash": content_hash(root),
         "shipped": root == shipped_dir(recipe, seed),
-        # a cached rebuild of the shipped recipe and seed, compared with the shipped files (store.content_hash)
-        "equals_shipped": (
-            content_hash(organism_dir(recipe, seed)) == content_hash(shipped_dir(recipe, seed))
-            if is_shipped(recipe, seed) and is_built(recipe, seed)
-            else None
-        ),
+        # a cached rebuild of the shipped recipe and seed, compared with the shipped files
+        "equals_shipped": rebuild_equals_shipped(recipe, seed),
         "n_test": len(test),
         "figures": {k: round(v, 4) for k, v in fig.items()},
         "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()},

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from .build import build
-    from .store import content_hash, is_shipped, read_manifest, shipped_dir
+    from .store import content_hash, is_shipped, read_manifest, rebuild_equals_shipped
 
     root = build(args.recipe, seed=args.seed, evaluate=not args.no_eval)
     m = read_manifest(root)
@@ -104,9 +104,7 @@ def _build(args: argparse.Namespace) -> int:
     summary = {k: m[k] for k in keys if k in m}
     summary["content_hash"] = content_hash(root)
     if is_shipped(args.recipe, args.seed):
-        summary["equals_shipped"] = summary["content_hash"] == content_hash(
-            shipped_dir(args.recipe, args.seed)
-        )
+        summary["equals_shipped"] = rebuild_equals_shipped(args.recipe, args.seed)
     print(f"organism built: {root}\n{json.dumps(summary, indent=2)}")
     return 0
 

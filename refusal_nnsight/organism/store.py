@@ -101,6 +101,14 @@ def is_shipped(recipe: str = "default", seed: int = 0) -> bool:
     return _hash_of(shipped_dir(recipe, seed)) == recipe_hash(recipe, seed)
 
 
+def rebuild_equals_shipped(recipe: str = "default", seed: int = 0) -> bool | None:
+    """Whether the cache's build of `recipe` at `seed` is the shipped one, file for file
+    (`content_hash`); None unless the package ships it and the cache holds a rebuild."""
+    if not (is_shipped(recipe, seed) and is_built(recipe, seed)):
+        return None
+    return content_hash(organism_dir(recipe, seed)) == content_hash(shipped_dir(recipe, seed))
+
+
 # Keys naming the library release that wrote a file (transformers in config.json and
 # generation_config.json, sae-lens in an SAE's cfg.json): provenance, kept in the manifest's
 # `versions`, not content. Another release writing the same weights must not make another build.
