@@ -213,3 +213,5 @@ def test_the_sae_probe_sees_the_hydra_when_a_latent_is_the_cue_direction(small_o
     assert oracle["sae_cue_cut_cue_left"] <= 0.1 < shipped["sae_cue_cut_cue_left"]
     # scaled to what the exact cut leaves, the planted ablation wakes the backup as the cut does
     assert oracle["sae_cue_cut_planted_backup_awake"] >= 0.5
+    # one exact latent writes the whole cue coordinate; no shipped latent writes most of it
+    assert oracle["sae_cue_top_latent_share"] >= 0.9 > 0.5 > shipped["sae_cue_top_latent_share"]

@@ -35,6 +35,11 @@ is later scored against:
                                 coordinate when the planted ablation scales u_c to that same share. A
                                 backup that wakes under the second and not under the cut reads more than
                                 the missing cue: the cut also removes what the latents carry off u_c.
+    sae_cue_top_latent_share    how much of the cue one latent carries (reported, no target): on each cue
+                                prompt's cue word, the largest share of the cue coordinate that a single
+                                cue-layer latent writes. Zero-ablating a one-latent minimal set removes at
+                                most that share, and a cue that keeps the rest refuses on its own (see
+                                cue_half_backup_zero_refusal), so the backup has nothing to hold.
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
                                 (reported, no target: a cue direction is spread over several latents, and
                                 the latent carrying most of it on the cue words can serve several
@@ -155,7 +160,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     nan = {
         k: math.nan
         for k in ("sae_cue_cut_refusal", "sae_cue_cut_backup_awake", "sae_cue_backup_cut_refusal",
-                  "sae_cue_cut_cue_left", "sae_cue_cut_planted_backup_awake")
+                  "sae_cue_cut_cue_left", "sae_cue_cut_planted_backup_awake", "sae_cue_top_latent_share")
     }  # fmt: skip
     cue_layer, backup_layer, _ = probe.layers
     if not prompts or cue_layer not in saes.layers or backup_layer not in saes.layers:
@@ -184,6 +189,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     )
     _, clean, enc = probe.forward(prompts)  # pre-edit residuals of the unedited model
     cue_clean = _on_cue_words(probe, enc["input_ids"], cats, clean[cue_layer], probe.dirs.cue)
+    top = _top_latent_shares(saes.slice(cue_layer), probe, enc["input_ids"], cats, clean[cue_layer])
     left = [a / b for a, b in zip(cue_cut, cue_clean, strict=True) if b > 0]
     share = sum(left) / len(left) if left else math.nan
     planted_awake = math.nan
@@ -197,7 +203,29 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
         "sae_cue_backup_cut_refusal": float((refusal_scores(model, batch, both, batch_size=64) > 0).float().mean()),
         "sae_cue_cut_cue_left": share,
         "sae_cue_cut_planted_backup_awake": planted_awake,
+        "sae_cue_top_latent_share": sum(top) / len(top) if top else math.nan,
     }  # fmt: skip
+
+
+def _top_latent_shares(
+    sae, probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor
+) -> list[float]:
+    """Per prompt with a cue word: the largest share of the cue coordinate on its cue word (the
+    position where it peaks) that one cue-layer latent writes, its activation times its decoder
+    row's coordinate along the cue direction. Zero-ablating that latent, error term kept, removes
+    exactly that share: the most a one-latent minimal set at the cue layer can take."""
+    out = []
+    for i, c in enumerate(cats):
+        on = probe.labels.cue_category[ids[i]] == c
+        if c < 0 or not on.any():
+            continue
+        x = resid[i][on].float().cpu()
+        coord = x @ probe.dirs.cue[c]
+        t = int(coord.argmax())
+        if coord[t] > 0:
+            written = sae.encode(x[t][None])[0].cpu() * (sae.W_dec.float().cpu() @ probe.dirs.cue[c])
+            out.append(float(written.max() / coord[t]))
+    return out
 
 
 def _on_cue_words(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor,
