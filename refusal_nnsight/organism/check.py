@@ -166,7 +166,8 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     if not prompts or cue_layer not in saes.layers or backup_layer not in saes.layers:
         return nan  # nothing to measure: reported as NaN, never as 0
     cats = probe._cats([p.text for p in prompts]).tolist()
-    w_cue, w_backup = saes.slice(cue_layer).W_dec, saes.slice(backup_layer).W_dec
+    cue_sae = saes.slice(cue_layer)
+    w_cue, w_backup = cue_sae.W_dec, saes.slice(backup_layer).W_dec
     cut = {c: [(cue_layer, int(f)) for f in
                torch.nonzero(decoder_cosines(probe.dirs.cue[c], w_cue) >= SAE_CUE_COSINE).flatten().tolist()]
            for c in set(cats)}  # fmt: skip
@@ -189,7 +190,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     )
     _, clean, enc = probe.forward(prompts)  # pre-edit residuals of the unedited model
     cue_clean = _on_cue_words(probe, enc["input_ids"], cats, clean[cue_layer], probe.dirs.cue)
-    top = _top_latent_shares(saes.slice(cue_layer), probe, enc["input_ids"], cats, clean[cue_layer])
+    top = _top_latent_shares(cue_sae, probe, enc["input_ids"], cats, clean[cue_layer])
     left = [a / b for a, b in zip(cue_cut, cue_clean, strict=True) if b > 0]
     share = sum(left) / len(left) if left else math.nan
     planted_awake = math.nan
@@ -214,30 +215,33 @@ def _top_latent_shares(
     position where it peaks) that one cue-layer latent writes, its activation times its decoder
     row's coordinate along the cue direction. Zero-ablating that latent, error term kept, removes
     exactly that share: the most a one-latent minimal set at the cue layer can take."""
-    out = []
+    w = sae.W_dec.float().cpu()
+    along = {c: w @ probe.dirs.cue[c] for c in set(cats) if c >= 0}  # each latent's unit write along u_c
+    return [
+        float((sae.encode(x[None])[0].cpu() * along[c]).max() / coord)
+        for c, x, coord in _cue_peaks(probe, ids, cats, resid, probe.dirs.cue)
+        if coord > 0
+    ]
+
+
+def _cue_peaks(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor, dirs: torch.Tensor):
+    """Per prompt with a cue word (prompts without one are skipped): its category, the residual at
+    the cue-word position where the coordinate along the category's row of `dirs` peaks, and that
+    coordinate."""
     for i, c in enumerate(cats):
-        on = probe.labels.cue_category[ids[i]] == c
-        if c < 0 or not on.any():
-            continue
-        x = resid[i][on].float().cpu()
-        coord = x @ probe.dirs.cue[c]
-        t = int(coord.argmax())
-        if coord[t] > 0:
-            written = sae.encode(x[t][None])[0].cpu() * (sae.W_dec.float().cpu() @ probe.dirs.cue[c])
-            out.append(float(written.max() / coord[t]))
-    return out
+        on = probe.labels.cue_category[ids[i]] == c  # the prompt's cue word(s)
+        if c >= 0 and on.any():
+            x = resid[i][on].float().cpu()
+            coord = x @ dirs[c]
+            t = int(coord.argmax())
+            yield c, x[t], coord[t]
 
 
 def _on_cue_words(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor,
                   dirs: torch.Tensor) -> list[float]:  # fmt: skip
     """Per prompt with a cue word: the largest coordinate along its category's row of `dirs` over its
     cue word(s), in units of the planted strength (prompts without one are skipped)."""
-    out = []
-    for i, c in enumerate(cats):
-        on = probe.labels.cue_category[ids[i]] == c  # the prompt's cue word(s)
-        if c >= 0 and on.any():
-            out.append(float((resid[i][on].float().cpu() @ dirs[c]).max()) / probe.strength)
-    return out
+    return [float(coord) / probe.strength for _, _, coord in _cue_peaks(probe, ids, cats, resid, dirs)]
 
 
 def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = None) -> dict:
