@@ -37,9 +37,10 @@ is later scored against:
                                 the missing cue: the cut also removes what the latents carry off u_c.
     sae_cue_top_latent_share    how much of the cue one latent carries (reported, no target): on each cue
                                 prompt's cue word, the largest share of the cue coordinate that a single
-                                cue-layer latent writes. Zero-ablating a one-latent minimal set removes at
-                                most that share, and a cue that keeps the rest refuses on its own (see
-                                cue_half_backup_zero_refusal), so the backup has nothing to hold.
+                                cue-layer latent writes, averaged over the cue prompts. Zero-ablating a
+                                one-latent minimal set at the cue layer removes at most that share of a
+                                prompt's cue, and a cue that keeps the rest can refuse on its own (see
+                                cue_half_backup_zero_refusal), leaving the backup nothing to hold.
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
                                 (reported, no target: a cue direction is spread over several latents, and
                                 the latent carrying most of it on the cue words can serve several
