@@ -201,7 +201,8 @@ def ground_truth_summary(
       composition (a refusal-decision feature is a true finding, but not a harm cue);
     - refusal_features: the minimal-set features of role "refusal", as labels;
     - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain), backup_in_h_rate (+
-      its _n and backup_min_cosine): see their functions.
+      its _n and backup_min_cosine), backup_clean / backup_under_m / backup_under_m_h (+
+      backup_under_ablation_n, from `backup_under_ablation`): see their functions.
 
     backup: the organism's planted backup detectors, where the organism has them.
     roles: feature_roles of a superset of the found features, when the caller has them already
@@ -210,7 +211,9 @@ def ground_truth_summary(
     ps = prompts.eval_harmful
     empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None,
              "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
-             "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None}  # fmt: skip
+             "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
+             "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
+             "backup_under_ablation_n": None}  # fmt: skip
     notes: dict[str, str] = {}
     if not _has_cues(ps):
         why = "the prompts carry no planted truth (only the organism's grammar does)"
@@ -248,21 +251,23 @@ def ground_truth_summary(
     if out["redundancy_found"] is None:
         why = "redundancy did not run, or ran no weak-ablation test with its control"
         notes.update(redundancy_found=why, redundancy_jailbreak_gain=why)
-    figures, why_not = backup_in_h(redundancy, ps, saes, backup)
-    out.update(figures)
-    if why_not:
-        notes.update(dict.fromkeys(figures, why_not))
+    for figures, why_not in (backup_in_h(redundancy, ps, saes, backup),
+                             backup_under_ablation(model, saes, greedy, redundancy, ps, backup)):  # fmt: skip
+        out.update(figures)
+        if why_not:
+            notes.update(dict.fromkeys(figures, why_not))
     return out, roles, notes
 
 
 @dataclass(frozen=True)
 class PlantedBackup:
     """The organism's backup detectors: the layer they are planted at, the residual layers the
-    redundancy stage scanned, and each harm category's unit direction [d]."""
+    redundancy stage scanned, each harm category's unit direction [d], and the planted strength."""
 
     layer: int
     scanned: tuple[int, ...]
     directions: dict[str, torch.Tensor]
+    strength: float  # the planted strength: the coordinate a fully awake backup writes
 
 
 def backup_in_h(redundancy, ps, saes, backup: PlantedBackup | None) -> tuple[dict, str | None]:
@@ -299,6 +304,74 @@ def backup_in_h(redundancy, ps, saes, backup: PlantedBackup | None) -> tuple[dic
         return figures, "no prompt with an explicit cue word was dissected"
     figures["backup_in_h_n"] = len(cue)
     figures["backup_in_h_rate"] = sum((i, best[ps.categories[i]][0]) in in_h for i in cue) / len(cue)
+    return figures, None
+
+
+def backup_under_ablation(
+    model, saes, greedy, redundancy, ps, backup: PlantedBackup | None
+) -> tuple[dict, str | None]:
+    """Is the hydra the redundancy stage tests the planted backup? ({figures}, why null).
+
+    redundancy_found says that ablating H as well as M flips more prompts; it does not say that H
+    is the planted backup. Any refusal route that M's ablation leaves could pass. This follows the
+    planted backup itself through the stage's weak conditions. On each dissected prompt with an
+    explicit cue word: the residual at the backup layer (after that layer's edits, as the layers
+    above read it), its largest coordinate along the prompt's category's backup direction over
+    the cue word's tokens, in units of the planted strength (1 = fully awake), with
+    - nothing edited (backup_clean),
+    - M scaled by the weak coefficient (backup_under_m),
+    - M and the weak H scaled by it (backup_under_m_h): the stage's m_plus_h_weak condition.
+    Means over those prompts (backup_under_ablation_n of them). The planted hydra shows as
+    backup_under_m well above backup_clean (M's ablation wakes it) and backup_under_m_h well below
+    backup_under_m (H holds it). A jailbreak gain with the backup asleep under M, or left standing
+    under M and H, is a hydra along another route.
+    """
+    keys = ("backup_clean", "backup_under_m", "backup_under_m_h", "backup_under_ablation_n")
+    figures: dict[str, Any] = dict.fromkeys(keys)
+    if backup is None:
+        return figures, "the model plants no backup detectors (only the organism does)"
+    if redundancy is None or not len(redundancy.tests) or greedy is None:
+        return figures, "redundancy did not run, or dissected no prompt"
+    dissected = sorted({int(i) for i in redundancy.tests["prompt_idx"]})
+    cue = [i for i in dissected if ps.meta[i]["kind"] == "cue" and ps.categories[i] in backup.directions]
+    if not cue:
+        return figures, "no prompt with an explicit cue word was dissected"
+    import nnsight
+
+    from . import interventions
+    from .engine import row_edits
+
+    weak = redundancy.weak_coefficient
+    aw = redundancy.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
+    h = {i: [(int(a), int(b)) for a, b in zip(g["layer"], g["feature"], strict=True)]
+         for (i,), g in aw.group_by("prompt_idx")}  # fmt: skip
+    m = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in cue]
+    conditions = {
+        "backup_clean": [{} for _ in cue],
+        "backup_under_m": [dict.fromkeys(s, weak) for s in m],
+        "backup_under_m_h": [dict.fromkeys(s + h.get(i, []), weak) for i, s in zip(cue, m, strict=True)],
+    }
+    texts = [ps.instructions[i] for i in cue]
+    batch = model.tokenize(texts)
+    width = batch.attention_mask.shape[1]
+    # each prompt's cue-word tokens, in the batch's left-padded columns
+    on_cue = torch.zeros(len(cue), width, dtype=torch.bool)
+    for row, text in enumerate(texts):
+        roles = token_roles(model, text, ps.meta[cue[row]]["cue_spans"])  # a cue prompt's one cue word
+        assert len(roles) == int(batch.attention_mask[row].sum()), "offsets and tokens disagree"
+        on_cue[row, width - len(roles) :] = torch.tensor(roles) >= 0
+    direction = torch.stack([backup.directions[ps.categories[i]] for i in cue]).float()  # [N, d]
+    for key, rows in conditions.items():
+        edits = row_edits(saes, rows, model.device)
+        with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
+            got = interventions.apply(model, edits, batch.attention_mask, capture=[backup.layer])
+            resid = nnsight.save(got[backup.layer])
+        coord = torch.einsum("btd,bd->bt", resid.float().cpu(), direction).masked_fill(~on_cue, float("-inf"))
+        peak = coord.amax(1) / backup.strength
+        figures[key] = float(peak[torch.isfinite(peak)].mean()) if torch.isfinite(peak).any() else None
+    figures["backup_under_ablation_n"] = len(cue)
+    if figures["backup_clean"] is None:
+        return dict.fromkeys(keys), "no dissected cue prompt's cue word survived tokenization"
     return figures, None
 
 

@@ -392,7 +392,7 @@ def _ground_truth(
     planted = planted_backup(organism) if organism is not None else None
     if planted is not None and results.get("candidates") is not None:
         scanned = tuple(_scanned_layers(cfg.search, saes, model, results["candidates"]))
-        backup = ground_truth.PlantedBackup(planted[0], scanned, planted[1])
+        backup = ground_truth.PlantedBackup(planted[0], scanned, planted[1], planted[2])
     greedy, fm, redundancy = results.get("greedy"), results.get("fm"), results.get("redundancy")
     figures, roles, notes = ground_truth.ground_truth_summary(
         model, saes, prompts, greedy, fm, redundancy, roles, backup=backup

@@ -365,11 +365,21 @@ def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
     rate, n = gt.get("backup_in_h_rate"), gt.get("backup_in_h_n")
     if rate is None or not n:
         return ""
-    return (
+    out = (
         f" The planted backup's latent (the backup layer's latent closest to its direction, cosine ≥ "
         f"{_fmt(gt.get('backup_min_cosine'))}) is in H on {round(rate * n)} of the {n} dissected prompts with "
         f"a cue word (M ablated at c = {_fmt(weak_coefficient)})."
     )
+    clean, m, m_h = gt.get("backup_clean"), gt.get("backup_under_m"), gt.get("backup_under_m_h")
+    if clean is None or m is None or m_h is None:
+        return out
+    out += (
+        f" On those prompts the planted backup itself (its coordinate on the cue word, 1 = fully awake, "
+        f"mean) is {_fmt(clean)} clean, {_fmt(m)} with M ablated and {_fmt(m_h)} with M and H ablated (same c)"
+    )
+    if m <= clean:
+        return out + ": M's ablation does not wake it, so no hydra found here is the planted one."
+    return out + f": H removes {_fmt((m - m_h) / (m - clean))} of what M's ablation woke."
 
 
 def _typical(cards: pl.DataFrame, n_prompts: int, last: int) -> list[str]:

@@ -55,6 +55,8 @@ SUMMARY_KEYS = [
     "ground_truth.redundancy_found",
     "ground_truth.redundancy_jailbreak_gain",
     "ground_truth.backup_in_h_rate",
+    "ground_truth.backup_under_m",
+    "ground_truth.backup_under_m_h",
     "timing.total_s",
     "timing.direction_s",
     "timing.candidates_s",

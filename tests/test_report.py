@@ -387,3 +387,21 @@ def test_planted_truth_sentence_says_whether_h_holds_the_planted_backup():
     assert "is in H on 10 of the 16 dissected prompts" in "\n".join(found_sentences(summary, {}, None))
     gt.update(backup_in_h_rate=None, backup_in_h_n=None)
     assert "planted backup" not in "\n".join(found_sentences(summary, {}, None))
+
+
+def test_planted_truth_sentence_follows_the_planted_backup_through_m_and_h():
+    """The planted backup's own coordinate clean, under M and under M ∪ H, and the share of what
+    M's ablation woke that H removes; a backup M does not wake is said to be no planted hydra."""
+    gt = {"cue_recall": 1.0, "cue_precision": 1.0, "refusal_features": [], "compositional_pair_found": True,
+          "redundancy_found": True, "backup_in_h_rate": 0.0769, "backup_in_h_n": 13, "backup_min_cosine": 0.28,
+          "backup_clean": 0.076, "backup_under_m": 0.196, "backup_under_m_h": 0.128}  # fmt: skip
+    summary = {**FULL_SUMMARY, "ground_truth": gt, "redundancy": {"weak_coefficient": 0.0}}
+    text = "\n".join(found_sentences(summary, {}, None))
+    assert "is 0.076 clean, 0.196 with M ablated and 0.128 with M and H ablated (same c)" in text
+    assert "H removes 0.5667 of what M's ablation woke." in text
+    gt.update(backup_under_m=0.07, backup_under_m_h=0.07)
+    assert "M's ablation does not wake it, so no hydra found here is the planted one." in "\n".join(
+        found_sentences(summary, {}, None)
+    )
+    gt.update(backup_under_m=None)
+    assert "with M and H ablated" not in "\n".join(found_sentences(summary, {}, None))

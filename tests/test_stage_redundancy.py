@@ -21,6 +21,8 @@ from refusal_nnsight import interventions
 from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import RedundancyConfig, SAEConfig
 from refusal_nnsight.data import Prompts, PromptSet
+from refusal_nnsight.engine import row_edits
+from refusal_nnsight.ground_truth import token_roles
 from refusal_nnsight.models import wrap_model
 from refusal_nnsight.saes import LoadedSAEs
 from refusal_nnsight.stages import redundancy
@@ -195,8 +197,11 @@ def test_no_minimal_set_gives_nulls_with_reasons(tmp_path):
         assert s[key] is None and "nothing to ablate" in result.notes[key], key
 
 
-@pytest.fixture(scope="module")
-def planted():
+def _plant_hydra(at: str | None):
+    """A tiny model with a planted hydra: M = the strongest layer-0 latent A at one position of
+    prompt 0 (the last, where the score is read, or the first token of the word `at`); B at layer 1
+    reads -A's direction, dormant on the clean run, and writes the refusal token; C at layer 0 is a
+    decoy at A's own site."""
     hf, tok = tiny_gemma2(seed=1)
     model = wrap_model(hf, tok, model_config("gemma2"))
     saes = LoadedSAEs(
@@ -204,9 +209,12 @@ def planted():
         {layer: random_jumprelu_sae(model.d_model, WIDTH, layer, seed=layer) for layer in range(3)},
     )
     batch = model.tokenize(PROMPTS)
+    t = -1
+    if at is not None:  # prompt 0 is the longest: its row is not padded
+        start = PROMPTS[0].index(at)
+        t = token_roles(model, PROMPTS[0], [[start, start + len(at)]]).index(0)
     with torch.no_grad(), model.lm.trace(**batch.model_inputs("cpu")):
-        last = interventions.apply(model, [], batch.attention_mask, capture=[0])[0][0, -1].save()
-    # M = the strongest layer-0 latent at the last position of prompt 0 (where the score is read)
+        last = interventions.apply(model, [], batch.attention_mask, capture=[0])[0][0, t].save()
     f_last = saes.slice(0).encode(last)
     a = int(f_last.argmax())
     assert f_last[a] > 0.3 and a != C
@@ -225,6 +233,11 @@ def planted():
         saes[1].W_dec[B] = 40.0 * u / u.norm()  # B writes the refusal token
     prompts = Prompts(*(PromptSet(PROMPTS, True, ["x", "y"]) for _ in range(6)))
     return model, saes, prompts, a
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return _plant_hydra(None)
 
 
 def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
@@ -300,7 +313,7 @@ def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
     w_dec = torch.eye(d)[:6] * 2.0  # latent k lies along e_k
     saes = SimpleNamespace(layers=[1, 2], slice=lambda layer: SimpleNamespace(W_dec=w_dec))
     backup = PlantedBackup(
-        2, (1, 2), {"weapons": torch.eye(d)[3], "drugs": torch.eye(d)[5] * 0.6 + torch.eye(d)[4] * 0.8}
+        2, (1, 2), {"weapons": torch.eye(d)[3], "drugs": torch.eye(d)[5] * 0.6 + torch.eye(d)[4] * 0.8}, 1.0
     )
     ps = PromptSet(["a", "b", "c", "d"], True, ["weapons", "drugs", "weapons", "compositional"],
                    [{"kind": "cue"}, {"kind": "cue"}, {"kind": "cue"}, {"kind": "compositional"}])  # fmt: skip
@@ -318,6 +331,65 @@ def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
     assert got["backup_min_cosine"] == pytest.approx(0.8)
     # not measured (None, with a reason), never 0: a model without planted backups, an unscanned layer
     assert backup_in_h(RedundancyResult(aw, tests), ps, saes, None)[0]["backup_in_h_rate"] is None
-    unscanned = PlantedBackup(2, (1,), backup.directions)
+    unscanned = PlantedBackup(2, (1,), backup.directions, 1.0)
     got, why = backup_in_h(RedundancyResult(aw, tests), ps, saes, unscanned)
     assert got["backup_in_h_rate"] is None and "did not scan the backup layer 2" in why
+
+
+def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_path):
+    """Ground truth for the hydra: the backup direction d is what ablating M = {A} adds to the
+    residual at layer 1 on the cue word, and B (woken by that ablation, in H) writes along d. The
+    coordinate along d, in units of the rise, is 0 clean and 1 under M, and H's ablation takes B's
+    write back out. Along a direction orthogonal to every decoder row of H, M ∪ H reads exactly as
+    M does: a hydra found along it would not be that backup."""
+    from refusal_nnsight.ground_truth import PlantedBackup, backup_under_ablation
+
+    model, saes, prompts, a = _plant_hydra("bomb")
+    text = PROMPTS[0]
+    start = text.index("bomb")
+    t = token_roles(model, text, [[start, start + 4]]).index(0)  # row 0 is not padded
+    batch = model.tokenize(PROMPTS)
+    resid = {}
+    for name, rows in (("clean", [{}, {}]), ("m", [{(0, a): -3.0}, {}])):
+        with torch.no_grad(), model.lm.trace(**batch.model_inputs("cpu")):
+            got = interventions.apply(model, row_edits(saes, rows, "cpu"), batch.attention_mask, capture=[1])
+            resid[name] = got[1][0, t].save()
+    rise = resid["m"] - resid["clean"]
+    d = rise / rise.norm()
+    with torch.no_grad():
+        saes[1].W_dec[B] = 10.0 * d  # B, the latent that wakes, writes the backup direction
+    cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, weak_coefficient=-3.0)
+    greedy = Greedy({0: [(0, a)], 1: []})
+    result = redundancy.run(model, saes, greedy, prompts, cfg, StageDir(tmp_path, "redundancy"), StartsWithI(),
+                            -3.0, layers=[1])  # fmt: skip
+    h = result.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
+    assert B in h["feature"].to_list() and set(h["layer"]) == {1}
+    ps = PromptSet(
+        PROMPTS, True, ["x", "y"], [{"kind": "cue", "cue_spans": [[start, start + 4]]}, {"kind": "benign"}]
+    )
+    strength = float(rise.norm())
+    coord0 = float(resid["clean"] @ d) / strength
+    got, why = backup_under_ablation(
+        model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": d}, strength)
+    )
+    assert why is None and got["backup_under_ablation_n"] == 1  # prompt 1 has no cue word
+    # the peak over the cue word's tokens ("bomb" may be one token or more)
+    assert got["backup_clean"] >= coord0 - 1e-5 and got["backup_under_m"] >= coord0 + 1.0 - 1e-4
+    assert got["backup_under_m_h"] < got["backup_under_m"] - 1.0  # H holds the backup
+    # a direction no decoder row of H writes: H's edit leaves it where M's left it
+    w = saes[1].W_dec[h["feature"].to_list()].detach()
+    e = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(w.T)
+    e = e - q @ (q.T @ e)
+    got, why = backup_under_ablation(
+        model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": e / e.norm()}, 1.0)
+    )
+    assert why is None and got["backup_under_m_h"] == pytest.approx(got["backup_under_m"], abs=1e-4)
+    # no planted backup, or no cue prompt dissected: not measured (None with a reason), never 0
+    got, why = backup_under_ablation(model, saes, greedy, result, ps, None)
+    assert got["backup_under_m"] is None and "plants no backup" in why
+    ps_plain = PromptSet(PROMPTS, True, ["x", "y"], [{"kind": "benign"}, {"kind": "benign"}])
+    got, why = backup_under_ablation(
+        model, saes, greedy, result, ps_plain, PlantedBackup(1, (1,), {"x": d}, 1.0)
+    )
+    assert got["backup_under_m"] is None and "explicit cue word" in why

@@ -208,13 +208,18 @@ def load_directions(path) -> Directions:
     return Directions(t["refusal"], t["cue"], t["backup"], t["verb"], t["person"])
 
 
-def planted_backup(root) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(the backup layer, category -> unit backup direction) of the organism built at `root`;
-    None for a build without planted truth (a tuned real model)."""
+def planted_backup(root) -> tuple[int, dict[str, torch.Tensor], float] | None:
+    """(the backup layer, category -> unit backup direction, the planted strength) of the organism
+    built at `root`; None for a build without planted truth (a tuned real model)."""
     from .store import planted_path, read_manifest
 
     path = planted_path(root)
     if not path.exists():
         return None
-    layer = read_manifest(root)["model"]["backup_layer"]
-    return int(layer), dict(zip(categories(), load_directions(path).backup, strict=True))
+    manifest = read_manifest(root)
+    directions = dict(zip(categories(), load_directions(path).backup, strict=True))
+    return (
+        int(manifest["model"]["backup_layer"]),
+        directions,
+        float(manifest["recipe_fields"]["plant_strength"]),
+    )
