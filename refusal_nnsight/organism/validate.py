@@ -60,8 +60,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "h_holding_share": ("harm", "redundancy.h_holding_share"),
     # whether H (weak ablation) holds the planted backup's latent, on the dissected cue prompts
     "backup_in_h": ("harm", "ground_truth.backup_in_h_rate"),
-    # the planted backup's coordinate on the cue word (1 = fully awake) with M, and with M ∪ H,
-    # ablated at the weak coefficient: whether a hydra found is the planted one
+    # the planted backup's coordinate on the cue word (1 = fully awake) clean, with M, and with
+    # M ∪ H, ablated at the weak coefficient: whether a hydra found is the planted one
+    "backup_clean": ("harm", "ground_truth.backup_clean"),
     "backup_under_m": ("harm", "ground_truth.backup_under_m"),
     "backup_under_m_h": ("harm", "ground_truth.backup_under_m_h"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
@@ -85,6 +86,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_redundancy_found": ("cue", "ground_truth.redundancy_found"),
     "cue_h_holding_share": ("cue", "redundancy.h_holding_share"),
     "cue_backup_in_h": ("cue", "ground_truth.backup_in_h_rate"),
+    "cue_backup_clean": ("cue", "ground_truth.backup_clean"),
     "cue_backup_under_m": ("cue", "ground_truth.backup_under_m"),
     "cue_backup_under_m_h": ("cue", "ground_truth.backup_under_m_h"),
     "cue_random_same_size_jailbreak": ("cue", "evaluate.random_same_size_jailbreak_rate"),
