@@ -360,6 +360,9 @@ def backup_under_ablation(
         roles = token_roles(model, text, ps.meta[cue[row]]["cue_spans"])  # a cue prompt's one cue word
         assert len(roles) == int(batch.attention_mask[row].sum()), "offsets and tokens disagree"
         on_cue[row, width - len(roles) :] = torch.tensor(roles) >= 0
+    read = on_cue.any(1)  # prompts whose cue word maps to a token: the only ones averaged or counted
+    if not read.any():
+        return figures, "no dissected cue prompt's cue word survived tokenization"
     direction = torch.stack([backup.directions[ps.categories[i]] for i in cue]).float()  # [N, d]
     for key, rows in conditions.items():
         edits = row_edits(saes, rows, model.device)
@@ -367,11 +370,8 @@ def backup_under_ablation(
             got = interventions.apply(model, edits, batch.attention_mask, capture=[backup.layer])
             resid = nnsight.save(got[backup.layer])
         coord = torch.einsum("btd,bd->bt", resid.float().cpu(), direction).masked_fill(~on_cue, float("-inf"))
-        peak = coord.amax(1) / backup.strength
-        figures[key] = float(peak[torch.isfinite(peak)].mean()) if torch.isfinite(peak).any() else None
-    figures["backup_under_ablation_n"] = len(cue)
-    if figures["backup_clean"] is None:
-        return dict.fromkeys(keys), "no dissected cue prompt's cue word survived tokenization"
+        figures[key] = float(coord.amax(1)[read].mean()) / backup.strength
+    figures["backup_under_ablation_n"] = int(read.sum())
     return figures, None
 
 

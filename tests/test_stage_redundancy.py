@@ -214,10 +214,10 @@ def _plant_hydra(at: str | None):
         start = PROMPTS[0].index(at)
         t = token_roles(model, PROMPTS[0], [[start, start + len(at)]]).index(0)
     with torch.no_grad(), model.lm.trace(**batch.model_inputs("cpu")):
-        last = interventions.apply(model, [], batch.attention_mask, capture=[0])[0][0, t].save()
-    f_last = saes.slice(0).encode(last)
-    a = int(f_last.argmax())
-    assert f_last[a] > 0.3 and a != C
+        x = interventions.apply(model, [], batch.attention_mask, capture=[0])[0][0, t].save()
+    f_x = saes.slice(0).encode(x)
+    a = int(f_x.argmax())
+    assert f_x[a] > 0.3 and a != C
     d_a = saes[0].W_dec[a].detach()
     u = hf.lm_head.weight[model.refusal_ids[0]].detach()
     with torch.no_grad():
