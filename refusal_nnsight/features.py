@@ -59,7 +59,7 @@ CARD_SCHEMA = pl.Schema(
         "neuronpedia": pl.Utf8(),  # null for SAEs without a Neuronpedia page (the organism)
         "role": pl.Utf8(),  # planted role (organism only), else null
         "role_share": pl.Float64(),
-        "role_peak": pl.Utf8(),  # the tag its top activations share, when the role is not it (see ground_truth)
+        "role_peak": pl.Utf8(),  # the tag most of its top activations share, when the role is not it (ground_truth)
         "role_plain_share": pl.Float64(),  # fraction of harmless eval prompts without planted words it fires on
     }
 )

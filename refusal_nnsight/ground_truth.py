@@ -120,7 +120,8 @@ def feature_roles(
     such a feature reads something general that peaks on cue words (a latent along R does: every
     planted cue leans on R). Columns: layer, feature, role, role_share (fraction of top positions
     with that tag), n_top, plain_share (fraction of plain harmless eval prompts it fires on; null
-    without any), peak_tag (the tag most of its top positions share, before that check).
+    without any), peak_tag (the tag most of its top positions share, "other" for untagged ones,
+    whether or not it holds half of them and before that check).
     """
     feats = [(int(a), int(b)) for a, b in features]
     schema = {
@@ -166,14 +167,14 @@ def feature_roles(
             counts[tag] = counts.get(tag, 0) + 1
         tag, n = max(sorted(counts.items()), key=lambda kv: kv[1])
         share = n / len(mine)
-        role = peak = tag if share >= MOSTLY else "other"
+        role = tag if share >= MOSTLY else "other"
         plain_share = fires[j]
         if _is_cue(role) and plain_share is not None and plain_share >= MOSTLY:
             log.info("L%d/F%d peaks on %s words but fires on %.0f%% of plain harmless prompts: role other",
                      layer, latent, role, 100 * plain_share)  # fmt: skip
             role = "other"
         rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine),
-                     "plain_share": plain_share, "peak_tag": peak})  # fmt: skip
+                     "plain_share": plain_share, "peak_tag": tag})  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
 
 

@@ -464,6 +464,15 @@ def _linked(card: dict) -> str:
     return f"[{card['label']}]({card['neuronpedia']})" if card["neuronpedia"] else card["label"]
 
 
+def _tag_place(tag: str | None) -> str:
+    """Where a planted-role tag sits, in words: "cue:weapons words", "the post-instruction positions"."""
+    if tag in (None, "other"):
+        return "no planted word"
+    if tag == "refusal":
+        return "the post-instruction positions"
+    return f"{tag} words"
+
+
 def _card(r: dict) -> list[str]:
     found = [f"in {r['n_minimal']} of {r['n_dissected']} minimal sets"]
     if r["fm_best_rank"] is not None:
@@ -471,15 +480,24 @@ def _card(r: dict) -> list[str]:
     if r["n_in_h"]:
         found.append(f"awakened (in H) on {r['n_in_h']} prompts")
     lines = [f"### {r['label']}", "", "- found: " + "; ".join(found)]
-    if r["role"] and r.get("role_peak"):
+    if r["role"] == "other" and r["role_share"] is not None and r["role_share"] < 0.5:
+        # no tag holds half of its top activations (ground_truth.MOSTLY): say where the most fall
+        lines.append(
+            f"- planted role: **other**: no planted tag holds half of its 10 strongest activations "
+            f"(the most, {r['role_share']:.0%}, are on {_tag_place(r.get('role_peak'))})"
+        )
+    elif r["role"] and r.get("role_peak"):
         lines.append(
             f"- planted role: **{r['role']}**: {r['role_share']:.0%} of its 10 strongest activations are on "
-            f"{r['role_peak']} words, but it fires on {r['role_plain_share']:.0%} of the harmless eval prompts "
-            "that hold no planted word, where no planted cue fires"
+            f"{_tag_place(r['role_peak'])}, but it fires on {r['role_plain_share']:.0%} of the harmless eval "
+            "prompts that hold no planted word, where no planted cue fires"
         )
+    elif r["role"] == "dormant":
+        lines.append("- planted role: **dormant**: it fires on none of the clean eval prompts")
     elif r["role"]:
         lines.append(
-            f"- planted role: **{r['role']}** ({r['role_share']:.0%} of its 10 strongest activations)"
+            f"- planted role: **{r['role']}** ({r['role_share']:.0%} of its 10 strongest activations are on "
+            f"{_tag_place(r['role'])})"
         )
     if r["neuronpedia"]:
         lines.append(f"- Neuronpedia: {_linked(r)}")

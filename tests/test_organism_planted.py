@@ -139,6 +139,9 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
         + [(2, 1)] * 6
         + [(2, cue_t)] * 4
         + [(4, cue_t)] * 10
+        + [(5, cue_t)] * 4
+        + [(5, n - 1)] * 3
+        + [(5, 1)] * 3
     )
     frame = pl.DataFrame(
         [
@@ -155,19 +158,23 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
         ]  # fmt: skip
     )
     monkeypatch.setattr(ground_truth, "top_positions", lambda *a, **k: frame)
-    worded = torch.zeros(n, 5)
+    worded = torch.zeros(n, 6)
     worded[:, [0, 4]] = 1.0  # harmless prompts with planted words (look-alikes ...): the cue fires too
-    plain = torch.zeros(n, 5)
+    plain = torch.zeros(n, 6)
     plain[:, 4] = 1.0  # feature 4 fires on every harmless prompt
     harmless = [worded if m.get("cue_spans") else plain for m in prompts.eval_harmless.meta]
-    acts = {"harmful": [torch.zeros(n, 5)] * len(ps.instructions), "harmless": harmless}
+    acts = {"harmful": [torch.zeros(n, 6)] * len(ps.instructions), "harmless": harmless}
     roles = ground_truth.feature_roles(
-        model, saes, [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)], prompts, acts=acts
+        model, saes, [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6)], prompts, acts=acts
     )
     # feature 4 peaks on the weapons cue word too, but fires on the harmless prompts without planted
     # words as well: not a cue; feature 0 fires on look-alike cue words only and stays one
-    assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant", "other"]
-    assert roles["peak_tag"][4] == "cue:weapons" and roles["plain_share"].to_list() == [0, 0, 0, 0, 1]
+    assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant", "other", "other"]
+    assert roles["peak_tag"][4] == "cue:weapons" and roles["plain_share"].to_list() == [0, 0, 0, 0, 1, 0]
+    # feature 5: no tag holds half (4 cue, 3 refusal, 3 untagged): other, but peak_tag and role_share
+    # still name the most common tag, so the card can say where it peaks
+    assert roles["peak_tag"][5] == "cue:weapons" and roles["role_share"][5] == 0.4
+    assert roles["peak_tag"][2] == "other" and roles["role_share"][2] == 0.6
 
 
 def test_the_sae_probe_sees_the_hydra_when_a_latent_is_the_cue_direction(small_organism, monkeypatch):

@@ -327,12 +327,36 @@ def test_card_says_why_a_feature_peaking_on_cues_is_not_a_cue():
 
     row = _cards(None).row(0, named=True)
     plain = "\n".join(_card(dict(row, role="cue:weapons", role_share=0.9)))
-    assert "- planted role: **cue:weapons** (90% of its 10 strongest activations)" in plain
+    assert (
+        "- planted role: **cue:weapons** (90% of its 10 strongest activations are on cue:weapons words)"
+        in plain
+    )
     general = "\n".join(
         _card(dict(row, role="other", role_share=0.6, role_peak="composition", role_plain_share=1.0))
     )
     assert "**other**: 60% of its 10 strongest activations are on composition words" in general
     assert "fires on 100% of the harmless eval prompts that hold no planted word" in general
+
+
+def test_card_says_where_a_feature_without_a_majority_tag_peaks():
+    """A feature is "other" when no planted tag holds half of its top activations; its card says so
+    and names the tag that holds the most, rather than a share that reads as the share of "other"."""
+    from refusal_nnsight.report import _card
+
+    row = _cards(None).row(0, named=True)
+    split = "\n".join(_card(dict(row, role="other", role_share=0.4, role_peak="composition")))
+    assert (
+        "**other**: no planted tag holds half of its 10 strongest activations "
+        "(the most, 40%, are on composition words)"
+    ) in split
+    untagged = "\n".join(_card(dict(row, role="other", role_share=0.4, role_peak=None)))
+    assert "(the most, 40%, are on no planted word)" in untagged
+    majority = "\n".join(_card(dict(row, role="other", role_share=0.7, role_peak=None)))
+    assert "**other** (70% of its 10 strongest activations are on no planted word)" in majority
+    refusal = "\n".join(_card(dict(row, role="refusal", role_share=0.8, role_peak=None)))
+    assert "(80% of its 10 strongest activations are on the post-instruction positions)" in refusal
+    dormant = "\n".join(_card(dict(row, role="dormant", role_share=0.0, role_peak=None)))
+    assert "**dormant**: it fires on none of the clean eval prompts" in dormant
 
 
 def test_candidates_sentence_sets_the_judge_beside_the_criterion():
