@@ -42,7 +42,10 @@ class OrganismRecipe:
     # clean, u_zero, u_neg, ub_zero, vq_ablate, r_all, r_late, r_add
     condition_probs: tuple[float, ...] = (0.3, 0.12, 0.12, 0.1, 0.12, 0.08, 0.08, 0.08)
     # -- training (AdamW, warmup + cosine to 10%) --
-    steps: int = 600  # optimizer steps
+    # optimizer steps. At 600 the backup detectors still leaked on their cue words in clean runs
+    # (0.17-0.33 of the planted strength on seeds 0-4, target <= 0.1); at 1200 that falls to
+    # 0.04-0.13 with the backup as awake under the cue's ablation (about 1.0)
+    steps: int = 1200
     batch_size: int = 48  # sequences per step
     lr: float = 3e-3  # peak learning rate
     weight_decay: float = 0.01  # on matrices only
