@@ -466,9 +466,11 @@ def _linked(card: dict) -> str:
 
 def _tag_place(tag: str | None) -> str:
     """Where a planted-role tag sits, in words: "cue:weapons words", "the post-instruction positions"."""
+    from .ground_truth import REFUSAL_ROLE
+
     if tag in (None, "other"):
         return "no planted word"
-    if tag == "refusal":
+    if tag == REFUSAL_ROLE:
         return "the post-instruction positions"
     return f"{tag} words"
 
@@ -480,8 +482,10 @@ def _card(r: dict) -> list[str]:
     if r["n_in_h"]:
         found.append(f"awakened (in H) on {r['n_in_h']} prompts")
     lines = [f"### {r['label']}", "", "- found: " + "; ".join(found)]
-    if r["role"] == "other" and r["role_share"] is not None and r["role_share"] < 0.5:
-        # no tag holds half of its top activations (ground_truth.MOSTLY): say where the most fall
+    from .ground_truth import MOSTLY
+
+    if r["role"] == "other" and r["role_share"] is not None and r["role_share"] < MOSTLY:
+        # no tag holds the share a role needs: say where the most of its top activations fall
         lines.append(
             f"- planted role: **other**: no planted tag holds half of its 10 strongest activations "
             f"(the most, {r['role_share']:.0%}, are on {_tag_place(r.get('role_peak'))})"
