@@ -18,6 +18,7 @@ from a report.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import nnsight
@@ -27,6 +28,7 @@ import torch
 from . import interventions
 from .backends import run_chunks
 from .engine import AblationEngine, Feature, by_layer
+from .errors import NonFiniteError
 from .saes import decoder_cosines
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,70 @@ def feature_activations(
                 row[0] = 0.0
             out.append(row)
     return out
+
+
+def max_activations(
+    model,
+    saes,
+    batch,
+    edits: Sequence,
+    batch_size: int,
+    layers: Sequence[int] | None = None,
+    latents: dict[int, list[int]] | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per layer, each latent's max over the real positions [N, width] and its value at <bos>
+    [N, width], under `edits`. With saes.skip_first_token the first token is not read: left out of
+    the max, NaN at <bos>. latents: layer → the latent indices to read there (the columns, in that
+    order); default every latent of the layer.
+
+    Each layer's latents are encoded from its residual before that layer's own edits, as an edit
+    at that layer reads them: a latent reads what the layers below (edited or not) wrote, not the
+    push of an edit of its own layer.
+    """
+    read = list(saes.layers if layers is None else layers)
+    edit_layers = {layer for e in edits for layer in e.layers}
+
+    def one(i0: int, i1: int) -> tuple[int, int, torch.Tensor]:
+        """The residuals [len(read), B, T, d] of the read layers, each before that layer's edits."""
+        chunk = batch.rows(i0, i1)
+        chunk_edits = interventions.rows(edits, i0, i1)
+        got = []
+        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
+            for layer in sorted(set(read) | edit_layers):
+                if layer in read:
+                    got.append(interventions.apply(model, [], chunk.attention_mask, capture=[layer])[layer])
+                here = [
+                    e for e in chunk_edits if isinstance(e, interventions.FeatureEdit) and layer in e.layers
+                ]
+                if here:
+                    interventions.apply(model, here, chunk.attention_mask)
+            resid = nnsight.save(torch.stack(got))  # one saved tensor; stays on the device locally
+        return i0, i1, resid
+
+    # The residuals come back and are encoded here, one layer at a time (its slice made once, for
+    # every chunk): a remote job ships only sliced SAEs, and all layers at once would copy every
+    # SAE (GBs).
+    chunks = [(batch.rows(i0, i1).attention_mask.to(resid.device), resid)
+              for i0, i1, resid in run_chunks(model, len(batch), batch_size, one)]  # fmt: skip
+    maxes: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
+    at_bos: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
+    for k, layer in enumerate(sorted(read)):
+        cols = None if latents is None else latents[layer]
+        sae = saes.slice(layer, cols).to(chunks[0][1].device if chunks else model.device, torch.float32)
+        for mask, resid in chunks:
+            f = sae.encode(resid[k].float())  # [B, T, width]
+            # the real positions; with saes.skip_first_token, not the first, which the SAE never saw
+            real = interventions.position_mask("all", mask, 0, mask.shape[1], saes.skip_first_token)
+            assert real is not None  # the prompt forward always has a mask
+            maxes[layer].append(f.masked_fill(~real[..., None], float("-inf")).amax(1).cpu())
+            bos = f[torch.arange(mask.shape[0], device=f.device), interventions.first_column(mask)].cpu()
+            at_bos[layer].append(torch.full_like(bos, math.nan) if saes.skip_first_token else bos)
+    out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
+    out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
+    for layer, t in out_max.items():
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"non-finite SAE activations at layer {layer}")
+    return out_max, out_bos
 
 
 def eval_activations(

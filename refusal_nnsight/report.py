@@ -177,6 +177,38 @@ def _by_layer(c: dict) -> str:
     if more:
         counts = ", ".join(f"layer {layer} {_rate(without[layer], n)}" for layer in more)
         out += f" Leaving a layer out flips more than ablating every candidate ({_rate(everything, n)}): {counts}."
+    return out + _kept(c.get("layer_kept_activation"))
+
+
+# Below this share of their clean activation, a layer's candidates count as silenced by the edits below
+SILENCED = 0.5
+
+
+def _kept(kept: dict | None) -> str:
+    """The per-layer kept activation as a sentence, naming the silenced layers ("" when not measured)."""
+    if not kept:
+        return ""
+    shares = "; ".join(
+        f"layer {layer} {v:.2f}"
+        if v is not None
+        else f"layer {layer} not measured (inactive on these prompts)"
+        for layer, v in kept.items()
+    )
+    out = (
+        f" With every candidate ablated, each layer's candidates keep this share of their clean activation, "
+        f"read as their own edit reads it (after the edits below): {shares}."
+    )
+    silenced = [layer for layer, v in kept.items() if v is not None and v < SILENCED]
+    if silenced:
+        which = (
+            f"layer {silenced[0]}"
+            if len(silenced) == 1
+            else f"layers {', '.join(silenced[:-1])} and {silenced[-1]}"
+        )
+        out += (
+            f" The edits below silence the candidates of {which}: an edit scales what its latent holds, "
+            "so theirs changes little once the layers below are edited."
+        )
     return out
 
 

@@ -223,3 +223,30 @@ def test_per_layer_check_finds_the_layer_that_carries_refusal(planted_stage1, tm
     one = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, layers=[0], per_layer=True),
                     StageDir(tmp_path / "one", "candidates"), -3.0, flip)  # fmt: skip
     assert one.by_layer is None and "one SAE layer" in one.notes["layer_without_flip_rate"]
+
+
+def test_kept_activation_shows_the_edits_below_silencing_a_layer(planted_stage1, tmp_path):
+    """Planted truth: layers 0 and 1 each hold a latent that reads and writes the refusal
+    direction. Steered at -3 at layer 0, the refusal component that layer 1's latent reads turns
+    negative, so with all of C ablated it keeps ~none of its clean activation and its own edit has
+    nothing to scale, while layer 0, with nothing edited below it, keeps exactly all of its own.
+    Each layer is read before its own edit: read after it, layer 0 would read its steered value."""
+    model, _, d, prompts, _ = planted_stage1
+    u = d.direction / d.direction.norm()
+    saes = planted_saes(u)
+    with torch.no_grad():
+        sae = saes[1]
+        sae.W_dec -= (sae.W_dec @ u)[:, None] * u  # only the planted latent lies along the direction
+        sae.W_dec[PLANTED], sae.W_enc[:, PLANTED] = u, u
+        sae.b_enc[PLANTED], sae.threshold[PLANTED] = 0.0, 0.01
+    flip = Criterion("score", d.score_threshold)
+    cfg = CandidatesConfig(top_k=1, per_layer=True)
+    result = stage.run(model, saes, d, prompts, cfg, StageDir(tmp_path, "candidates"), -3.0, flip)
+    assert result.features[:2] == [(0, PLANTED), (1, PLANTED)]
+    kept = result.summary()["layer_kept_activation"]
+    assert kept["0"] == 1.0 and kept["1"] < 0.05, kept
+    text = "\n".join(found_sentences({"candidates": result.summary()}, {}, None))
+    assert "layer 0 1.00; layer 1 0.00;" in text and "silence the candidates of layers 1 and 2:" in text
+    # a no-op coefficient edits nothing: every layer keeps all of its activation
+    same = stage.run(model, saes, d, prompts, cfg, StageDir(tmp_path / "noop", "candidates"), 1.0, flip)
+    assert all(v == pytest.approx(1.0) for v in same.summary()["layer_kept_activation"].values())

@@ -22,6 +22,7 @@ from refusal_nnsight.artifacts import StageDir
 from refusal_nnsight.config import RedundancyConfig, SAEConfig
 from refusal_nnsight.data import Prompts, PromptSet
 from refusal_nnsight.engine import row_edits
+from refusal_nnsight.features import max_activations
 from refusal_nnsight.ground_truth import token_roles
 from refusal_nnsight.models import wrap_model
 from refusal_nnsight.saes import LoadedSAEs
@@ -226,7 +227,7 @@ def _plant_hydra(at: str | None):
             sae.W_enc[:, f] = -d_a / d_a.norm()
             sae.b_enc[f], sae.threshold[f] = 0.0, 0.0
         # calibrate: the largest clean pre-activation, so a bias just below it keeps B and C dormant
-        probe, _ = redundancy.scan(model, saes, batch, [], 8, layers=[0, 1])
+        probe, _ = max_activations(model, saes, batch, [], 8, layers=[0, 1])
         for layer, f in ((1, B), (0, C)):
             saes[layer].b_enc[f] = -float(probe[layer][:, f].max()) - 0.05
             saes[layer].threshold[f] = 0.01

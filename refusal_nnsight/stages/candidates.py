@@ -10,11 +10,16 @@ stages cannot find a minimal subset of a set that does not work.
 
 With `per_layer`, the same check per searched layer L: L's candidates alone, and C without L's
 (`layers.parquet`), so a layer whose candidates undo the others' shows as "without L flips more".
+It also says why one can: an edit scales each latent as its SAE reads it from the residual that
+the edits below have already changed, so ablating all of C can silence a layer's candidates
+before their own edit acts (`kept_activation`: their activation with all of C ablated, as a share
+of their clean activation).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -25,6 +30,7 @@ from ..config import CandidatesConfig
 from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import NonFiniteError
+from ..features import max_activations
 from ..judges import Judge
 from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs, decoder_cosines
@@ -82,7 +88,8 @@ class CandidatesResult:
     score_threshold: float  # its τ (used by criterion=score)
     layers: list[int]  # the SAE layers searched
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
-    # layer, n_features, n_refused, alone_flip_rate, without_flip_rate (search.candidates.per_layer)
+    # layer, n_features, n_refused, alone_flip_rate, without_flip_rate, kept_activation
+    # (search.candidates.per_layer)
     by_layer: pl.DataFrame | None = None
 
     @property
@@ -120,10 +127,12 @@ class CandidatesResult:
             # per searched layer (str keys): the flip rate with only its candidates ablated, and without them
             "layer_alone_flip_rate": self._by_layer("alone_flip_rate"),
             "layer_without_flip_rate": self._by_layer("without_flip_rate"),
+            # per searched layer: its candidates' activation with all of C ablated / clean
+            "layer_kept_activation": self._by_layer("kept_activation"),
         }
 
     def _by_layer(self, column: str) -> dict[str, float | None] | None:
-        if self.by_layer is None:
+        if self.by_layer is None or column not in self.by_layer.columns:  # saved before the column
             return None
         return {str(r["layer"]): r[column] for r in self.by_layer.to_dicts()}
 
@@ -178,6 +187,7 @@ def all_ablated_check(
 
 def by_layer_check(
     model: LoadedModel,
+    saes: LoadedSAEs,
     engine: AblationEngine,
     batch: Batch,
     instructions: list[str],
@@ -187,7 +197,8 @@ def by_layer_check(
     judge: Judge | None = None,
 ) -> pl.DataFrame:
     """Per layer L of the engine's features: the flip rate, over the `refused` prompts, with only
-    L's features ablated (alone) and with all features but L's (without)."""
+    L's features ablated (alone) and with all features but L's (without); and the share of their
+    clean activation L's features keep with all features ablated (kept_activation)."""
     layer_of = torch.tensor([layer for layer, _ in engine.pool])
     keep = torch.tensor(refused, dtype=torch.bool)
     # by ablated columns, each set passed once: with two layers, "without L" is the other alone
@@ -201,14 +212,47 @@ def by_layer_check(
             rate[key] = float(flipped[keep].float().mean()) if keep.any() else None
         return rate[key]
 
+    everything = engine.edits(torch.ones(len(batch), engine.size, dtype=torch.bool))
+    kept = kept_activation(model, saes, batch, engine.pool, everything, keep, batch_size)
     rows = []
     for layer in sorted(set(layer_of.tolist())):
         rows.append({"layer": layer, "n_features": int((layer_of == layer).sum()), "n_refused": int(keep.sum()),
                      "alone_flip_rate": flip_rate(layer_of == layer),
-                     "without_flip_rate": flip_rate(layer_of != layer)})  # fmt: skip
+                     "without_flip_rate": flip_rate(layer_of != layer),
+                     "kept_activation": kept[layer]})  # fmt: skip
     schema = {"layer": pl.Int64, "n_features": pl.Int64, "n_refused": pl.Int64,
-              "alone_flip_rate": pl.Float64, "without_flip_rate": pl.Float64}  # fmt: skip
+              "alone_flip_rate": pl.Float64, "without_flip_rate": pl.Float64,
+              "kept_activation": pl.Float64}  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
+
+
+def kept_activation(
+    model: LoadedModel,
+    saes: LoadedSAEs,
+    batch: Batch,
+    features: Sequence[Feature],
+    edits: Sequence,
+    keep: torch.Tensor,
+    batch_size: int,
+) -> dict[int, float | None]:
+    """layer → Σ over the `keep` prompts and the layer's `features` of each latent's largest
+    activation under `edits`, over the same sum on the clean run (None where that is 0).
+
+    Each layer is read before its own edit, as that edit reads it: 1 where nothing below is
+    edited, below 1 where the edits below silence the layer's features (an edit scales what is
+    there, so a silenced feature's edit changes little), above 1 where they raise them.
+    """
+    latents: dict[int, list[int]] = {}
+    for layer, f in features:
+        latents.setdefault(int(layer), []).append(int(f))
+    layers = sorted(latents)
+    clean, _ = max_activations(model, saes, batch, [], batch_size, layers, latents)
+    edited, _ = max_activations(model, saes, batch, edits, batch_size, layers, latents)
+    out: dict[int, float | None] = {}
+    for layer in layers:
+        base = float(clean[layer][keep].clamp(min=0).sum())
+        out[layer] = float(edited[layer][keep].clamp(min=0).sum()) / base if base > 0 else None
+    return out
 
 
 def run(
@@ -250,11 +294,13 @@ def run(
     elif not any_refused:
         why_not = notes["all_ablated_flip_rate"]
     else:
-        layered = by_layer_check(model, engine, batch, instructions, check["refused"].to_list(), cfg.batch_size,
-                                 criterion, judge)  # fmt: skip
+        layered = by_layer_check(model, saes, engine, batch, instructions, check["refused"].to_list(),
+                                 cfg.batch_size, criterion, judge)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
-        notes.update(layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not)
+        notes.update(
+            layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not, layer_kept_activation=why_not
+        )
     result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes,
                               layered)  # fmt: skip
     missed = check.filter(pl.col("refused") & ~pl.col("jailbroken"))

@@ -39,24 +39,20 @@ measured (nothing clamped, no awakened set) is None with its reason in `notes`, 
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-import nnsight
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from .. import interventions
 from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
-from ..backends import run_chunks
 from ..config import RedundancyConfig
 from ..data import Prompts
 from ..engine import Feature, row_edits
-from ..errors import NonFiniteError
+from ..features import max_activations
 from ..generation import generate
 from ..interventions import FeatureEdit
 from ..judges import Judge
@@ -146,62 +142,6 @@ def find_awakened(
     return found
 
 
-def scan(
-    model: LoadedModel,
-    saes: LoadedSAEs,
-    batch: Batch,
-    edits: Sequence,
-    batch_size: int,
-    layers: Sequence[int] | None = None,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Max over real positions [N, width] and value at <bos> [N, width] of every latent, per layer.
-    With saes.skip_first_token the first token is not read: left out of the max, NaN at <bos>.
-
-    Each layer's latents are encoded from its residual before that layer's own edits.
-    """
-    read = list(saes.layers if layers is None else layers)
-    edit_layers = {layer for e in edits for layer in e.layers}
-
-    def one(i0: int, i1: int) -> tuple[int, int, torch.Tensor]:
-        """The residuals [len(read), B, T, d] of the read layers, each before that layer's edits."""
-        chunk = batch.rows(i0, i1)
-        chunk_edits = interventions.rows(edits, i0, i1)
-        got = []
-        with torch.no_grad(), model.lm.trace(**chunk.model_inputs(model.device), logits_to_keep=1):
-            for layer in sorted(set(read) | edit_layers):
-                if layer in read:
-                    got.append(interventions.apply(model, [], chunk.attention_mask, capture=[layer])[layer])
-                here = [e for e in chunk_edits if isinstance(e, FeatureEdit) and layer in e.layers]
-                if here:
-                    interventions.apply(model, here, chunk.attention_mask)
-            resid = nnsight.save(torch.stack(got))  # one saved tensor; stays on the device locally
-        return i0, i1, resid
-
-    # The residuals come back and are encoded here with the full-width SAE, one layer at a time
-    # (its slice made once, for every chunk): a remote job ships only sliced SAEs, and all layers
-    # at once would copy every SAE (GBs).
-    chunks = [(batch.rows(i0, i1).attention_mask.to(resid.device), resid)
-              for i0, i1, resid in run_chunks(model, len(batch), batch_size, one)]  # fmt: skip
-    maxes: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
-    at_bos: dict[int, list[torch.Tensor]] = {layer: [] for layer in read}
-    for k, layer in enumerate(sorted(read)):
-        sae = saes.slice(layer).to(chunks[0][1].device if chunks else model.device, torch.float32)
-        for mask, resid in chunks:
-            f = sae.encode(resid[k].float())  # [B, T, width]
-            # the real positions; with saes.skip_first_token, not the first, which the SAE never saw
-            real = interventions.position_mask("all", mask, 0, mask.shape[1], saes.skip_first_token)
-            assert real is not None  # the prompt forward always has a mask
-            maxes[layer].append(f.masked_fill(~real[..., None], float("-inf")).amax(1).cpu())
-            bos = f[torch.arange(mask.shape[0], device=f.device), interventions.first_column(mask)].cpu()
-            at_bos[layer].append(torch.full_like(bos, math.nan) if saes.skip_first_token else bos)
-    out_max = {layer: torch.cat(v) for layer, v in maxes.items()}
-    out_bos = {layer: torch.cat(v) for layer, v in at_bos.items()}
-    for layer, t in out_max.items():
-        if not torch.isfinite(t).all():
-            raise NonFiniteError(f"non-finite SAE activations at layer {layer} in the redundancy scan")
-    return out_max, out_bos
-
-
 def run(
     model: LoadedModel,
     saes: LoadedSAEs,
@@ -263,11 +203,11 @@ def _find_h(
     """Every awakened latent (the awakened table), H per prompt at the strong (coefficient) and
     weak (cfg.weak_coefficient) ablation of M (its top_awake latents), and the weak test's control
     set per prompt (see `control_set`)."""
-    clean_max, _ = scan(model, saes, batch, [], cfg.batch_size, scanned)
+    clean_max, _ = max_activations(model, saes, batch, [], cfg.batch_size, scanned)
     rows: list[tuple] = []
     h_sets: dict[str, list[list[Feature]]] = {"control": []}
     for name, coeff in (("strong", coefficient), ("weak", cfg.weak_coefficient)):
-        abl_max, abl_bos = scan(
+        abl_max, abl_bos = max_activations(
             model, saes, batch, _ablate(model, saes, minimal, coeff), cfg.batch_size, scanned
         )
         h_sets[name] = []
