@@ -229,6 +229,12 @@ def test_found_sentences_follow_the_numbers():
     }  # fmt: skip
     text = "\n".join(found_sentences(summary, {}, _cards(None)))
     assert "jailbreaks 4 of 8 (0.5)" in text and "It is a fallback" in text
+    assert "silent on their clean prompt" not in text  # not counted (an older folder): no clause
+    woken = {**summary, "greedy": {**summary["greedy"], "woken_member_share": 0.25, "woken_member_n": 8}}
+    assert (
+        "2 of the 8 memberships are latents silent on their clean prompt, woken only by the other members' edits"
+        in "\n".join(found_sentences(woken, {}, _cards(None)))
+    )
     assert "Greedy dissected 4 prompts" in text and "jailbreak 27 of 30 (0.9) judged generations" in text
     assert "Random sets of the same sizes" in text and "jailbreak not measured" in text  # None is never 0
     assert "shape the score, not the decision" in text  # R² better, accuracy not

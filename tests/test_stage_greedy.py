@@ -209,9 +209,18 @@ def fake_generate_many(model, requests, max_new_tokens):
     return out
 
 
+def fake_count_woken(model, saes, records, batch_size):
+    """No activations behind the fake engine: every member counts as active on its clean prompt."""
+    todo = [i for i, r in records.items() if "skipped" not in r and "n_woken" not in r]
+    for i in todo:
+        records[i]["n_woken"] = 0
+    return todo
+
+
 def fake_setup(monkeypatch, prompts=(0, 1, 2)):
     monkeypatch.setattr(greedy, "AblationEngine", FakeEngine)
     monkeypatch.setattr(greedy, "generate_many", fake_generate_many)
+    monkeypatch.setattr(greedy, "count_woken", fake_count_woken)
     FakeEngine.score_shift = 0.0
     model = SimpleNamespace(
         tokenize=lambda instr: FakeBatch(f"p{instr[0][-1]}"), cfg=SimpleNamespace(max_new_tokens=8)
@@ -458,3 +467,45 @@ def test_top_feature_is_the_latent_in_the_most_minimal_sets():
     assert (tie["top_feature"], tie["top_feature_share"]) == ("L0/F9", 0.5)
     none = result([]).summary()
     assert none["top_feature"] is None and none["top_feature_share"] is None
+
+
+def test_count_woken_finds_the_member_only_the_others_wake(tmp_path):
+    """Planted truth: layer 0's latent reads the refusal component x·u (active on every refused
+    prompt); layer 1's latent reads −x·u, so it is silent on the clean prompt and wakes only once
+    layer 0's latent is steered at −3 (the component turns negative). A set of both holds one
+    woken member; a set of layer 0's alone holds none. Records already counted are left alone."""
+    from test_stage_candidates import PLANTED as P
+    from test_stage_candidates import planted_saes
+    from test_stage_direction import planted_prompts, planted_refusal_model
+
+    from refusal_nnsight.engine import row_edits
+    from refusal_nnsight.features import max_activations
+
+    model, u = planted_refusal_model()
+    u = u / u.norm()
+    saes = planted_saes(u)
+    woken = 5
+    with torch.no_grad():
+        sae = saes[1]
+        sae.W_enc[:, woken], sae.W_dec[woken] = -u, u
+        sae.b_enc[woken], sae.threshold[woken] = 0.0, 0.01
+    text = planted_prompts().eval_harmful.instructions[0]
+    batch = model.tokenize([text])
+    lat = {1: [woken]}
+    clean, _ = max_activations(model, saes, batch, [], 4, [1], lat)
+    steered, _ = max_activations(model, saes, batch, row_edits(saes, [{(0, P): -3.0}], "cpu"), 4, [1], lat)
+    assert float(clean[1][0, 0]) == 0.0 and float(steered[1][0, 0]) > 0.5  # the planted wake-up
+    records = {
+        0: {"instruction": text, "layers": [0, 1], "features": [P, woken], "size": 2},
+        1: {"instruction": text, "layers": [0], "features": [P], "size": 1},
+        2: {"skipped": "not flipped"},
+        3: {"instruction": text, "layers": [1], "features": [woken], "size": 1, "n_woken": 7},
+    }
+    assert greedy.count_woken(model, saes, records, 4) == [0, 1]
+    assert records[0]["n_woken"] == 1 and records[1]["n_woken"] == 0
+    assert "n_woken" not in records[2] and records[3]["n_woken"] == 7
+    sets = pl.DataFrame({"prompt_idx": [0, 1], "size": [2, 1], "n_woken": [1, 0]})
+    res = GreedyResult(sets, pl.DataFrame(), pl.DataFrame(), "first_token", 0.0, -3.0)
+    assert res.woken() == {"woken_member_share": pytest.approx(1 / 3), "woken_member_n": 3}
+    older = GreedyResult(sets.drop("n_woken"), pl.DataFrame(), pl.DataFrame(), "first_token", 0.0, -3.0)
+    assert older.woken() == {"woken_member_share": None, "woken_member_n": None}

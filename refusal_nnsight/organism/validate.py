@@ -43,6 +43,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     # the latent in the most minimal sets, and the fraction of dissected prompts whose set holds it
     "top_feature": ("harm", "greedy.top_feature"),
     "top_feature_share": ("harm", "greedy.top_feature_share"),
+    # minimal-set memberships whose latent is silent on its clean prompt, woken by the other members' edits
+    "woken_member_share": ("harm", "greedy.woken_member_share"),
     "minimal_jailbreak": ("harm", "evaluate.minimal_jailbreak_rate"),
     "minimal_zero_ablation_jailbreak": ("harm", "evaluate.minimal_zero_ablation_jailbreak_rate"),
     "random_same_size_jailbreak": ("harm", "evaluate.random_same_size_jailbreak_rate"),

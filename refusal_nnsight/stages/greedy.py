@@ -33,13 +33,14 @@ from ..config import GreedyConfig
 from ..data import Prompts
 from ..engine import AblationEngine, Feature
 from ..errors import UserError
+from ..features import max_activations
 from ..generation import generate_many
 from ..judges import Judge
 from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs
 from ..scoring import Criterion, judge_margin
 from .candidates import CandidatesResult
-from .greedy_result import JUDGED_SCHEMA, SETS_SCHEMA, TRAJECTORY_SCHEMA, GreedyResult  # noqa: F401
+from .greedy_result import ADDED_LATER, JUDGED_SCHEMA, SETS_SCHEMA, TRAJECTORY_SCHEMA, GreedyResult  # noqa: F401
 from .greedy_search import (  # noqa: F401  (re-exported: the search cores' public names)
     Request,
     ScoreFn,
@@ -253,7 +254,33 @@ def run(
         judge_variants(answer, records, pool)
         for idx in pending:
             write_json(out.part(f"prompt_{idx}.json"), records[idx])
+    for idx in count_woken(model, saes, records, cfg.batch_size):
+        write_json(out.part(f"prompt_{idx}.json"), records[idx])
     return _result(records, coefficient, criterion, cfg)
+
+
+def count_woken(model: LoadedModel, saes: LoadedSAEs, records: dict[int, dict], batch_size: int) -> list[int]:
+    """Sets each dissected record's n_woken: the members of M whose latent is silent on the clean
+    prompt (largest activation over its real positions 0, read as the edit at its layer would read
+    it). A silent latent's edit (c·0) changes nothing by itself, so a 1-minimal set holds one only
+    because the other members' edits wake it. Returns the records it set (those lacking it)."""
+    todo = [i for i, r in sorted(records.items()) if "skipped" not in r and "n_woken" not in r]
+    latents: dict[int, list[int]] = {}
+    for i in todo:
+        for layer, f in zip(records[i]["layers"], records[i]["features"], strict=True):
+            latents.setdefault(int(layer), []).append(int(f))
+    latents = {layer: sorted(set(fs)) for layer, fs in latents.items()}
+    clean: dict[int, torch.Tensor] = {}
+    if latents:
+        batch = model.tokenize([records[i]["instruction"] for i in todo])
+        clean, _ = max_activations(model, saes, batch, [], batch_size, sorted(latents), latents)
+    for row, i in enumerate(todo):
+        r = records[i]
+        r["n_woken"] = sum(
+            float(clean[layer][row, latents[layer].index(f)]) <= 0.0
+            for layer, f in zip(r["layers"], r["features"], strict=True)
+        )
+    return todo
 
 
 def _result(
@@ -264,7 +291,8 @@ def _result(
         if "skipped" in rec:
             log.warning("greedy: prompt %d skipped: %s", idx, rec["skipped"])
             continue
-        sets.append({"prompt_idx": idx, **{k: rec[k] for k in SETS_SCHEMA if k != "prompt_idx"}})
+        sets.append({"prompt_idx": idx, **{k: rec.get(k) if k in ADDED_LATER else rec[k]
+                                           for k in SETS_SCHEMA if k != "prompt_idx"}})  # fmt: skip
         traj += [{**t, "prompt_idx": idx} for t in rec["trajectory"]]
         judged += [{**j, "prompt_idx": idx} for j in rec.get("judged") or []]
     result = GreedyResult(

@@ -35,8 +35,13 @@ SETS_SCHEMA = pl.Schema(
         "smallest_source": pl.Utf8(),  # backward | forward
         "order": pl.Utf8(),
         "n_candidates": pl.Int64(),
+        # members of M silent on the clean prompt (largest activation over its positions 0): only
+        # the other members' edits wake them, so their own edit is a push the prompt never made
+        "n_woken": pl.Int64(),
     }
 )
+# SETS_SCHEMA columns that part files written before them lack (null there)
+ADDED_LATER = frozenset({"n_woken"})
 TRAJECTORY_SCHEMA = pl.Schema(
     {
         "prompt_idx": pl.Int64,
@@ -119,6 +124,7 @@ class GreedyResult:
             "median_smallest_set_size": float(median(small)) if small else None,
             "mean_smallest_set_size": float(mean(small)) if small else None,
             "n_smallest_below_one_minimal": sum(s < m for s, m in zip(small, sizes, strict=True)) if rows else None,
+            **self.woken(),
             # one latent in most sets is the trivial explanation to rule out: a latent that flips any
             # prompt (e.g. one steered along the refusal direction) explains them all alike
             **self.top_feature(),
@@ -129,6 +135,17 @@ class GreedyResult:
             "first_token_judge_agreement": self.agreement("first_token"),
             "agreement_n": self.judged.filter(pl.col("variant") != "clean").height if self.judged.height else None,
         }  # fmt: skip
+
+    def woken(self) -> dict:
+        """woken_member_share: of all minimal-set memberships, the share whose latent is silent on
+        its clean prompt and woken only by the other members' edits (None for a folder saved before
+        it was counted, or when nothing was dissected); woken_member_n: the memberships counted."""
+        if "n_woken" not in self.sets.columns:
+            return {"woken_member_share": None, "woken_member_n": None}
+        counted = self.sets.filter(pl.col("n_woken").is_not_null())
+        n = int(counted["size"].sum()) if counted.height else 0
+        share = int(counted["n_woken"].sum()) / n if n else None
+        return {"woken_member_share": share, "woken_member_n": n if counted.height else None}
 
     def top_feature(self) -> dict:
         """The latent in the most minimal sets (ties: the lowest layer, then latent) and the fraction
