@@ -284,7 +284,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             "([figure](#minimal-sets-per-prompt), `greedy/sets.parquet`)"
         )
     if cards is not None and cards.height and g.get("n_prompts"):
-        out += _typical(cards, g["n_prompts"], max(c.get("layers") or [-1]), g)
+        out += _typical(cards, g, max(c.get("layers") or [-1]))
     if c and not g.get("n_prompts"):
         out.append(
             "- **Nothing dissected.** Greedy needs prompts that ablating every candidate flips; none was, so "
@@ -414,9 +414,10 @@ def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
     return out + f": H removes {_fmt((m - m_h) / (m - clean))} of what M's ablation woke."
 
 
-def _typical(cards: pl.DataFrame, n_prompts: int, last: int, greedy: dict | None = None) -> list[str]:
+def _typical(cards: pl.DataFrame, greedy: dict, last: int) -> list[str]:
     """The most frequent minimal-set features, and the trivial explanations checked against them
-    (greedy: the greedy summary, for the members the other members' edits wake)."""
+    (greedy: the greedy summary: the dissected prompts, and the members the other members' edits wake)."""
+    n_prompts = greedy["n_prompts"]
     minimal = cards.filter(pl.col("n_minimal") > 0).sort(
         ["n_minimal", "layer", "feature"], descending=[True, False, False]
     )
@@ -441,7 +442,7 @@ def _typical(cards: pl.DataFrame, n_prompts: int, last: int, greedy: dict | None
         checks.append(f"{n_refusal} fire mainly on the refusal decision itself (role refusal)")
     harmless = minimal.filter(pl.col("fires_harmless") >= 0.5).height
     checks.append(f"{harmless} fire on at least half of the harmless prompts too")
-    share, n = (greedy or {}).get("woken_member_share"), (greedy or {}).get("woken_member_n")
+    share, n = greedy.get("woken_member_share"), greedy.get("woken_member_n")
     if share is not None and n:
         checks.append(
             f"{round(share * n)} of the {n} memberships are latents silent on their clean prompt, woken only by "

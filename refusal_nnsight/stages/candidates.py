@@ -28,7 +28,7 @@ import torch
 from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
 from ..config import CandidatesConfig
 from ..data import Prompts
-from ..engine import AblationEngine, Feature
+from ..engine import AblationEngine, Feature, latents_by_layer
 from ..errors import NonFiniteError
 from ..features import max_activations
 from ..judges import Judge
@@ -242,10 +242,8 @@ def kept_activation(
     edited, below 1 where the edits below silence the layer's features (an edit scales what is
     there, so a silenced feature's edit changes little), above 1 where they raise them.
     """
-    latents: dict[int, list[int]] = {}
-    for layer, f in features:
-        latents.setdefault(int(layer), []).append(int(f))
-    layers = sorted(latents)
+    latents = latents_by_layer(features)
+    layers = list(latents)
     clean, _ = max_activations(model, saes, batch, [], batch_size, layers, latents)
     edited, _ = max_activations(model, saes, batch, edits, batch_size, layers, latents)
     out: dict[int, float | None] = {}

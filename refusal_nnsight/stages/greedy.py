@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..artifacts import StageDir, read_json, write_json
 from ..config import GreedyConfig
 from ..data import Prompts
-from ..engine import AblationEngine, Feature
+from ..engine import AblationEngine, Feature, latents_by_layer
 from ..errors import UserError
 from ..features import max_activations
 from ..generation import generate_many
@@ -265,15 +265,15 @@ def count_woken(model: LoadedModel, saes: LoadedSAEs, records: dict[int, dict], 
     it). A silent latent's edit (c·0) changes nothing by itself, so a 1-minimal set holds one only
     because the other members' edits wake it. Returns the records it set (those lacking it)."""
     todo = [i for i, r in sorted(records.items()) if "skipped" not in r and "n_woken" not in r]
-    latents: dict[int, list[int]] = {}
-    for i in todo:
-        for layer, f in zip(records[i]["layers"], records[i]["features"], strict=True):
-            latents.setdefault(int(layer), []).append(int(f))
-    latents = {layer: sorted(set(fs)) for layer, fs in latents.items()}
+    latents = latents_by_layer(
+        (layer, f)
+        for i in todo
+        for layer, f in zip(records[i]["layers"], records[i]["features"], strict=True)
+    )
     clean: dict[int, torch.Tensor] = {}
     if latents:
         batch = model.tokenize([records[i]["instruction"] for i in todo])
-        clean, _ = max_activations(model, saes, batch, [], batch_size, sorted(latents), latents)
+        clean, _ = max_activations(model, saes, batch, [], batch_size, list(latents), latents)
     for row, i in enumerate(todo):
         r = records[i]
         r["n_woken"] = sum(
