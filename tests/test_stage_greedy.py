@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_nnsight.artifacts import StageDir
+from refusal_nnsight.artifacts import StageDir, write_parquet
 from refusal_nnsight.config import GreedyConfig
 from refusal_nnsight.judges import SubstringJudge
 from refusal_nnsight.scoring import Criterion
@@ -263,6 +263,13 @@ def test_run_dissects_eligible_prompts_resumes_and_round_trips(monkeypatch, tmp_
     loaded = GreedyResult.load(out)
     assert loaded.sets.equals(res.sets) and loaded.trajectory.equals(res.trajectory)
     assert loaded.judged.equals(res.judged) and loaded.summary() == s
+    assert "woken_member_share" not in loaded.notes  # counted: no reason needed
+    # a folder saved before greedy counted woken members: null, with the reason beside it
+    write_parquet(out.file("sets.parquet"), res.sets.drop("n_woken"))
+    older = GreedyResult.load(out)
+    assert older.summary()["woken_member_share"] is None
+    assert "saved before woken members were counted" in older.notes["woken_member_share"]
+    res.save(out)
     FakeEngine.calls = 0
     again = run_fake(model, candidates, ps, cfg, out)
     assert FakeEngine.calls == 0  # every prompt (search and judged variants) came from its part file

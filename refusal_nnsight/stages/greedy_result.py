@@ -168,12 +168,18 @@ class GreedyResult:
     @classmethod
     def load(cls, out: StageDir) -> GreedyResult:
         meta = read_json(out.file("greedy.json"))
+        sets = read_parquet(out.file("sets.parquet"))
+        notes = dict(meta["notes"])
+        if sets.height and "n_woken" not in sets.columns:  # saved before the count existed
+            why = "this greedy folder was saved before woken members were counted; rerun greedy to count them"
+            notes.setdefault("woken_member_share", why)
+            notes.setdefault("woken_member_n", why)
         return cls(
-            read_parquet(out.file("sets.parquet")),
+            sets,
             read_parquet(out.file("trajectory.parquet")),
             read_parquet(out.file("judged.parquet")),
             str(meta["criterion"]),
             float(meta["score_threshold"]),
             float(meta["coefficient"]),
-            dict(meta["notes"]),
+            notes,
         )
