@@ -104,6 +104,17 @@ def mean_of(column: pl.Series) -> float:
     return float(cast(float, value))
 
 
+def saved_before(notes: dict[str, str], frame: pl.DataFrame | None, column: str, keys: tuple[str, ...],
+                 stage: str, what: str) -> dict[str, str]:  # fmt: skip
+    """`notes` with the reason each of `keys` is null when `frame` (a stage table read back from a
+    folder) holds rows but not `column`, which a later version added: the folder predates it."""
+    if frame is not None and frame.height and column not in frame.columns:
+        why = f"this {stage} folder was saved before {what}; rerun {stage} to measure it"
+        for key in keys:
+            notes.setdefault(key, why)
+    return notes
+
+
 def read_parquet(path: Path):
     import polars as pl
 

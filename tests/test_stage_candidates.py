@@ -12,7 +12,7 @@ import torch
 from test_stage_direction import load_small_organism, planted_prompts, planted_refusal_model
 from tiny import random_jumprelu_sae
 
-from refusal_nnsight.artifacts import StageDir
+from refusal_nnsight.artifacts import StageDir, write_parquet
 from refusal_nnsight.config import CandidatesConfig, DirectionConfig, SAEConfig
 from refusal_nnsight.errors import UserError
 from refusal_nnsight.report import found_sentences
@@ -203,6 +203,12 @@ def test_per_layer_check_finds_the_layer_that_carries_refusal(planted_stage1, tm
     assert only_12.summary()["all_ablated_flip_rate"] == s["layer_without_flip_rate"]["0"]
     back = CandidatesResult.load(out)
     assert back.by_layer is not None and back.by_layer.equals(result.by_layer) and back.summary() == s
+    assert "layer_kept_activation" not in back.notes  # measured: no reason needed
+    # a folder saved before the kept activation existed: null, with the reason beside it
+    write_parquet(out.file("layers.parquet"), result.by_layer.drop("kept_activation"))
+    older = CandidatesResult.load(out)
+    assert older.summary()["layer_kept_activation"] is None
+    assert "saved before the kept activation was measured" in older.notes["layer_kept_activation"]
     text = "\n".join(found_sentences({"candidates": s}, {}, None))
     assert "layer 0 4 of 4 (1) alone, 0 of 4 (0) without it" in text
     # off (the default), or one layer searched: not measured, with the reason

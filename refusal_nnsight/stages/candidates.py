@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import torch
 
-from ..artifacts import StageDir, read_json, read_parquet, write_json, write_parquet
+from ..artifacts import StageDir, read_json, read_parquet, saved_before, write_json, write_parquet
 from ..config import CandidatesConfig
 from ..data import Prompts
 from ..engine import AblationEngine, Feature, latents_by_layer
@@ -148,6 +148,9 @@ class CandidatesResult:
     @classmethod
     def load(cls, out: StageDir) -> CandidatesResult:
         info = read_json(out.file("candidates.json"))
+        layered = read_parquet(out.file("layers.parquet")) if out.file("layers.parquet").exists() else None
+        notes = saved_before(dict(info["notes"]), layered, "kept_activation", ("layer_kept_activation",),
+                             "candidates", "the kept activation was measured")  # fmt: skip
         return cls(
             read_parquet(out.file("candidates.parquet")),
             read_parquet(out.file("prompts.parquet")),
@@ -155,8 +158,8 @@ class CandidatesResult:
             str(info["criterion"]),
             float(info["score_threshold"]),
             [int(layer) for layer in info["layers"]],
-            dict(info["notes"]),
-            read_parquet(out.file("layers.parquet")) if out.file("layers.parquet").exists() else None,
+            notes,
+            layered,
         )
 
 

@@ -9,7 +9,7 @@ from statistics import mean, median
 
 import polars as pl
 
-from ..artifacts import StageDir, mean_of, read_json, read_parquet, write_json, write_parquet
+from ..artifacts import StageDir, mean_of, read_json, read_parquet, saved_before, write_json, write_parquet
 from ..engine import Feature
 
 SETS_SCHEMA = pl.Schema(
@@ -169,11 +169,8 @@ class GreedyResult:
     def load(cls, out: StageDir) -> GreedyResult:
         meta = read_json(out.file("greedy.json"))
         sets = read_parquet(out.file("sets.parquet"))
-        notes = dict(meta["notes"])
-        if sets.height and "n_woken" not in sets.columns:  # saved before the count existed
-            why = "this greedy folder was saved before woken members were counted; rerun greedy to count them"
-            notes.setdefault("woken_member_share", why)
-            notes.setdefault("woken_member_n", why)
+        notes = saved_before(dict(meta["notes"]), sets, "n_woken", ("woken_member_share", "woken_member_n"),
+                             "greedy", "woken members were counted")  # fmt: skip
         return cls(
             sets,
             read_parquet(out.file("trajectory.parquet")),
