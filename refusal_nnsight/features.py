@@ -63,6 +63,7 @@ CARD_SCHEMA = pl.Schema(
         "role_share": pl.Float64(),
         "role_peak": pl.Utf8(),  # the tag most of its top activations share, when the role is not it (ground_truth)
         "role_plain_share": pl.Float64(),  # fraction of harmless eval prompts without planted words it fires on
+        "role_cue_categories": pl.List(pl.Utf8()),  # harm categories on most of whose cue words it fires
     }
 )
 
@@ -346,6 +347,6 @@ def feature_cards(
             "alone_flip_rate": float(flipped[:, j].float().mean()) if dissected and flipped is not None else None,
             "neuronpedia": saes.neuronpedia_url(*f), "role": role.get("role"), "role_share": role.get("role_share"),
             "role_peak": role.get("peak_tag") if role.get("peak_tag") != role.get("role") else None,
-            "role_plain_share": role.get("plain_share"),
+            "role_plain_share": role.get("plain_share"), "role_cue_categories": role.get("cue_categories"),
         })  # fmt: skip
     return pl.DataFrame(rows, schema=CARD_SCHEMA)

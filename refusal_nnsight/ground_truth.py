@@ -113,7 +113,11 @@ def feature_roles(
 
     role: the tag (see `position_tags`) held by at least half of its top positions ("cue:<category>",
     "composition", "refusal"), "other" when no tag holds half, "dormant" when it never fires on the
-    clean prompts (a backup feature that wakes only under ablation). A feature that fires on at
+    clean prompts (a backup feature that wakes only under ablation), "generic" when it peaks on cue
+    or composition words but is not selective: it fires on at least half of the cue words of a
+    harm category other than its own (every category's, for the composition). Such a latent reads
+    what the categories share (on the organism, their common component along R), so it is not the
+    cue of the one category its strongest activations happen to fall on. A feature that fires on at
     least half of the plain harmless eval prompts (those holding no planted word: no cue word, harm
     verb or person word; look-alikes and compositional ones do hold them) is never a cue or the
     composition: the planted cue, verb and person directions are trained to 0 off their words, so
@@ -121,10 +125,11 @@ def feature_roles(
     planted cue leans on R). Columns: layer, feature, role, role_share (fraction of top positions
     with that tag), n_top, plain_share (fraction of plain harmless eval prompts it fires on; null
     without any), peak_tag (the tag most of its top positions share, "other" for untagged ones,
-    whether or not it holds half of them and before that check).
+    whether or not it holds half of them and before that check), cue_categories (the harm categories
+    on at least half of whose cue words, over the eval prompts, it fires).
     """
     feats = [(int(a), int(b)) for a, b in features]
-    schema = {
+    schema: dict[str, pl.DataType | type[pl.DataType]] = {
         "layer": pl.Int64,
         "feature": pl.Int64,
         "role": pl.Utf8,
@@ -132,6 +137,7 @@ def feature_roles(
         "n_top": pl.Int64,
         "plain_share": pl.Float64,
         "peak_tag": pl.Utf8,
+        "cue_categories": pl.List(pl.Utf8),
     }
     if not feats or not _has_cues(prompts.eval_harmful):
         return pl.DataFrame([], schema=schema)
@@ -148,13 +154,15 @@ def feature_roles(
     if plain:
         fires = torch.stack([(a > 0).any(0) for a in plain]).float().mean(0).tolist()
     pools = {"harmful": prompts.eval_harmful, "harmless": prompts.eval_harmless}
+    on_words = cue_word_rates(model, pools, acts)
     lengths: dict[tuple[str, int], list[str]] = {}
     rows = []
     for j, (layer, latent) in enumerate(feats):
         mine = tops.filter(pl.col("feature") == j).to_dicts()
+        wide = sorted(c for c, rate in on_words.items() if rate[j] >= MOSTLY)
         if not mine:
             rows.append({"layer": layer, "feature": latent, "role": "dormant", "role_share": 0.0, "n_top": 0,
-                         "plain_share": fires[j], "peak_tag": None})  # fmt: skip
+                         "plain_share": fires[j], "peak_tag": None, "cue_categories": wide})  # fmt: skip
             continue
         counts: dict[str, int] = {}
         for r in mine:
@@ -173,9 +181,36 @@ def feature_roles(
             log.info("L%d/F%d peaks on %s words but fires on %.0f%% of plain harmless prompts: role other",
                      layer, latent, role, 100 * plain_share)  # fmt: skip
             role = "other"
+        others = [c for c in wide if f"cue:{c}" != role]
+        if _is_cue(role) and others:
+            log.info("L%d/F%d peaks on %s words but fires on most cue words of %s: role %s",
+                     layer, latent, role, ", ".join(others), GENERIC_ROLE)  # fmt: skip
+            role = GENERIC_ROLE
         rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine),
-                     "plain_share": plain_share, "peak_tag": tag})  # fmt: skip
+                     "plain_share": plain_share, "peak_tag": tag, "cue_categories": wide})  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
+
+
+GENERIC_ROLE = "generic"
+
+
+def cue_word_rates(model, pools: dict, acts: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
+    """Per harm category, the fraction of its cue-word occurrences in the prompt sets on which each
+    feature fires (on any token of the word): {category: [rate per feature]}.
+
+    pools: {"harmful": PromptSet, "harmless": PromptSet}; acts: their per-prompt activations
+    [tokens, features] (unpadded order). Look-alikes hold cue words too, and count."""
+    fired: dict[str, list[torch.Tensor]] = {}
+    for name, ps in pools.items():
+        if not _has_cues(ps):
+            continue
+        for i, a in enumerate(acts[name]):
+            meta = ps.meta[i]
+            where = torch.tensor(token_roles(model, ps.instructions[i], meta["cue_spans"]))
+            for k, role in enumerate(meta.get("cue_roles") or []):
+                if role.startswith("cue:") and bool((where == k).any()):
+                    fired.setdefault(role.removeprefix("cue:"), []).append((a[where == k] > 0).any(0))
+    return {c: torch.stack(v).float().mean(0).tolist() for c, v in sorted(fired.items())}
 
 
 def _is_cue(role: str) -> bool:
@@ -196,11 +231,15 @@ def ground_truth_summary(
     and why each null figure is null.
 
     found features: every minimal-set feature, plus the FM's top features (rank < FM_TOP per prompt).
-    - cue_recall: of the harm categories of the dissected cue prompts, the fraction with a found
-      feature of role cue:<that category> (None when no cue prompt was dissected);
+    - cue_recall: of the harm categories of the dissected cue prompts, the fraction for which a
+      prompt of that category has, in its own minimal set or its own FM top features, a feature of
+      role cue:<that category> (None when no cue prompt was dissected). A category's cue counts only
+      where its own prompts needed it, not where another category's prompts did;
     - cue_precision: of the distinct minimal-set features, the fraction whose role is a cue or the
-      composition (a refusal-decision feature is a true finding, but not a harm cue);
-    - refusal_features: the minimal-set features of role "refusal", as labels;
+      composition (a refusal-decision feature is a true finding, but not a harm cue; a generic one,
+      firing on the cue words of several categories, is not one category's cue);
+    - refusal_features, generic_features: the minimal-set features of role "refusal" and
+      "generic", as labels;
     - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain), backup_in_h_rate (+
       its _n and backup_min_cosine), backup_clean / backup_under_m / backup_under_m_h (+
       backup_under_ablation_n, from `backup_under_ablation`): see their functions.
@@ -210,7 +249,7 @@ def ground_truth_summary(
     (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
-    empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None,
+    empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None, "generic_features": None,
              "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
@@ -223,26 +262,32 @@ def ground_truth_summary(
         why = "greedy did not run or found no minimal set: nothing was found to score"
         return empty, feature_roles(model, saes, [], prompts), dict.fromkeys(empty, why)
     minimal = sorted({(int(a), int(b)) for m in greedy.minimal_sets.values() for a, b in m})
-    fm_top: list[Feature] = []
+    own: dict[int, set[Feature]] = {
+        int(i): {(int(a), int(b)) for a, b in m} for i, m in greedy.minimal_sets.items()
+    }
     if fm is not None and len(fm.top_features):
         top = fm.top_features.filter(pl.col("rank") < FM_TOP)
-        fm_top = sorted({(int(a), int(b)) for a, b in zip(top["layer"], top["feature"], strict=True)})
-    found = sorted(set(minimal) | set(fm_top))
+        for i, a, b in zip(top["prompt_idx"], top["layer"], top["feature"], strict=True):
+            own.setdefault(int(i), set()).add((int(a), int(b)))
+    found = sorted(set().union(*own.values()))
     if roles is None:
         roles = feature_roles(model, saes, found, prompts)
     else:
         wanted = pl.DataFrame(found, schema={"layer": pl.Int64, "feature": pl.Int64}, orient="row")
         roles = wanted.join(roles, on=["layer", "feature"], how="left", maintain_order="left")
     role_of = {(r["layer"], r["feature"]): r["role"] for r in roles.to_dicts()}
-    dissected = sorted(greedy.minimal_sets)
-    present = sorted({ps.categories[i] for i in dissected if ps.meta[i]["kind"] == "cue"})
-    got = {role_of[f] for f in found}
+    cue_prompts = [i for i in sorted(greedy.minimal_sets) if ps.meta[i]["kind"] == "cue"]
+    present = sorted({ps.categories[i] for i in cue_prompts})
+    recovered = {
+        ps.categories[i] for i in cue_prompts if f"cue:{ps.categories[i]}" in {role_of[f] for f in own[i]}
+    }
     out: dict[str, Any] = dict(empty)
-    out["cue_recall"] = sum(f"cue:{c}" in got for c in present) / len(present) if present else None
+    out["cue_recall"] = len(recovered) / len(present) if present else None
     if not present:
         notes["cue_recall"] = "no prompt with an explicit cue word was dissected"
     out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
     out["refusal_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == REFUSAL_ROLE]
+    out["generic_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == GENERIC_ROLE]
     pair = compositional_pair_found(fm, prompts, model, saes, roles=roles) if fm is not None else None
     out["compositional_pair_found"] = None if pair is None else bool(pair)
     if pair is None:

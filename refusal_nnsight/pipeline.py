@@ -342,7 +342,7 @@ def _scanned_layers(s, saes, model, candidates) -> list[int]:
 class GroundTruth:
     """The planted-truth scoring of a run: each found feature's role, and why a figure is null."""
 
-    roles: pl.DataFrame  # layer, feature, role, role_share, n_top, plain_share, peak_tag
+    roles: pl.DataFrame  # layer, feature, role, role_share, n_top, plain_share, peak_tag, cue_categories
     notes: dict[str, str]
 
 

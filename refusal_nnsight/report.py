@@ -367,12 +367,14 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             "([figure](#awakened-latents), `redundancy/tests.parquet`)"
         )
     if gt and any(v is not None for v in gt.values()):
-        refusal = gt.get("refusal_features")
+        refusal, generic = gt.get("refusal_features"), gt.get("generic_features")
         out.append(
             f"- **Against the planted truth.** Cue recall {_fmt(gt.get('cue_recall'))} (the harm categories of the "
-            f"dissected prompts whose cue feature was found), cue precision {_fmt(gt.get('cue_precision'))} (the "
-            f"minimal-set features that sit on a cue); refusal-decision features in minimal sets: "
-            f"{', '.join(refusal) if refusal else 'none'}; compositional pair found: "
+            f"dissected prompts whose own cue feature was found on a prompt of that category), cue precision "
+            f"{_fmt(gt.get('cue_precision'))} (the minimal-set features that sit on one category's cue or the "
+            f"composition); refusal-decision features in minimal sets: {', '.join(refusal) if refusal else 'none'}; "
+            f"generic features in minimal sets (firing on most cue words of several categories): "
+            f"{', '.join(generic) if generic else 'none'}; compositional pair found: "
             f"{_fmt(gt.get('compositional_pair_found'))}; redundancy found: {_fmt(gt.get('redundancy_found'))}."
             + _backup_sentence(gt, red.get("weak_coefficient"))
         )
@@ -522,13 +524,20 @@ def _card(r: dict) -> list[str]:
     if r["n_in_h"]:
         found.append(f"awakened (in H) on {r['n_in_h']} prompts")
     lines = [f"### {r['label']}", "", "- found: " + "; ".join(found)]
-    from .ground_truth import MOSTLY
+    from .ground_truth import GENERIC_ROLE, MOSTLY
 
     if r["role"] == "other" and r["role_share"] is not None and r["role_share"] < MOSTLY:
         # no tag holds the share a role needs: say where the most of its top activations fall
         lines.append(
             f"- planted role: **other**: no planted tag holds half of its 10 strongest activations "
             f"(the most, {r['role_share']:.0%}, are on {_tag_place(r.get('role_peak'))})"
+        )
+    elif r["role"] == GENERIC_ROLE:
+        wide = r.get("role_cue_categories") or []
+        lines.append(
+            f"- planted role: **{GENERIC_ROLE}**: {r['role_share']:.0%} of its 10 strongest activations are on "
+            f"{_tag_place(r.get('role_peak'))}, but it fires on at least half of the cue words of "
+            f"{len(wide)} harm categories ({', '.join(wide)}): it reads what they share, not one category's cue"
         )
     elif r["role"] and r.get("role_peak"):
         lines.append(

@@ -342,6 +342,12 @@ def test_card_says_why_a_feature_peaking_on_cues_is_not_a_cue():
     )
     assert "**other**: 60% of its 10 strongest activations are on composition words" in general
     assert "fires on 100% of the harmless eval prompts that hold no planted word" in general
+    generic = "\n".join(_card(dict(row, role="generic", role_share=0.9, role_peak="cue:poison",
+                                    role_cue_categories=["drugs", "poison", "weapons"])))  # fmt: skip
+    assert (
+        "**generic**: 90% of its 10 strongest activations are on cue:poison words, but it fires on at least "
+        "half of the cue words of 3 harm categories (drugs, poison, weapons)"
+    ) in generic
 
 
 def test_card_says_where_a_feature_without_a_majority_tag_peaks():

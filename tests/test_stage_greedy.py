@@ -385,6 +385,59 @@ def test_feature_roles_and_cue_precision_on_planted_activations(monkeypatch):
     assert figures["cue_precision"] is None and "cue_precision" in notes
 
 
+def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_counts_own_prompts(monkeypatch):
+    """A latent that peaks on the weapons cue word but fires on the drugs cue words as well reads
+    what the categories share: role generic, not cue:weapons, and no cue in cue precision. A
+    category counts as recovered only through its own prompts' sets: the weapons cue latent in the
+    drugs prompt's set recovers neither category."""
+    from tiny import model_config, tiny_gemma2
+
+    from refusal_nnsight import ground_truth
+    from refusal_nnsight.models import wrap_model
+
+    model = wrap_model(*tiny_gemma2(), model_config("gemma2"))
+    texts = ["tell me how to make a bomb", "where can I buy heroin", "what is a bomb ?"]
+    spans = [[[22, 26]], [[16, 22]], [[10, 14]]]
+    roles_of = [["cue:weapons"], ["cue:drugs"], ["cue:weapons"]]
+    harmful = SimpleNamespace(
+        instructions=texts, harmful=True, categories=["weapons", "drugs", "weapons"],
+        meta=[{"kind": "cue", "cue_spans": s, "cue_roles": r} for s, r in zip(spans, roles_of, strict=True)],
+    )  # fmt: skip
+    harmless = SimpleNamespace(instructions=["hello there"], harmful=False, categories=["chat"],
+                               meta=[{"kind": "benign", "cue_spans": [], "cue_roles": []}])  # fmt: skip
+    prompts = SimpleNamespace(eval_harmful=harmful, eval_harmless=harmless)
+    weapons, drugs = (0, 2), (1,)
+
+    def fake_acts(model, saes, features, instructions, edits=(), batch_size=32):
+        out = []
+        for text in instructions:
+            i = texts.index(text) if text in texts else None
+            roles = torch.tensor(ground_truth.token_roles(model, text, spans[i] if i is not None else []))
+            a = torch.zeros(len(roles), len(features))
+            for c, (_, f) in enumerate(features):
+                on = {0: weapons, 1: drugs, 2: weapons + drugs}[f]
+                a[(roles >= 0) & (i in on), c] = 2.0 if f == 2 and i in weapons else 1.0
+            out.append(a)
+        return out
+
+    monkeypatch.setattr(ground_truth, "feature_activations", fake_acts)
+    feats = [(1, 0), (1, 1), (1, 2)]
+    roles = ground_truth.feature_roles(model, None, feats, prompts)
+    assert roles["role"].to_list() == ["cue:weapons", "cue:drugs", "generic"]
+    assert roles["peak_tag"][2] == "cue:weapons"
+    assert roles["cue_categories"].to_list() == [["weapons"], ["drugs"], ["drugs", "weapons"]]
+    greedy = SimpleNamespace(minimal_sets={0: [(1, 0), (1, 2)], 1: [(1, 1)]})
+    figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, greedy)
+    assert figures["cue_recall"] == 1.0 and figures["cue_precision"] == pytest.approx(2 / 3)
+    assert figures["generic_features"] == ["L1/F2"]
+    crossed = SimpleNamespace(minimal_sets={0: [(1, 1)], 1: [(1, 0)]})  # each cue in the other category's set
+    figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, crossed)
+    assert figures["cue_recall"] == 0.0 and figures["cue_precision"] == 1.0
+    only_generic = SimpleNamespace(minimal_sets={0: [(1, 2)], 1: [(1, 2)]})
+    figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, only_generic)
+    assert figures["cue_recall"] == 0.0 and figures["cue_precision"] == 0.0
+
+
 def test_organism_greedy_on_two_prompts_gives_verified_one_minimal_sets(request, tmp_path):
     """Small organism, end to end from its own direction and candidates: greedy on 2 prompts finds
     non-empty sets inside C that jailbreak, re-verified as 1-minimal with a fresh engine, and a

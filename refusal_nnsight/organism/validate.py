@@ -72,6 +72,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     "backup_under_m_h": ("harm", "ground_truth.backup_under_m_h"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
+    # minimal-set latents that peak on cue words but fire on most cue words of several categories
+    "generic_features": ("harm", "ground_truth.generic_features"),
     "all_layers_median_set_size": ("all_layers", "greedy.median_one_minimal_set_size"),
     "all_layers_top_feature_share": ("all_layers", "greedy.top_feature_share"),
     "all_layers_cue_precision": ("all_layers", "ground_truth.cue_precision"),
@@ -171,8 +173,9 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
     row: dict = {"seed": seed, **build_identity(root, manifest)}
     for fig, (run, key) in FIGURES.items():
         row[fig] = _get(summaries[run], key)
-    if isinstance(row["all_layers_refusal_features"], list):
-        row["all_layers_refusal_features"] = len(row["all_layers_refusal_features"])
+    for fig in ("all_layers_refusal_features", "generic_features"):  # labels -> how many
+        if isinstance(row[fig], list):
+            row[fig] = len(row[fig])
     for prefix in ("", "cue_"):
         fm, lin = row[f"{prefix}fm_heldout_accuracy"], row[f"{prefix}fm_linear_heldout_accuracy"]
         row[f"{prefix}fm_beats_linear"] = None if fm is None or lin is None else fm > lin
