@@ -158,18 +158,24 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
         ]  # fmt: skip
     )
     monkeypatch.setattr(ground_truth, "top_positions", lambda *a, **k: frame)
-    worded = torch.zeros(n, 6)
-    worded[:, [0, 4]] = 1.0  # harmless prompts with planted words (look-alikes ...): the cue fires too
-    plain = torch.zeros(n, 6)
-    plain[:, 4] = 1.0  # feature 4 fires on every harmless prompt
-    harmless = [worded if m.get("cue_spans") else plain for m in prompts.eval_harmless.meta]
-    acts = {"harmful": [torch.zeros(n, 6)] * len(ps.instructions), "harmless": harmless}
+
+    def fake_acts(text: str, meta: dict, harmful: bool) -> torch.Tensor:
+        a = torch.zeros(len(model.tokenize([text]).input_ids[0]), 6)
+        a[:, 4] = 0.0 if harmful else 1.0  # feature 4 fires on every harmless prompt
+        if "cue:weapons" in meta.get("cue_roles", []):
+            a[:, 0] = 1.0  # feature 0 on every prompt with a weapons word, look-alikes included
+        return a
+
+    acts = {name: [fake_acts(t, m, name == "harmful") for t, m in zip(p.instructions, p.meta, strict=True)]
+            for name, p in (("harmful", ps), ("harmless", prompts.eval_harmless))}  # fmt: skip
     roles = ground_truth.feature_roles(
         model, saes, [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6)], prompts, acts=acts
     )
     # feature 4 peaks on the weapons cue word too, but fires on the harmless prompts without planted
-    # words as well: not a cue; feature 0 fires on look-alike cue words only and stays one
+    # words as well: not a cue; feature 0 fires on weapons words only (look-alikes too) and stays one
     assert roles["role"].to_list() == ["cue:weapons", "refusal", "other", "dormant", "other", "other"]
+    # feature 4 fires on every harmless look-alike's cue word, of every category that has one
+    assert roles["cue_categories"][0].to_list() == ["weapons"] and len(roles["cue_categories"][4]) >= 2
     assert roles["peak_tag"][4] == "cue:weapons" and roles["plain_share"].to_list() == [0, 0, 0, 0, 1, 0]
     # feature 5: no tag holds half (4 cue, 3 refusal, 3 untagged): other, but peak_tag and role_share
     # still name the most common tag, so the card can say where it peaks
