@@ -332,43 +332,58 @@ def test_no_eligible_prompt_gives_nulls_with_reasons(monkeypatch, tmp_path):
     assert res.notes["jailbreak_rate"] and res.notes["criterion_judge_agreement"]
 
 
-def test_feature_roles_and_cue_precision_on_planted_activations(monkeypatch):
-    """Feature A peaks on the cue word, B on the eoi tokens, C on <start_of_turn>: roles
-    cue:weapons, refusal, other; cue precision counts only A (a refusal feature is not a cue)."""
+def _planted_prompts(monkeypatch, texts, spans, roles_of, categories, act):
+    """A tiny Gemma-2, eval prompts with planted cue metadata (all harmful ones of kind "cue", one
+    plain harmless prompt), and feature_activations faked by act(feature, prompt index or None,
+    token_roles tensor) -> activations [tokens]."""
     from tiny import model_config, tiny_gemma2
 
     from refusal_nnsight import ground_truth
     from refusal_nnsight.models import wrap_model
 
     model = wrap_model(*tiny_gemma2(), model_config("gemma2"))
-    texts = ["tell me how to make a bomb", "what is a bomb ?", "please explain how to kill a person"]
-    spans = [[[22, 26]], [[10, 14]], [[23, 27], [30, 36]]]
-    roles_of = [["cue:weapons"], ["cue:weapons"], ["composition", "composition"]]
     harmful = SimpleNamespace(
-        instructions=texts, harmful=True, categories=["weapons", "weapons", "violence"],
+        instructions=texts, harmful=True, categories=categories,
         meta=[{"kind": "cue", "cue_spans": s, "cue_roles": r} for s, r in zip(spans, roles_of, strict=True)],
     )  # fmt: skip
     harmless = SimpleNamespace(instructions=["hello there"], harmful=False, categories=["chat"],
                                meta=[{"kind": "benign", "cue_spans": [], "cue_roles": []}])  # fmt: skip
-    prompts = SimpleNamespace(eval_harmful=harmful, eval_harmless=harmless)
 
     def fake_acts(model, saes, features, instructions, edits=(), batch_size=32):
         out = []
         for text in instructions:
             i = texts.index(text) if text in texts else None
             roles = torch.tensor(ground_truth.token_roles(model, text, spans[i] if i is not None else []))
-            a = torch.zeros(len(roles), len(features))
-            for c, (_, f) in enumerate(features):
-                where = {
-                    0: (roles >= 0) & (i in (0, 1)),  # the weapons cue word only
-                    1: torch.arange(len(roles)) >= len(roles) - 5,
-                    2: torch.arange(len(roles)) == 1,
-                }[f]
-                a[where, c] = 1.0 + 0.1 * torch.arange(int(where.sum()))
-            out.append(a)
+            out.append(torch.stack([act(f, i, roles) for _, f in features], dim=1))
         return out
 
     monkeypatch.setattr(ground_truth, "feature_activations", fake_acts)
+    return model, SimpleNamespace(eval_harmful=harmful, eval_harmless=harmless)
+
+
+def test_feature_roles_and_cue_precision_on_planted_activations(monkeypatch):
+    """Feature A peaks on the cue word, B on the eoi tokens, C on <start_of_turn>: roles
+    cue:weapons, refusal, other; cue precision counts only A (a refusal feature is not a cue)."""
+    from refusal_nnsight import ground_truth
+
+    texts = ["tell me how to make a bomb", "what is a bomb ?", "please explain how to kill a person"]
+    spans = [[[22, 26]], [[10, 14]], [[23, 27], [30, 36]]]
+
+    def act(f, i, roles):
+        where = {
+            0: (roles >= 0) & (i in (0, 1)),  # the weapons cue word only
+            1: torch.arange(len(roles)) >= len(roles) - 5,
+            2: torch.arange(len(roles)) == 1,
+        }[f]
+        a = torch.zeros(len(roles))
+        a[where] = 1.0 + 0.1 * torch.arange(int(where.sum()))
+        return a
+
+    model, prompts = _planted_prompts(
+        monkeypatch, texts, spans, [["cue:weapons"], ["cue:weapons"], ["composition", "composition"]],
+        ["weapons", "weapons", "violence"], act,
+    )  # fmt: skip
+    harmless = prompts.eval_harmless
     feats = [(1, 0), (1, 1), (1, 2)]
     roles = ground_truth.feature_roles(model, None, feats, prompts)
     assert roles["role"].to_list() == ["cue:weapons", "refusal", "other"]
@@ -390,37 +405,21 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
     what the categories share: role generic, not cue:weapons, and no cue in cue precision. A
     category counts as recovered only through its own prompts' sets: the weapons cue latent in the
     drugs prompt's set recovers neither category."""
-    from tiny import model_config, tiny_gemma2
-
     from refusal_nnsight import ground_truth
-    from refusal_nnsight.models import wrap_model
 
-    model = wrap_model(*tiny_gemma2(), model_config("gemma2"))
-    texts = ["tell me how to make a bomb", "where can I buy heroin", "what is a bomb ?"]
-    spans = [[[22, 26]], [[16, 22]], [[10, 14]]]
-    roles_of = [["cue:weapons"], ["cue:drugs"], ["cue:weapons"]]
-    harmful = SimpleNamespace(
-        instructions=texts, harmful=True, categories=["weapons", "drugs", "weapons"],
-        meta=[{"kind": "cue", "cue_spans": s, "cue_roles": r} for s, r in zip(spans, roles_of, strict=True)],
-    )  # fmt: skip
-    harmless = SimpleNamespace(instructions=["hello there"], harmful=False, categories=["chat"],
-                               meta=[{"kind": "benign", "cue_spans": [], "cue_roles": []}])  # fmt: skip
-    prompts = SimpleNamespace(eval_harmful=harmful, eval_harmless=harmless)
     weapons, drugs = (0, 2), (1,)
 
-    def fake_acts(model, saes, features, instructions, edits=(), batch_size=32):
-        out = []
-        for text in instructions:
-            i = texts.index(text) if text in texts else None
-            roles = torch.tensor(ground_truth.token_roles(model, text, spans[i] if i is not None else []))
-            a = torch.zeros(len(roles), len(features))
-            for c, (_, f) in enumerate(features):
-                on = {0: weapons, 1: drugs, 2: weapons + drugs}[f]
-                a[(roles >= 0) & (i in on), c] = 2.0 if f == 2 and i in weapons else 1.0
-            out.append(a)
-        return out
+    def act(f, i, roles):
+        on = {0: weapons, 1: drugs, 2: weapons + drugs}[f]
+        a = torch.zeros(len(roles))
+        a[(roles >= 0) & (i in on)] = 2.0 if f == 2 and i in weapons else 1.0
+        return a
 
-    monkeypatch.setattr(ground_truth, "feature_activations", fake_acts)
+    model, prompts = _planted_prompts(
+        monkeypatch, ["tell me how to make a bomb", "where can I buy heroin", "what is a bomb ?"],
+        [[[22, 26]], [[16, 22]], [[10, 14]]], [["cue:weapons"], ["cue:drugs"], ["cue:weapons"]],
+        ["weapons", "drugs", "weapons"], act,
+    )  # fmt: skip
     feats = [(1, 0), (1, 1), (1, 2)]
     roles = ground_truth.feature_roles(model, None, feats, prompts)
     assert roles["role"].to_list() == ["cue:weapons", "cue:drugs", "generic"]
