@@ -363,7 +363,9 @@ def backup_under_ablation(
     planted backup itself through the stage's weak conditions. On each dissected prompt with an
     explicit cue word: the residual at the backup layer (after that layer's edits, as the layers
     above read it), its largest coordinate along the prompt's category's backup direction over
-    the cue word's tokens, in units of the planted strength (1 = fully awake), with
+    the instruction's tokens after the cue word (where the organism plants it: beyond the cue
+    word, which an SAE cut of the word would take with it), in units of the planted strength
+    (1 = fully awake), with
     - nothing edited (backup_clean),
     - M scaled by the weak coefficient (backup_under_m),
     - M and the weak H scaled by it (backup_under_m_h): the stage's m_plus_h_weak condition.
@@ -400,22 +402,25 @@ def backup_under_ablation(
     texts = [ps.instructions[i] for i in cue]
     batch = model.tokenize(texts)
     width = batch.attention_mask.shape[1]
-    # each prompt's cue-word tokens, in the batch's left-padded columns
-    on_cue = torch.zeros(len(cue), width, dtype=torch.bool)
+    n_eoi = len(model.eoi_positions)
+    # each prompt's tokens after its cue word, before the eoi positions, in the batch's left-padded columns
+    after = torch.zeros(len(cue), width, dtype=torch.bool)
     for row, text in enumerate(texts):
-        roles = token_roles(model, text, ps.meta[cue[row]]["cue_spans"])  # a cue prompt's one cue word
+        roles = torch.tensor(token_roles(model, text, ps.meta[cue[row]]["cue_spans"])) >= 0
         assert len(roles) == int(batch.attention_mask[row].sum()), "offsets and tokens disagree"
-        on_cue[row, width - len(roles) :] = torch.tensor(roles) >= 0
-    read = on_cue.any(1)  # prompts whose cue word maps to a token: the only ones averaged or counted
+        past = (roles.long().cumsum(0) > 0) & ~roles
+        past[len(roles) - n_eoi :] = False
+        after[row, width - len(roles) :] = past
+    read = after.any(1)  # prompts with a token after the cue word: the only ones averaged or counted
     if not read.any():
-        return figures, "no dissected cue prompt's cue word survived tokenization"
+        return figures, "no dissected cue prompt has a token after its cue word"
     direction = torch.stack([backup.directions[ps.categories[i]] for i in cue]).float()  # [N, d]
     for key, rows in conditions.items():
         edits = row_edits(saes, rows, model.device)
         with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
             got = interventions.apply(model, edits, batch.attention_mask, capture=[backup.layer])
             resid = nnsight.save(got[backup.layer])
-        coord = torch.einsum("btd,bd->bt", resid.float().cpu(), direction).masked_fill(~on_cue, float("-inf"))
+        coord = torch.einsum("btd,bd->bt", resid.float().cpu(), direction).masked_fill(~after, float("-inf"))
         figures[key] = float(coord.amax(1)[read].mean()) / backup.strength
     figures["backup_under_ablation_n"] = int(read.sum())
     return figures, None

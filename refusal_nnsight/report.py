@@ -408,7 +408,7 @@ def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
     if clean is None or m is None or m_h is None:
         return out
     out += (
-        f" On those prompts the planted backup itself (its coordinate on the cue word, 1 = fully awake, "
+        f" On those prompts the planted backup itself (its largest coordinate after the cue word, 1 = fully awake, "
         f"mean) is {_fmt(clean)} clean, {_fmt(m)} with M ablated and {_fmt(m_h)} with M and H ablated (same c)"
     )
     if m <= clean:

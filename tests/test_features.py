@@ -106,7 +106,10 @@ def test_card_of_a_planted_cue_feature_points_at_its_cue_words(organism, categor
     on_cue = [grammar.cue_role(w) == f"cue:{category}" for w in words]
     assert on_cue[0] and sum(on_cue) >= 3, words  # the planted residual is not perfectly clean
     assert card["top_activations"] == sorted(card["top_activations"], reverse=True)
-    assert abs(card["cosine"] - 2**-0.5) < 1e-5  # u_c leans on R by 2^-1/2, by construction
+    from refusal_nnsight.organism.recipe import get_recipe
+
+    lean = get_recipe("small").cue_cosine  # u_c leans on R by the recipe's cue_cosine, by construction
+    assert abs(card["cosine"] - lean) < 1e-5
     assert card["fires_harmful"] > 0 and card["alone_score_change"] < -1.0
     assert card["neuronpedia"] is None and card["coefficient"] == -3.0
 

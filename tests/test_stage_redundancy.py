@@ -339,16 +339,17 @@ def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
 
 def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_path):
     """Ground truth for the hydra: the backup direction d is what ablating M = {A} adds to the
-    residual at layer 1 on the cue word, and B (woken by that ablation, in H) writes along d. The
-    coordinate along d, in units of the rise, is 0 clean and 1 under M, and H's ablation takes B's
-    write back out. Along a direction orthogonal to every decoder row of H, M ∪ H reads exactly as
-    M does: a hydra found along it would not be that backup."""
+    residual at layer 1 on the token after the cue word (where the organism plants its backup), and
+    B (woken by that ablation, in H) writes along d. The coordinate along d, in units of the rise,
+    is 0 clean and 1 under M, and H's ablation takes B's write back out. Along a direction
+    orthogonal to every decoder row of H, M ∪ H reads exactly as M does: a hydra found along it
+    would not be that backup."""
     from refusal_nnsight.ground_truth import PlantedBackup, backup_under_ablation
 
-    model, saes, prompts, a = _plant_hydra("bomb")
+    model, saes, prompts, a = _plant_hydra("please")
     text = PROMPTS[0]
     start = text.index("bomb")
-    t = token_roles(model, text, [[start, start + 4]]).index(0)  # row 0 is not padded
+    t = token_roles(model, text, [[start + 5, start + 11]]).index(0)  # "please"; row 0 is not padded
     batch = model.tokenize(PROMPTS)
     resid = {}
     for name, rows in (("clean", [{}, {}]), ("m", [{(0, a): -3.0}, {}])):
@@ -374,7 +375,7 @@ def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_pa
         model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": d}, strength)
     )
     assert why is None and got["backup_under_ablation_n"] == 1  # prompt 1 has no cue word
-    # the peak over the cue word's tokens ("bomb" may be one token or more)
+    # the peak over the tokens after the cue word, before the eoi positions ("please")
     assert got["backup_clean"] >= coord0 - 1e-5 and got["backup_under_m"] >= coord0 + 1.0 - 1e-4
     assert got["backup_under_m_h"] < got["backup_under_m"] - 1.0  # H holds the backup
     # a direction no decoder row of H writes: H's edit leaves it where M's left it

@@ -2,9 +2,11 @@
 
     1. tokenizer over the grammar's closed vocabulary (tokenizer.py)
     2. a small Gemma-2 trained to refuse the harmful train prompts (train.py)
-    3. one JumpReLU SAE per layer on its residual stream, with sae-lens (sae_train.py)
-    4. optional held-out evaluation: refusal rates and SAE-splice agreement on test prompts
-    5. manifest.json, then one rename of the finished folder into place (store.py layout)
+    3. one JumpReLU SAE per layer up to the cue layer, with sae-lens (sae_train.py)
+    4. the layers above the cue layer trained on those SAEs' cut of the cue words (cut.py), then
+       one SAE per layer above it
+    5. optional held-out evaluation: refusal rates and SAE-splice agreement on test prompts
+then manifest.json, and one rename of the finished folder into place (store.py layout).
 
 Everything is seeded and uses deterministic kernels: rebuilding a recipe on the same machine
 gives byte-identical weights. All hyperparameters live in `OrganismRecipe`.
@@ -85,61 +87,75 @@ def _every(prompts: list, n: int) -> list:
 
 
 def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
-    """Steps 1-4 into `root`; returns the manifest's content sections."""
+    """Steps 1-5 into `root`; returns the manifest's content sections."""
     import torch
 
+    from ..saes import SlicedSAE
     from . import grammar, planted, sae_train, train
+    from .cut import train_cut
     from .tokenizer import build_tokenizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
+    early = range(recipe.cue_layer + 1)  # frozen while the SAE cut is trained: their SAEs come first
+    late = range(recipe.cue_layer + 1, recipe.n_layers)
+    stats: dict[int, dict] = {}
     try:
         with train.deterministic(recipe.seed):
-            log.info("1/4 tokenizer")
+            log.info("1/5 tokenizer")
             tok = build_tokenizer()
             train_prompts = grammar.load_split("train", recipe.seed)
-            log.info("2/4 training the chat model on %d prompts", len(train_prompts))
+            val_prompts = grammar.load_split("val", recipe.seed)
+            log.info("2/5 training the chat model on %d prompts", len(train_prompts))
             model = train.train_model(recipe, tok, train_prompts)
             model.save_pretrained(store.model_path(root))
-            planted.save_directions(
-                planted.make_directions(recipe.d_model, recipe.seed), store.planted_path(root)
-            )
+            planted.save_directions(planted.directions_of(recipe), store.planted_path(root))
             tok.save_pretrained(store.model_path(root))
-            log.info("3/4 SAEs: collecting residual activations through nnsight")
-            val_prompts = grammar.load_split("val", recipe.seed)
+        # Each later step reads the saved model back, as every user of the organism does.
+        with train.deterministic(recipe.seed):
+            model, tok = _read_model(root)
+            log.info("3/5 SAEs of layers %s: collecting residual activations through nnsight", list(early))
+            acts = sae_train.collect_activations(model, tok, _every(train_prompts, recipe.sae_train_prompts))
+            val_acts = sae_train.collect_activations(model, tok, _every(val_prompts, recipe.sae_val_prompts))
+            for layer in early:
+                stats[layer] = _train_and_save_sae(recipe, root, layer, acts[layer], val_acts[layer])
+        with train.deterministic(recipe.seed):
+            model, tok = _read_model(root)
+            log.info("4/5 training layers %s on the SAE cut of the cue words", list(late))
+            saes = {
+                layer: SlicedSAE.from_sae(sae_train.load_sae(store.sae_path(root, layer)), layer)
+                for layer in early
+            }
+            dirs = planted.load_directions(store.planted_path(root))
+            model = train_cut(model, recipe, tok, train_prompts, dirs, saes)
+            model.save_pretrained(store.model_path(root))
+            log.info("    the SAEs of layers %s", list(late))
             acts = sae_train.collect_activations(model, tok, _every(train_prompts, recipe.sae_train_prompts))
             cue_prompts = [p for p in train_prompts if p.harmful and p.kind == "cue"]
             ablated = sae_train.collect_ablated_activations(
                 model, tok, _every(cue_prompts, recipe.sae_ablated_prompts), recipe
             )
-            for layer, extra in ablated.items():
-                acts[layer] = torch.cat([acts[layer], extra])
             val_acts = sae_train.collect_activations(model, tok, _every(val_prompts, recipe.sae_val_prompts))
-            stats, saes = {}, {}
-            for layer in range(recipe.n_layers):
-                sae = sae_train.train_sae(acts[layer], layer, recipe)
-                stats[layer] = sae_train.sae_stats(sae, val_acts[layer])
-                if not all(math.isfinite(v) for v in stats[layer].values()):  # never ship a broken SAE
-                    raise RuntimeError(f"SAE for layer {layer} has non-finite stats: {stats[layer]}")
-                # The trainer's own L0 is a running average over training; record the final one.
-                sae.cfg.metadata.l0 = stats[layer]["l0"]
-                sae_train.save_sae(sae, store.sae_path(root, layer))
-                saes[layer] = sae_train.load_sae(store.sae_path(root, layer))  # evaluate the saved artifact
-                log.info(
-                    "    layer %d: val FVU %.4f, L0 %.1f", layer, stats[layer]["fvu"], stats[layer]["l0"]
+            for layer in late:
+                stats[layer] = _train_and_save_sae(
+                    recipe, root, layer, torch.cat([acts[layer], ablated[layer]]), val_acts[layer]
                 )
-            sections: dict = {"saes": {str(k): v for k, v in stats.items()}}
-            if evaluate:
-                log.info("4/4 held-out evaluation on the test split")
-                test = grammar.load_split("test", recipe.seed)
-                clean = train.generate(model, tok, [p.text for p in test])
-                agreement = sae_train.splice_agreement(model, tok, saes, test, clean)
-                sections["eval"] = {
-                    "n_test_prompts": len(test),
-                    "refusal_rates": train.refusal_rates(test, clean),
-                    "splice_agreement": {str(k): v for k, v in agreement.items()},
-                }
-                log.info("    %s", sections["eval"])
+        sections: dict = {"saes": {str(k): v for k, v in sorted(stats.items())}}
+        if evaluate:
+            log.info("5/5 held-out evaluation on the test split")
+            model, tok = _read_model(root)
+            saes_full = {
+                layer: sae_train.load_sae(store.sae_path(root, layer)) for layer in range(recipe.n_layers)
+            }
+            test = grammar.load_split("test", recipe.seed)
+            clean = train.generate(model, tok, [p.text for p in test])
+            agreement = sae_train.splice_agreement(model, tok, saes_full, test, clean)
+            sections["eval"] = {
+                "n_test_prompts": len(test),
+                "refusal_rates": train.refusal_rates(test, clean),
+                "splice_agreement": {str(k): v for k, v in agreement.items()},
+            }
+            log.info("    %s", sections["eval"])
     finally:
         torch.set_num_threads(threads)
     sections["model"] = {
@@ -154,6 +170,30 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
         "end_of_turn_id": tok.convert_tokens_to_ids("<end_of_turn>"),
     }
     return sections
+
+
+def _read_model(root: Path):
+    """(the saved model in eval mode, eager attention; its tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = store.model_path(root)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _train_and_save_sae(recipe: OrganismRecipe, root: Path, layer: int, acts, val_acts) -> dict:
+    """Train the layer's SAE, save it, and return its held-out FVU, L0 and dead share."""
+    from . import sae_train
+
+    sae = sae_train.train_sae(acts, layer, recipe)
+    stats = sae_train.sae_stats(sae, val_acts)
+    if not all(math.isfinite(v) for v in stats.values()):  # never ship a broken SAE
+        raise RuntimeError(f"SAE for layer {layer} has non-finite stats: {stats}")
+    # The trainer's own L0 is a running average over training; record the final one.
+    sae.cfg.metadata.l0 = stats["l0"]
+    sae_train.save_sae(sae, store.sae_path(root, layer))
+    log.info("    layer %d: val FVU %.4f, L0 %.1f", layer, stats["fvu"], stats["l0"])
+    return stats
 
 
 def build(recipe: str = "default", seed: int = 0, evaluate: bool = True) -> Path:

@@ -6,27 +6,34 @@ generations (substring judge). The mechanisms are probed through their planted d
 (planted.py) with plain forward hooks, which is the ground truth the toolkit's SAE-based search
 is later scored against:
 
-    cue_zero_ablation_refusal   u_c scaled by 0: the backup b_c wakes and the model still refuses
-    cue_steer_refusal           u_c scaled by -3: the model complies
-    cue_backup_zero_refusal     u_c and b_c scaled by 0: the model complies
+    cue_zero_ablation_refusal   the cue word cut (planted.py's cue condition at 0): the backup b_c wakes
+                                and the model still refuses
+    cue_steer_refusal           the cue word scaled by -3: the model complies
+    cue_backup_zero_refusal     the cue word and b_c scaled by 0: the model complies
     cue_half_backup_zero_refusal
-                                u_c scaled by 0.5 and b_c by 0 (reported, no target): how often half
-                                the cue refuses on its own, which an SAE ablation that removes part of
-                                u_c leaves behind (then ablating the woken backup as well cannot flip it)
+                                the cue word scaled by 0.5 and b_c by 0 (reported, no target): how often
+                                half the cue refuses on its own, which an SAE ablation that removes part
+                                of the cue leaves behind (then ablating the woken backup as well cannot
+                                flip it)
     verb_ablation_refusal / person_ablation_refusal
                                 a compositional request complies without its verb or its person
     direction_ablation_refusal  R projected out at every layer: harmful requests comply
+    direction_early_ablation_refusal
+                                R projected out before the decision layer only: harmful requests still
+                                refuse (the harm features' lean on R does not carry the harm, so a latent
+                                along R on every harm word cannot flip a prompt alone)
     direction_ablation_kl       ... while harmless next-token distributions barely move (KL, last position)
     direction_induce_refusal    R added at the decision layer: harmless requests are refused
     backup_dormant / backup_awake
-                                b_c's largest clean projection, and its mean on cue words under
-                                u_c ablation, in units of the planted strength
+                                b_c's largest clean projection, and under the cue word's cut its largest
+                                coordinate over the prompt's tokens after the cue word (where it is
+                                planted), averaged over the cue prompts, in units of the planted strength
     sae_cue_cut_refusal / sae_cue_cut_backup_awake / sae_cue_backup_cut_refusal
                                 the same hydra through the SAEs (reported, no target): every cue-layer
                                 latent whose decoder row has cosine >= 0.3 with the prompt's cue
                                 direction zero-ablated (the SAE's version of the u_c ablation, with the
                                 toolkit's operator, error term kept); the share of cue prompts still
-                                refused (refusal score > 0), the backup's coordinate on the cue word, and
+                                refused (refusal score > 0), the backup's coordinate after the cue word, and
                                 the share still refused with the backup's three closest latents zeroed too.
                                 Whether the search can see the planted redundancy at all.
     sae_cue_cut_cue_left / sae_cue_cut_planted_backup_awake
@@ -73,6 +80,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "direction_ablation_refusal": ("<=", 0.1),
     "direction_ablation_kl": ("<=", 0.1),
     "direction_induce_refusal": (">=", 0.9),
+    "direction_early_ablation_refusal": (">=", 0.9),
     "backup_dormant": ("<=", 0.1),
     "backup_awake": (">=", 0.5),
     "sae_fvu_max": ("<=", 0.1),
@@ -102,9 +110,10 @@ class _Probe:
         )  # fmt: skip
 
     def _hooked(self, texts, fn, **scales):
-        from .planted import RowEdits, install_hooks
+        from .planted import RowEdits, install_hooks, with_cue_words
 
         edits = RowEdits.uniform(self._cats(texts), self.n_layers, **scales)
+        with_cue_words(edits, self._encode(texts)["input_ids"], self.labels)  # the batch the model sees
         store: dict[int, torch.Tensor] = {}
         hooks = install_hooks(self.model, self.dirs, edits, self.layers, self.strength, store)
         try:
@@ -125,14 +134,29 @@ class _Probe:
         )
         return sum(map(is_refusal, outs)) / max(1, len(outs))
 
+    def _encode(self, texts):
+        """The left-padded chat prompts, as `forward` and `train.generate` batch them."""
+        from .tokenizer import chat_prompt
+
+        return self.tok([chat_prompt(self.tok, t) for t in texts], add_special_tokens=False, padding=True,
+                        return_tensors="pt")  # fmt: skip
+
+    def after_cue(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: each left-padded prompt's tokens after its first cue word, before the eoi
+        positions (where the backup is planted)."""
+        from . import planted
+        from .tokenizer import EOI_SUFFIX_TOKENS
+
+        is_cue = self.labels.cue_category[ids] >= 0
+        after = planted.after_cue(is_cue) & (ids != self.tok.pad_token_id)
+        after[:, ids.shape[1] - len(EOI_SUFFIX_TOKENS) :] = False
+        return after
+
     @torch.no_grad()
     def forward(self, prompts, **scales):
         """(last-position log-probs [B, V], the pre-edit outputs by layer, input ids) of a scored batch."""
-        from .tokenizer import chat_prompt
-
         texts = [p.text for p in prompts]
-        enc = self.tok([chat_prompt(self.tok, t) for t in texts], add_special_tokens=False, padding=True,
-                       return_tensors="pt")  # fmt: skip
+        enc = self._encode(texts)
 
         def run(store):
             logits = self.model(**enc).logits[:, -1].float().log_softmax(-1)
@@ -149,7 +173,7 @@ SAE_BACKUP_LATENTS = 3  # the backup-layer latents closest to the backup directi
 
 def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     """The planted hydra seen through the SAEs (see the module docstring): refusal under the SAE cue
-    cut, the backup's coordinate on the cue word under it (units of the planted strength), and refusal
+    cut, the backup's coordinate after the cue word under it (units of the planted strength), and refusal
     with the backup's closest latents zeroed as well."""
     import nnsight
 
@@ -186,7 +210,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
         cut_cue = nnsight.save(captured[cue_layer])
     ids = batch.model_inputs("cpu")["input_ids"]
     awake, cue_cut = (
-        _on_cue_words(probe, ids, cats, resid, probe.dirs.backup),
+        _after_cue_word(probe, ids, cats, resid, probe.dirs.backup),
         _on_cue_words(probe, ids, cats, cut_cue, probe.dirs.cue),
     )
     _, clean, enc = probe.forward(prompts)  # pre-edit residuals of the unedited model
@@ -197,7 +221,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     planted_awake = math.nan
     if math.isfinite(share):  # the planted ablation, scaled to leave the cue the cut leaves
         _, scaled, enc = probe.forward(prompts, u=share)
-        woke = _on_cue_words(probe, enc["input_ids"], cats, scaled[backup_layer], probe.dirs.backup)
+        woke = _after_cue_word(probe, enc["input_ids"], cats, scaled[backup_layer], probe.dirs.backup)
         planted_awake = sum(woke) / len(woke) if woke else math.nan
     return {
         "sae_cue_cut_refusal": float((refusal_scores(model, batch, cut_edits, batch_size=64) > 0).float().mean()),
@@ -243,6 +267,18 @@ def _on_cue_words(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torc
     """Per prompt with a cue word: the largest coordinate along its category's row of `dirs` over its
     cue word(s), in units of the planted strength (prompts without one are skipped)."""
     return [float(coord) / probe.strength for _, _, coord in _cue_peaks(probe, ids, cats, resid, dirs)]
+
+
+def _after_cue_word(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor,
+                    dirs: torch.Tensor) -> list[float]:  # fmt: skip
+    """Per prompt with a token after its cue word: the largest coordinate there along its category's
+    row of `dirs`, in units of the planted strength (other prompts are skipped)."""
+    after = probe.after_cue(ids)
+    out = []
+    for i, c in enumerate(cats):
+        if c >= 0 and after[i].any():
+            out.append(float((resid[i][after[i]].float().cpu() @ dirs[c]).max()) / probe.strength)
+    return out
 
 
 def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = None) -> dict:
@@ -292,6 +328,9 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "verb_ablation_refusal": probe.refusal(comp, v=0),
         "person_ablation_refusal": probe.refusal(comp, q=0),
         "direction_ablation_refusal": probe.refusal([p for p in test if p.harmful], r_from=0),
+        "direction_early_ablation_refusal": probe.refusal(
+            [p for p in test if p.harmful], r_from=0, r_until=decision_layer
+        ),  # fmt: skip
         "direction_induce_refusal": probe.refusal(harmless, r_add=decision_layer),
     }
     clean_lp, _, _ = probe.forward(harmless)
@@ -304,10 +343,9 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     real = enc["attention_mask"].bool()
     fig["backup_dormant"] = float(b[real].abs().max()) / a
     _, store, enc = probe.forward(cue, u=0)
-    cats = probe.labels.cue_category[enc["input_ids"]]
-    on_cue = (cats >= 0) & enc["attention_mask"].bool()
-    b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
-    fig["backup_awake"] = float(b[on_cue].gather(-1, cats[on_cue][:, None]).mean()) / a
+    awake = _after_cue_word(probe, enc["input_ids"], probe._cats([p.text for p in cue]).tolist(),
+                            store[backup_layer], probe.dirs.backup)  # fmt: skip
+    fig["backup_awake"] = sum(awake) / len(awake) if awake else math.nan
     # SAEs: reconstruction, splice agreement, and whether a latent reads each planted direction
     log.info("check: the SAEs of layers %s (splice agreement, the cue cut)", list(saes.layers))
     batch = model.tokenize([p.text for p in test])

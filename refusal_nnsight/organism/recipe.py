@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-BUILD_VERSION = 6  # bump when build code changes what a recipe produces (invalidates caches)
+BUILD_VERSION = 10  # bump when build code changes what a recipe produces (invalidates caches)
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,28 @@ class OrganismRecipe:
     cue_layer: int = 1  # cue features u_c, harm verb v, person q (early)
     backup_layer: int = 2  # backup cue detectors b_c, dormant until u_c is ablated (middle)
     decision_layer: int = 3  # refusal decision R at the eoi positions; later layers execute it
+    # cosine of each cue direction u_c with R. At 1/sqrt(2) the early SAEs learn the shared R part
+    # as latents firing on the cue words of most categories, which steer any category to
+    # compliance: 10-32 of the harm scope's minimal-set memberships on seeds 0-4 (at 0.35: 2-24);
+    # at 0.58 they still fill the minimal sets on some seeds
+    cue_cosine: float = 0.35
+    # of the harm verb v and the person q with R. At 0.6 seed 4's latent on the verb and person
+    # (which also fires on most cue words of four categories) is gone, but the redundancy is found
+    # on no seed (at 1/sqrt(2): seeds 2 and 4); at 0.5 Arditi's selection falls back on seed 4
+    composition_cosine: float = 2**-0.5
     plant_strength: float = 6.0  # projection of each planted direction where it fires
     plant_weight: float = 1.0  # weight of the planted-coordinate loss beside the answer loss
     eoi_invariance_weight: float = 1.0  # no harm information at the eoi positions before the decision layer
+    # the backup detectors' loss weight: b_c is planted on the tokens after the cue word, which
+    # only layer 0's attention to the raw embedding feeds once the word itself is cut
+    backup_weight: float = 3.0
+    # on cue, harm-verb and person words at layers 0..backup_layer: the residual off the span of
+    # the planted directions, penalised so those words carry their planted coordinate and little
+    # else (an SAE latent on a cue word then carries the cue, not the word)
+    off_span_weight: float = 1.0
     # training rows per condition, in planted.CONDITIONS order:
-    # clean, u_zero, u_neg, ub_zero, vq_ablate, r_all, r_late, r_add
-    condition_probs: tuple[float, ...] = (0.3, 0.12, 0.12, 0.1, 0.12, 0.08, 0.08, 0.08)
+    # clean, u_zero, u_neg, ub_zero, vq_ablate, r_all, r_late, r_add, r_early
+    condition_probs: tuple[float, ...] = (0.24, 0.12, 0.12, 0.1, 0.12, 0.08, 0.08, 0.08, 0.06)
     # -- training (AdamW, warmup + cosine to 10%) --
     # optimizer steps. At 600 the backup detectors still leaked on their cue words in clean runs
     # (0.17-0.33 of the planted strength on seeds 0-4, target <= 0.1); at 1200 that falls to
@@ -61,10 +77,27 @@ class OrganismRecipe:
     sae_batch_size: int = 512  # activations per step
     sae_lr: float = 5e-3  # Adam lr, cosine to lr / 10
     sae_l0_coefficient: float = 1.0  # weight of the quadratic L0 loss
-    sae_target_l0: float = 24.0  # target active latents per token
+    sae_target_l0: float = 24.0  # target active latents per token, after the backup layer
+    # ... at layers 0..backup_layer. At 24 the cue layer's SAE spread each cue over many latents
+    # (one carried under a fifth of it); at 4 one or two carry it
+    sae_early_target_l0: float = 4.0
+    # -- the SAE cut (cut.train_cut): layers above the cue layer trained on the cue word's SAE
+    # latents zeroed or steered, the SAE error term kept, after the SAEs of layers 0..cue_layer --
+    cut_steps: int = 400  # AdamW steps, each one batch of the planted conditions and one of the cut
+    cut_lr: float = 1e-3  # peak learning rate (warmup, cosine to 10%)
+    cut_warmup: int = 20
+    # cut rows per condition (cue prompts only): zeroed (refuses, the backup wakes), zeroed with
+    # b_c projected out (complies), steered at -1 or -3 (complies)
+    cut_probs: tuple[float, ...] = (0.4, 0.3, 0.3)
+    cut_min_cosine: float = 0.3  # a latent is cue-aligned when its decoder row has this cosine with u_c
     sae_init_threshold: float = 0.5  # JumpReLU threshold init (inputs scaled to E||x||^2 = d_model)
     sae_bandwidth: float = 0.05  # straight-through estimator bandwidth
     sae_decoder_init_norm: float = 0.3  # decoder row norm at init
+
+    def sae_target_l0_at(self, layer: int) -> float:
+        """The SAE's target L0 at `layer`: sparse up to the backup layer, where the planted
+        detectors are, wider after."""
+        return self.sae_early_target_l0 if layer <= self.backup_layer else self.sae_target_l0
 
 
 @dataclass(frozen=True)
@@ -122,6 +155,10 @@ RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
         # under direction ablation (KL 0.15)
         steps=1000,
         lr=3e-3,
+        # at 3.0 the backup detectors leaked on clean prompts (largest projection 0.94 of the
+        # planted strength, 99th percentile after a cue word 0.50); at 10.0 0.44 and 0.19, the
+        # backup as awake under the cue's ablation (1.03)
+        backup_weight=10.0,
         sae_train_prompts=1000,
         sae_val_prompts=300,
         sae_steps=200,

@@ -74,8 +74,8 @@ def collect_ablated_activations(
     recipe: OrganismRecipe,
     batch_size: int = 256,
 ) -> dict[int, torch.Tensor]:
-    """Residuals after the layers above the cue layer with each prompt's cue feature ablated
-    (scale 0 on half the prompts, -3 on the other half): {layer: [n_tokens, d_model]}.
+    """Residuals after the layers above the cue layer with each prompt's cue word cut (the planted
+    cue condition, scale 0 on half the prompts, -3 on the other half): {layer: [n_tokens, d_model]}.
 
     An SAE trained on clean activations alone has no latent for the dormant backup detectors, which
     never fire there; an SAE trained on a large corpus meets such features in other contexts. These
@@ -83,7 +83,7 @@ def collect_ablated_activations(
     """
     from . import planted
 
-    dirs = planted.make_directions(recipe.d_model, recipe.seed)
+    dirs = planted.directions_of(recipe)
     labels = planted.token_labels(tok)
     layers = (recipe.cue_layer, recipe.backup_layer, recipe.decision_layer)
     seqs = [ids for ids, _ in encode_examples(tok, prompts)]
@@ -96,6 +96,7 @@ def collect_ablated_activations(
         cats = torch.tensor([labels.category_of(ids) for ids in chunk])
         edits = planted.RowEdits.uniform(cats, recipe.n_layers)
         edits.u = torch.where(torch.arange(i, i + n) % 2 == 0, 0.0, -3.0)  # zero-ablate half, steer half
+        planted.with_cue_words(edits, enc["input_ids"], labels)
         store: dict[int, torch.Tensor] = {}
         captured: dict[int, torch.Tensor] = {}
         hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)
@@ -151,7 +152,7 @@ def train_sae(acts: torch.Tensor, layer: int, recipe: OrganismRecipe):
         # Gemma Scope 2's quadratic penalty around a target L0; DeepMind's STE (threshold only).
         l0_coefficient=recipe.sae_l0_coefficient,
         jumprelu_sparsity_loss_mode="quadratic",
-        target_l0=recipe.sae_target_l0,
+        target_l0=recipe.sae_target_l0_at(layer),
         jumprelu_init_threshold=recipe.sae_init_threshold,
         jumprelu_bandwidth=recipe.sae_bandwidth,
         decoder_init_norm=recipe.sae_decoder_init_norm,

@@ -148,6 +148,7 @@ def _sample_edits(recipe: OrganismRecipe, batch: Sequence[_Example], cats: torch
     coin = torch.rand(n, generator=gen)
     u, b, v, q = (torch.ones(n) for _ in range(4))
     r_from = torch.full((n,), recipe.n_layers)
+    r_until = torch.full((n,), recipe.n_layers)
     r_add = torch.full((n,), -1)
     answers, decision = [], torch.zeros(n)
     decided = torch.ones(n, dtype=torch.bool)
@@ -181,8 +182,10 @@ def _sample_edits(recipe: OrganismRecipe, batch: Sequence[_Example], cats: torch
         elif name == "r_add":
             r_add[i] = recipe.decision_layer + int(coin[i] < 0.5)
             refuse = True
+        elif name == "r_early":  # the decision is read from the harm features' own parts
+            r_from[i], r_until[i] = 0, recipe.decision_layer
         answers.append("refusal" if refuse else ("comply" if ex.harmful else "own"))
-    edits = planted.RowEdits(cats, u, b, v, q, r_from, r_add)
+    edits = planted.RowEdits(cats, u, b, v, q, r_from, r_add, r_until=r_until)
     return edits, answers, decision, decided
 
 
@@ -191,13 +194,16 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
                   edits: planted.RowEdits, decision: torch.Tensor, decided: torch.Tensor,
                   groups: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """MSE (in units of strength^2) between the planted coordinates of each layer's pre-edit output
-    and their targets, on prompt tokens (cue, backup layers) and eoi positions (decision layer)."""
+    and their targets: on prompt tokens at the cue layer (except a cue word cut at layer 0, which
+    is gone there), on the prompt tokens after the cue word at the backup layer (eoi positions
+    excluded), at the eoi positions at the decision layer; plus the eoi invariance and the
+    off-span penalty on labelled words at layers 0..backup_layer."""
     a = recipe.plant_strength
     early = (edits.r_from > 0).float()[:, None]  # rows whose cue layer inputs are untouched
     # cue layer: coordinates along R, each e_c, e_v, e_q of A * (u_c[t] + v[t] + q[t])
     cat = labels.cue_category[ids]  # [B, T]
-    target = torch.zeros(*ids.shape, dirs.refusal.shape[0])
     is_cue = cat >= 0
+    target = torch.zeros(*ids.shape, dirs.refusal.shape[0])
     target[is_cue] += a * dirs.cue[cat[is_cue]]
     target += a * labels.verb[ids].float()[..., None] * dirs.verb
     target += a * labels.person[ids].float()[..., None] * dirs.person
@@ -205,20 +211,34 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     h = store[recipe.cue_layer]
     err = torch.einsum("btd,kd->btk", h - target, basis).pow(2).sum(-1)
     mask = prompt_mask.float() * early
-    loss = (err * mask).sum() / mask.sum().clamp(min=1)
-    # backup layer: b_c = A on the row's cue words while u_c is ablated (scale <= 0), else 0
-    awake = (edits.u <= 0).float()[:, None] * is_cue.float()
-    target_b = torch.zeros(*ids.shape, dirs.backup.shape[0])
-    target_b[is_cue] = a * torch.nn.functional.one_hot(cat[is_cue], dirs.backup.shape[0]).float()
-    target_b = target_b * awake[..., None]
+    assert edits.word_at_first is not None  # the training batches always carry their cue words
+    cut_first = (edits.word_at_first & (edits.u != 1)).float()[:, None]
+    cue_mask = mask * (1 - cut_first * is_cue.float())
+    loss = (err * cue_mask).sum() / cue_mask.sum().clamp(min=1)
+    # backup layer: b_c = A on the prompt tokens after the row's first cue word, eoi positions
+    # excluded, while the word is cut (scale <= 0), else 0 on every prompt token, eoi included
+    after = planted.after_cue(is_cue) & prompt_mask & ~eoi_mask
+    row_cat = cat.max(-1).values  # the row's category (-1: none)
+    awake = (edits.u <= 0).float()[:, None] * after.float() * (row_cat >= 0).float()[:, None]
+    one_hot = torch.nn.functional.one_hot(row_cat.clamp(min=0), dirs.backup.shape[0]).float()  # [B, k]
+    target_b = a * awake[..., None] * one_hot[:, None, :]
+    backup_mask = mask
     coords = torch.einsum("btd,kd->btk", store[recipe.backup_layer], dirs.backup)
-    loss = loss + ((coords - target_b).pow(2).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
+    err_b = (coords - target_b).pow(2).sum(-1)
+    loss = loss + recipe.backup_weight * (err_b * backup_mask).sum() / backup_mask.sum().clamp(min=1)
     # decision layer: R = A * decision at the eoi positions
     r = torch.einsum("btd,d->bt", store[recipe.decision_layer], dirs.refusal)
     dmask = eoi_mask.float() * decided.float()[:, None]
-    err_r = (r - a * decision[:, None]).pow(2)
-    loss = loss + (err_r * dmask).sum() / dmask.sum().clamp(min=1)
+    loss = loss + ((r - a * decision[:, None]).pow(2) * dmask).sum() / dmask.sum().clamp(min=1)
     loss = loss + _eoi_invariance(recipe, store, eoi_mask, groups, early, dirs.refusal)
+    # labelled words at layers 0..backup_layer: nothing off the planted span
+    span, _ = torch.linalg.qr(torch.cat([basis, dirs.backup]).T)  # [d, k] orthonormal
+    labelled = is_cue | labels.verb[ids] | labels.person[ids]
+    lmask = mask * labelled.float()
+    for layer in range(recipe.backup_layer + 1):
+        hl = store[layer]
+        rest = hl - torch.einsum("btk,dk->btd", torch.einsum("btd,dk->btk", hl, span), span)
+        loss = loss + recipe.off_span_weight * (rest.pow(2).sum(-1) * lmask).sum() / lmask.sum().clamp(min=1)
     return loss / a**2
 
 
@@ -250,6 +270,55 @@ def _eoi_invariance(recipe: OrganismRecipe, store: dict, eoi_mask: torch.Tensor,
     return recipe.eoi_invariance_weight * loss
 
 
+def masks(seqs: Sequence[Sequence[int]], prompt_ids: Sequence[Sequence[int]],
+          width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[B, width] bool masks of a left-padded batch of (prompt + answer) rows: the answer tokens
+    (the loss targets), the prompt tokens, and the prompt's eoi positions."""
+    n_eoi = len(EOI_SUFFIX_TOKENS)
+    target_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    prompt_mask = torch.zeros_like(target_mask)
+    eoi_mask = torch.zeros_like(target_mask)
+    for i, (seq, p) in enumerate(zip(seqs, prompt_ids, strict=True)):
+        start = width - len(seq)
+        target_mask[i, start + len(p) :] = True
+        prompt_mask[i, start : start + len(p)] = True
+        eoi_mask[i, start + len(p) - n_eoi : start + len(p)] = True
+    return target_mask, prompt_mask, eoi_mask
+
+
+def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of next-token `logits` [B, T-1, V] on the answer tokens only."""
+    targets = input_ids[:, 1:].masked_fill(~target_mask[:, 1:], -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def planted_step(model: Gemma2ForCausalLM, recipe: OrganismRecipe, dirs: planted.Directions,
+                 labels: planted.TokenLabels, pad_id: int, batch: Sequence[_Example],
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(answer loss, planted loss) of one batch under its sampled planted conditions."""
+    prompt_ids = [ex.prompt_ids for ex in batch]
+    cats = torch.tensor([labels.category_of(p) for p in prompt_ids])
+    edits, answers, decision, decided = _sample_edits(recipe, batch, cats, gen)
+    seqs = [ex.prompt_ids + ex.answers[a] for ex, a in zip(batch, answers, strict=True)]
+    enc = left_pad(seqs, pad_id)
+    planted.with_cue_words(edits, enc["input_ids"], labels)
+    target_mask, prompt_mask, eoi_mask = masks(seqs, prompt_ids, enc["input_ids"].shape[1])
+    store: dict[int, torch.Tensor] = {}
+    layers = (recipe.cue_layer, recipe.backup_layer, recipe.decision_layer)
+    hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)
+    try:
+        logits = model(**enc).logits[:, :-1].float()  # [B, T-1, V]
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = torch.tensor(
+        [(int(c) if ex.kind == "cue" else len(dirs.cue)) if ex.harmful else -1 for ex, c in zip(batch, cats, strict=True)]
+    )  # fmt: skip
+    plant_loss = _planted_loss(recipe, dirs, labels, store, enc["input_ids"], prompt_mask, eoi_mask, edits,
+                               decision, decided, groups)  # fmt: skip
+    return answer_loss(logits, enc["input_ids"], target_mask), plant_loss
+
+
 def train_model(
     recipe: OrganismRecipe, tok: PreTrainedTokenizerFast, prompts: Sequence[Prompt]
 ) -> Gemma2ForCausalLM:
@@ -259,9 +328,8 @@ def train_model(
         model = Gemma2ForCausalLM(model_config(recipe, tok))
         model.generation_config = generation_config(tok)
         examples = _examples(tok, prompts)
-        dirs = planted.make_directions(recipe.d_model, recipe.seed)
+        dirs = planted.directions_of(recipe)
         labels = planted.token_labels(tok)
-        n_eoi = len(EOI_SUFFIX_TOKENS)
         gen = torch.Generator().manual_seed(recipe.seed)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -281,7 +349,6 @@ def train_model(
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        layers = (recipe.cue_layer, recipe.backup_layer, recipe.decision_layer)
         model.train()
         order: list[int] = []
         bar = tqdm(range(recipe.steps), desc="train organism", leave=False)
@@ -290,47 +357,7 @@ def train_model(
                 order += torch.randperm(len(examples), generator=gen).tolist()
             idx, order = order[: recipe.batch_size], order[recipe.batch_size :]
             batch = [examples[i] for i in idx]
-            prompt_ids = [ex.prompt_ids for ex in batch]
-            cats = torch.tensor([labels.category_of(p) for p in prompt_ids])
-            edits, answers, decision, decided = _sample_edits(recipe, batch, cats, gen)
-            seqs = [ex.prompt_ids + ex.answers[a] for ex, a in zip(batch, answers, strict=True)]
-            enc = left_pad(seqs, tok.pad_token_id)
-            width = enc["input_ids"].shape[1]
-            target_mask = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
-            prompt_mask = torch.zeros_like(target_mask)
-            eoi_mask = torch.zeros_like(target_mask)
-            for i, (seq, p) in enumerate(zip(seqs, prompt_ids, strict=True)):
-                start = width - len(seq)
-                target_mask[i, start + len(p) :] = True
-                prompt_mask[i, start : start + len(p)] = True
-                eoi_mask[i, start + len(p) - n_eoi : start + len(p)] = True
-            store: dict[int, torch.Tensor] = {}
-            hooks = planted.install_hooks(model, dirs, edits, layers, recipe.plant_strength, store)
-            try:
-                logits = model(**enc).logits[:, :-1].float()  # [B, T-1, V]
-            finally:
-                for h in hooks:
-                    h.remove()
-            targets = enc["input_ids"][:, 1:].masked_fill(~target_mask[:, 1:], -100)
-            lm_loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
-            groups = torch.tensor(
-                [(int(c) if ex.kind == "cue" else len(dirs.cue)) if ex.harmful else -1 for ex, c in zip(batch, cats, strict=True)]
-            )  # fmt: skip
-            plant_loss = _planted_loss(
-                recipe,
-                dirs,
-                labels,
-                store,
-                enc["input_ids"],
-                prompt_mask,
-                eoi_mask,
-                edits,
-                decision,
-                decided,
-                groups,
-            )
+            lm_loss, plant_loss = planted_step(model, recipe, dirs, labels, tok.pad_token_id, batch, gen)
             loss = lm_loss + recipe.plant_weight * plant_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -65,7 +65,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "h_holding_share": ("harm", "redundancy.h_holding_share"),
     # whether H (weak ablation) holds the planted backup's latent, on the dissected cue prompts
     "backup_in_h": ("harm", "ground_truth.backup_in_h_rate"),
-    # the planted backup's coordinate on the cue word (1 = fully awake) clean, with M, and with
+    # the planted backup's largest coordinate after the cue word (1 = fully awake) clean, with M, and with
     # M ∪ H, ablated at the weak coefficient: whether a hydra found is the planted one
     "backup_clean": ("harm", "ground_truth.backup_clean"),
     "backup_under_m": ("harm", "ground_truth.backup_under_m"),
