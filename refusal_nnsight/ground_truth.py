@@ -25,6 +25,7 @@ import torch
 
 from .engine import Feature
 from .features import FM_TOP, feature_activations, token_offsets
+from .organism.planted import after_cue
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +409,7 @@ def backup_under_ablation(
     for row, text in enumerate(texts):
         roles = torch.tensor(token_roles(model, text, ps.meta[cue[row]]["cue_spans"])) >= 0
         assert len(roles) == int(batch.attention_mask[row].sum()), "offsets and tokens disagree"
-        past = (roles.long().cumsum(0) > 0) & ~roles
+        past = after_cue(roles)  # the tokens the organism plants its backup on
         past[len(roles) - n_eoi :] = False
         after[row, width - len(roles) :] = past
     read = after.any(1)  # prompts with a token after the cue word: the only ones averaged or counted
