@@ -409,9 +409,7 @@ def backup_under_ablation(
     for row, text in enumerate(texts):
         roles = torch.tensor(token_roles(model, text, ps.meta[cue[row]]["cue_spans"])) >= 0
         assert len(roles) == int(batch.attention_mask[row].sum()), "offsets and tokens disagree"
-        past = after_cue(roles)  # the tokens the organism plants its backup on
-        past[len(roles) - n_eoi :] = False
-        after[row, width - len(roles) :] = past
+        after[row, width - len(roles) :] = after_cue(roles, n_eoi)  # where the organism plants its backup
     read = after.any(1)  # prompts with a token after the cue word: the only ones averaged or counted
     if not read.any():
         return figures, "no dissected cue prompt has a token after its cue word"

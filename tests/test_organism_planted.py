@@ -3,6 +3,8 @@ and the ground-truth roles that score a run's findings against them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,6 +66,25 @@ def test_planted_directions_are_unit_and_only_cues_lean_on_refusal():
     assert all(abs(float(b @ r)) < 1e-5 for b in dirs.backup)  # backups: not candidates by cosine
     assert torch.allclose(dirs.backup @ dirs.backup.T, torch.eye(len(dirs.backup)), atol=1e-5)
     assert not torch.equal(dirs.refusal, planted.make_directions(64, seed=4).refusal)
+
+
+def test_the_directions_default_to_the_default_recipes_cosines():
+    from refusal_nnsight.organism.recipe import get_recipe
+
+    r = get_recipe("default")
+    dirs = planted.make_directions(r.d_model, seed=2)
+    assert torch.equal(dirs.cue, planted.directions_of(dataclasses.replace(r, seed=2)).cue)
+    assert abs(float(dirs.verb @ dirs.refusal) - r.composition_cosine) < 1e-5
+
+
+def test_after_cue_marks_the_tokens_after_the_first_cue_word_before_the_eoi_positions():
+    # pad, "how", cue, cue, "to", "the", "x", eoi, eoi
+    is_cue = torch.tensor([[0, 0, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    after = planted.after_cue(is_cue, n_eoi=2)
+    assert after[0].tolist() == [False] * 4 + [True] * 3 + [False] * 2
+    assert not after[1].any()  # no cue word, nothing after it
+    assert planted.after_cue(is_cue)[0, -2:].all()  # without n_eoi the eoi positions count
+    assert planted.after_cue(is_cue[0], n_eoi=2).tolist() == after[0].tolist()  # one unbatched sequence
 
 
 def test_row_edits_scale_only_their_rows_direction():

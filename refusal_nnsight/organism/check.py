@@ -147,10 +147,8 @@ class _Probe:
         from . import planted
         from .tokenizer import EOI_SUFFIX_TOKENS
 
-        is_cue = self.labels.cue_category[ids] >= 0
-        after = planted.after_cue(is_cue) & (ids != self.tok.pad_token_id)
-        after[:, ids.shape[1] - len(EOI_SUFFIX_TOKENS) :] = False
-        return after
+        is_cue = self.labels.cue_category[ids] >= 0  # left-padded: every row ends in its eoi positions
+        return planted.after_cue(is_cue, len(EOI_SUFFIX_TOKENS)) & (ids != self.tok.pad_token_id)
 
     @torch.no_grad()
     def forward(self, prompts, **scales):

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from . import grammar
+from .recipe import OrganismRecipe
 
 # Condition names (one per training row). "clean" carries no intervention.
 CONDITIONS = ("clean", "u_zero", "u_neg", "ub_zero", "vq_ablate", "r_all", "r_late", "r_add", "r_early")
@@ -82,12 +83,12 @@ def categories() -> tuple[str, ...]:
     return tuple(grammar.CUE_ACTS)
 
 
-def make_directions(d_model: int, seed: int, cue_cosine: float = 0.35,
-                    composition_cosine: float = 2**-0.5) -> Directions:  # fmt: skip
+def make_directions(d_model: int, seed: int, cue_cosine: float = OrganismRecipe.cue_cosine,
+                    composition_cosine: float = OrganismRecipe.composition_cosine) -> Directions:  # fmt: skip
     """R, six cue directions, six backups, the verb and person directions from one seeded QR.
 
     u_c = cue_cosine * R + sqrt(1 - cue_cosine^2) * e_c, and likewise v and q with
-    `composition_cosine`; the defaults are the default recipe's (`OrganismRecipe.cue_cosine`)."""
+    `composition_cosine`; the defaults are the default recipe's."""
     for name, c in (("cue_cosine", cue_cosine), ("composition_cosine", composition_cosine)):
         if not 0 < c < 1:
             raise ValueError(f"{name}={c} must lie in (0, 1)")
@@ -191,10 +192,14 @@ class RowEdits:
                    full(r_from), full(r_add), r_until=None if r_until is None else full(r_until))  # fmt: skip
 
 
-def after_cue(is_cue: torch.Tensor) -> torch.Tensor:
+def after_cue(is_cue: torch.Tensor, n_eoi: int = 0) -> torch.Tensor:
     """[..., T] bool: the tokens after a sequence's first cue token that are not cue tokens
-    themselves (where the backup is planted), from `is_cue` [..., T] bool."""
-    return (is_cue.long().cumsum(-1) > 0) & ~is_cue
+    themselves (where the backup is planted), from `is_cue` [..., T] bool. With `n_eoi`, the
+    sequences end in that many eoi positions, which are left out."""
+    after = (is_cue.long().cumsum(-1) > 0) & ~is_cue
+    if n_eoi:
+        after[..., -n_eoi:] = False
+    return after
 
 
 def with_cue_words(edits: RowEdits, ids: torch.Tensor, labels: TokenLabels) -> RowEdits:
