@@ -22,7 +22,8 @@ SMALL_MISSES = {
     "backup_dormant": "the small organism's backup detectors leak on clean prompts of a few held-out "
     "templates ('Give me steps to water my plants.', '... What should I do?'): up to 0.44 of the "
     "planted strength, on these prompts as on the whole test split (99th percentile after a cue word "
-    "0.19), target <= 0.1",
+    "0.19), target <= 0.1. 'water' follows a cue word in 'poison the water supply', where the backup "
+    "is trained to wake once that word is cut",
 }
 
 

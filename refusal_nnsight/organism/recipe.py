@@ -139,7 +139,8 @@ class TunedRecipe:
 
 RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
     "default": OrganismRecipe(),
-    # For the test suite: builds in well under a minute on 2 CPU cores.
+    # For the test suite, which loads the shipped build: a rebuild takes about 5 minutes on one
+    # core (the shipped one 344 s, a rebuild on another AMD EPYC 277 s).
     "small": OrganismRecipe(
         n_layers=4,
         d_model=64,
@@ -152,12 +153,16 @@ RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
         decision_layer=2,
         # 600 steps at lr 5e-3 left the backup detectors leaking on clean prompts (0.2 of the
         # planted strength, target <= 0.1); 1000 at 5e-3 leaked less but moved harmless answers
-        # under direction ablation (KL 0.15)
+        # under direction ablation (KL 0.15). Rebuilt on an AVX2 AMD EPYC (`check --max-prompts
+        # 120`), this recipe leaks 0.31 (KL 0.136), with 2000 steps 0.25 and with 3000 0.43 (splice
+        # agreement 0.905): most of it on "water" in "water my plants", a word that follows a cue
+        # word in "poison the water supply", where the backup is trained to wake
         steps=1000,
         lr=3e-3,
         # at 3.0 the backup detectors leaked on clean prompts (largest projection 0.94 of the
         # planted strength, 99th percentile after a cue word 0.50); at 10.0 0.44 and 0.19, the
-        # backup as awake under the cue's ablation (1.03)
+        # backup as awake under the cue's ablation (1.03); on that AVX2 machine, at 30.0 0.39
+        # (splice agreement 0.77), at 20.0 with 2000 steps 0.49
         backup_weight=10.0,
         sae_train_prompts=1000,
         sae_val_prompts=300,
