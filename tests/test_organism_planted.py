@@ -374,7 +374,9 @@ def test_the_sae_probe_sees_the_hydra_when_a_latent_is_the_cue_direction(hydra):
     reason="on the small organism 0.52 of these cue prompts stay refused with the exact cue latent "
     "zeroed, though the backup wakes to 0.86 of its strength (under the planted ablation, which "
     "scales the cue word's whole residual, all stay refused): a cut that removes u_c alone and leaves "
-    "the rest of the word is one the build never trains on",
+    "the rest of the word is one the build never trains on. It varies with the draw: 0.98 on a rebuild "
+    "of this recipe on another CPU, 0.47 and 1.0 on two variants of it (3000 steps; 2000 steps with "
+    "backup_weight 20)",
 )
 def test_the_backup_keeps_the_refusal_under_the_exact_cue_cut(hydra):
     _, oracle = hydra
