@@ -269,6 +269,11 @@ class RedundancyConfig:
     top_awake: int = 20  # per prompt, strongest awakened latents kept in H
     bos_clamp_value: float = 0.0
     weak_coefficient: float = 0.0  # weaker ablation of M (zero-ablation) where M alone may not jailbreak
+    # an awakened latent holds the refusal when ablating it with M lowers the refusal score by more
+    # than this (refusal-score units, as fm.confirm_tolerance). Most latents of H change the score by
+    # float32 rounding alone (on the default organism run 143 of 197 by exactly 0, 26 more by under
+    # 0.01), and at a threshold of 0 another CPU kernel moves one of them across it
+    holding_tolerance: float = 0.25
     reinject_scale: float = (
         2.0  # H scaled by this in the M-ablated run: its awakened contribution added once more
     )

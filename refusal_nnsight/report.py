@@ -387,9 +387,15 @@ def _holding_sentence(red: dict) -> str:
     if share is None or not n:
         return ""
     k = round(share * n)
+    tol = red.get("holding_tolerance") or 0.0
+    by, rest = (
+        (f" by more than {tol:g}", f"raise it or move it by {tol:g} or less")
+        if tol
+        else ("", "raise it or leave it")
+    )
     return (
-        f" Ablated one at a time with M (same c), {k} of H's {n} latents lower the refusal score, as a "
-        f"feature that holds the refusal would; the other {n - k} raise it or leave it (`effect` in "
+        f" Ablated one at a time with M (same c), {k} of H's {n} latents lower the refusal score{by}, as a "
+        f"feature that holds the refusal would; the other {n - k} {rest} (`effect` in "
         "`redundancy/awakened.parquet`)."
     )
 

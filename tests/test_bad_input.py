@@ -200,6 +200,7 @@ TABLE = [
     ("search.fm.confirm_tolerance=-1", "confirm_tolerance=-1"),
     ("search.redundancy.top_awake=-1", "top_awake=-1"),
     ("search.redundancy.awake_min=inf", "awake_min=inf"),
+    ("search.redundancy.holding_tolerance=-0.1", "holding_tolerance=-0.1"),
     ("search.redundancy.reinject_scale=inf", "reinject_scale=inf"),
     ("search.redundancy.bos_clamp_value=inf", "bos_clamp_value=inf"),
     ("search.redundancy.max_new_tokens=0", "max_new_tokens=0"),

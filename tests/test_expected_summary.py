@@ -10,18 +10,28 @@ from pathlib import Path
 EXPECTED = Path(__file__).parent / "expected" / "smoke_summary.json"
 
 
+# The held-out R² of a fit is held to this, relative. The smoke run's FM (256 masks of one prompt,
+# 150 epochs, still improving at the last) amplifies last-bit differences in the refusal scores it
+# is fit to: on one AVX2 AMD EPYC its R² is 0.62172 with torch's AVX2 kernels, 0.62173 with its
+# baseline ones (ATEN_CPU_CAPABILITY=default) and 0.62202 with MKL's compatible path (MKL_CBWR=
+# COMPATIBLE), against the 0.62310 an AVX-512 machine wrote here (2.2e-3 relative). The default
+# run's FM on the default organism moves as much (0.78562, 0.78690, 0.78665), its accuracies not at all.
+R2_REL_TOL = 1e-2
+
+
 def _diff(got, want, where: str = "") -> list[str]:
     """Paths where got and want differ; floats to 1e-3 relative: CPU kernels differ in the last bits
-    from one instruction set to another, and an FM fit or a score change over many forwards
-    amplifies that (~1e-5 between an AVX-512 machine and the one that wrote the file; 1.7e-4 on the
-    held-out R² of the FM and of the linear model on an AMD EPYC, whose MKL takes another path).
-    Counts, sets and verdicts must still be equal."""
+    from one instruction set to another, and a score change over many forwards amplifies that
+    (~1e-5 between an AVX-512 machine and the one that wrote the file, 1.6e-4 on the direction's
+    induce score on an AVX2 AMD EPYC); a held-out R² to R2_REL_TOL. Counts, sets and verdicts must
+    still be equal."""
     if isinstance(want, dict) and isinstance(got, dict):
         out = [f"{where}.{k}: missing" for k in want if k not in got]
         out += [f"{where}.{k}: unexpected" for k in got if k not in want]
         return out + [d for k in want if k in got for d in _diff(got[k], want[k], f"{where}.{k}")]
     if isinstance(want, float) and isinstance(got, float):
-        return [] if math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-9) else [f"{where}: {got} != {want}"]
+        rel = R2_REL_TOL if where.endswith("r2") else 1e-3
+        return [] if math.isclose(got, want, rel_tol=rel, abs_tol=1e-9) else [f"{where}: {got} != {want}"]
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
         return [
             d for i, (g, w) in enumerate(zip(got, want, strict=True)) for d in _diff(g, w, f"{where}[{i}]")
@@ -42,3 +52,7 @@ def test_the_comparison_catches_a_changed_figure():
     assert _diff({"greedy": {"median": 1.01, "n": 3, "sets": ["L0/F1"]}}, want)
     assert _diff({"greedy": {"median": 1.0, "n": 3, "sets": ["L0/F2"]}}, want)
     assert _diff({"greedy": {"median": 1.0, "n": 3}}, want)
+    r2 = {"fm": {"heldout_r2": 0.6231, "heldout_accuracy": 0.9}}
+    assert not _diff({"fm": {"heldout_r2": 0.6217, "heldout_accuracy": 0.9}}, r2)  # a fit's R², to 1e-2
+    assert _diff({"fm": {"heldout_r2": 0.60, "heldout_accuracy": 0.9}}, r2)
+    assert _diff({"fm": {"heldout_r2": 0.6231, "heldout_accuracy": 0.902}}, r2)  # anything else, to 1e-3

@@ -270,6 +270,9 @@ def test_found_sentences_follow_the_numbers():
     summary["redundancy"].update(h_holding_share=0.25, h_holding_n=8)
     assert "one at a time with M (same c), 2 of H's 8 latents lower the refusal score, as a feature that holds " \
         "the refusal would; the other 6 raise it or leave it" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
+    summary["redundancy"]["holding_tolerance"] = 0.25
+    assert "2 of H's 8 latents lower the refusal score by more than 0.25, as a feature that holds the refusal " \
+        "would; the other 6 raise it or move it by 0.25 or less" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
 
 
 def test_cards_render_where_found_contexts_and_single_ablation(tmp_path):

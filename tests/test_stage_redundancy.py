@@ -142,8 +142,9 @@ def test_summary_rates_and_reasons_from_tables():
 
 
 def test_h_holding_share_counts_the_latents_whose_ablation_lowers_the_refusal_score(tmp_path):
-    """Of the weak H's latents, the share that holds the refusal (effect < 0); a run folder from
-    before the effects (no column) is not measured, and says so."""
+    """Of the weak H's latents, the share that holds the refusal (effect below minus the tolerance,
+    so that rounding does not count); a run folder from before the effects (no column) is not
+    measured, and says so."""
     tests = redundancy._tests_frame(
         [(i, c, 0, 3.0, True, False, "") for i in (0, 1) for c in ("clean", "m", "m_plus_h")]
     )
@@ -155,6 +156,16 @@ def test_h_holding_share_counts_the_latents_whose_ablation_lowers_the_refusal_sc
     assert awakened.filter(pl.col("ablation") == "strong")["effect"].to_list() == [None]
     s = summarise(awakened, tests)
     assert s["h_holding_n"] == 3 and s["h_holding_share"] == pytest.approx(2 / 3)
+    # at the default tolerance (0.25) the -0.1 is rounding-sized: one latent of three holds
+    assert summarise(awakened, tests, RedundancyConfig().holding_tolerance)[
+        "h_holding_share"
+    ] == pytest.approx(1 / 3)
+    out = StageDir(tmp_path / "tol", "redundancy")
+    RedundancyResult(awakened, tests, holding_tolerance=0.25).save(out)
+    loaded = RedundancyResult.load(out)  # the tolerance travels with the folder
+    assert loaded.summary()["holding_tolerance"] == 0.25 and loaded.summary()[
+        "h_holding_share"
+    ] == pytest.approx(1 / 3)
     old = awakened.drop("effect")
     assert summarise(old, tests)["h_holding_share"] is None
     assert (

@@ -21,8 +21,8 @@ For each dissected harmful prompt with minimal set M (stage greedy):
      M ∪ H to beat M ∪ C, not only M.
    * effect (per latent, in the awakened table): each latent h of the weak H ablated with M at
      the weak coefficient, one at a time: refusal score of M ∪ {h} minus that of M alone. A
-     hydra feature holds the refusal (effect < 0); a latent that pushes toward compliance raises
-     the score when ablated (effect > 0).
+     hydra feature holds the refusal (effect < −holding_tolerance); a latent that pushes toward
+     compliance raises the score when ablated (effect > 0), and most change it by rounding alone.
    * reinject: in the M-ablated run, H is scaled by reinject_scale (default 2: its awakened
      contribution added once more). If H carries refusal, refusal returns.
    * bos_clamp: M ablated as in `m`, plus the `bos_features` latents (default H) clamped to
@@ -84,13 +84,15 @@ class RedundancyResult:
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
     coefficient: float = -3.0  # scale of M (and H) in the strong conditions
     weak_coefficient: float = 0.0
+    holding_tolerance: float = 0.0  # a latent holds the refusal when its effect is below minus this
 
     def summary(self) -> dict:
         """Flat headline numbers (the pipeline prefixes them with "redundancy.")."""
         return {
             "coefficient": self.coefficient,
             "weak_coefficient": self.weak_coefficient,
-            **summarise(self.awakened, self.tests),
+            "holding_tolerance": self.holding_tolerance,
+            **summarise(self.awakened, self.tests, self.holding_tolerance),
         }
 
     def save(self, out: StageDir) -> None:
@@ -100,6 +102,7 @@ class RedundancyResult:
             "notes": self.notes,
             "coefficient": self.coefficient,
             "weak_coefficient": self.weak_coefficient,
+            "holding_tolerance": self.holding_tolerance,
         }
         write_json(out.file("redundancy.json"), meta)
         out.mark_done({"summary": self.summary()})
@@ -119,6 +122,8 @@ class RedundancyResult:
             notes,
             float(meta["coefficient"]),
             float(meta["weak_coefficient"]),
+            # a folder saved before the tolerance counted every negative effect as holding
+            float(meta.get("holding_tolerance", 0.0)),
         )
 
 
@@ -163,10 +168,11 @@ def run(
     """
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
     if not dissected:
-        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), {}, coefficient, cfg.weak_coefficient)
+        settings = (coefficient, cfg.weak_coefficient, cfg.holding_tolerance)
+        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), {}, *settings)
         why = "greedy found no minimal set: there is nothing to ablate"
         notes = {k: why for k, v in empty.summary().items() if v is None}
-        return RedundancyResult(empty.awakened, empty.tests, notes, coefficient, cfg.weak_coefficient)
+        return RedundancyResult(empty.awakened, empty.tests, notes, *settings)
     minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
     texts = [prompts.eval_harmful.instructions[i] for i in dissected]
     batch = model.tokenize(texts)
@@ -180,7 +186,9 @@ def run(
     # 3. Which of H hold the refusal: each latent of the weak H ablated with M, one at a time.
     awakened = _with_effects(awakened, h_effects(model, saes, texts, dissected, minimal, h_weak, cfg))
     notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
-    result = RedundancyResult(awakened, tests, notes, coefficient, cfg.weak_coefficient)
+    result = RedundancyResult(
+        awakened, tests, notes, coefficient, cfg.weak_coefficient, cfg.holding_tolerance
+    )
     log.info("redundancy: %s", result.summary())
     return result
 
@@ -457,7 +465,7 @@ def _h_prompts(awakened: pl.DataFrame, ablation: str = "strong") -> list[int]:
     )
 
 
-def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
+def summarise(awakened: pl.DataFrame, tests: pl.DataFrame, holding_tolerance: float = 0.0) -> dict:
     """Headline numbers from the two tables (so a loaded result summarises identically). Every
     jailbreak rate is over the prompts refused at baseline (`jailbreak_rate_n` of them)."""
     prompts = sorted(set(tests["prompt_idx"].to_list()))
@@ -501,7 +509,8 @@ def summarise(awakened: pl.DataFrame, tests: pl.DataFrame) -> dict:
         "m_plus_h_weak_control_p": sign_test(tests, "m_plus_h_weak", "m_plus_control_weak", base) if base else None,
         "gain_significance": SIGNIFICANCE,  # the level both p-values are held to
         # of the weak H's latents, each ablated with M alone: the share that lowers the refusal score
-        "h_holding_share": mean_of(effects < 0) if effects is not None and len(effects) else None,
+        # by more than the tolerance
+        "h_holding_share": mean_of(effects < -holding_tolerance) if effects is not None and len(effects) else None,
         "h_holding_n": len(effects) if effects is not None else None,
         "reinject_refusal_rate": None if reinject is None else 1.0 - reinject,
         "reinject_refusal_rate_n": len(restore) if n else None,
