@@ -393,8 +393,9 @@ def _holding_sentence(red: dict) -> str:
         if tol
         else ("", "raise it or leave it")
     )
+    lower = "lowers" if k == 1 else "lower"
     return (
-        f" Ablated one at a time with M (same c), {k} of H's {n} latents lower the refusal score{by}, as a "
+        f" Ablated one at a time with M (same c), {k} of H's {n} latents {lower} the refusal score{by}, as a "
         f"feature that holds the refusal would; the other {n - k} {rest} (`effect` in "
         "`redundancy/awakened.parquet`)."
     )

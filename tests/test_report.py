@@ -273,6 +273,10 @@ def test_found_sentences_follow_the_numbers():
     summary["redundancy"]["holding_tolerance"] = 0.25
     assert "2 of H's 8 latents lower the refusal score by more than 0.25, as a feature that holds the refusal " \
         "would; the other 6 raise it or move it by 0.25 or less" in "\n".join(found_sentences(summary, {}, None))  # fmt: skip
+    summary["redundancy"].update(h_holding_share=1 / 8)
+    assert "1 of H's 8 latents lowers the refusal score by more than 0.25" in "\n".join(
+        found_sentences(summary, {}, None)
+    )
 
 
 def test_cards_render_where_found_contexts_and_single_ablation(tmp_path):
