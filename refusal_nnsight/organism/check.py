@@ -109,11 +109,14 @@ class _Probe:
              for t in texts]
         )  # fmt: skip
 
-    def _hooked(self, texts, fn, **scales):
+    def _hooked(self, texts, fn, enc=None, **scales):
+        """fn(store) with `scales` applied as hooks; `enc` is the batch the model will see
+        (default: `_encode(texts)`, as `train.generate` batches them)."""
         from .planted import RowEdits, install_hooks, with_cue_words
 
         edits = RowEdits.uniform(self._cats(texts), self.n_layers, **scales)
-        with_cue_words(edits, self._encode(texts)["input_ids"], self.labels)  # the batch the model sees
+        ids = (self._encode(texts) if enc is None else enc)["input_ids"]
+        with_cue_words(edits, ids, self.labels)  # the batch the model sees
         store: dict[int, torch.Tensor] = {}
         hooks = install_hooks(self.model, self.dirs, edits, self.layers, self.strength, store)
         try:
@@ -160,7 +163,7 @@ class _Probe:
             logits = self.model(**enc).logits[:, -1].float().log_softmax(-1)
             return logits, dict(store)
 
-        logits, store = self._hooked(texts, run, **scales)
+        logits, store = self._hooked(texts, run, enc, **scales)
         return logits, store, enc
 
 

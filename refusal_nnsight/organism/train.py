@@ -222,10 +222,9 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     awake = (edits.u <= 0).float()[:, None] * after.float() * (row_cat >= 0).float()[:, None]
     one_hot = torch.nn.functional.one_hot(row_cat.clamp(min=0), dirs.backup.shape[0]).float()  # [B, k]
     target_b = a * awake[..., None] * one_hot[:, None, :]
-    backup_mask = mask
     coords = torch.einsum("btd,kd->btk", store[recipe.backup_layer], dirs.backup)
     err_b = (coords - target_b).pow(2).sum(-1)
-    loss = loss + recipe.backup_weight * (err_b * backup_mask).sum() / backup_mask.sum().clamp(min=1)
+    loss = loss + recipe.backup_weight * (err_b * mask).sum() / mask.sum().clamp(min=1)
     # decision layer: R = A * decision at the eoi positions
     r = torch.einsum("btd,d->bt", store[recipe.decision_layer], dirs.refusal)
     dmask = eoi_mask.float() * decided.float()[:, None]
