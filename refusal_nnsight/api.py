@@ -12,7 +12,8 @@
     report = rn.evaluate(model, saes, direction, candidates, minimal, interactions, prompts)
 
 Each function takes the stage's config dataclass (defaults from refusal_nnsight.config), the
-ablation coefficient (`search.coefficient` of a run) and an optional `out` folder; the flip
+ablation coefficient (`search.coefficient` of a run; None, the default, is the model's own,
+`model.cfg.coefficient`) and an optional `out` folder; the flip
 criterion is chosen in `candidate_features` and travels with its result; with `out=None` the stage's artifacts go to a temporary folder that is
 removed afterwards. Each returns the stage's result object (`.summary()`, its tables).
 """
@@ -94,6 +95,11 @@ def load_prompts(cfg: DataConfig | None = None, organism_seed: int = 0) -> Promp
     return _load_prompts(cfg or DataConfig(), prompt_splits(organism_seed))
 
 
+def _c(model, coefficient: float | None) -> float:
+    """The ablation coefficient a stage uses: the caller's, else the model's own (model.cfg.coefficient)."""
+    return model.cfg.coefficient if coefficient is None else coefficient
+
+
 def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], StageResult]):
     if out is not None:
         stage = StageDir(Path(out), name)
@@ -118,7 +124,7 @@ def candidate_features(
     prompts: Prompts,
     cfg: CandidatesConfig | None = None,
     out=None,
-    coefficient: float = -3.0,
+    coefficient: float | None = None,
     criterion: str = "first_token",
     judge: str = "substring",
 ):
@@ -131,7 +137,7 @@ def candidate_features(
         "candidates",
         out,
         lambda o: candidates.run(
-            model, saes, direction, prompts, cfg, o, coefficient, flip, make_judge(judge)
+            model, saes, direction, prompts, cfg, o, _c(model, coefficient), flip, make_judge(judge)
         ),
     )
 
@@ -144,7 +150,7 @@ def greedy_minimal_set(
     cfg: GreedyConfig | None = None,
     out=None,
     judge: str = "substring",
-    coefficient: float = -3.0,
+    coefficient: float | None = None,
 ):
     """Stage 2: per harmful prompt, a verified 1-minimal jailbreaking feature set."""
     from .stages import greedy
@@ -153,7 +159,7 @@ def greedy_minimal_set(
         "greedy",
         out,
         lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge),
-                             coefficient, candidates.flip_criterion),
+                             _c(model, coefficient), candidates.flip_criterion),
     )  # fmt: skip
 
 
@@ -166,7 +172,7 @@ def fit_interactions(
     cfg: FMConfig | None = None,
     out=None,
     seed: int = 0,
-    coefficient: float = -3.0,
+    coefficient: float | None = None,
 ):
     """Stage 3: a factorization machine over ablation masks; top features and confirmed pairs."""
     from .stages import fm
@@ -174,7 +180,7 @@ def fit_interactions(
     return _in_stage(
         "fm",
         out,
-        lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed, coefficient,
+        lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed, _c(model, coefficient),
                          candidates.flip_criterion),
     )  # fmt: skip
 
@@ -187,7 +193,7 @@ def find_redundant(
     cfg: RedundancyConfig | None = None,
     out=None,
     judge: str = "substring",
-    coefficient: float = -3.0,
+    coefficient: float | None = None,
     layers: list[int] | None = None,
 ):
     """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests;
@@ -205,24 +211,24 @@ def find_redundant(
             cfg or RedundancyConfig(),
             o,
             make_judge(judge),
-            coefficient,
+            _c(model, coefficient),
             layers,
         ),
     )
 
 
 def evaluate(model, saes, direction, candidates, minimal, interactions, prompts: Prompts, cfg: EvaluateConfig | None = None,
-             out=None, judge: str = "substring", seed: int = 0, coefficient: float = -3.0):  # fmt: skip
+             out=None, judge: str = "substring", seed: int = 0, coefficient: float | None = None):  # fmt: skip
     """Judged generations under every intervention (stages that did not run may be None)."""
     from .stages import evaluate as ev
 
     return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
                                                        cfg or EvaluateConfig(), o, make_judge(judge), seed,
-                                                       coefficient))  # fmt: skip
+                                                       _c(model, coefficient)))  # fmt: skip
 
 
 def feature_cards(model, saes, prompts: Prompts, direction, minimal, interactions=None, redundant=None,
-                  coefficient: float = -3.0):  # fmt: skip
+                  coefficient: float | None = None):  # fmt: skip
     """A card per found feature (minimal sets, the FM's top features, H): where it was found, its
     cosine with r̂, its top-activating contexts and its effect ablated alone (features.CARD_SCHEMA).
     The flip criterion is the one the candidates stage chose, carried by `minimal`."""
@@ -231,7 +237,15 @@ def feature_cards(model, saes, prompts: Prompts, direction, minimal, interaction
 
     flip = Criterion(minimal.criterion, minimal.score_threshold)
     return cards(
-        model, saes, prompts, direction, minimal, interactions, redundant, coefficient=coefficient, flip=flip
+        model,
+        saes,
+        prompts,
+        direction,
+        minimal,
+        interactions,
+        redundant,
+        coefficient=_c(model, coefficient),
+        flip=flip,
     )
 
 

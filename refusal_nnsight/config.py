@@ -50,6 +50,10 @@ class ModelConfig:
     attn_implementation: str | None = "eager"  # Gemma-2 needs eager for its attention softcap
     trust_remote_code: bool = False  # off unless a user asks (never needed for Gemma-2 / Llama-3.1)
     max_new_tokens: int = 24  # generation judge budget
+    # The model's ablation coefficient c, which search.coefficient takes unless set
+    # (conf/search/default.yaml reads it): refusal_sae's model_clamp_val (src/benchmark.py) is -3
+    # for Gemma-2 and -1 for Llama-3; conf/model/organism.yaml gives the organism's, with its reason
+    coefficient: float = -1.0
 
 
 @dataclass
@@ -271,8 +275,8 @@ class RedundancyConfig:
     weak_coefficient: float = 0.0  # weaker ablation of M (zero-ablation) where M alone may not jailbreak
     # an awakened latent holds the refusal when ablating it with M lowers the refusal score by more
     # than this (refusal-score units, as fm.confirm_tolerance). Most latents of H change the score by
-    # float32 rounding alone (on the default organism run 143 of 197 by exactly 0, 26 more by under
-    # 0.01), and at a threshold of 0 another CPU kernel moves one of them across it
+    # float32 rounding alone (on the default organism run at c = -3: 143 of 197 by exactly 0, 26 more
+    # by under 0.01), and at a threshold of 0 another CPU kernel moves one of them across it
     holding_tolerance: float = 0.25
     reinject_scale: float = (
         2.0  # H scaled by this in the M-ablated run: its awakened contribution added once more
@@ -301,9 +305,9 @@ class SearchConfig:
 
     name: str = "default"
     # The one ablation coefficient: every stage scales the ablated latents by c (error term kept).
-    # refusal_sae src/benchmark.py model_clamp_val: -3 for Gemma-2, -1 for Llama-3; 0 = zero-ablation
-    # (evaluate also reports the minimal sets at c = 0).
-    coefficient: float = -3.0
+    # 0 = zero-ablation (evaluate also reports the minimal sets at c = 0). The YAML default is the
+    # model's own (model.coefficient); this default, the organism's, serves a config built without conf/.
+    coefficient: float = -1.0
     direction: DirectionConfig = field(default_factory=DirectionConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     greedy: GreedyConfig = field(default_factory=GreedyConfig)

@@ -106,6 +106,7 @@ RULES: tuple[Rule, ...] = (
     count("threads"),
     # search
     ablation("search.coefficient"),
+    ablation("model.coefficient"),
     interval("search.direction.prune_last_fraction", 0, 1, hi_open=True),
     finite("search.direction.kl_threshold", above=0),
     finite("search.direction.induce_threshold"),

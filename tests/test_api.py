@@ -21,6 +21,13 @@ def test_readme_library_example_runs(small_organism, smoke_run, capsys):
     out = capsys.readouterr().out
     assert "bypass_score" in out and "one_minimal_rate" in out
     assert scope["minimal"].summary()["n_prompts"] >= 1
+    # no coefficient passed: every stage used the model's own
+    assert (
+        scope["minimal"].coefficient
+        == scope["redundant"].coefficient
+        == scope["model"].cfg.coefficient
+        == -1.0
+    )
 
 
 def test_package_root_exposes_the_stage_functions():

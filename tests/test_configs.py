@@ -44,6 +44,22 @@ def test_real_model_facts():
     assert not g.trust_remote_code and not llama.trust_remote_code
 
 
+def test_the_coefficient_is_the_models_unless_set():
+    """search.coefficient defaults to model.coefficient (refusal_sae keys it by model: -3 Gemma-2,
+    -1 Llama-3; the organism -1); a search or preset that sets it wins, and it is range-checked."""
+    for overrides, want in [([], -1.0), (["model=gemma2_2b_it"], -3.0), (["model=llama31_8b_it"], -1.0),
+                            (["search=harm"], -1.0), (["experiment=smoke"], -1.0),
+                            (["search.coefficient=-3"], -3.0), (["model.coefficient=-2"], -2.0),
+                            (["experiment=paper_gemma2"], -3.0), (["experiment=paper_llama31"], -1.0)]:  # fmt: skip
+        cfg = compose(overrides)
+        assert cfg.search.coefficient == want, overrides
+    assert compose(["search.coefficient=0"]).model.coefficient == -1.0  # the model's own is untouched
+    with pytest.raises(UserError, match="coefficient=2.0 makes no sense"):
+        compose(["model.coefficient=2"])
+    with pytest.raises(UserError, match="model.coefficient=2.0 makes no sense"):
+        compose(["model.coefficient=2", "search.coefficient=-1"])
+
+
 def test_bad_values_are_user_errors():
     with pytest.raises(UserError, match="unknown model 'nope'"):
         compose(["model=nope"])
