@@ -167,8 +167,8 @@ def run(
     refusal is broken, and those would crowd the backups out of H.
     """
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
+    settings = (coefficient, cfg.weak_coefficient, cfg.holding_tolerance)
     if not dissected:
-        settings = (coefficient, cfg.weak_coefficient, cfg.holding_tolerance)
         empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), {}, *settings)
         why = "greedy found no minimal set: there is nothing to ablate"
         notes = {k: why for k, v in empty.summary().items() if v is None}
@@ -186,9 +186,7 @@ def run(
     # 3. Which of H hold the refusal: each latent of the weak H ablated with M, one at a time.
     awakened = _with_effects(awakened, h_effects(model, saes, texts, dissected, minimal, h_weak, cfg))
     notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
-    result = RedundancyResult(
-        awakened, tests, notes, coefficient, cfg.weak_coefficient, cfg.holding_tolerance
-    )
+    result = RedundancyResult(awakened, tests, notes, *settings)
     log.info("redundancy: %s", result.summary())
     return result
 
