@@ -517,7 +517,12 @@ def test_top_feature_is_the_latent_in_the_most_minimal_sets():
                  "one_minimal": True, "smallest_size": len(m)} for i, m in enumerate(sets)]  # fmt: skip
         sets_df = pl.DataFrame(rows, schema=SETS_SCHEMA) if rows else pl.DataFrame(schema=SETS_SCHEMA)
         return GreedyResult(
-            sets_df, pl.DataFrame(schema=TRAJECTORY_SCHEMA), pl.DataFrame(schema=JUDGED_SCHEMA)
+            sets_df,
+            pl.DataFrame(schema=TRAJECTORY_SCHEMA),
+            pl.DataFrame(schema=JUDGED_SCHEMA),
+            "first_token",
+            0.0,
+            -1.0,
         )
 
     s = result([[(1, 5)], [(0, 7), (1, 5)], [(2, 3)], [(1, 5), (2, 3)]]).summary()

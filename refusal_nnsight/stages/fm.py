@@ -293,8 +293,8 @@ class FMResult:
     top_features: pl.DataFrame  # pool features ranked by |w_i| of the readout FM
     classifier: pl.DataFrame  # the prompt classifier's accuracy per model × split (empty if not run)
     weights: dict[str, torch.Tensor]  # "{prompt_idx}/{task}/{model}/{w0|w|V}", "classifier/{model}/…"
-    coefficient: float = -3.0
-    criterion: str = "first_token"  # labels the classification masks (judge → first_token)
+    coefficient: float  # scale c of every ablated latent
+    criterion: str  # labels the classification masks (judge → first_token)
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
 
     def _mean(self, model: str, task: str, col: str) -> float | None:

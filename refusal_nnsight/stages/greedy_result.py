@@ -75,9 +75,9 @@ class GreedyResult:
     sets: pl.DataFrame  # one row per dissected prompt (SETS_SCHEMA)
     trajectory: pl.DataFrame  # every tested step (TRAJECTORY_SCHEMA)
     judged: pl.DataFrame  # generations of the decided variants (JUDGED_SCHEMA)
-    criterion: str = "first_token"
-    score_threshold: float = 0.0  # τ of the score criterion (from the direction stage)
-    coefficient: float = -3.0
+    criterion: str  # the flip criterion that decided each set
+    score_threshold: float  # τ of the score criterion (from the direction stage)
+    coefficient: float  # scale c of every ablated latent
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None
 
     @property

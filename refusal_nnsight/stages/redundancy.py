@@ -81,10 +81,10 @@ class RedundancyResult:
     # in_h, effect (weak H only: refusal score of M ∪ {h} minus M's, both at the weak coefficient)
     awakened: pl.DataFrame
     tests: pl.DataFrame  # prompt_idx, condition, n_edited, refusal_score, judge_refused, jailbroken, response
+    coefficient: float  # scale of M (and H) in the strong conditions
+    weak_coefficient: float  # scale of M (and its weak H) in the weak conditions
+    holding_tolerance: float  # a latent holds the refusal when its effect is below minus this
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
-    coefficient: float = -3.0  # scale of M (and H) in the strong conditions
-    weak_coefficient: float = 0.0
-    holding_tolerance: float = 0.0  # a latent holds the refusal when its effect is below minus this
 
     def summary(self) -> dict:
         """Flat headline numbers (the pipeline prefixes them with "redundancy.")."""
@@ -119,11 +119,11 @@ class RedundancyResult:
         return cls(
             awakened,
             read_parquet(out.file("tests.parquet")),
-            notes,
             float(meta["coefficient"]),
             float(meta["weak_coefficient"]),
             # a folder saved before the tolerance counted every negative effect as holding
             float(meta.get("holding_tolerance", 0.0)),
+            notes,
         )
 
 
@@ -169,10 +169,10 @@ def run(
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
     settings = (coefficient, cfg.weak_coefficient, cfg.holding_tolerance)
     if not dissected:
-        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), {}, *settings)
+        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), *settings)
         why = "greedy found no minimal set: there is nothing to ablate"
         notes = {k: why for k, v in empty.summary().items() if v is None}
-        return RedundancyResult(empty.awakened, empty.tests, notes, *settings)
+        return RedundancyResult(empty.awakened, empty.tests, *settings, notes)
     minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
     texts = [prompts.eval_harmful.instructions[i] for i in dissected]
     batch = model.tokenize(texts)
@@ -186,7 +186,7 @@ def run(
     # 3. Which of H hold the refusal: each latent of the weak H ablated with M, one at a time.
     awakened = _with_effects(awakened, h_effects(model, saes, texts, dissected, minimal, h_weak, cfg))
     notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
-    result = RedundancyResult(awakened, tests, notes, *settings)
+    result = RedundancyResult(awakened, tests, *settings, notes)
     log.info("redundancy: %s", result.summary())
     return result
 
