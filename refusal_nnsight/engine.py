@@ -72,7 +72,7 @@ class AblationEngine:
     model: LoadedModel
     saes: LoadedSAEs
     pool: Sequence[Feature]
-    value: float = -3.0  # scale c (mode=scale) or clamp value (mode=clamp)
+    value: float  # scale c (mode=scale) or clamp value (mode=clamp): every ablation states it
     mode: EditMode = "scale"
     positions: Positions = "all"
     batch_size: int = 64
