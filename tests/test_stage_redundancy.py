@@ -69,6 +69,12 @@ def test_control_set_matches_h_layer_by_layer_with_latents_that_did_not_wake():
     assert control_set(clean, ablated, exclude=[], h=[], cfg=cfg) == []
 
 
+def _result(awakened: pl.DataFrame, tests: pl.DataFrame) -> RedundancyResult:
+    """A RedundancyResult at the organism's coefficient and the config's weak coefficient and tolerance."""
+    cfg = RedundancyConfig()
+    return RedundancyResult(awakened, tests, -1.0, cfg.weak_coefficient, cfg.holding_tolerance)
+
+
 def _weak_tests(n: int, h_gains: int, control_jailbroken: int, m_jailbroken: int = 0) -> pl.DataFrame:
     """n prompts refused at baseline: M ∪ H jailbreaks the first m_jailbroken + h_gains of them, M
     alone the first m_jailbroken, M ∪ C the first control_jailbroken."""
@@ -86,11 +92,9 @@ def test_redundancy_needs_m_plus_h_to_beat_the_control():
     from refusal_nnsight.ground_truth import redundancy_found
 
     aw = redundancy._awakened_frame([(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True)])
-    assert redundancy_found(RedundancyResult(aw, _weak_tests(10, 6, 0), -1.0, 0.0, 0.25)) == (True, 0.6)
-    assert redundancy_found(RedundancyResult(aw, _weak_tests(10, 6, 6), -1.0, 0.0, 0.25)) == (False, 0.6)
-    old = RedundancyResult(
-        aw, _weak_tests(10, 6, 0), -1.0, 0.0, 0.25
-    )  # saved before the control existed: not a control of 0
+    assert redundancy_found(_result(aw, _weak_tests(10, 6, 0))) == (True, 0.6)
+    assert redundancy_found(_result(aw, _weak_tests(10, 6, 6))) == (False, 0.6)
+    old = _result(aw, _weak_tests(10, 6, 0))  # saved before the control existed: not a control of 0
     old.tests = old.tests.filter(pl.col("condition") != "m_plus_control_weak")
     assert redundancy_found(old) == (None, None)
 
@@ -103,13 +107,13 @@ def test_redundancy_is_not_found_on_a_gain_chance_explains():
 
     aw = redundancy._awakened_frame([(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True)])
     one = _weak_tests(25, 1, 10, m_jailbroken=10)
-    found, gain = redundancy_found(RedundancyResult(aw, one, -1.0, 0.0, 0.25))
+    found, gain = redundancy_found(_result(aw, one))
     assert found is False and gain == pytest.approx(0.04)
     assert sign_test(one, "m_plus_h_weak", "m_weak", list(range(25))) == pytest.approx(0.5)
     four, five = _weak_tests(25, 4, 0), _weak_tests(25, 5, 0)
     assert sign_test(four, "m_plus_h_weak", "m_weak", list(range(25))) == pytest.approx(1 / 16)
-    assert redundancy_found(RedundancyResult(aw, four, -1.0, 0.0, 0.25))[0] is False
-    assert redundancy_found(RedundancyResult(aw, five, -1.0, 0.0, 0.25))[0] is True
+    assert redundancy_found(_result(aw, four))[0] is False
+    assert redundancy_found(_result(aw, five))[0] is True
     assert summarise(aw, five)["m_plus_h_weak_gain_p"] == pytest.approx(1 / 32)
     assert sign_test(five, "m_weak", "m_weak", list(range(25))) == 1.0  # nothing discordant
 
@@ -175,7 +179,7 @@ def test_h_holding_share_counts_the_latents_whose_ablation_lowers_the_refusal_sc
         in redundancy._reasons(old, tests, RedundancyConfig())["h_holding_share"]
     )
     out = StageDir(tmp_path, "redundancy")
-    RedundancyResult(old, tests, -1.0, 0.0, 0.25).save(out)
+    _result(old, tests).save(out)
     loaded = RedundancyResult.load(out)
     assert loaded.summary()["h_holding_share"] is None and "not measured" in loaded.notes["h_holding_share"]
     empty = redundancy._awakened_frame([])
@@ -339,17 +343,14 @@ def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
         (2, "weak", 2, 3, 0.0, 2.0, 0.0, 25, False),  # ... and at the weak one, but ranked out of H
         (3, "weak", 2, 3, 0.0, 2.0, 0.0, 0, True),  # prompt 3: not a cue prompt
     ])  # fmt: skip
-    got, why = backup_in_h(RedundancyResult(aw, tests, -1.0, 0.0, 0.25), ps, saes, backup)
+    got, why = backup_in_h(_result(aw, tests), ps, saes, backup)
     assert why is None
     assert got["backup_in_h_n"] == 3 and got["backup_in_h_rate"] == pytest.approx(1 / 3)
     assert got["backup_min_cosine"] == pytest.approx(0.8)
     # not measured (None, with a reason), never 0: a model without planted backups, an unscanned layer
-    assert (
-        backup_in_h(RedundancyResult(aw, tests, -1.0, 0.0, 0.25), ps, saes, None)[0]["backup_in_h_rate"]
-        is None
-    )
+    assert backup_in_h(_result(aw, tests), ps, saes, None)[0]["backup_in_h_rate"] is None
     unscanned = PlantedBackup(2, (1,), backup.directions, 1.0)
-    got, why = backup_in_h(RedundancyResult(aw, tests, -1.0, 0.0, 0.25), ps, saes, unscanned)
+    got, why = backup_in_h(_result(aw, tests), ps, saes, unscanned)
     assert got["backup_in_h_rate"] is None and "did not scan the backup layer 2" in why
 
 
