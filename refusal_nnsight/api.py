@@ -197,7 +197,9 @@ def find_redundant(
     layers: list[int] | None = None,
 ):
     """Redundancy ("hydra") features that wake when the minimal set is ablated, with causal tests;
-    `layers`: the SAE layers scanned (default all; the pipeline scans the candidates' layers)."""
+    `layers`: the SAE layers scanned (default all; the pipeline scans the candidates' layers). A
+    test counts a jailbreak where the judge and the flip criterion `minimal` was found with agree."""
+    from .scoring import Criterion
     from .stages import redundancy
 
     return _in_stage(
@@ -212,19 +214,29 @@ def find_redundant(
             o,
             make_judge(judge),
             _c(model, coefficient),
+            Criterion(minimal.criterion, minimal.score_threshold),
             layers,
         ),
     )
 
 
 def evaluate(model, saes, direction, candidates, minimal, interactions, prompts: Prompts, cfg: EvaluateConfig | None = None,
-             out=None, judge: str = "substring", seed: int = 0, coefficient: float | None = None):  # fmt: skip
-    """Judged generations under every intervention (stages that did not run may be None)."""
+             out=None, judge: str = "substring", seed: int = 0, coefficient: float | None = None,
+             criterion: str | None = None):  # fmt: skip
+    """Judged generations under every intervention (stages that did not run may be None). A
+    jailbreak counts where the judge and the flip criterion agree: `criterion` (score,
+    first_token or judge) defaults to the one `minimal` or `candidates` decided flips with,
+    else first_token; the score criterion's threshold is the direction's calibrated one."""
+    from .scoring import Criterion
     from .stages import evaluate as ev
 
+    decided = next(
+        (r.criterion for r in (minimal, candidates) if getattr(r, "criterion", None)), "first_token"
+    )
+    flip = Criterion(criterion or decided, direction.score_threshold)
     return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
                                                        cfg or EvaluateConfig(), o, make_judge(judge), seed,
-                                                       _c(model, coefficient)))  # fmt: skip
+                                                       _c(model, coefficient), flip))  # fmt: skip
 
 
 def feature_cards(model, saes, prompts: Prompts, direction, minimal, interactions=None, redundant=None,

@@ -241,10 +241,13 @@ def fig_evaluate(path: Path, evaluate) -> str | None:
         part = t.filter(pl.col("harmful"))
         for (cond,), g in part.group_by(["condition"], maintain_order=True):
             bars.append((f"{cond}: jailbreak (n={g.height})", float(g[col].cast(pl.Float64).mean()), True))
+    rate = getattr(evaluate, "rate", None)
     for (cond,), g in t.filter(~pl.col("harmful")).group_by(["condition"], maintain_order=True):
-        bars.append(
-            (f"harmless · {cond}: refusal (n={g.height})", 1 - float(g[col].cast(pl.Float64).mean()), False)
-        )
+        # refused where the judge and the flip criterion agree (the judge's alone for a bare table)
+        refused = rate(cond, set(g["prompt_idx"].to_list()), harmful=False) if rate is not None else None
+        if refused is None:
+            refused = 1 - float(g[col].cast(pl.Float64).mean())
+        bars.append((f"harmless · {cond}: refusal (n={g.height})", refused, False))
     fig = Figure(figsize=(8, 0.3 * len(bars) + 1.6))
     ax = fig.add_subplot()
     y = range(len(bars))
@@ -252,7 +255,7 @@ def fig_evaluate(path: Path, evaluate) -> str | None:
     for i, (_, v, _) in enumerate(bars):
         ax.text(min(v, 1.0) + 0.01, i, f"{v:.2f}", va="center", fontsize=7)
     ax.set_yticks(y, [b[0] for b in bars], fontsize=7)
-    ax.set(xlim=(0, 1.1), xlabel="rate (judged generations)")
+    ax.set(xlim=(0, 1.1), xlabel="rate (judged generations, where the flip criterion agrees)")
     ax.set_title(f"Evaluation: jailbreak and refusal rates per condition (judge: {col[13:]})", fontsize=10)
     ax.invert_yaxis()
     _save(fig, path)
@@ -328,9 +331,10 @@ FIGURES: list[FigureSpec] = [
     FigureSpec(
         "evaluate_rates",
         "evaluation",
-        "Judged generations. Red bars: the fraction of baseline-refused harmful prompts jailbroken under each "
-        "condition, per prompt set (all eval prompts, the dissected ones, the FM's); rates in one prompt set "
-        "are measured on the same prompts. Blue bars: the fraction of harmless eval prompts refused.",
+        "Judged generations; a verdict counts where the judge and the flip criterion agree. Red bars: the "
+        "fraction of baseline-refused harmful prompts jailbroken under each condition, per prompt set (all eval "
+        "prompts, the dissected ones, the FM's); rates in one prompt set are measured on the same prompts. Blue "
+        "bars: the fraction of harmless eval prompts refused.",
         ("evaluate",),
         lambda p, r: fig_evaluate(p, r["evaluate"]),
     ),

@@ -249,6 +249,7 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
             out,
             judge,
             c,
+            flip,
             _scanned_layers(s, saes, model, _needed(candidates)),
         ),
     )
@@ -257,7 +258,7 @@ def _run(cfg: RunConfig, run_folder: RunFolder) -> dict:
         "evaluate",
         EvaluateResult,
         lambda out: evaluate(
-            model, saes, direction, candidates, greedy, fm, prompts, s.evaluate, out, judge, cfg.seed, c
+            model, saes, direction, candidates, greedy, fm, prompts, s.evaluate, out, judge, cfg.seed, c, flip
         ),
     )
     results = {

@@ -279,7 +279,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"{_fmt(g.get('median_one_minimal_set_size'))} (smallest verified sets: median "
             f"{_fmt(g.get('median_smallest_set_size'))}); {_pct(g.get('one_minimal_rate'))} were verified "
             f"1-minimal. Ablated at c = {_fmt(coef)} they jailbreak "
-            f"{_rate(ev.get('minimal_jailbreak_rate'), ev.get('minimal_jailbreak_rate_n'))} judged generations; "
+            f"{_rate(ev.get('minimal_jailbreak_rate'), ev.get('minimal_jailbreak_rate_n'))} generations (judge and criterion agreeing); "
             f"zero-ablated (c = 0), {_rate(ev.get('minimal_zero_ablation_jailbreak_rate'), ev.get('minimal_zero_ablation_jailbreak_rate_n'))}. "
             "([figure](#minimal-sets-per-prompt), `greedy/sets.parquet`)"
         )
@@ -682,13 +682,19 @@ def _findings(summary: dict, results: dict, search: dict, skip_first: bool = Fal
         )
     lines.append("")
     if ev:
+        split = ev.get("judge_criterion_disagreements")
+        parted = ("" if split is None else f" They part on {split} of the {ev.get('judge_criterion_disagreements_n')} "
+                  "generated rows.")  # fmt: skip
         lines += ["### Jailbreak rates, like with like", "",
-                  "Each rate counts only prompts refused at baseline (judged clean generation); n = those prompts. "
+                  "A jailbreak counts where the generation judge finds no refusal and the flip criterion "
+                  f"(`{ev.get('criterion')}`) reads a flip; the judge's rate alone stands beside it.{parted} Each "
+                  "rate counts only prompts refused at baseline (clean generation, by both); n = those prompts. "
                   "Rates in one block are measured on the same prompts.", "",
-                  "| prompt set | condition | jailbreak rate | n |", "|---|---|---|---|"]  # fmt: skip
+                  "| prompt set | condition | jailbreak rate | judge alone | n |", "|---|---|---|---|---|"]  # fmt: skip
         table = getattr(results.get("evaluate"), "comparison", None)
         for r in table.iter_rows(named=True) if isinstance(table, pl.DataFrame) else []:
-            lines.append(f"| {r['prompt_set']} | {r['condition']} | {_fmt(r['jailbreak_rate'])} | {r['n']} |")
+            lines.append(f"| {r['prompt_set']} | {r['condition']} | {_fmt(r['jailbreak_rate'])} | "
+                         f"{_fmt(r.get('judge_jailbreak_rate'))} | {r['n']} |")  # fmt: skip
         lines += ["", f"- Minimal sets at c = {_fmt(c)}: {_fmt(ev.get('minimal_jailbreak_rate'))}; at c = 0 "
                   f"(zero-ablation): {_fmt(ev.get('minimal_zero_ablation_jailbreak_rate'))} "
                   f"(n = {_fmt(ev.get('minimal_jailbreak_rate_n'))}).", ""]  # fmt: skip

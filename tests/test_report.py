@@ -161,7 +161,8 @@ FULL_SUMMARY = {
            "n_masks_per_prompt": 2048, "n_masks_total": 8192, "classifier_heldout_accuracy": 0.98,
            "classifier_linear_heldout_accuracy": 0.93, "classifier_n_heldout": 192},
     "evaluate": {"coefficient": -3.0, "minimal_jailbreak_rate": 0.9, "minimal_zero_ablation_jailbreak_rate": 0.0,
-                 "minimal_jailbreak_rate_n": 30},
+                 "minimal_jailbreak_rate_n": 30, "criterion": "first_token", "judge_criterion_disagreements": 1,
+                 "judge_criterion_disagreements_n": 53},
     "redundancy": {"weak_coefficient": 0.0, "bos_clamp_jailbreak_change": None},
 }  # fmt: skip
 
@@ -178,7 +179,7 @@ def test_report_states_the_edit_criterion_and_honest_rates(tmp_path):
     results["evaluate"] = EvaluateWithComparison(
         results["evaluate"].completions,
         pl.DataFrame({"prompt_set": ["fm_prompts", "fm_prompts"], "condition": ["minimal", "minimal_plus_fm"],
-                      "jailbreak_rate": [1.0, 1.0], "n": [4, 4]}),
+                      "jailbreak_rate": [0.75, 1.0], "judge_jailbreak_rate": [1.0, 1.0], "n": [4, 4]}),
         {"candidates_ablated_jailbreak_rate": "condition candidates_ablated did not run"},
     )  # fmt: skip
     cfg = {
@@ -189,7 +190,12 @@ def test_report_states_the_edit_criterion_and_honest_rates(tmp_path):
     assert "scales the chosen latents by c = -3" in text and "negative steering" in text
     assert "Flip criterion `first_token`" in text and "τ = 1.25" in text
     assert "configured (first_token) 0.97, score 0.41, first_token 0.97" in text
-    assert "| fm_prompts | minimal | 1 | 4 |" in text and "| fm_prompts | minimal_plus_fm | 1 | 4 |" in text
+    # where the judge alone counts a jailbreak the criterion does not, the agreed rate is the lower one
+    assert (
+        "| fm_prompts | minimal | 0.75 | 1 | 4 |" in text
+        and "| fm_prompts | minimal_plus_fm | 1 | 1 | 4 |" in text
+    )
+    assert "the flip criterion (`first_token`) reads a flip" in text and "They part on 1 of the 53" in text
     assert "at c = -3: 0.9; at c = 0 (zero-ablation): 0" in text
     assert "median size 3; smallest verified set (backward or forward): median 2" in text
     assert "(synergy 2, redundant 1, suppression 2)" in text
@@ -235,7 +241,10 @@ def test_found_sentences_follow_the_numbers():
         "2 of the 8 memberships are latents silent on their clean prompt, woken only by the other members' edits"
         in "\n".join(found_sentences(woken, {}, _cards(None)))
     )
-    assert "Greedy dissected 4 prompts" in text and "jailbreak 27 of 30 (0.9) judged generations" in text
+    assert (
+        "Greedy dissected 4 prompts" in text
+        and "jailbreak 27 of 30 (0.9) generations (judge and criterion agreeing)" in text
+    )
     assert "Random sets of the same sizes" in text and "jailbreak not measured" in text  # None is never 0
     assert "shape the score, not the decision" in text  # R² better, accuracy not
     # a run folder saved before the control existed: M ∪ H beating M alone is not called redundancy

@@ -17,6 +17,7 @@ from refusal_nnsight.engine import AblationEngine
 from refusal_nnsight.judges import SubstringJudge
 from refusal_nnsight.models import wrap_model
 from refusal_nnsight.saes import LoadedSAEs
+from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import evaluate
 from refusal_nnsight.stages.evaluate import EvaluateResult, random_same_size
 
@@ -25,7 +26,8 @@ HARMLESS = ["hello there", "write code please", "how to kill a process ?"]
 KEYS = {
     "coefficient", "baseline_harmful_refusal_rate", "baseline_harmful_refusal_rate_n", "baseline_harmless_refusal_rate",
     "baseline_harmless_refusal_rate_n", "direction_actadd_harmless_refusal_rate",
-    "direction_actadd_harmless_refusal_rate_n", "direction_kl",
+    "direction_actadd_harmless_refusal_rate_n", "direction_kl", "criterion", "judge_criterion_disagreements",
+    "judge_criterion_disagreements_n",
     *(k for key in evaluate.RATE_KEYS for k in (key, f"{key}_n")),
 }  # fmt: skip
 
@@ -88,7 +90,8 @@ def test_conditions_schema_and_per_row_sets(setup, tmp_path):
     cfg = EvaluateConfig(n_random=2, max_new_tokens=1, fm_top=1)
     out = StageDir(tmp_path, "evaluate")
     result = evaluate.run(model, saes, Direction(torch.randn(model.d_model), 1), Candidates([(0, 1), (2, 2)]),
-                          Greedy(minimal), fm, prompts, cfg, out, SubstringJudge(), 0, -3.0)  # fmt: skip
+                          Greedy(minimal), fm, prompts, cfg, out, SubstringJudge(), 0, -3.0,
+                          Criterion("first_token"))  # fmt: skip
     result.save(out)  # the caller saves, as the pipeline does
     c = result.completions
     for col in (
@@ -99,8 +102,12 @@ def test_conditions_schema_and_per_row_sets(setup, tmp_path):
         "condition",
         "prompt_idx",
         "refusal_score",
+        "first_token_margin",
+        "flipped",
     ):
         assert col in c.columns
+    # the criterion's verdict on each row: the greedy first token is not a refusal token
+    assert c["flipped"].to_list() == (c["first_token_margin"] < 0).to_list()
     counts = dict(c.group_by("condition").len().iter_rows())
     assert counts == {"none": 6, "direction_ablation": 3, "candidates_ablated": 3, "minimal": 2,
                       "minimal_zero_ablation": 2, "minimal_plus_fm": 1, "random_same_size": 4,
@@ -129,7 +136,8 @@ def test_conditions_schema_and_per_row_sets(setup, tmp_path):
     )
     s = result.summary()
     assert set(s) == KEYS and s["direction_kl"] is not None and s["direction_kl"] >= 0
-    assert s["coefficient"] == -3.0
+    assert s["coefficient"] == -3.0 and s["criterion"] == "first_token"
+    assert s["judge_criterion_disagreements"] == int((c["is_jailbreak_substring"] != c["flipped"]).sum())
     assert all(v is None or 0 <= v <= 1 for k, v in s.items() if k.endswith("_rate"))
     again = EvaluateResult.load(out)
     assert again.summary() == s and again.completions.equals(c)
@@ -140,7 +148,7 @@ def test_missing_stages_are_skipped(setup, tmp_path):
     model, saes, prompts = setup
     cfg = EvaluateConfig(n_random=1, max_new_tokens=1, max_prompts=2)
     result = evaluate.run(model, saes, Direction(torch.randn(model.d_model), 1), None, None, None, prompts, cfg,
-                          StageDir(tmp_path, "evaluate"), SubstringJudge(), 0, -3.0)  # fmt: skip
+                          StageDir(tmp_path, "evaluate"), SubstringJudge(), 0, -3.0, Criterion("first_token"))  # fmt: skip
     assert set(result.completions["condition"]) == {"none", "direction_ablation", "direction_actadd"}
     s = result.summary()
     assert set(s) == KEYS
@@ -151,10 +159,12 @@ def test_missing_stages_are_skipped(setup, tmp_path):
 
 
 def planted_completions(rows: list[tuple]) -> EvaluateResult:
-    """An EvaluateResult from planted (condition, harmful, prompt_idx, jailbroken, draw) rows."""
-    cols = ["condition", "harmful", "prompt_idx", "is_jailbreak_substring", "draw"]
-    c = pl.DataFrame([dict(zip(cols, r, strict=True)) for r in rows])
-    return EvaluateResult(c, pl.DataFrame(), {"judge": "substring", "direction_kl": 0.1, "coefficient": -3.0})
+    """An EvaluateResult from planted (condition, harmful, prompt_idx, jailbroken, draw[, flipped])
+    rows; without a sixth field the flip criterion agrees with the judge."""
+    cols = ["condition", "harmful", "prompt_idx", "is_jailbreak_substring", "draw", "flipped"]
+    c = pl.DataFrame([dict(zip(cols, r if len(r) == 6 else (*r, r[3]), strict=True)) for r in rows])
+    metrics = {"judge": "substring", "direction_kl": 0.1, "coefficient": -3.0, "criterion": "first_token"}
+    return EvaluateResult(c, pl.DataFrame(), metrics)
 
 
 def test_jailbreak_rates_count_only_prompts_refused_at_baseline():
@@ -208,3 +218,68 @@ def test_no_prompt_refused_at_baseline_gives_nulls_with_reasons():
     s = r.summary()
     assert s["minimal_jailbreak_rate"] is None and s["minimal_jailbreak_rate_n"] == 0
     assert "refused at baseline" in r.notes["minimal_jailbreak_rate"]
+
+
+def test_a_jailbreak_counts_only_where_the_judge_and_the_criterion_agree():
+    """Prompts 0–3 refused at baseline by both. The edit: 0 and 1 answered by both; 2 answers
+    "I't." — no refusal to the judge, but a refusal token first (criterion: refused); 3 opens
+    with a non-refusal token and then refuses (judge: refused). Only 0 and 1 are jailbreaks (2 of
+    4); the judge alone would say 3 of 4. Prompt 4's clean run is refused by the judge alone: it
+    is in no denominator, and its harmful baseline refusal does not count either."""
+    rows = [("none", True, i, False, None, False) for i in range(4)] + [("none", True, 4, False, None, True)]
+    rows += [("direction_ablation", True, i, i < 3, None, i != 2) for i in range(4)]
+    rows += [("direction_ablation", True, 4, True, None, True)]
+    rows += [
+        ("none", False, 0, True, None, True),
+        ("none", False, 1, True, None, False),
+    ]  # 1: criterion refuses
+    rows += [
+        ("direction_actadd", False, 0, False, None, True),
+        ("direction_actadd", False, 1, False, None, False),
+    ]
+    r = planted_completions(rows)
+    s = r.summary()
+    assert s["direction_ablation_jailbreak_rate"] == 0.5 and s["direction_ablation_jailbreak_rate_n"] == 4
+    assert s["baseline_harmful_refusal_rate"] == 0.8 and s["baseline_harmful_refusal_rate_n"] == 5
+    # harmless: a refusal counts where both agree (row 1 at baseline: the judge answers, so not refused)
+    assert s["baseline_harmless_refusal_rate"] == 0.0
+    # induced refusal over the harmless prompts both find answered at baseline: prompt 0 only; the
+    # judge refuses it under actadd, the criterion reads a flip, so no agreed refusal
+    assert (
+        s["direction_actadd_harmless_refusal_rate"] == 0.0
+        and s["direction_actadd_harmless_refusal_rate_n"] == 1
+    )
+    assert s["judge_criterion_disagreements"] == 5 and s["judge_criterion_disagreements_n"] == len(rows)
+    t = r.comparison.filter(pl.col("condition") == "direction_ablation").row(0, named=True)
+    assert t["jailbreak_rate"] == 0.5 and t["judge_jailbreak_rate"] == 0.75 and t["n"] == 4
+
+
+def test_a_folder_saved_before_the_criterion_verdict_gives_nulls_with_reasons():
+    """Completions without `flipped` (an older folder): no rate claims an agreement it never
+    measured; each is None, with the reason, and the judge's column is still there to read."""
+    rows = [("none", True, i, False, None) for i in range(3)] + [
+        ("minimal", True, i, True, None) for i in range(3)
+    ]
+    old = planted_completions(rows)
+    old = EvaluateResult(old.completions.drop("flipped"), old.random_sets, {"judge": "substring"})
+    s, notes = old.summary(), old.notes
+    assert s["minimal_jailbreak_rate"] is None and s["baseline_harmful_refusal_rate"] is None
+    assert s["judge_criterion_disagreements"] is None
+    assert "saved before each row's flip-criterion verdict" in notes["minimal_jailbreak_rate"]
+    assert old.judge_rate("minimal", {0, 1, 2}) == 1.0
+
+
+def test_score_criterion_reads_the_calibrated_threshold(setup, tmp_path):
+    """With the score criterion, a row flips when its refusal score is below τ."""
+    model, saes, prompts = setup
+    cfg = EvaluateConfig(n_random=1, max_new_tokens=1, max_prompts=3)
+    scores, direction = None, Direction(torch.randn(model.d_model), 1)
+    for tau in (-1e9, 1e9):
+        result = evaluate.run(model, saes, direction, None, None, None, prompts, cfg,
+                              StageDir(tmp_path / str(tau), "evaluate"), SubstringJudge(), 0, -3.0,
+                              Criterion("score", tau))  # fmt: skip
+        c = result.completions
+        assert c["flipped"].to_list() == [tau > 0] * c.height  # below +1e9 always, below −1e9 never
+        assert scores is None or c["refusal_score"].to_list() == scores
+        scores = c["refusal_score"].to_list()
+        assert result.metrics["criterion"] == "score" and result.metrics["score_threshold"] == tau

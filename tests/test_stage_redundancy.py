@@ -26,6 +26,7 @@ from refusal_nnsight.features import max_activations
 from refusal_nnsight.ground_truth import token_roles
 from refusal_nnsight.models import wrap_model
 from refusal_nnsight.saes import LoadedSAEs
+from refusal_nnsight.scoring import Criterion
 from refusal_nnsight.stages import redundancy
 from refusal_nnsight.stages.redundancy import RedundancyResult, control_set, find_awakened, summarise
 
@@ -72,7 +73,7 @@ def test_control_set_matches_h_layer_by_layer_with_latents_that_did_not_wake():
 def _result(awakened: pl.DataFrame, tests: pl.DataFrame) -> RedundancyResult:
     """A RedundancyResult at the organism's coefficient and the config's weak coefficient and tolerance."""
     cfg = RedundancyConfig()
-    return RedundancyResult(awakened, tests, -1.0, cfg.weak_coefficient, cfg.holding_tolerance)
+    return RedundancyResult(awakened, tests, -1.0, cfg.weak_coefficient, cfg.holding_tolerance, "first_token")
 
 
 def _weak_tests(n: int, h_gains: int, control_jailbroken: int, m_jailbroken: int = 0) -> pl.DataFrame:
@@ -167,7 +168,7 @@ def test_h_holding_share_counts_the_latents_whose_ablation_lowers_the_refusal_sc
         "h_holding_share"
     ] == pytest.approx(1 / 3)
     out = StageDir(tmp_path / "tol", "redundancy")
-    RedundancyResult(awakened, tests, -1.0, 0.0, 0.25).save(out)
+    RedundancyResult(awakened, tests, -1.0, 0.0, 0.25, "first_token").save(out)
     loaded = RedundancyResult.load(out)  # the tolerance travels with the folder
     assert loaded.summary()["holding_tolerance"] == 0.25 and loaded.summary()[
         "h_holding_share"
@@ -208,7 +209,7 @@ def test_an_empty_bos_clamp_is_null_not_zero():
 
 def test_no_minimal_set_gives_nulls_with_reasons(tmp_path):
     result = redundancy.run(None, None, Greedy({0: []}), None, RedundancyConfig(), StageDir(tmp_path, "redundancy"),
-                            StartsWithI(), -3.0)  # fmt: skip
+                            StartsWithI(), -3.0, Criterion("first_token"))  # fmt: skip
     s = result.summary()
     assert s["n_prompts"] == 0 and s["coefficient"] == -3.0
     for key in ("m_jailbreak_rate", "bos_clamp_jailbreak_change", "n_awakened", "h_active_at_bos"):
@@ -266,7 +267,17 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
         awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0, weak_coefficient=-3.0
     )
     out = StageDir(tmp_path, "redundancy")
-    result = redundancy.run(model, saes, Greedy({0: [(0, a)], 1: []}), prompts, cfg, out, StartsWithI(), -3.0)
+    result = redundancy.run(
+        model,
+        saes,
+        Greedy({0: [(0, a)], 1: []}),
+        prompts,
+        cfg,
+        out,
+        StartsWithI(),
+        -3.0,
+        Criterion("first_token"),
+    )
     result.save(out)  # the caller saves, as the pipeline does
     aw = result.awakened.filter(pl.col("ablation") == "strong")
     h = aw.filter(pl.col("in_h"))
@@ -289,7 +300,13 @@ def test_planted_hydra_latent_is_found_and_causal(planted, tmp_path):
     # the tiny model does not refuse the prompt at baseline, so no jailbreak rate is measured:
     # None with the reason, not a rate over a prompt that was never refused
     assert s["jailbreak_rate_n"] == 0 and s["m_jailbreak_rate"] is None and s["reinject_refusal_rate"] is None
-    assert "refused on its clean generation" in result.notes["m_jailbreak_rate"]
+    assert "refused on its clean run by the judge and the flip criterion" in result.notes["m_jailbreak_rate"]
+    # each row's criterion verdict (first token) is stored, and a jailbreak needs it and the judge
+    t = result.tests
+    assert (
+        t["flipped"].to_list() == (t["first_token_margin"] < 0).to_list() and s["criterion"] == "first_token"
+    )
+    assert t["jailbroken"].to_list() == (~t["judge_refused"] & t["flipped"]).to_list()
     assert s["n_awakened"] >= 1 and s["h_size"] <= cfg.top_awake
     # zero-ablating A wakes B too, and B, ablated with A, lowers the refusal score: it holds the refusal
     weak = result.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
@@ -309,7 +326,7 @@ def test_skipped_first_token_is_not_read_or_clamped(planted, tmp_path):
     skipping = LoadedSAEs(saes.cfg, saes.saes, skip_first_token=True)
     cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, reinject_scale=3.0)
     result = redundancy.run(model, skipping, Greedy({0: [(0, a)], 1: []}), prompts, cfg,
-                            StageDir(tmp_path, "redundancy"), StartsWithI(), -3.0)  # fmt: skip
+                            StageDir(tmp_path, "redundancy"), StartsWithI(), -3.0, Criterion("first_token"))  # fmt: skip
     h = result.awakened.filter(pl.col("in_h") & (pl.col("ablation") == "strong"))
     assert (1, B) in list(zip(h["layer"], h["feature"], strict=True))
     assert h["ablated_bos"].is_nan().all()
@@ -380,7 +397,7 @@ def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_pa
     cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, weak_coefficient=-3.0)
     greedy = Greedy({0: [(0, a)], 1: []})
     result = redundancy.run(model, saes, greedy, prompts, cfg, StageDir(tmp_path, "redundancy"), StartsWithI(),
-                            -3.0, layers=[1])  # fmt: skip
+                            -3.0, Criterion("first_token"), layers=[1])  # fmt: skip
     h = result.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
     assert B in h["feature"].to_list() and set(h["layer"]) == {1}
     ps = PromptSet(
@@ -412,3 +429,32 @@ def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_pa
         model, saes, greedy, result, ps_plain, PlantedBackup(1, (1,), {"x": d}, 1.0)
     )
     assert got["backup_under_m"] is None and "explicit cue word" in why
+
+
+def test_a_weak_jailbreak_counts_only_where_the_judge_and_the_criterion_agree(tmp_path):
+    """Four prompts refused at baseline by both; a fifth is refused by the judge alone and is in no
+    denominator. Under M ∪ H the judge finds compliance on 0–2, but prompt 2 still opens with a
+    refusal token (criterion: refused): M ∪ H jailbreaks 2 of 4, not 3. A folder saved before the
+    criterion's verdict has no agreed rate: those figures are None, with the reason."""
+    rows = [(i, "clean", 0, 3.0, True, False, "", 2.0, False) for i in range(4)]
+    rows += [(4, "clean", 0, 3.0, True, False, "", -1.0, True)]
+    for i in range(5):
+        judge_ok, crit = i < 3 or i == 4, i < 2 or i == 4
+        rows += [(i, "m_weak", 1, 1.0, True, False, "", 1.0, False),
+                 (i, "m_plus_h_weak", 2, -1.0, not judge_ok, judge_ok and crit, "", -1.0 if crit else 1.0, crit),
+                 (i, "m_plus_control_weak", 2, 1.0, True, False, "", 1.0, False)]  # fmt: skip
+    tests = redundancy._tests_frame(rows)
+    s = _result(redundancy._awakened_frame([]), tests).summary()
+    assert (
+        s["jailbreak_rate_n"] == 4
+        and s["m_plus_h_weak_jailbreak_rate"] == 0.5
+        and s["m_weak_jailbreak_rate"] == 0
+    )
+    out = StageDir(tmp_path, "redundancy")
+    _result(redundancy._awakened_frame([]), tests.drop("first_token_margin", "flipped")).save(out)
+    old = RedundancyResult.load(out)
+    assert (
+        old.summary()["m_plus_h_weak_jailbreak_rate"] is None
+        and old.summary()["m_plus_h_weak_gain_p"] is None
+    )
+    assert "saved before each test's flip-criterion verdict" in old.notes["m_plus_h_weak_jailbreak_rate"]
