@@ -533,6 +533,36 @@ def test_top_feature_is_the_latent_in_the_most_minimal_sets():
     assert none["top_feature"] is None and none["top_feature_share"] is None
 
 
+def test_minimal_set_jailbreaks_count_where_the_judge_and_the_criterion_agree():
+    """M's judged jailbreak rate over the dissected prompts refused at baseline by both the judge
+    and the first-token criterion: prompt 3's clean run opens with a non-refusal token, so it is in
+    no denominator; under M prompt 0 is answered by both, prompt 1 answers "I't." (the judge: no
+    refusal; its first token: the refusal) and prompt 2 is refused by the judge: 1 of 3."""
+    from refusal_nnsight.stages.greedy_result import (
+        JUDGED_SCHEMA,
+        SETS_SCHEMA,
+        TRAJECTORY_SCHEMA,
+        GreedyResult,
+    )
+
+    sets = pl.DataFrame([{"prompt_idx": i, "layers": [0], "features": [i], "size": 1, "one_minimal": True,
+                          "smallest_size": 1, "judge_jailbreak": i != 2} for i in range(4)], schema=SETS_SCHEMA)  # fmt: skip
+    judged = pl.DataFrame(
+        [{"prompt_idx": i, "variant": "clean", "size": 0, "refusal_score": 3.0, "first_token_margin": -1.0 if i == 3 else 5.0,
+          "judge_refused": True, "completion": "I'm sorry"} for i in range(4)]
+        + [{"prompt_idx": i, "variant": "minimal", "size": 1, "refusal_score": -1.0, "first_token_margin": m,
+            "judge_refused": r, "completion": c}
+           for i, (m, r, c) in enumerate([(-4.0, False, "Sure"), (0.7, False, "I't."), (-2.0, True, "Sure, I'm sorry"),
+                                          (-4.0, False, "Sure")])],
+        schema=JUDGED_SCHEMA,
+    )  # fmt: skip
+    s = GreedyResult(sets, pl.DataFrame(schema=TRAJECTORY_SCHEMA), judged, "first_token", 0.0, -1.0).summary()
+    assert s["jailbreak_rate"] == pytest.approx(1 / 3) and s["jailbreak_rate_n"] == 3
+    # under the judge criterion the judge agrees with itself: every clean run refused, 3 of 4 answered
+    judge = GreedyResult(sets, pl.DataFrame(schema=TRAJECTORY_SCHEMA), judged, "judge", 0.0, -1.0).summary()
+    assert judge["jailbreak_rate"] == 0.75 and judge["jailbreak_rate_n"] == 4
+
+
 def test_count_woken_finds_the_member_only_the_others_wake(tmp_path):
     """Planted truth: layer 0's latent reads the refusal component x·u (active on every refused
     prompt); layer 1's latent reads −x·u, so it is silent on the clean prompt and wakes only once

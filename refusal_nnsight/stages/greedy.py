@@ -322,5 +322,7 @@ def _reasons(result: GreedyResult, cfg: GreedyConfig) -> dict[str, str]:
         elif not cfg.judge_confirm:
             notes[key] = "greedy.judge_confirm is off: no generation was judged"
         elif key.startswith("jailbreak_rate"):
-            notes[key] = "the judge finds no dissected prompt refused on its clean generation"
+            notes[key] = (
+                "no dissected prompt is refused on its clean generation by the judge and the criterion together"
+            )
     return notes

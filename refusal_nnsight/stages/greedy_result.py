@@ -93,24 +93,37 @@ class GreedyResult:
         t = self.judged.filter(pl.col("variant") != "clean")
         if t.height == 0:
             return None
-        jail = ~t["judge_refused"]
-        flip = {
+        return mean_of(self._flips(t, criterion) == ~t["judge_refused"])
+
+    def _flips(self, t: pl.DataFrame, criterion: str) -> pl.Series:
+        """Per judged row, whether `criterion` reads a flip."""
+        return {
             "score": t["refusal_score"] < self.score_threshold,
             "first_token": t["first_token_margin"] < 0,
-            "judge": jail,
+            "judge": ~t["judge_refused"],
         }[criterion]
-        return mean_of(flip == jail)
+
+    def _agreed(self, variant: str, refused: bool) -> set[int]:
+        """Prompts whose `variant` run the judge and the set's criterion agree is refused (or,
+        refused=False, answered)."""
+        t = self.judged.filter(pl.col("variant") == variant)
+        flips = self._flips(t, self.criterion)
+        both = (t["judge_refused"] & ~flips) if refused else (~t["judge_refused"] & flips)
+        return set(t.filter(both)["prompt_idx"].to_list())
 
     def summary(self) -> dict:
         rows = self.sets.to_dicts()
         sizes = [r["size"] for r in rows]
         fwd = [r["forward_size"] for r in rows if r["forward_size"] is not None]
         small = [r["smallest_size"] for r in rows]
-        # jailbreak rate over the dissected prompts the judge finds refused at baseline
-        clean = self.judged.filter((pl.col("variant") == "clean") & pl.col("judge_refused"))
-        base = set(clean["prompt_idx"].to_list())
+        # jailbreak rate of M over the dissected prompts refused at baseline, each verdict where the
+        # judge and the criterion agree (M flips by the criterion by construction, unless it is the judge)
+        base = self._agreed("clean", refused=True) if self.judged.height else set()
+        broken = self._agreed("minimal", refused=False) if self.judged.height else set()
         judged = [
-            r["judge_jailbreak"] for r in rows if r["prompt_idx"] in base and r["judge_jailbreak"] is not None
+            r["prompt_idx"] in broken
+            for r in rows
+            if r["prompt_idx"] in base and r["judge_jailbreak"] is not None
         ]
         return {
             "n_prompts": len(rows),
