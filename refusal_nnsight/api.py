@@ -225,15 +225,16 @@ def evaluate(model, saes, direction, candidates, minimal, interactions, prompts:
              criterion: str | None = None):  # fmt: skip
     """Judged generations under every intervention (stages that did not run may be None). A
     jailbreak counts where the judge and the flip criterion agree: `criterion` (score,
-    first_token or judge) defaults to the one `minimal` or `candidates` decided flips with,
-    else first_token; the score criterion's threshold is the direction's calibrated one."""
+    first_token or judge) defaults to the one `minimal` or `candidates` decided flips with, at
+    its score threshold; without either, first_token at the direction's calibrated threshold."""
     from .scoring import Criterion
     from .stages import evaluate as ev
 
-    decided = next(
-        (r.criterion for r in (minimal, candidates) if getattr(r, "criterion", None)), "first_token"
+    decided = next((r for r in (minimal, candidates) if getattr(r, "criterion", None)), None)
+    flip = Criterion(
+        criterion or (decided.criterion if decided else "first_token"),
+        decided.score_threshold if decided else direction.score_threshold,
     )
-    flip = Criterion(criterion or decided, direction.score_threshold)
     return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
                                                        cfg or EvaluateConfig(), o, make_judge(judge), seed,
                                                        _c(model, coefficient), flip))  # fmt: skip

@@ -28,6 +28,14 @@ def test_readme_library_example_runs(small_organism, smoke_run, capsys):
         == scope["model"].cfg.coefficient
         == -1.0
     )
+    # evaluate counts a jailbreak where the judge agrees with the criterion the sets were found with
+    from refusal_nnsight.config import EvaluateConfig
+
+    g = scope["minimal"]
+    ev = scope["rn"].evaluate(scope["model"], scope["saes"], scope["direction"], scope["candidates"], g, None,
+                              scope["prompts"], EvaluateConfig(max_prompts=2, n_random=1, max_new_tokens=4))  # fmt: skip
+    assert (ev.metrics["criterion"], ev.metrics["score_threshold"]) == (g.criterion, g.score_threshold)
+    assert ev.summary()["judge_criterion_disagreements"] is not None
 
 
 def test_package_root_exposes_the_stage_functions():
