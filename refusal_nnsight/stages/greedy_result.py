@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from statistics import mean, median
 
 import polars as pl
+import torch
 
 from ..artifacts import StageDir, mean_of, read_json, read_parquet, saved_before, write_json, write_parquet
 from ..engine import Feature
+from ..scoring import Criterion
 
 SETS_SCHEMA = pl.Schema(
     {
@@ -96,12 +98,10 @@ class GreedyResult:
         return mean_of(self._flips(t, criterion) == ~t["judge_refused"])
 
     def _flips(self, t: pl.DataFrame, criterion: str) -> pl.Series:
-        """Per judged row, whether `criterion` reads a flip."""
-        return {
-            "score": t["refusal_score"] < self.score_threshold,
-            "first_token": t["first_token_margin"] < 0,
-            "judge": ~t["judge_refused"],
-        }[criterion]
+        """Per judged row, whether `criterion` (at the set's score threshold) reads a flip."""
+        flip = torch.tensor(t.select("refusal_score", "first_token_margin").to_numpy(), dtype=torch.float64)
+        verdicts = Criterion(criterion, self.score_threshold).flipped(flip, t["judge_refused"].to_list())
+        return pl.Series(verdicts, dtype=pl.Boolean)
 
     def _agreed(self, variant: str, refused: bool) -> set[int]:
         """Prompts whose `variant` run the judge and the set's criterion agree is refused (or,
