@@ -103,16 +103,20 @@ class EvaluateResult:
             answered=judge & pl.col("flipped"), refused=~judge & ~pl.col("flipped")
         )
 
+    def _rows(self, table: pl.DataFrame, condition: str, harmful: bool, prompts: set[int] | None = None):
+        """`table`'s rows of `condition` on the harmful (or harmless) set, limited to `prompts`."""
+        keep = (pl.col("condition") == condition) & (pl.col("harmful") == harmful)
+        return table.filter(keep if prompts is None else keep & pl.col("prompt_idx").is_in(prompts))
+
     def _prompts(self, condition: str, harmful: bool = True) -> set[int]:
-        t = self.completions.filter((pl.col("condition") == condition) & (pl.col("harmful") == harmful))
-        return set(t["prompt_idx"].to_list())
+        return set(self._rows(self.completions, condition, harmful)["prompt_idx"].to_list())
 
     def _baseline(self, harmful: bool, refused: bool) -> set[int]:
         """Prompts whose clean generation the judge and the criterion agree is refused (or,
         refused=False, answered); empty for a folder that predates the criterion's verdict."""
         if not self.agreement_measured:
             return set()
-        t = self._verdicts().filter((pl.col("condition") == "none") & (pl.col("harmful") == harmful))
+        t = self._rows(self._verdicts(), "none", harmful)
         return set(t.filter(pl.col("refused" if refused else "answered"))["prompt_idx"].to_list())
 
     def rate(
@@ -123,20 +127,14 @@ class EvaluateResult:
         prompt is left or the folder predates the criterion's verdict."""
         if not self.agreement_measured:
             return None
-        t = self._verdicts().filter(
-            (pl.col("condition") == condition)
-            & (pl.col("harmful") == harmful)
-            & pl.col("prompt_idx").is_in(prompts)
-        )
+        t = self._rows(self._verdicts(), condition, harmful, prompts)
         if t.height == 0:
             return None
         return mean_of(t[verdict or ("answered" if harmful else "refused")])
 
     def judge_rate(self, condition: str, prompts: set[int]) -> float | None:
         """The judge's jailbreak rate alone (harmful rows), for comparison with `rate`."""
-        t = self.completions.filter(
-            (pl.col("condition") == condition) & pl.col("harmful") & pl.col("prompt_idx").is_in(prompts)
-        )
+        t = self._rows(self.completions, condition, True, prompts)
         return mean_of(t[self.jailbreak_column]) if t.height else None
 
     def disagreements(self) -> int | None:
