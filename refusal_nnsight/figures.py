@@ -243,11 +243,15 @@ def fig_evaluate(path: Path, evaluate) -> str | None:
             bars.append((f"{cond}: jailbreak (n={g.height})", float(g[col].cast(pl.Float64).mean()), True))
     rate = getattr(evaluate, "rate", None)
     for (cond,), g in t.filter(~pl.col("harmful")).group_by(["condition"], maintain_order=True):
-        # refused where the judge and the flip criterion agree (the judge's alone for a bare table)
-        refused = rate(cond, set(g["prompt_idx"].to_list()), harmful=False) if rate is not None else None
-        if refused is None:
-            refused = 1 - float(g[col].cast(pl.Float64).mean())
-        bars.append((f"harmless · {cond}: refusal (n={g.height})", refused, False))
+        # refused where the judge and the flip criterion agree; a bare table has the judge's column alone
+        if rate is None:
+            refused: float | None = 1 - float(g[col].cast(pl.Float64).mean())
+        else:  # None for a folder saved before the criterion's verdict: not measured, no bar
+            refused = rate(cond, set(g["prompt_idx"].to_list()), harmful=False)
+        if refused is not None:
+            bars.append((f"harmless · {cond}: refusal (n={g.height})", refused, False))
+    if not bars:
+        return "no rate was measured (an evaluate folder saved before each row's flip-criterion verdict)"
     fig = Figure(figsize=(8, 0.3 * len(bars) + 1.6))
     ax = fig.add_subplot()
     y = range(len(bars))

@@ -283,3 +283,19 @@ def test_score_criterion_reads_the_calibrated_threshold(setup, tmp_path):
         assert scores is None or c["refusal_score"].to_list() == scores
         scores = c["refusal_score"].to_list()
         assert result.metrics["criterion"] == "score" and result.metrics["score_threshold"] == tau
+
+
+def test_the_rates_figure_draws_no_rate_an_old_folder_did_not_measure(tmp_path):
+    """The figure reads the agreed rates: a folder saved before the criterion's verdict has none,
+    so it is skipped with the reason rather than drawn from the judge's column alone."""
+    from refusal_nnsight.figures import fig_evaluate
+
+    rows = [("none", True, i, False, None) for i in range(3)] + [
+        ("minimal", True, i, True, None) for i in range(3)
+    ]
+    rows += [("none", False, i, True, None) for i in range(3)]
+    new = planted_completions(rows)
+    assert fig_evaluate(tmp_path / "new.png", new) is None and (tmp_path / "new.png").exists()
+    old = EvaluateResult(new.completions.drop("flipped"), new.random_sets, {"judge": "substring"})
+    assert "saved before each row's flip-criterion verdict" in fig_evaluate(tmp_path / "old.png", old)
+    assert not (tmp_path / "old.png").exists()
