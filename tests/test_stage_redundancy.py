@@ -70,6 +70,12 @@ def test_control_set_matches_h_layer_by_layer_with_latents_that_did_not_wake():
     assert control_set(clean, ablated, exclude=[], h=[], cfg=cfg) == []
 
 
+def _tests_frame(rows: list[tuple]) -> pl.DataFrame:
+    """The stage's tests table from rows with or without (first_token_margin, flipped); without
+    them the criterion agrees with the row's `jailbroken` (margin unknown)."""
+    return redundancy._tests_frame([r if len(r) == 9 else (*r, None, r[5]) for r in rows])
+
+
 def _result(awakened: pl.DataFrame, tests: pl.DataFrame) -> RedundancyResult:
     """A RedundancyResult at the organism's coefficient and the config's weak coefficient and tolerance."""
     cfg = RedundancyConfig()
@@ -84,7 +90,7 @@ def _weak_tests(n: int, h_gains: int, control_jailbroken: int, m_jailbroken: int
         h, m, c = i < m_jailbroken + h_gains, i < m_jailbroken, i < control_jailbroken
         rows += [(i, "clean", 0, 3.0, True, False, ""), (i, "m_weak", 1, 1.0, not m, m, ""),
                  (i, "m_plus_h_weak", 2, -1.0, not h, h, ""), (i, "m_plus_control_weak", 2, -1.0, not c, c, "")]  # fmt: skip
-    return redundancy._tests_frame(rows)
+    return _tests_frame(rows)
 
 
 def test_redundancy_needs_m_plus_h_to_beat_the_control():
@@ -130,7 +136,7 @@ def test_summary_rates_and_reasons_from_tables():
         (0, "reinject", 2, 1.0, True, False, ""), (1, "reinject", 1, -1.0, False, True, ""),
         (0, "bos_clamp", 2, 1.0, True, False, ""), (1, "bos_clamp", 1, -1.0, False, True, ""),
     ]  # fmt: skip
-    tests = redundancy._tests_frame(rows)
+    tests = _tests_frame(rows)
     awakened = redundancy._awakened_frame([(0, "strong", 1, 5, 0.0, 2.0, 0.0, 0, True)])
     s = summarise(awakened, tests)
     assert s["n_prompts"] == 3 and s["n_awakened"] == 1 / 3
@@ -152,7 +158,7 @@ def test_h_holding_share_counts_the_latents_whose_ablation_lowers_the_refusal_sc
     """Of the weak H's latents, the share that holds the refusal (effect below minus the tolerance,
     so that rounding does not count); a run folder from before the effects (no column) is not
     measured, and says so."""
-    tests = redundancy._tests_frame(
+    tests = _tests_frame(
         [(i, c, 0, 3.0, True, False, "") for i in (0, 1) for c in ("clean", "m", "m_plus_h")]
     )
     rows = [(0, "weak", 1, 5, 0.0, 2.0, 0.0, 0, True), (0, "weak", 1, 6, 0.0, 1.0, 0.0, 1, True),
@@ -198,7 +204,7 @@ def test_an_empty_bos_clamp_is_null_not_zero():
         (0, "clean", 0, 3.0, True, False, ""), (0, "m", 1, -2.0, False, True, ""),
         (0, "bos_clamp", 0, -2.0, False, True, ""),
     ]  # fmt: skip
-    tests, awakened = redundancy._tests_frame(rows), redundancy._awakened_frame([])
+    tests, awakened = _tests_frame(rows), redundancy._awakened_frame([])
     s = summarise(awakened, tests)
     assert s["bos_clamp_jailbreak_rate"] is None and s["bos_clamp_jailbreak_change"] is None
     assert (
@@ -352,7 +358,7 @@ def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
     )
     ps = PromptSet(["a", "b", "c", "d"], True, ["weapons", "drugs", "weapons", "compositional"],
                    [{"kind": "cue"}, {"kind": "cue"}, {"kind": "cue"}, {"kind": "compositional"}])  # fmt: skip
-    tests = redundancy._tests_frame([(i, "clean", 0, 3.0, True, False, "") for i in range(4)])
+    tests = _tests_frame([(i, "clean", 0, 3.0, True, False, "") for i in range(4)])
     aw = redundancy._awakened_frame([
         (0, "weak", 2, 3, 0.0, 2.0, 0.0, 0, True),  # prompt 0 (weapons): its backup, in H
         (1, "weak", 2, 5, 0.0, 2.0, 0.0, 0, True),  # prompt 1 (drugs): a latent at cosine 0.6, not the closest (4)
@@ -443,7 +449,7 @@ def test_a_weak_jailbreak_counts_only_where_the_judge_and_the_criterion_agree(tm
         rows += [(i, "m_weak", 1, 1.0, True, False, "", 1.0, False),
                  (i, "m_plus_h_weak", 2, -1.0, not judge_ok, judge_ok and crit, "", -1.0 if crit else 1.0, crit),
                  (i, "m_plus_control_weak", 2, 1.0, True, False, "", 1.0, False)]  # fmt: skip
-    tests = redundancy._tests_frame(rows)
+    tests = _tests_frame(rows)
     s = _result(redundancy._awakened_frame([]), tests).summary()
     assert (
         s["jailbreak_rate_n"] == 4

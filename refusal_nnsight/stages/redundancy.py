@@ -433,9 +433,7 @@ def _awakened_frame(rows: list[tuple]) -> pl.DataFrame:
 
 def _tests_frame(rows: list[tuple]) -> pl.DataFrame:
     """The tests table from (prompt_idx, condition, n_edited, refusal_score, judge_refused,
-    jailbroken, response[, first_token_margin, flipped]) rows; a row without the last two has the
-    criterion agree with its `jailbroken` (margin unknown)."""
-    rows = [r if len(r) == 9 else (*r, None, r[5]) for r in rows]
+    jailbroken, response, first_token_margin, flipped) rows."""
     schema = {
         "prompt_idx": pl.Int64, "condition": pl.Utf8, "n_edited": pl.Int64, "refusal_score": pl.Float64,
         "judge_refused": pl.Boolean, "jailbroken": pl.Boolean, "response": pl.Utf8,
