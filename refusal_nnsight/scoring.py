@@ -23,7 +23,7 @@ import torch
 
 from . import interventions
 from .backends import run_chunks, run_tasks
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UserError
 from .interventions import Edit
 from .models import Batch, LoadedModel
 from .variants import apply_variants
@@ -59,6 +59,10 @@ class Criterion:
 
     name: str = "first_token"
     threshold: float = 0.0  # τ of the score criterion (direction.score_threshold)
+
+    def __post_init__(self) -> None:
+        if self.name not in CRITERIA:  # a library caller's typo, said before any forward pass
+            raise UserError(f"criterion={self.name!r}: use one of {', '.join(CRITERIA)}")
 
     def margin(self, flip: torch.Tensor) -> torch.Tensor:
         """flip [N, 2] (refusal score, first-token margin) → [N] margin, < 0 ⇔ flipped."""

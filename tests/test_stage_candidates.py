@@ -100,6 +100,18 @@ def test_a_noop_coefficient_is_reported_as_not_jailbroken(planted_stage1, tmp_pa
     assert result.summary()["n_not_flipped"] == 4
 
 
+def test_an_unknown_criterion_is_a_user_error_before_any_forward_pass():
+    """A library caller's typo (the CLI checks the config) is said in one line with the choices,
+    not as the judge criterion's "decided on generations" error after the model has run."""
+    with pytest.raises(UserError, match="criterion='first-token': use one of score, first_token, judge"):
+        Criterion("first-token")
+    assert [Criterion(name).name for name in ("score", "first_token", "judge")] == [
+        "score",
+        "first_token",
+        "judge",
+    ]
+
+
 def test_the_criterion_decides_refused_and_flipped(planted_stage1, tmp_path):
     """refused / jailbroken follow the criterion's own margins: the first-token margin's sign,
     or the refusal score against τ (a τ above every score calls every prompt flipped)."""
