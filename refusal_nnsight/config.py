@@ -219,6 +219,10 @@ class CandidatesConfig:
     # also ablate each searched layer's candidates alone, and all but that layer's: which layers do
     # the work, and whether one undoes the rest (two more passes per layer over the harmful eval prompts)
     per_layer: bool = False
+    # random unit directions each layer's candidates are compared with (candidates.parquet null_p): a
+    # candidate is "beyond the null" when fewer than 5% of them have a latent as close to them as it
+    # is to r̂. 0 = off
+    null_directions: int = 256
 
 
 @dataclass

@@ -227,6 +227,7 @@ def ground_truth_summary(
     redundancy=None,
     roles: pl.DataFrame | None = None,
     backup: PlantedBackup | None = None,
+    candidates: Sequence[Feature] | None = None,
 ) -> tuple[dict, pl.DataFrame, dict]:
     """Planted-truth figures of a run (summary.json "ground_truth"), the role of each found feature,
     and why each null figure is null.
@@ -236,6 +237,11 @@ def ground_truth_summary(
       prompt of that category has, in its own minimal set or its own FM top features, a feature of
       role cue:<that category> (None when no cue prompt was dissected). A category's cue counts only
       where its own prompts needed it, not where another category's prompts did;
+    - cue_candidate_recall: of the same categories, the fraction for which some candidate (C, which
+      every minimal set and the FM's pool are drawn from) has role cue:<that category>: the ceiling
+      the candidate ranking puts on cue_recall (None without `candidates` or a dissected cue
+      prompt). Below it, greedy or the FM passed over a cue C offered; at it, the ranking never
+      offered the rest;
     - cue_precision: of the distinct minimal-set features, the fraction whose role is a cue or the
       composition (a refusal-decision feature is a true finding, but not a harm cue; a generic one,
       firing on the cue words of several categories, is not one category's cue);
@@ -250,7 +256,7 @@ def ground_truth_summary(
     (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
-    empty = {"cue_recall": None, "cue_precision": None, "refusal_features": None, "generic_features": None,
+    empty = {"cue_recall": None, "cue_candidate_recall": None, "cue_precision": None, "refusal_features": None, "generic_features": None,
              "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
@@ -277,6 +283,11 @@ def ground_truth_summary(
         wanted = pl.DataFrame(found, schema={"layer": pl.Int64, "feature": pl.Int64}, orient="row")
         roles = wanted.join(roles, on=["layer", "feature"], how="left", maintain_order="left")
     role_of = {(r["layer"], r["feature"]): r["role"] for r in roles.to_dicts()}
+    offered = sorted({(int(a), int(b)) for a, b in candidates or ()})
+    missing = [f for f in offered if f not in role_of]
+    if missing:  # a feature's role does not depend on the others it is computed with
+        role_of.update({(r["layer"], r["feature"]): r["role"]
+                        for r in feature_roles(model, saes, missing, prompts).to_dicts()})  # fmt: skip
     cue_prompts = [i for i in sorted(greedy.minimal_sets) if ps.meta[i]["kind"] == "cue"]
     present = sorted({ps.categories[i] for i in cue_prompts})
     recovered = {
@@ -286,6 +297,13 @@ def ground_truth_summary(
     out["cue_recall"] = len(recovered) / len(present) if present else None
     if not present:
         notes["cue_recall"] = "no prompt with an explicit cue word was dissected"
+    if candidates is None:
+        notes["cue_candidate_recall"] = "the candidate set was not given"
+    elif not present:
+        notes["cue_candidate_recall"] = notes["cue_recall"]
+    else:
+        cue_roles = {role_of[f] for f in offered}
+        out["cue_candidate_recall"] = sum(f"cue:{c}" in cue_roles for c in present) / len(present)
     out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
     out["refusal_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == REFUSAL_ROLE]
     out["generic_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == GENERIC_ROLE]

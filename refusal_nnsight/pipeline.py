@@ -395,9 +395,11 @@ def _ground_truth(
         scanned = tuple(_scanned_layers(cfg.search, saes, model, results["candidates"]))
         backup = ground_truth.PlantedBackup(planted[0], scanned, planted[1], planted[2])
     greedy, fm, redundancy = results.get("greedy"), results.get("fm"), results.get("redundancy")
+    candidates = results.get("candidates")
     figures, roles, notes = ground_truth.ground_truth_summary(
-        model, saes, prompts, greedy, fm, redundancy, roles, backup=backup
-    )
+        model, saes, prompts, greedy, fm, redundancy, roles, backup=backup,
+        candidates=None if candidates is None else candidates.features,
+    )  # fmt: skip
     results["ground_truth"] = GroundTruth(roles, notes)  # for the report: roles and null reasons
     return figures
 

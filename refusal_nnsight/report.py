@@ -180,6 +180,22 @@ def _by_layer(c: dict) -> str:
     return out + _kept(c.get("layer_kept_activation"))
 
 
+def _beyond_null(c: dict, candidates: Any) -> str:
+    """How many of each layer's candidates stand out from random directions' rankings ("" when not measured)."""
+    beyond = c.get("layer_beyond_null")
+    if not beyond or candidates is None:
+        return ""
+    from .stages.candidates import NULL_LEVEL
+
+    k = dict(candidates.table.group_by("layer").len().iter_rows())
+    parts = "; ".join(f"layer {layer} {n} of {k[int(layer)]}" for layer, n in beyond.items())
+    return (
+        f" Candidates closer to r̂ than the closest latent of {1 - NULL_LEVEL:.0%} of random directions is to "
+        f"them (`null_p` ≤ {NULL_LEVEL:g}): {parts}; the others are no closer than a direction carrying no "
+        "information would find latents, so their rank, not their alignment, may have put them in C."
+    )
+
+
 # Below this share of their clean activation, a layer's candidates count as silenced by the edits below
 SILENCED = 0.5
 
@@ -269,7 +285,8 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"ablating all of them (c = {_fmt(c.get('coefficient'))}) flips "
             f"{_rate(c.get('all_ablated_flip_rate'), c.get('all_ablated_flip_rate_n'))} refused prompts by the "
             f"`{c.get('criterion')}` criterion."
-            f"{_criterion_vs_judge(results.get('candidates'), results.get('evaluate'))}{_by_layer(c)} "
+            f"{_criterion_vs_judge(results.get('candidates'), results.get('evaluate'))}{_by_layer(c)}"
+            f"{_beyond_null(c, results.get('candidates'))} "
             "([figure](#candidate-features), "
             "`candidates/candidates.parquet`)"
         )
@@ -370,7 +387,9 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
         refusal, generic = gt.get("refusal_features"), gt.get("generic_features")
         out.append(
             f"- **Against the planted truth.** Cue recall {_fmt(gt.get('cue_recall'))} (the harm categories of the "
-            f"dissected prompts whose own cue feature was found on a prompt of that category), cue precision "
+            f"dissected prompts whose own cue feature was found on a prompt of that category; "
+            f"{_fmt(gt.get('cue_candidate_recall'))} have one among the candidates, the most the later stages "
+            f"could find), cue precision "
             f"{_fmt(gt.get('cue_precision'))} (the minimal-set features that sit on one category's cue or the "
             f"composition); refusal-decision features in minimal sets: {', '.join(refusal) if refusal else 'none'}; "
             f"generic features in minimal sets (firing on most cue words of several categories): "

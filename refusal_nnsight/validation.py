@@ -122,6 +122,7 @@ RULES: tuple[Rule, ...] = (
          "a list of layers, {start: a, stop: b}, {before_last_fraction: f} with 0 <= f < 1, or {before_layer: L}",
          ([-1], {"start": 3.0, "stop": 1.0}, {"before_last_fraction": 1.5})),
     count("search.candidates.batch_size"),
+    count("search.candidates.null_directions", 0),
     count("search.greedy.max_prompts"),
     count("search.greedy.batch_size"),
     count("search.greedy.max_passes"),

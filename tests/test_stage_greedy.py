@@ -433,8 +433,17 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
     figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, crossed)
     assert figures["cue_recall"] == 0.0 and figures["cue_precision"] == 1.0
     only_generic = SimpleNamespace(minimal_sets={0: [(1, 2)], 1: [(1, 2)]})
-    figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, only_generic)
+    figures, _, notes = ground_truth.ground_truth_summary(model, None, prompts, only_generic)
     assert figures["cue_recall"] == 0.0 and figures["cue_precision"] == 0.0
+    assert figures["cue_candidate_recall"] is None and "cue_candidate_recall" in notes
+    # the ceiling the candidates set: C offered both cue latents, C' only the generic one and weapons'
+    for offered, ceiling in (([(1, 0), (1, 1), (1, 2)], 1.0), ([(1, 2), (1, 0)], 0.5), ([(1, 2)], 0.0)):
+        figures, _, _ = ground_truth.ground_truth_summary(
+            model, None, prompts, only_generic, candidates=offered
+        )
+        assert figures["cue_candidate_recall"] == ceiling and figures["cue_recall"] == 0.0
+    figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, greedy, candidates=feats)
+    assert figures["cue_recall"] == figures["cue_candidate_recall"] == 1.0  # the found cues were offered
 
 
 def test_organism_greedy_on_two_prompts_gives_verified_one_minimal_sets(request, tmp_path):

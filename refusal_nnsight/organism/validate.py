@@ -37,6 +37,10 @@ FIGURES: dict[str, tuple[str, str]] = {
     # with every candidate ablated, layer 1's and 2's candidates' activation over their clean one
     "all_candidates_layer1_kept_activation": ("harm", "candidates.layer_kept_activation.1"),
     "all_candidates_layer2_kept_activation": ("harm", "candidates.layer_kept_activation.2"),
+    # per searched layer, the candidates closer to r̂ than 95% of random directions' closest latents
+    "candidates_layer0_beyond_null": ("harm", "candidates.layer_beyond_null.0"),
+    "candidates_layer1_beyond_null": ("harm", "candidates.layer_beyond_null.1"),
+    "candidates_layer2_beyond_null": ("harm", "candidates.layer_beyond_null.2"),
     "criterion_judge_agreement": ("harm", "greedy.criterion_judge_agreement"),
     "one_minimal_rate": ("harm", "greedy.one_minimal_rate"),
     "median_set_size": ("harm", "greedy.median_one_minimal_set_size"),
@@ -71,6 +75,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     "backup_under_m": ("harm", "ground_truth.backup_under_m"),
     "backup_under_m_h": ("harm", "ground_truth.backup_under_m_h"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
+    # the same categories with a cue feature among the candidates: the ceiling the ranking sets on cue recall
+    "cue_candidate_recall": ("harm", "ground_truth.cue_candidate_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
     # minimal-set latents that peak on cue words but fire on most cue words of several categories
     "generic_features": ("harm", "ground_truth.generic_features"),

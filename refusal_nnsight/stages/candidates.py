@@ -53,23 +53,67 @@ def top_cosine_features(
     return order, cos[order]
 
 
+# A candidate stands out from the null when fewer than this share of random directions have a
+# latent as close as it is (the null_p column; layer_beyond_null counts them per layer)
+NULL_LEVEL = 0.05
+# the random directions' seed: the same directions on every run and machine; not 0, which test SAEs
+# and users seed with
+NULL_SEED = 1_000_003
+NULL_CHUNK = 64  # random directions per decoder product
+
+
+def null_cosines(W_dec: torch.Tensor, n_directions: int) -> torch.Tensor:
+    """[n_directions]: for each of n random unit directions (isotropic, from a generator seeded
+    NULL_SEED), the cosine of its closest decoder row (W_dec [n, d]): how close the first candidate
+    of a direction that carries no information would be."""
+    W = W_dec.detach().float()
+    W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    gen = torch.Generator().manual_seed(NULL_SEED)
+    rand = torch.randn(n_directions, W.shape[1], generator=gen)
+    rand = (rand / rand.norm(dim=-1, keepdim=True)).to(W.device)
+    parts = [(W @ rand[i : i + NULL_CHUNK].T).amax(dim=0).cpu() for i in range(0, n_directions, NULL_CHUNK)]
+    return torch.cat(parts)
+
+
+def null_p(cos: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """[k] share of the random directions (null [n], from `null_cosines`) whose closest latent is at
+    least as close to them as each candidate (cos [k]) is to r̂, counting the candidate itself, so
+    never below 1 / (n + 1). Compared with the closest latent, not the one at the candidate's own
+    rank: the latents ranked below a few aligned ones are the best of the rest, which a rank-matched
+    null would call aligned. A candidate beyond it is aligned whatever the layer's width (the test
+    holds over all of the layer's latents at once)."""
+    n = null.numel()
+    return ((null[None, :] >= cos[:, None]).sum(1) + 1).double() / (n + 1)
+
+
 def cosine_table(
-    direction: torch.Tensor, saes: LoadedSAEs, k: int, layers: list[int] | None = None
+    direction: torch.Tensor,
+    saes: LoadedSAEs,
+    k: int,
+    layers: list[int] | None = None,
+    null_directions: int = 0,
 ) -> pl.DataFrame:
-    """layer, feature, cosine, rank_in_layer, neuronpedia: the top-k features of every searched SAE layer."""
+    """layer, feature, cosine, rank_in_layer, null_p, neuronpedia: the top-k features of every
+    searched SAE layer. null_p compares each with `null_directions` random directions (null when
+    0): a candidate no closer to r̂ than a random direction's closest latent is to it may be there
+    by its rank alone, not by its alignment with r̂."""
     rows = []
     for layer in saes.layers if layers is None else layers:
         idx, cos = top_cosine_features(direction, saes[layer].W_dec, k)
         if not torch.isfinite(cos).all():
             raise NonFiniteError(f"non-finite decoder cosine at layer {layer}; check the SAE weights")
-        for rank, (f, c) in enumerate(zip(idx.tolist(), cos.tolist(), strict=True)):
-            rows.append({"layer": layer, "feature": f, "cosine": c, "rank_in_layer": rank,
+        ps: list[float | None] = [None] * len(idx)
+        if null_directions:
+            ps = null_p(cos, null_cosines(saes[layer].W_dec, null_directions)).tolist()
+        for rank, (f, c, p) in enumerate(zip(idx.tolist(), cos.tolist(), ps, strict=True)):
+            rows.append({"layer": layer, "feature": f, "cosine": c, "rank_in_layer": rank, "null_p": p,
                          "neuronpedia": saes.neuronpedia_url(layer, f)})  # fmt: skip
     schema = {
         "layer": pl.Int64,
         "feature": pl.Int64,
         "cosine": pl.Float64,
         "rank_in_layer": pl.Int64,
+        "null_p": pl.Float64,
         "neuronpedia": pl.Utf8,
     }
     return pl.DataFrame(rows, schema=schema)
@@ -79,7 +123,7 @@ def cosine_table(
 class CandidatesResult:
     """The candidate set C and the all-of-C ablation check on the harmful eval prompts."""
 
-    table: pl.DataFrame  # layer, feature, cosine, rank_in_layer, neuronpedia (C in this order)
+    table: pl.DataFrame  # layer, feature, cosine, rank_in_layer, null_p, neuronpedia (C in this order)
     # prompt_idx, instruction, clean_score, all_ablated_score, clean_first_token_margin,
     # all_ablated_first_token_margin, refused (clean, by the criterion), jailbroken (all of C, by the criterion)
     prompts: pl.DataFrame
@@ -129,7 +173,15 @@ class CandidatesResult:
             "layer_without_flip_rate": self._by_layer("without_flip_rate"),
             # per searched layer: its candidates' activation with all of C ablated / clean
             "layer_kept_activation": self._by_layer("kept_activation"),
+            # per searched layer: how many of its candidates stand out from random directions' rankings
+            "layer_beyond_null": self._beyond_null(),
         }
+
+    def _beyond_null(self) -> dict[str, int] | None:
+        if "null_p" not in self.table.columns or self.table["null_p"].null_count():  # off, or saved before
+            return None
+        by = self.table.group_by("layer", maintain_order=True).agg((pl.col("null_p") <= NULL_LEVEL).sum())
+        return {str(layer): int(n) for layer, n in by.iter_rows()}
 
     def _by_layer(self, column: str) -> dict[str, float | None] | None:
         if self.by_layer is None or column not in self.by_layer.columns:  # saved before the column
@@ -151,8 +203,11 @@ class CandidatesResult:
         layered = read_parquet(out.file("layers.parquet")) if out.file("layers.parquet").exists() else None
         notes = saved_before(dict(info["notes"]), layered, "kept_activation", ("layer_kept_activation",),
                              "candidates", "the kept activation was measured")  # fmt: skip
+        table = read_parquet(out.file("candidates.parquet"))
+        notes = saved_before(notes, table, "null_p", ("layer_beyond_null",), "candidates",
+                             "candidates were compared with random directions")  # fmt: skip
         return cls(
-            read_parquet(out.file("candidates.parquet")),
+            table,
             read_parquet(out.file("prompts.parquet")),
             float(info["coefficient"]),
             str(info["criterion"]),
@@ -273,7 +328,7 @@ def run(
     The caller saves (`result.save(out)`), as for every stage.
     """
     layers = select_layers(cfg.layers, list(saes.layers), model.n_layers, "search.candidates.layers")
-    table = cosine_table(direction.direction, saes, cfg.top_k, layers)
+    table = cosine_table(direction.direction, saes, cfg.top_k, layers, cfg.null_directions)
     log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
              table.height, layers, max(table["cosine"].to_list()))  # fmt: skip
     features = list(zip(table["layer"], table["feature"], strict=True))
@@ -302,6 +357,8 @@ def run(
         notes.update(
             layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not, layer_kept_activation=why_not
         )
+    if not cfg.null_directions:
+        notes["layer_beyond_null"] = "search.candidates.null_directions is 0"
     result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes,
                               layered)  # fmt: skip
     missed = check.filter(pl.col("refused") & ~pl.col("jailbroken"))
