@@ -81,7 +81,12 @@ def null_p(cos: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     never below 1 / (n + 1). Compared with the closest latent, not the one at the candidate's own
     rank: the latents ranked below a few aligned ones are the best of the rest, which a rank-matched
     null would call aligned. A candidate beyond it is aligned whatever the layer's width (the test
-    holds over all of the layer's latents at once)."""
+    holds over all of the layer's latents at once).
+
+    The directions are isotropic. Where a dictionary's rows crowd into a subspace, a direction inside
+    it, as r̂ (a difference of residual means) is, finds closer latents than an isotropic one does,
+    so this null is lenient there: it may call a candidate aligned that a direction drawn like the
+    residuals would find as close, never the reverse. "Not beyond the null" is the safe reading."""
     n = null.numel()
     return ((null[None, :] >= cos[:, None]).sum(1) + 1).double() / (n + 1)
 
