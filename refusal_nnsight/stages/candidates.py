@@ -86,7 +86,7 @@ def null_p(cos: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
     The directions are isotropic. Where a dictionary's rows crowd into a subspace, a direction inside
     it, as r̂ (a difference of residual means) is, finds closer latents than an isotropic one does,
     so this null is lenient there: it may call a candidate aligned that a direction drawn like the
-    residuals would find as close, never the reverse. "Not beyond the null" is the safe reading."""
+    residuals would find as close. "Not beyond the null" is the safer of its two readings."""
     n = null.numel()
     return ((null[None, :] >= cos[:, None]).sum(1) + 1).double() / (n + 1)
 
