@@ -72,12 +72,28 @@ def fig_candidates(path: Path, candidates, greedy=None) -> str | None:
     minimal = {(int(a), int(b)) for m in (greedy.minimal_sets.values() if greedy else []) for a, b in m}
     fig = Figure(figsize=(8, 4))
     ax = fig.add_subplot()
+    from .stages.candidates import NULL_LEVEL
+
     rows = t.to_dicts()
-    for group, color, name in ((False, "0.7", "other latents"), (True, "tab:red", "candidates C")):
-        pts = [(r["layer"], r["cosine"]) for r in rows if ((r["layer"], r["feature"]) in chosen) == group]
+    # candidates whose cosine a random direction's closest latent reaches are drawn hollow
+    beyond = "null_p" in t.columns and not t["null_p"].null_count()
+    groups = (
+        (
+            (
+                lambda r: r["null_p"] <= NULL_LEVEL,
+                "tab:red",
+                f"candidates beyond the null (null_p ≤ {NULL_LEVEL:g})",
+            ),
+            (lambda r: r["null_p"] > NULL_LEVEL, "none", "candidates within it"),
+        )
+        if beyond
+        else ((lambda r: True, "tab:red", "candidates C"),)
+    )
+    for keep, face, name in groups:
+        pts = [(r["layer"], r["cosine"]) for r in rows if (r["layer"], r["feature"]) in chosen and keep(r)]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, s=12, color=color, label=name)
+            ax.scatter(xs, ys, s=14, facecolor=face, edgecolor="tab:red", label=name)
     pts = [(r["layer"], r["cosine"]) for r in rows if (r["layer"], r["feature"]) in minimal]
     if pts:
         xs, ys = zip(*pts, strict=True)
