@@ -304,7 +304,9 @@ FIGURES: list[FigureSpec] = [
         "candidate_cosines",
         "candidate features",
         "Each dot is an SAE latent at its layer, placed by the cosine of its decoder row with the refusal "
-        "direction r̂. Red dots are the candidates C (top-k per searched layer); stars ended in a minimal set.",
+        "direction r̂. Red dots are the candidates C (top-k per searched layer): filled where fewer than 5% of "
+        "random directions have a latent as close to them (null_p), hollow where a direction carrying no "
+        "information finds one as close; stars ended in a minimal set.",
         ("candidates",),
         lambda p, r: fig_candidates(p, r["candidates"], r.get("greedy")),
     ),
