@@ -70,25 +70,22 @@ def fig_candidates(path: Path, candidates, greedy=None) -> str | None:
         return "the candidate table is empty"
     chosen = {(int(a), int(b)) for a, b in candidates.features}
     minimal = {(int(a), int(b)) for m in (greedy.minimal_sets.values() if greedy else []) for a, b in m}
-    fig = Figure(figsize=(8, 4))
-    ax = fig.add_subplot()
     from .stages.candidates import NULL_LEVEL
 
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
     rows = t.to_dicts()
     # candidates whose cosine a random direction's closest latent reaches are drawn hollow
-    beyond = "null_p" in t.columns and not t["null_p"].null_count()
-    groups = (
-        (
+    groups: list[tuple[Callable[[dict], bool], str, str]] = [(lambda r: True, "tab:red", "candidates C")]
+    if "null_p" in t.columns and not t["null_p"].null_count():
+        groups = [
             (
                 lambda r: r["null_p"] <= NULL_LEVEL,
                 "tab:red",
                 f"candidates beyond the null (null_p ≤ {NULL_LEVEL:g})",
             ),
             (lambda r: r["null_p"] > NULL_LEVEL, "none", "candidates within it"),
-        )
-        if beyond
-        else ((lambda r: True, "tab:red", "candidates C"),)
-    )
+        ]
     for keep, face, name in groups:
         pts = [(r["layer"], r["cosine"]) for r in rows if (r["layer"], r["feature"]) in chosen and keep(r)]
         if pts:

@@ -238,10 +238,10 @@ def ground_truth_summary(
       role cue:<that category> (None when no cue prompt was dissected). A category's cue counts only
       where its own prompts needed it, not where another category's prompts did;
     - cue_candidate_recall: of the same categories, the fraction for which some candidate (C, which
-      every minimal set and the FM's pool are drawn from) has role cue:<that category>: the ceiling
-      the candidate ranking puts on cue_recall (None without `candidates` or a dissected cue
-      prompt). Below it, greedy or the FM passed over a cue C offered; at it, the ranking never
-      offered the rest;
+      every minimal set and the FM's pool are drawn from, unless search.fm.extra_active adds active
+      latents outside C to the pool) has role cue:<that category>: the ceiling the candidate ranking
+      puts on cue_recall (None without `candidates` or a dissected cue prompt). Below it, greedy or
+      the FM passed over a cue C offered; at it, the ranking never offered the rest;
     - cue_precision: of the distinct minimal-set features, the fraction whose role is a cue or the
       composition (a refusal-decision feature is a true finding, but not a harm cue; a generic one,
       firing on the cue words of several categories, is not one category's cue);
@@ -256,8 +256,8 @@ def ground_truth_summary(
     (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
-    empty = {"cue_recall": None, "cue_candidate_recall": None, "cue_precision": None, "refusal_features": None, "generic_features": None,
-             "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
+    empty = {"cue_recall": None, "cue_candidate_recall": None, "cue_precision": None,
+             "refusal_features": None, "generic_features": None, "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
              "backup_under_ablation_n": None}  # fmt: skip
