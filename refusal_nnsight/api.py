@@ -50,6 +50,7 @@ from .models import LoadedModel, wrap_model
 from .models import load_model as _load_model
 from .saes import LoadedSAEs
 from .saes import load_saes as _load_saes
+from .validation import check_value, validate_section
 
 __all__ = [
     "load_model", "wrap_model", "load_saes", "load_prompts", "find_direction", "candidate_features",
@@ -72,7 +73,7 @@ def load_model(cfg: ModelConfig | None = None, backend: str | BackendConfig = "l
         raise UserError(f"backend={backend!r}: use one of {', '.join(get_args(BackendName))}")
     from .organism.resolve import weights_path
 
-    cfg = cfg or ModelConfig()
+    cfg = validate_section(cfg or ModelConfig(), "model")
     if bcfg.name == "local":
         return _load_model(cfg, weights_path(cfg))
     from .backends import load_model as load_on_backend
@@ -84,7 +85,7 @@ def load_saes(model: LoadedModel, cfg: SAEConfig | None = None) -> LoadedSAEs:
     """sae-lens SAEs by layer, checked against `model` (default: the organism's)."""
     from .organism.resolve import organism_root
 
-    return _load_saes(cfg or SAEConfig(), model, organism_root(model.cfg))
+    return _load_saes(validate_section(cfg or SAEConfig(), "sae"), model, organism_root(model.cfg))
 
 
 def load_prompts(cfg: DataConfig | None = None, organism_seed: int = 0) -> Prompts:
@@ -92,12 +93,13 @@ def load_prompts(cfg: DataConfig | None = None, organism_seed: int = 0) -> Promp
     organism of `organism_seed` was)."""
     from .organism.resolve import prompt_splits
 
-    return _load_prompts(cfg or DataConfig(), prompt_splits(organism_seed))
+    cfg = validate_section(cfg or DataConfig(), "data")
+    return _load_prompts(cfg, prompt_splits(check_value("model.organism_seed", organism_seed)))
 
 
 def _c(model, coefficient: float | None) -> float:
     """The ablation coefficient a stage uses: the caller's, else the model's own (model.cfg.coefficient)."""
-    return model.cfg.coefficient if coefficient is None else coefficient
+    return model.cfg.coefficient if coefficient is None else check_value("search.coefficient", coefficient)
 
 
 def _in_stage(name: str, out: str | Path | None, fn: Callable[[StageDir], StageResult]):
@@ -114,7 +116,8 @@ def find_direction(model: LoadedModel, prompts: Prompts, cfg: DirectionConfig | 
     """Stage 1a: difference-of-means refusal direction with Arditi et al.'s selection."""
     from .stages import direction
 
-    return _in_stage("direction", out, lambda o: direction.run(model, prompts, cfg or DirectionConfig(), o))
+    cfg = validate_section(cfg or DirectionConfig(), "search.direction")
+    return _in_stage("direction", out, lambda o: direction.run(model, prompts, cfg, o))
 
 
 def candidate_features(
@@ -132,13 +135,12 @@ def candidate_features(
     from .scoring import Criterion
     from .stages import candidates
 
-    flip, cfg = Criterion(criterion, direction.score_threshold), cfg or CandidatesConfig()
+    cfg, c = validate_section(cfg or CandidatesConfig(), "search.candidates"), _c(model, coefficient)
+    flip = Criterion(criterion, direction.score_threshold)
     return _in_stage(
         "candidates",
         out,
-        lambda o: candidates.run(
-            model, saes, direction, prompts, cfg, o, _c(model, coefficient), flip, make_judge(judge)
-        ),
+        lambda o: candidates.run(model, saes, direction, prompts, cfg, o, c, flip, make_judge(judge)),
     )
 
 
@@ -155,11 +157,12 @@ def greedy_minimal_set(
     """Stage 2: per harmful prompt, a verified 1-minimal jailbreaking feature set."""
     from .stages import greedy
 
+    cfg, c = validate_section(cfg or GreedyConfig(), "search.greedy"), _c(model, coefficient)
     return _in_stage(
         "greedy",
         out,
-        lambda o: greedy.run(model, saes, candidates, prompts, cfg or GreedyConfig(), o, make_judge(judge),
-                             _c(model, coefficient), candidates.flip_criterion),
+        lambda o: greedy.run(model, saes, candidates, prompts, cfg, o, make_judge(judge),
+                             c, candidates.flip_criterion),
     )  # fmt: skip
 
 
@@ -177,10 +180,12 @@ def fit_interactions(
     """Stage 3: a factorization machine over ablation masks; top features and confirmed pairs."""
     from .stages import fm
 
+    cfg, seed = validate_section(cfg or FMConfig(), "search.fm"), check_value("seed", seed)
+    c = _c(model, coefficient)
     return _in_stage(
         "fm",
         out,
-        lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg or FMConfig(), o, seed, _c(model, coefficient),
+        lambda o: fm.run(model, saes, candidates, minimal, prompts, cfg, o, seed, c,
                          candidates.flip_criterion),
     )  # fmt: skip
 
@@ -202,6 +207,7 @@ def find_redundant(
     from .scoring import Criterion
     from .stages import redundancy
 
+    cfg, c = validate_section(cfg or RedundancyConfig(), "search.redundancy"), _c(model, coefficient)
     return _in_stage(
         "redundancy",
         out,
@@ -210,10 +216,10 @@ def find_redundant(
             saes,
             minimal,
             prompts,
-            cfg or RedundancyConfig(),
+            cfg,
             o,
             make_judge(judge),
-            _c(model, coefficient),
+            c,
             Criterion(minimal.criterion, minimal.score_threshold),
             layers,
         ),
@@ -230,14 +236,16 @@ def evaluate(model, saes, direction, candidates, minimal, interactions, prompts:
     from .scoring import Criterion
     from .stages import evaluate as ev
 
+    cfg, seed = validate_section(cfg or EvaluateConfig(), "search.evaluate"), check_value("seed", seed)
+    c = _c(model, coefficient)
     decided = next((r for r in (minimal, candidates) if getattr(r, "criterion", None)), None)
     flip = Criterion(
         criterion or (decided.criterion if decided else "first_token"),
         decided.score_threshold if decided else direction.score_threshold,
     )
     return _in_stage("evaluate", out, lambda o: ev.run(model, saes, direction, candidates, minimal, interactions, prompts,
-                                                       cfg or EvaluateConfig(), o, make_judge(judge), seed,
-                                                       _c(model, coefficient), flip))  # fmt: skip
+                                                       cfg, o, make_judge(judge), seed,
+                                                       c, flip))  # fmt: skip
 
 
 def feature_cards(model, saes, prompts: Prompts, direction, minimal, interactions=None, redundant=None,

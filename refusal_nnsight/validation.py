@@ -2,7 +2,8 @@
 
 `validate(cfg)` runs before anything is written: every numeric field against its Rule (RULES),
 the stage dependencies, settings a source does not read, the device, the chat template, URLs
-without credentials. `config_hash` names the config a run folder's results were computed under:
+without credentials. `validate_section` runs a section's Rules on the config a library call was
+given. `config_hash` names the config a run folder's results were computed under:
 every field but those that change no result (NO_RESULT_FIELDS).
 """
 
@@ -157,6 +158,8 @@ RULES: tuple[Rule, ...] = (
     count("search.evaluate.fm_top"),
 )  # fmt: skip
 
+_RULE_OF = {rule.field: rule for rule in RULES}
+
 # Stage dependencies: a stage reads the results of these (loaded when finished, else computed).
 STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "direction": (),
@@ -246,19 +249,7 @@ def validate(cfg: RunConfig, explicit: Collection[str] | None = None) -> RunConf
     reset to its default when it came from a preset of another source (data=advbench then
     data.harmful.source=organism). None: every value counts as set by the user (library calls).
     """
-    for rule in RULES:
-        value = get_field(cfg, rule.field)
-        if value is None or value is _MISSING:
-            continue
-        if not rule.check(value):
-            shown = value if not isinstance(value, str) else repr(value)
-            raise UserError(f"{rule.field}={shown} makes no sense: it must be {rule.what}")
-    r = cfg.search.redundancy
-    if r.awake_min < r.dormant_max:
-        raise UserError(
-            f"search.redundancy.awake_min={r.awake_min} is below dormant_max={r.dormant_max}: "
-            "a latent counts as awake above awake_min and as dormant at or below dormant_max"
-        )
+    validate_section(cfg, "")
     if cfg.run_dir is not None and not cfg.run_dir.strip():
         raise UserError("run_dir is empty; give a folder (run_dir=runs/mine) or leave it out for a fresh one")
     _check_stages(cfg.stages)
@@ -270,6 +261,36 @@ def validate(cfg: RunConfig, explicit: Collection[str] | None = None) -> RunConf
     if cfg.backend.host is not None:
         _check_host(cfg.backend.host)
     return cfg
+
+
+def validate_section(section: Any, path: str) -> Any:
+    """Check one section of the config against the Rules under `path` (e.g. a CandidatesConfig
+    against the search.candidates.* Rules; "" = the whole RunConfig). The library API calls this
+    on the config each function is given, so a library call refuses what the CLI refuses, with the
+    same UserError line, before anything runs. Returns `section`."""
+    prefix = f"{path}." if path else ""
+    for rule in RULES:
+        if rule.field.startswith(prefix):
+            check_value(rule.field, get_field(section, rule.field[len(prefix) :]))
+    if path in ("", "search.redundancy"):
+        r = section.search.redundancy if path == "" else section
+        if r.awake_min < r.dormant_max:
+            raise UserError(
+                f"search.redundancy.awake_min={r.awake_min} is below dormant_max={r.dormant_max}: "
+                "a latent counts as awake above awake_min and as dormant at or below dormant_max"
+            )
+    return section
+
+
+def check_value(field: str, value: Any) -> Any:
+    """Check one value against the Rule of `field` (a dotted path of RULES); None (null) passes."""
+    if value is None or value is _MISSING:
+        return value
+    rule = _RULE_OF[field]
+    if not rule.check(value):
+        shown = value if not isinstance(value, str) else repr(value)
+        raise UserError(f"{field}={shown} makes no sense: it must be {rule.what}")
+    return value
 
 
 def _check_stages(stages: list[str]) -> None:

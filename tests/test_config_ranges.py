@@ -126,3 +126,80 @@ def test_unknown_keys_are_refused_before_hydra_sees_them():
                        "+search.candidates.layers.before_layer=3", "~data.harmful.path", "-m"])  # fmt: skip
     with pytest.raises(UserError, match=r"unknown config key 'search\.candidates\.topk'.*'top_k'"):
         _check_known_keys(["search.candidates.topk=3"])
+
+
+# The library API takes each section's dataclass on its own; each function checks it against the
+# section's Rules, so a library call refuses what the CLI refuses, before anything runs.
+def _library_calls():
+    import refusal_nnsight as rn
+    from refusal_nnsight import config as c
+
+    return {  # section: (its dataclass, the API call given a config of it, nothing else usable)
+        "model": (c.ModelConfig, lambda cfg: rn.load_model(cfg)),
+        "sae": (c.SAEConfig, lambda cfg: rn.load_saes(None, cfg)),
+        "data": (c.DataConfig, lambda cfg: rn.load_prompts(cfg)),
+        "search.direction": (c.DirectionConfig, lambda cfg: rn.find_direction(None, None, cfg)),
+        "search.candidates": (
+            c.CandidatesConfig,
+            lambda cfg: rn.candidate_features(None, None, None, None, cfg),
+        ),
+        "search.greedy": (c.GreedyConfig, lambda cfg: rn.greedy_minimal_set(None, None, None, None, cfg)),
+        "search.fm": (c.FMConfig, lambda cfg: rn.fit_interactions(None, None, None, None, None, cfg)),
+        "search.redundancy": (c.RedundancyConfig, lambda cfg: rn.find_redundant(None, None, None, None, cfg)),
+        "search.evaluate": (
+            c.EvaluateConfig,
+            lambda cfg: rn.evaluate(None, None, None, None, None, None, None, cfg),
+        ),
+    }
+
+
+def _section(field: str) -> str:
+    return next((s for s in sorted(_library_calls(), key=len, reverse=True) if field.startswith(f"{s}.")), "")
+
+
+LIBRARY_RULES = [rule for rule in RULES if _section(rule.field)]
+
+
+def test_every_section_rule_reaches_a_library_call():
+    # the Rules no section dataclass holds are the run's own settings and the coefficient, which the
+    # API takes as arguments (checked below)
+    assert {r.field for r in RULES} - {r.field for r in LIBRARY_RULES} == {
+        "seed",
+        "threads",
+        "search.coefficient",
+    }
+
+
+@pytest.mark.parametrize("rule", LIBRARY_RULES, ids=[r.field for r in LIBRARY_RULES])
+def test_a_library_call_refuses_what_the_cli_refuses(rule):
+    section = _section(rule.field)
+    cls, call = _library_calls()[section]
+    for bad in rule.bad:
+        cfg = cls()
+        _set_in(cfg, rule.field[len(section) + 1 :], bad)
+        with pytest.raises(UserError, match=rule.field.replace(".", r"\.") + "=.* makes no sense"):
+            call(cfg)
+
+
+def _set_in(cfg, dotted: str, value) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(get_field(cfg, parent) if parent else cfg, name, value)
+
+
+def test_a_library_call_refuses_a_bad_coefficient_seed_or_organism_seed():
+    import refusal_nnsight as rn
+    from refusal_nnsight.config import CandidatesConfig, RedundancyConfig
+
+    with pytest.raises(UserError, match=r"search\.coefficient=2\.0 makes no sense"):
+        rn.candidate_features(None, None, None, None, coefficient=2.0)
+    with pytest.raises(UserError, match=r"search\.coefficient=inf makes no sense"):
+        rn.greedy_minimal_set(None, None, None, None, coefficient=float("inf"))
+    with pytest.raises(UserError, match=r"seed=-1 makes no sense"):
+        rn.fit_interactions(None, None, None, None, None, seed=-1)
+    with pytest.raises(UserError, match=r"model\.organism_seed=-2 makes no sense"):
+        rn.load_prompts(organism_seed=-2)
+    with pytest.raises(UserError, match="awake_min=0.1 is below dormant_max"):
+        rn.find_redundant(None, None, None, None, RedundancyConfig(dormant_max=0.5, awake_min=0.1))
+    # a setting a plain torch call would fail on deep inside the stage, refused by name instead
+    with pytest.raises(UserError, match=r"search\.candidates\.null_directions=-1"):
+        rn.candidate_features(None, None, None, None, CandidatesConfig(null_directions=-1))
