@@ -217,7 +217,8 @@ class CandidatesConfig:
     layers: LayerSelection = None  # which SAE layers candidates come from (see LayerSelection above)
     batch_size: int = 64  # prompts per forward in the all-of-C ablation check
     # also ablate each searched layer's candidates alone, and all but that layer's: which layers do
-    # the work, and whether one undoes the rest (two more passes per layer over the harmful eval prompts)
+    # the work, and whether one undoes the rest (two more passes per layer over the harmful eval
+    # prompts, each also generated and judged: one generation per variant, plus the clean run)
     per_layer: bool = False
     # random unit directions each layer's candidates are compared with (candidates.parquet null_p): a
     # candidate is "beyond the null" when fewer than 5% of them have a latent as close to them as it

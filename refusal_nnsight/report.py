@@ -177,7 +177,28 @@ def _by_layer(c: dict) -> str:
     if more:
         counts = ", ".join(f"layer {layer} {_rate(without[layer], n)}" for layer in more)
         out += f" Leaving a layer out flips more than ablating every candidate ({_rate(everything, n)}): {counts}."
-    return out + _kept(c.get("layer_kept_activation"))
+    return out + _judged_layers(c) + _kept(c.get("layer_kept_activation"))
+
+
+def _judged_layers(c: dict) -> str:
+    """The per-layer variants generated and judged, as a sentence ("" when not judged)."""
+    alone, without = c.get("layer_alone_jailbreak_rate"), c.get("layer_without_jailbreak_rate")
+    if not alone or not without:
+        return ""
+    n = c.get("layer_jailbreak_rate_n")
+    if n == c.get("all_ablated_flip_rate_n") and (alone, without) == (
+        c.get("layer_alone_flip_rate"),
+        c.get("layer_without_flip_rate"),
+    ):  # a jailbreak is a flip the judge reads as answered: equal counts are the same prompts
+        return " Generated and judged, these variants jailbreak the same prompts: the judge reads every prompt they flip as answered."
+    parts = [
+        f"layer {layer} {_rate(alone[layer], n)} alone, {_rate(without.get(layer), n)} without it"
+        for layer in alone
+    ]
+    return (
+        f" Generated and judged, the prompts the judge and the criterion agree stop refusing, of the {n} "
+        f"both read as refused on the clean run: {'; '.join(parts)}."
+    )
 
 
 def _beyond_null(c: dict, candidates: Any) -> str:

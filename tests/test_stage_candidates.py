@@ -241,6 +241,71 @@ def test_per_layer_check_finds_the_layer_that_carries_refusal(planted_stage1, tm
     one = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, layers=[0], per_layer=True),
                     StageDir(tmp_path / "one", "candidates"), -3.0, flip)  # fmt: skip
     assert one.by_layer is None and "one SAE layer" in one.notes["layer_without_flip_rate"]
+    assert one.summary()["layer_alone_jailbreak_rate"] is None
+    assert "one SAE layer" in one.notes["layer_alone_jailbreak_rate"]
+    # without a judge the variants are not generated: no jailbreak rate, and the reason
+    assert s["layer_alone_jailbreak_rate"] is None and s["layer_jailbreak_rate_n"] is None
+    assert "no judge was given" in back.notes["layer_without_jailbreak_rate"]
+
+
+class _ScriptedJudge:
+    """The clean run's generations: every prompt refused but #1. Every later call (an edited
+    variant): only #0 still refused. So the judge and the criterion part on #1 (clean) and #0."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.calls = 0
+
+    def refused(self, prompts, completions):
+        self.calls += 1
+        n = len(completions)
+        return [i != 1 for i in range(n)] if self.calls == 1 else [i == 0 for i in range(n)]
+
+
+def test_per_layer_jailbreaks_count_where_the_judge_and_the_criterion_agree(planted_stage1, tmp_path):
+    """Planted truth as above (layer 0's candidates carry refusal). The criterion flips all 4
+    refused prompts with layer 0 ablated; the judge read #1 as answered on the clean run (out of
+    the base: 3 prompts) and #0 as still refused, so layer 0 alone jailbreaks 2 of 3."""
+    model, _, d, prompts, _ = planted_stage1
+    u = d.direction / d.direction.norm()
+    saes = planted_saes(u)
+    with torch.no_grad():
+        for layer in (1, 2):
+            w = saes[layer].W_dec
+            w -= (w @ u)[:, None] * u
+    judge = _ScriptedJudge()
+    out = StageDir(tmp_path, "candidates")
+    result = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, per_layer=True), out, -3.0,
+                       Criterion("score", d.score_threshold), judge)  # fmt: skip
+    result.save(out)
+    s = result.summary()
+    assert judge.calls == 1 + 6  # the clean run and each distinct variant, judged once
+    assert s["layer_alone_flip_rate"] == {"0": 1.0, "1": 0.0, "2": 0.0}  # the criterion's, unchanged
+    assert s["layer_jailbreak_rate_n"] == 3
+    assert s["layer_alone_jailbreak_rate"] == {"0": pytest.approx(2 / 3), "1": 0.0, "2": 0.0}
+    assert s["layer_without_jailbreak_rate"] == {
+        "0": 0.0,
+        "1": pytest.approx(2 / 3),
+        "2": pytest.approx(2 / 3),
+    }
+    assert CandidatesResult.load(out).summary() == s
+    text = "\n".join(found_sentences({"candidates": s}, {}, None))
+    assert (
+        "of the 3 both read as refused on the clean run: layer 0 2 of 3 (0.6667) alone, 0 of 3 (0) without it"
+        in text
+    )
+    agreed = s | {"layer_jailbreak_rate_n": 4, "layer_alone_jailbreak_rate": s["layer_alone_flip_rate"],
+                  "layer_without_jailbreak_rate": s["layer_without_flip_rate"]}  # fmt: skip
+    text = "\n".join(found_sentences({"candidates": agreed}, {}, None))
+    assert "these variants jailbreak the same prompts" in text and "both read as refused" not in text
+    # a folder saved before the variants were judged: null, with the reason beside it
+    write_parquet(out.file("layers.parquet"),
+                  result.by_layer.drop("n_refused_judged", "alone_jailbreak_rate", "without_jailbreak_rate"))  # fmt: skip
+    older = CandidatesResult.load(out)
+    assert older.summary()["layer_alone_jailbreak_rate"] is None
+    assert "saved before the per-layer variants were judged" in older.notes["layer_jailbreak_rate_n"]
+    assert older.summary()["layer_alone_flip_rate"] == s["layer_alone_flip_rate"]
 
 
 def test_kept_activation_shows_the_edits_below_silencing_a_layer(planted_stage1, tmp_path):

@@ -34,6 +34,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     # the same check by the flip criterion, and without layer 0's candidates (search.candidates.per_layer)
     "all_candidates_flip": ("harm", "candidates.all_ablated_flip_rate"),
     "all_candidates_without_layer0_flip": ("harm", "candidates.layer_without_flip_rate.0"),
+    # ... generated and judged: counted where the judge and the criterion agree
+    "all_candidates_without_layer0_jailbreak": ("harm", "candidates.layer_without_jailbreak_rate.0"),
     # with every candidate ablated, layer 1's and 2's candidates' activation over their clean one
     "all_candidates_layer1_kept_activation": ("harm", "candidates.layer_kept_activation.1"),
     "all_candidates_layer2_kept_activation": ("harm", "candidates.layer_kept_activation.2"),

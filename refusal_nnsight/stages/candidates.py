@@ -13,7 +13,9 @@ With `per_layer`, the same check per searched layer L: L's candidates alone, and
 It also says why one can: an edit scales each latent as its SAE reads it from the residual that
 the edits below have already changed, so ablating all of C can silence a layer's candidates
 before their own edit acts (`kept_activation`: their activation with all of C ablated, as a share
-of their clean activation).
+of their clean activation). Each variant is also generated and judged, so that its jailbreak rate
+counts a prompt where the judge and the criterion agree that it stops refusing (the flip rates
+are the criterion's alone, as greedy's search reads it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..data import Prompts
 from ..engine import AblationEngine, Feature, latents_by_layer
 from ..errors import NonFiniteError
 from ..features import max_activations
+from ..generation import generate_many
 from ..judges import Judge
 from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs, decoder_cosines
@@ -53,6 +56,8 @@ def top_cosine_features(
     return order, cos[order]
 
 
+# the per-layer rates counted where the judge and the flip criterion agree (null when not judged)
+JUDGED_KEYS = ("layer_alone_jailbreak_rate", "layer_without_jailbreak_rate", "layer_jailbreak_rate_n")
 # A candidate stands out from the null when fewer than this share of random directions have a
 # latent as close as it is (the null_p column; layer_beyond_null counts them per layer)
 NULL_LEVEL = 0.05
@@ -176,6 +181,11 @@ class CandidatesResult:
             # per searched layer (str keys): the flip rate with only its candidates ablated, and without them
             "layer_alone_flip_rate": self._by_layer("alone_flip_rate"),
             "layer_without_flip_rate": self._by_layer("without_flip_rate"),
+            # the same variants generated and judged: prompts the judge and the criterion agree stop
+            # refusing, over the layer_jailbreak_rate_n prompts both read as refused on the clean run
+            "layer_alone_jailbreak_rate": self._by_layer("alone_jailbreak_rate"),
+            "layer_without_jailbreak_rate": self._by_layer("without_jailbreak_rate"),
+            "layer_jailbreak_rate_n": self._judged_n(),
             # per searched layer: its candidates' activation with all of C ablated / clean
             "layer_kept_activation": self._by_layer("kept_activation"),
             # per searched layer: how many of its candidates stand out from random directions' rankings
@@ -187,6 +197,11 @@ class CandidatesResult:
             return None
         by = self.table.group_by("layer", maintain_order=True).agg((pl.col("null_p") <= NULL_LEVEL).sum())
         return {str(layer): int(n) for layer, n in by.iter_rows()}
+
+    def _judged_n(self) -> int | None:
+        if self.by_layer is None or "n_refused_judged" not in self.by_layer.columns:
+            return None
+        return int(self.by_layer["n_refused_judged"][0])
 
     def _by_layer(self, column: str) -> dict[str, float | None] | None:
         if self.by_layer is None or column not in self.by_layer.columns:  # saved before the column
@@ -208,6 +223,8 @@ class CandidatesResult:
         layered = read_parquet(out.file("layers.parquet")) if out.file("layers.parquet").exists() else None
         notes = saved_before(dict(info["notes"]), layered, "kept_activation", ("layer_kept_activation",),
                              "candidates", "the kept activation was measured")  # fmt: skip
+        notes = saved_before(notes, layered, "alone_jailbreak_rate", JUDGED_KEYS, "candidates",
+                             "the per-layer variants were judged")  # fmt: skip
         table = read_parquet(out.file("candidates.parquet"))
         notes = saved_before(notes, table, "null_p", ("layer_beyond_null",), "candidates",
                              "candidates were compared with random directions")  # fmt: skip
@@ -261,32 +278,78 @@ def by_layer_check(
 ) -> pl.DataFrame:
     """Per layer L of the engine's features: the flip rate, over the `refused` prompts, with only
     L's features ablated (alone) and with all features but L's (without); and the share of their
-    clean activation L's features keep with all features ablated (kept_activation)."""
+    clean activation L's features keep with all features ablated (kept_activation).
+
+    With a judge, every variant is also generated and judged: the jailbreak rates count a prompt
+    where the judge and the criterion agree that it stops refusing, over the prompts both read as
+    refused on the clean run (n_refused_judged); without one those columns are left out.
+    """
     layer_of = torch.tensor([layer for layer, _ in engine.pool])
     keep = torch.tensor(refused, dtype=torch.bool)
-    # by ablated columns, each set passed once: with two layers, "without L" is the other alone
-    rate: dict[tuple[bool, ...], float | None] = {}
+    layers = sorted(set(layer_of.tolist()))
+    # each ablated column set once: with two layers, "without L" is the other alone
+    variants: dict[tuple[bool, ...], torch.Tensor] = {}
+    for layer in layers:
+        for cols in (layer_of == layer, layer_of != layer):
+            variants.setdefault(tuple(cols.tolist()), cols)
+    edits = {key: engine.edits(cols.expand(len(batch), -1)) for key, cols in variants.items()}
+    flipped = {
+        key: flips(model, batch, e, criterion, batch_size, judge, instructions)[2] for key, e in edits.items()
+    }
+    jailbroken, judged_base = _judged(
+        model, batch, instructions, edits, flipped, keep, batch_size, criterion, judge
+    )
 
-    def flip_rate(cols: torch.Tensor) -> float | None:
-        key = tuple(cols.tolist())
-        if key not in rate:
-            edits = engine.edits(cols.expand(len(batch), -1))
-            _, _, flipped = flips(model, batch, edits, criterion, batch_size, judge, instructions)
-            rate[key] = float(flipped[keep].float().mean()) if keep.any() else None
-        return rate[key]
+    def rate(verdicts: dict[tuple[bool, ...], torch.Tensor] | None, base: torch.Tensor, cols: torch.Tensor):
+        if verdicts is None or not base.any():
+            return None
+        return float(verdicts[tuple(cols.tolist())][base].float().mean())
 
     everything = engine.edits(torch.ones(len(batch), engine.size, dtype=torch.bool))
     kept = kept_activation(model, saes, batch, engine.pool, everything, keep, batch_size)
     rows = []
-    for layer in sorted(set(layer_of.tolist())):
-        rows.append({"layer": layer, "n_features": int((layer_of == layer).sum()), "n_refused": int(keep.sum()),
-                     "alone_flip_rate": flip_rate(layer_of == layer),
-                     "without_flip_rate": flip_rate(layer_of != layer),
-                     "kept_activation": kept[layer]})  # fmt: skip
+    for layer in layers:
+        alone, without = layer_of == layer, layer_of != layer
+        row = {"layer": layer, "n_features": int(alone.sum()), "n_refused": int(keep.sum()),
+               "alone_flip_rate": rate(flipped, keep, alone), "without_flip_rate": rate(flipped, keep, without),
+               "kept_activation": kept[layer]}  # fmt: skip
+        if judged_base is not None:
+            row |= {"n_refused_judged": int(judged_base.sum()),
+                    "alone_jailbreak_rate": rate(jailbroken, judged_base, alone),
+                    "without_jailbreak_rate": rate(jailbroken, judged_base, without)}  # fmt: skip
+        rows.append(row)
     schema = {"layer": pl.Int64, "n_features": pl.Int64, "n_refused": pl.Int64,
               "alone_flip_rate": pl.Float64, "without_flip_rate": pl.Float64,
               "kept_activation": pl.Float64}  # fmt: skip
+    if judged_base is not None:
+        schema |= {"n_refused_judged": pl.Int64, "alone_jailbreak_rate": pl.Float64,
+                   "without_jailbreak_rate": pl.Float64}  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
+
+
+def _judged(
+    model: LoadedModel,
+    batch: Batch,
+    instructions: list[str],
+    edits: dict[tuple[bool, ...], list],
+    flipped: dict[tuple[bool, ...], torch.Tensor],
+    keep: torch.Tensor,
+    batch_size: int,
+    criterion: Criterion,
+    judge: Judge | None,
+) -> tuple[dict[tuple[bool, ...], torch.Tensor] | None, torch.Tensor | None]:
+    """(per variant, the prompts the judge and the criterion agree stop refusing; the prompts both
+    read as refused on the clean run), or (None, None) without a judge. Under the judge criterion
+    the flips are already the judge's verdicts."""
+    if judge is None:
+        return None, None
+    if criterion.name == "judge":
+        return flipped, keep
+    keys = list(edits)
+    texts = generate_many(model, [(batch, [])] + [(batch, edits[k]) for k in keys], None, batch_size)
+    base = keep & torch.tensor(judge.refused(instructions, texts[0]), dtype=torch.bool)
+    answered = [~torch.tensor(judge.refused(instructions, t), dtype=torch.bool) for t in texts[1:]]
+    return {k: flipped[k] & a for k, a in zip(keys, answered, strict=True)}, base
 
 
 def kept_activation(
@@ -361,6 +424,11 @@ def run(
     if why_not is not None:
         notes.update(
             layer_alone_flip_rate=why_not, layer_without_flip_rate=why_not, layer_kept_activation=why_not
+        )
+        notes.update(dict.fromkeys(JUDGED_KEYS, why_not))
+    elif judge is None:
+        notes.update(
+            dict.fromkeys(JUDGED_KEYS, "no judge was given: the per-layer variants were not generated")
         )
     if not cfg.null_directions:
         notes["layer_beyond_null"] = "search.candidates.null_directions is 0"
