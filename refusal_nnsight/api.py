@@ -46,8 +46,9 @@ from .data import Prompts
 from .data import load_prompts as _load_prompts
 from .errors import UserError
 from .judges import make_judge
-from .models import LoadedModel, wrap_model
+from .models import LoadedModel
 from .models import load_model as _load_model
+from .models import wrap_model as _wrap_model
 from .saes import LoadedSAEs
 from .saes import load_saes as _load_saes
 from .validation import check_value, validate_section
@@ -79,6 +80,12 @@ def load_model(cfg: ModelConfig | None = None, backend: str | BackendConfig = "l
     from .backends import load_model as load_on_backend
 
     return load_on_backend(cfg, bcfg, weights_path(cfg))
+
+
+def wrap_model(hf_model, tokenizer, cfg: ModelConfig) -> LoadedModel:
+    """Your own already-built HF causal LM and tokenizer as an nnsight model, with the family facts
+    of `cfg` (its refusal tokens, eoi suffix, coefficient)."""
+    return _wrap_model(hf_model, tokenizer, validate_section(cfg, "model"))
 
 
 def load_saes(model: LoadedModel, cfg: SAEConfig | None = None) -> LoadedSAEs:

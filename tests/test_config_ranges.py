@@ -179,6 +179,11 @@ def test_a_library_call_refuses_what_the_cli_refuses(rule):
         _set_in(cfg, rule.field[len(section) + 1 :], bad)
         with pytest.raises(UserError, match=rule.field.replace(".", r"\.") + "=.* makes no sense"):
             call(cfg)
+        if section == "model":  # your own model, wrapped, is checked the same way
+            import refusal_nnsight as rn
+
+            with pytest.raises(UserError, match=rule.field.replace(".", r"\.") + "=.* makes no sense"):
+                rn.wrap_model(None, None, cfg)
 
 
 def _set_in(cfg, dotted: str, value) -> None:
@@ -203,3 +208,12 @@ def test_a_library_call_refuses_a_bad_coefficient_seed_or_organism_seed():
     # a setting a plain torch call would fail on deep inside the stage, refused by name instead
     with pytest.raises(UserError, match=r"search\.candidates\.null_directions=-1"):
         rn.candidate_features(None, None, None, None, CandidatesConfig(null_directions=-1))
+
+
+def test_a_valid_own_model_wraps_through_the_checked_call():
+    import refusal_nnsight as rn
+    from tests.tiny import model_config, tiny_llama3
+
+    hf, tok = tiny_llama3()
+    model = rn.wrap_model(hf, tok, model_config("llama3"))
+    assert model.n_layers == 3 and model.cfg.name == "tiny_llama3"
