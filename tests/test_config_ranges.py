@@ -37,7 +37,8 @@ def test_every_rule_names_a_field():
     assert not stale, f"validation.RULES names fields that no longer exist: {stale}"
 
 
-def _set(cfg: RunConfig, dotted: str, value) -> None:
+def _set(cfg, dotted: str, value) -> None:
+    """Set the field at a dotted path of a config (a RunConfig, or one section's dataclass)."""
     parent, _, name = dotted.rpartition(".")
     setattr(get_field(cfg, parent) if parent else cfg, name, value)
 
@@ -176,7 +177,7 @@ def test_a_library_call_refuses_what_the_cli_refuses(rule):
     cls, call = _library_calls()[section]
     for bad in rule.bad:
         cfg = cls()
-        _set_in(cfg, rule.field[len(section) + 1 :], bad)
+        _set(cfg, rule.field[len(section) + 1 :], bad)
         with pytest.raises(UserError, match=rule.field.replace(".", r"\.") + "=.* makes no sense"):
             call(cfg)
         if section == "model":  # your own model, wrapped, is checked the same way
@@ -184,11 +185,6 @@ def test_a_library_call_refuses_what_the_cli_refuses(rule):
 
             with pytest.raises(UserError, match=rule.field.replace(".", r"\.") + "=.* makes no sense"):
                 rn.wrap_model(None, None, cfg)
-
-
-def _set_in(cfg, dotted: str, value) -> None:
-    parent, _, name = dotted.rpartition(".")
-    setattr(get_field(cfg, parent) if parent else cfg, name, value)
 
 
 def test_a_library_call_refuses_a_bad_coefficient_seed_or_organism_seed():
