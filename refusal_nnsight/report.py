@@ -168,11 +168,7 @@ def _by_layer(c: dict) -> str:
     if not alone or not without:
         return ""
     n, everything = c.get("all_ablated_flip_rate_n"), c.get("all_ablated_flip_rate")
-    parts = [
-        f"layer {layer} {_rate(alone[layer], n)} alone, {_rate(without.get(layer), n)} without it"
-        for layer in alone
-    ]
-    out = f" Per searched layer, the refused prompts flipped by its candidates alone and by all candidates but its: {'; '.join(parts)}."
+    out = f" Per searched layer, the refused prompts flipped by its candidates alone and by all candidates but its: {_alone_without(alone, without, n)}."
     more = [layer for layer in alone if everything is not None and (without.get(layer) or 0) > everything]
     if more:
         counts = ", ".join(f"layer {layer} {_rate(without[layer], n)}" for layer in more)
@@ -191,13 +187,17 @@ def _judged_layers(c: dict) -> str:
         c.get("layer_without_flip_rate"),
     ):  # a jailbreak is a flip the judge reads as answered: equal counts are the same prompts
         return " Generated and judged, these variants jailbreak the same prompts: the judge reads every prompt they flip as answered."
-    parts = [
-        f"layer {layer} {_rate(alone[layer], n)} alone, {_rate(without.get(layer), n)} without it"
-        for layer in alone
-    ]
     return (
         f" Generated and judged, the prompts the judge and the criterion agree stop refusing, of the {n} "
-        f"both read as refused on the clean run: {'; '.join(parts)}."
+        f"both read as refused on the clean run: {_alone_without(alone, without, n)}."
+    )
+
+
+def _alone_without(alone: dict, without: dict, n) -> str:
+    """'layer 0 4 of 4 (1) alone, 0 of 4 (0) without it; …' from per-layer rates over n prompts."""
+    return "; ".join(
+        f"layer {layer} {_rate(alone[layer], n)} alone, {_rate(without.get(layer), n)} without it"
+        for layer in alone
     )
 
 
