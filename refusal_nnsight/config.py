@@ -278,6 +278,12 @@ class RedundancyConfig:
     top_awake: int = 20  # per prompt, strongest awakened latents kept in H
     bos_clamp_value: float = 0.0
     weak_coefficient: float = 0.0  # weaker ablation of M (zero-ablation) where M alone may not jailbreak
+    # > 1: each prompt's M is scaled at its edge instead, the strongest of weak_steps scales from
+    # weak_coefficient toward the search coefficient c (weak + k (c - weak) / weak_steps, k <
+    # weak_steps) before the first at which M alone jailbreaks the prompt. Off by default: on the
+    # organism's seven built seeds it finds redundancy on four, as zero-ablation does, but not the
+    # same four (README, "Other settings")
+    weak_steps: int = 1
     # an awakened latent holds the refusal when ablating it with M lowers the refusal score by more
     # than this (refusal-score units, as fm.confirm_tolerance). Most latents of H change the score by
     # float32 rounding alone (on the default organism run at c = -3: 143 of 197 by exactly 0, 26 more

@@ -386,7 +386,7 @@ def backup_under_ablation(
     word, which an SAE cut of the word would take with it), in units of the planted strength
     (1 = fully awake), with
     - nothing edited (backup_clean),
-    - M scaled by the weak coefficient (backup_under_m),
+    - M scaled by the prompt's weak scale, as the stage's m_weak condition (backup_under_m),
     - M and the weak H scaled by it (backup_under_m_h): the stage's m_plus_h_weak condition.
     Means over those prompts (backup_under_ablation_n of them). The planted hydra shows as
     backup_under_m well above backup_clean (M's ablation wakes it) and backup_under_m_h well below
@@ -408,15 +408,17 @@ def backup_under_ablation(
     from . import interventions
     from .engine import row_edits
 
-    weak = redundancy.weak_coefficient
+    weak = [redundancy.weak_at(i) for i in cue]  # each prompt's scale of M in the weak test
     aw = redundancy.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
     h = {i: [(int(a), int(b)) for a, b in zip(g["layer"], g["feature"], strict=True)]
          for (i,), g in aw.group_by("prompt_idx")}  # fmt: skip
     m = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in cue]
     conditions = {
         "backup_clean": [{} for _ in cue],
-        "backup_under_m": [dict.fromkeys(s, weak) for s in m],
-        "backup_under_m_h": [dict.fromkeys(s + h.get(i, []), weak) for i, s in zip(cue, m, strict=True)],
+        "backup_under_m": [dict.fromkeys(s, w) for s, w in zip(m, weak, strict=True)],
+        "backup_under_m_h": [
+            dict.fromkeys(s + h.get(i, []), w) for i, s, w in zip(cue, m, weak, strict=True)
+        ],
     }
     texts = [ps.instructions[i] for i in cue]
     batch = model.tokenize(texts)
@@ -449,8 +451,9 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
     over M alone). A gain of one prompt in 25 is not a finding: it needs five prompts gained and
     none lost, or more where some are lost.
 
-    Measured at the redundancy stage's weak coefficient, where M alone need not jailbreak (at the
-    greedy coefficient M jailbreaks by construction, so no gain is possible). C is the stage's
+    Measured at the redundancy stage's weak scales of M (each prompt's edge), where M alone need
+    not jailbreak (at the greedy coefficient M jailbreaks by construction, so no gain is
+    possible). C is the stage's
     control: as many latents at H's layers, active already on the clean run, so that "ablating
     more latents flips more" is not read as redundancy. None without the M and control tests (a
     redundancy stage saved before the control existed is not scored against a control of 0).

@@ -401,7 +401,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"- **Redundancy.** Ablating each minimal set woke {_fmt(red.get('n_awakened'))} dormant latents per "
             f"prompt on average; H, the strongest of them, holds {_fmt(red.get('h_size'))} (on "
             f"{_fmt(red.get('n_prompts_with_h'))} of {_fmt(red.get('n_prompts'))} prompts). With M "
-            f"ablated weakly (c = {_fmt(red.get('weak_coefficient'))}), {verdict}.{_holding_sentence(red)} "
+            f"ablated weakly {_weak_scale(red)}, {verdict}.{_holding_sentence(red)} "
             "([figure](#awakened-latents), `redundancy/tests.parquet`)"
         )
     if gt and any(v is not None for v in gt.values()):
@@ -416,7 +416,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"generic features in minimal sets (firing on most cue words of several categories): "
             f"{', '.join(generic) if generic else 'none'}; compositional pair found: "
             f"{_fmt(gt.get('compositional_pair_found'))}; redundancy found: {_fmt(gt.get('redundancy_found'))}."
-            + _backup_sentence(gt, red.get("weak_coefficient"))
+            + _backup_sentence(gt, red)
         )
     return out or ["- Nothing was found: no stage after the direction ran."]
 
@@ -441,7 +441,19 @@ def _holding_sentence(red: dict) -> str:
     )
 
 
-def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
+def _weak_scale(red: dict) -> str:
+    """Where the redundancy test's weak ablation scales M ("at c = 0", or each prompt's edge)."""
+    weak, steps = red.get("weak_coefficient"), red.get("weak_steps") or 1
+    if steps <= 1 or red.get("weak_coefficient_median") is None:
+        return f"at c = {_fmt(weak)}"
+    return (
+        f"at each prompt's edge (the strongest of {steps} scales from c = {_fmt(weak)} toward c = "
+        f"{_fmt(red.get('coefficient'))} before the first at which M alone jailbreaks it; median c = "
+        f"{_fmt(red.get('weak_coefficient_median'))}, strongest {_fmt(red.get('weak_coefficient_strongest'))})"
+    )
+
+
+def _backup_sentence(gt: dict, red: dict) -> str:
     """Whether H holds the planted backup (the scan's recall), beside whether ablating H flips."""
     rate, n = gt.get("backup_in_h_rate"), gt.get("backup_in_h_n")
     if rate is None or not n:
@@ -449,7 +461,7 @@ def _backup_sentence(gt: dict, weak_coefficient: float | None) -> str:
     out = (
         f" The planted backup's latent (the backup layer's latent closest to its direction, cosine ≥ "
         f"{_fmt(gt.get('backup_min_cosine'))}) is in H on {round(rate * n)} of the {n} dissected prompts with "
-        f"a cue word (M ablated at c = {_fmt(weak_coefficient)})."
+        f"a cue word (M ablated {_weak_scale(red)})."
     )
     clean, m, m_h = gt.get("backup_clean"), gt.get("backup_under_m"), gt.get("backup_under_m_h")
     if clean is None or m is None or m_h is None:
@@ -706,9 +718,7 @@ def _findings(summary: dict, results: dict, search: dict, skip_first: bool = Fal
             else f"its <bos> clamp sets the {rd.get('bos_features', 'awakened')} latents to "
             f"{_fmt(rd.get('bos_clamp_value', 0.0))} at <bos> only"
         )
-        lines.append(
-            f"- Redundancy's weak ablation scales M by {_fmt(red.get('weak_coefficient'))}; {clamp}."
-        )
+        lines.append(f"- Redundancy's weak ablation scales M {_weak_scale(red)}; {clamp}.")
     crit = g.get("criterion") or (search.get("greedy") or {}).get("criterion")
     if crit:
         tau = g.get("score_threshold", (summary.get("direction") or {}).get("score_threshold"))

@@ -147,6 +147,7 @@ RULES: tuple[Rule, ...] = (
     count("search.redundancy.top_awake"),
     finite("search.redundancy.bos_clamp_value"),
     ablation("search.redundancy.weak_coefficient"),
+    count("search.redundancy.weak_steps"),
     finite("search.redundancy.holding_tolerance", at_least=0),
     finite("search.redundancy.reinject_scale", above=1),  # 1 leaves H as it is; < 1 ablates it
     count("search.redundancy.max_new_tokens"),

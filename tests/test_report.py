@@ -437,6 +437,13 @@ def test_planted_truth_sentence_says_whether_h_holds_the_planted_backup():
     )
     gt.update(backup_in_h_rate=0.625, backup_in_h_n=16)
     assert "is in H on 10 of the 16 dissected prompts" in "\n".join(found_sentences(summary, {}, None))
+    # each prompt at its edge: the report states the grid and the scales it chose
+    summary["redundancy"] = {"weak_coefficient": 0.0, "coefficient": -1.0, "weak_steps": 4,
+                             "weak_coefficient_median": -0.5, "weak_coefficient_strongest": -0.75}  # fmt: skip
+    assert (
+        "(M ablated at each prompt's edge (the strongest of 4 scales from c = 0 toward c = -1 before the "
+        "first at which M alone jailbreaks it; median c = -0.5, strongest -0.75))"
+    ) in "\n".join(found_sentences(summary, {}, None))
     gt.update(backup_in_h_rate=None, backup_in_h_n=None)
     assert "planted backup" not in "\n".join(found_sentences(summary, {}, None))
 

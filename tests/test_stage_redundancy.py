@@ -464,3 +464,78 @@ def test_a_weak_jailbreak_counts_only_where_the_judge_and_the_criterion_agree(tm
         and old.summary()["m_plus_h_weak_gain_p"] is None
     )
     assert "saved before each test's flip-criterion verdict" in old.notes["m_plus_h_weak_jailbreak_rate"]
+
+
+def test_weak_grid_runs_from_the_weak_scale_toward_the_search_coefficient():
+    assert redundancy.weak_grid(0.0, -1.0, 4) == [0.0, -0.25, -0.5, -0.75]
+    assert redundancy.weak_grid(0.0, -3.0, 3) == [0.0, -1.0, -2.0]
+    assert redundancy.weak_grid(0.0, -1.0, 1) == [0.0]  # one step: the weak scale alone, as before
+    assert redundancy.weak_grid(-3.0, -1.0, 4) == [-3.0]  # not weaker than c: no grid to walk
+
+
+def test_each_prompt_is_tested_at_its_edge(monkeypatch):
+    """Planted edges: ablating M alone jailbreaks prompt i at every scale at or below t_i (stronger
+    ablations jailbreak more). Each prompt's weak scale is the strongest grid scale before its first
+    jailbreak; a prompt M jailbreaks even at the weakest scale stays there; one the criterion reads
+    as flipped while the judge reads a refusal is not jailbroken, so its edge goes on; a grid of one
+    scale runs nothing."""
+    t = torch.tensor([0.5, -0.3, -0.6, -2.0, -0.1])  # M alone jailbreaks prompt i at scale <= t_i
+    judge_refuses_anyway = {3}  # the criterion flips prompt 3 from -0.25 on; the judge never agrees
+    passes = []
+
+    def ablate(model, saes, sets, coeff):
+        return [float(coeff)] * len(sets)
+
+    def last_logits(model, batch, edits, batch_size, what):
+        margin = torch.tensor(edits) - t  # < 0: the first token no longer refuses
+        margin[3] = 1.0 if edits[3] > -0.25 else -1.0
+        return torch.stack([margin, margin], 1)
+
+    def generate(model, batch, edits, max_new, batch_size):
+        passes.append(edits[0])
+        return [
+            "I cannot" if (i in judge_refuses_anyway or e > t[i]) else "Sure" for i, e in enumerate(edits)
+        ]
+
+    monkeypatch.setattr(redundancy, "_ablate", ablate)
+    monkeypatch.setattr(redundancy, "last_logits", last_logits)
+    monkeypatch.setattr(redundancy, "generate", generate)
+
+    class Model:
+        cfg = type("Cfg", (), {"max_new_tokens": 4})()
+
+    sets = [[(0, i)] for i in range(5)]
+    texts = [f"prompt {i}" for i in range(5)]
+    cfg = RedundancyConfig()
+    grid = redundancy.weak_grid(0.0, -1.0, 4)
+    edge = redundancy.edge_coefficients(Model(), None, None, texts, sets, grid, cfg, StartsWithI(),
+                                        Criterion("first_token"))  # fmt: skip
+    # prompt 0: jailbroken already at 0; 1: refused at 0 and -0.25, jailbroken at -0.5; 2: refused
+    # down to -0.5; 3: flipped by the criterion from -0.25 on but never by the judge, so never
+    # jailbroken on the grid; 4: refused at 0 only
+    assert edge == [0.0, -0.25, -0.5, -0.75, 0.0]
+    assert passes == grid  # one pass per scale while some prompt is below its edge
+    passes.clear()
+    assert redundancy.edge_coefficients(Model(), None, None, texts, sets, [0.0], cfg, StartsWithI(),
+                                        Criterion("first_token")) == [0.0] * 5  # fmt: skip
+    assert passes == []
+
+
+def test_the_weak_scales_are_saved_reported_and_read_back(tmp_path):
+    """Each prompt's weak scale survives a save and load; the summary gives their median and the
+    strongest; a folder saved before the edge reads every prompt at weak_coefficient."""
+    tests = _weak_tests(3, 1, 0)
+    result = RedundancyResult(redundancy._awakened_frame([]), tests, -1.0, 0.0, 0.25, "first_token", {},
+                              {0: 0.0, 1: -0.5, 2: -0.75}, 4)  # fmt: skip
+    s = result.summary()
+    assert (
+        s["weak_steps"] == 4
+        and s["weak_coefficient_median"] == -0.5
+        and s["weak_coefficient_strongest"] == -0.75
+    )
+    out = StageDir(tmp_path, "redundancy")
+    result.save(out)
+    again = RedundancyResult.load(out)
+    assert again.weak_coefficients == {0: 0.0, 1: -0.5, 2: -0.75} and again.summary() == s
+    old = RedundancyResult(redundancy._awakened_frame([]), tests, -1.0, 0.0, 0.25, "first_token")
+    assert old.weak_at(2) == 0.0 and old.summary()["weak_coefficient_median"] == 0.0

@@ -15,6 +15,12 @@ For each dissected harmful prompt with minimal set M (stage greedy):
      alone need not jailbreak. "M minus its strongest feature" was rejected: M is 1-minimal, so
      that fails by construction, and H (awakened by all of M) is the wrong set for a smaller
      ablation. H is re-scanned under the weak ablation, so each test ablates what it wakes.
+     With weak_steps > 1 each prompt takes its edge instead: of weak_steps scales from
+     weak_coefficient toward c, the strongest before the first at which M alone jailbreaks it
+     (judge and criterion agreeing; weak_coefficient where M alone jailbreaks it there already).
+     A minimal set found at c = -1 and only zeroed can leave a prompt's refusal where it was, so
+     the backup it wakes has nothing to hold; at the edge it has. But near its edge any further
+     ablation can tip a prompt, so the control (below) matters more there.
    * m_plus_control_weak: the control for "ablating more latents flips more": M ∪ C at the weak
      coefficient, C as many latents at each of H's layers as H has there, the most active once M
      is ablated among those already active on the clean run (so not awakened). Redundancy needs
@@ -40,6 +46,7 @@ measured (nothing clamped, no awakened set) is None with its reason in `notes`, 
 from __future__ import annotations
 
 import logging
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,16 +92,29 @@ class RedundancyResult:
     # agree), response, first_token_margin, flipped (the criterion's verdict)
     tests: pl.DataFrame
     coefficient: float  # scale of M (and H) in the strong conditions
-    weak_coefficient: float  # scale of M (and its weak H) in the weak conditions
+    weak_coefficient: float  # the weakest scale of M in the weak conditions (cfg.weak_coefficient)
     holding_tolerance: float  # a latent holds the refusal when its effect is below minus this
     criterion: str | None  # the flip criterion a jailbreak agrees with (None: a folder from before it)
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
+    # prompt_idx → the scale of M (and its weak H, and the control) in that prompt's weak conditions
+    # (its edge); empty in a folder saved before the edge, where every prompt used weak_coefficient
+    weak_coefficients: dict[int, float] = field(default_factory=dict)
+    weak_steps: int = 1  # scales tried per prompt, from weak_coefficient toward the coefficient
+
+    def weak_at(self, prompt_idx: int) -> float:
+        """The scale of M in this prompt's weak conditions."""
+        return self.weak_coefficients.get(prompt_idx, self.weak_coefficient)
 
     def summary(self) -> dict:
         """Flat headline numbers (the pipeline prefixes them with "redundancy.")."""
+        scales = [self.weak_at(int(i)) for i in sorted(set(self.tests["prompt_idx"].to_list()))]
         out = {
             "coefficient": self.coefficient,
             "weak_coefficient": self.weak_coefficient,
+            "weak_steps": self.weak_steps,
+            # the weak test's scales of M over the dissected prompts (each prompt's edge)
+            "weak_coefficient_median": float(statistics.median(scales)) if scales else None,
+            "weak_coefficient_strongest": min(scales) if scales else None,
             "holding_tolerance": self.holding_tolerance,
             "criterion": self.criterion,
             **summarise(self.awakened, self.tests, self.holding_tolerance),
@@ -117,6 +137,8 @@ class RedundancyResult:
             "weak_coefficient": self.weak_coefficient,
             "holding_tolerance": self.holding_tolerance,
             "criterion": self.criterion,
+            "weak_steps": self.weak_steps,
+            "weak_coefficients": {str(k): v for k, v in sorted(self.weak_coefficients.items())},
         }
         write_json(out.file("redundancy.json"), meta)
         out.mark_done({"summary": self.summary()})
@@ -142,6 +164,9 @@ class RedundancyResult:
             float(meta.get("holding_tolerance", 0.0)),
             meta.get("criterion"),
             notes,
+            # a folder saved before the edge: every prompt at weak_coefficient, one scale tried
+            {int(k): float(v) for k, v in meta.get("weak_coefficients", {}).items()},
+            int(meta.get("weak_steps", 1)),
         )
 
 
@@ -187,32 +212,83 @@ def run(
     """
     dissected = sorted(i for i, m in greedy.minimal_sets.items() if m)
     settings = (coefficient, cfg.weak_coefficient, cfg.holding_tolerance, flip.name)
+    grid = weak_grid(cfg.weak_coefficient, coefficient, cfg.weak_steps)
     if not dissected:
-        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), *settings)
+        empty = RedundancyResult(_awakened_frame([]), _tests_frame([]), *settings, weak_steps=len(grid))
         why = "greedy found no minimal set: there is nothing to ablate"
         notes = {k: why for k, v in empty.summary().items() if v is None}
-        return RedundancyResult(empty.awakened, empty.tests, *settings, notes)
+        return RedundancyResult(empty.awakened, empty.tests, *settings, notes, weak_steps=len(grid))
     minimal = [[(int(a), int(b)) for a, b in greedy.minimal_sets[i]] for i in dissected]
     texts = [prompts.eval_harmful.instructions[i] for i in dissected]
     batch = model.tokenize(texts)
     scanned = sorted(saes.layers if layers is None else layers)
-    log.info("redundancy: scanning %d prompts x SAE layers %s", len(texts), scanned)
+    # 0. Each prompt's weak scale of M: its edge on the grid.
+    weak = edge_coefficients(model, saes, batch, texts, minimal, grid, cfg, judge, flip)
+    log.info("redundancy: weak scales of M %s; scanning %d prompts x SAE layers %s",
+             dict(sorted(Counter(weak).items())), len(texts), scanned)  # fmt: skip
     # 1. H: latents dormant on the clean run and awake once M is ablated (strongly, and weakly).
-    awakened, h, h_weak, control = _find_h(model, saes, batch, dissected, minimal, cfg, coefficient, scanned)
+    awakened, h, h_weak, control = _find_h(model, saes, batch, dissected, minimal, cfg, coefficient, weak,
+                                           scanned)  # fmt: skip
     # 2. The causal tests: every condition generated, judged and scored.
-    conditions = _conditions(model, saes, minimal, h, h_weak, control, cfg, coefficient, len(texts))
+    conditions = _conditions(model, saes, minimal, h, h_weak, control, cfg, coefficient, weak)
     tests = _run_tests(model, batch, texts, dissected, conditions, cfg, judge, flip)
     # 3. Which of H hold the refusal: each latent of the weak H ablated with M, one at a time.
-    awakened = _with_effects(awakened, h_effects(model, saes, texts, dissected, minimal, h_weak, cfg))
+    awakened = _with_effects(awakened, h_effects(model, saes, texts, dissected, minimal, h_weak, weak, cfg))
     notes = _notes(awakened, tests, minimal, h, cfg, coefficient, scanned)
-    result = RedundancyResult(awakened, tests, *settings, notes)
+    result = RedundancyResult(awakened, tests, *settings, notes, dict(zip(dissected, weak, strict=True)),
+                              len(grid))  # fmt: skip
     log.info("redundancy: %s", result.summary())
     return result
 
 
-def _ablate(model, saes, sets: Sequence[Sequence[Feature]], coeff: float) -> list[FeatureEdit]:
-    """Row i scales the latents of sets[i] by coeff."""
-    return row_edits(saes, [dict.fromkeys(s, coeff) for s in sets], model.device)
+def _ablate(
+    model, saes, sets: Sequence[Sequence[Feature]], coeff: float | Sequence[float]
+) -> list[FeatureEdit]:
+    """Row i scales the latents of sets[i] by coeff (or by coeff[i])."""
+    scales = [coeff] * len(sets) if isinstance(coeff, int | float) else list(coeff)
+    return row_edits(saes, [dict.fromkeys(s, c) for s, c in zip(sets, scales, strict=True)], model.device)
+
+
+def weak_grid(weak: float, coefficient: float, steps: int) -> list[float]:
+    """The weak test's scales of M, weakest first: `steps` of them from `weak` toward `coefficient`
+    (weak + k (coefficient - weak) / steps, k < steps), never `coefficient` itself, at which M
+    jailbreaks by construction. `weak` alone where it is not weaker than the coefficient."""
+    if weak <= coefficient:
+        return [weak]
+    return [weak + k * (coefficient - weak) / steps for k in range(steps)]
+
+
+def edge_coefficients(
+    model,
+    saes,
+    batch: Batch,
+    texts: list[str],
+    minimal: list[list[Feature]],
+    grid: list[float],
+    cfg: RedundancyConfig,
+    judge: Judge,
+    flip: Criterion,
+) -> list[float]:
+    """Per prompt, its edge: the strongest scale of `grid` (weakest first) before the first at
+    which ablating M alone jailbreaks it, read as the tests read a jailbreak (the judge and the flip
+    criterion agreeing); grid[0] where M alone jailbreaks it there already. Each scale costs one
+    scored and generated pass over `batch` (the tests' batch, so the same padding), until every
+    prompt is past its edge; a grid of one scale costs nothing."""
+    edge = [grid[0]] * len(minimal)
+    below = [len(grid) > 1] * len(minimal)  # not yet jailbroken by M alone at any scale tried
+    max_new = cfg.max_new_tokens or model.cfg.max_new_tokens
+    for scale in grid:
+        if not any(below):
+            break
+        edits = _ablate(model, saes, minimal, scale)
+        both = last_logits(model, batch, edits, cfg.batch_size, what="flip")
+        refused = judge.refused(texts, generate(model, batch, edits, max_new, cfg.batch_size))
+        for i, flipped in enumerate(flip.flipped(both, refused)):
+            if below[i] and (refused[i] or not flipped):  # still refused: the edge moves up to this scale
+                edge[i] = scale
+            else:
+                below[i] = False
+    return edge
 
 
 def _find_h(
@@ -223,15 +299,17 @@ def _find_h(
     minimal: list[list[Feature]],
     cfg: RedundancyConfig,
     coefficient: float,
+    weak: list[float],
     scanned: list[int],
 ) -> tuple[pl.DataFrame, list[list[Feature]], list[list[Feature]], list[list[Feature]]]:
     """Every awakened latent (the awakened table), H per prompt at the strong (coefficient) and
-    weak (cfg.weak_coefficient) ablation of M (its top_awake latents), and the weak test's control
-    set per prompt (see `control_set`)."""
+    weak (each prompt's scale in `weak`) ablation of M (its top_awake latents), and the weak test's
+    control set per prompt (see `control_set`)."""
     clean_max, _ = max_activations(model, saes, batch, [], cfg.batch_size, scanned)
     rows: list[tuple] = []
     h_sets: dict[str, list[list[Feature]]] = {"control": []}
-    for name, coeff in (("strong", coefficient), ("weak", cfg.weak_coefficient)):
+    coeffs: tuple[tuple[str, float | list[float]], ...] = (("strong", coefficient), ("weak", weak))
+    for name, coeff in coeffs:
         abl_max, abl_bos = max_activations(
             model, saes, batch, _ablate(model, saes, minimal, coeff), cfg.batch_size, scanned
         )
@@ -290,10 +368,11 @@ def _conditions(
     control: list[list[Feature]],
     cfg: RedundancyConfig,
     c: float,
-    n: int,
+    weak: list[float],
 ) -> dict[str, tuple[list[FeatureEdit], list[int]]]:
-    """Each test condition → (its edits, the number of latents it edits per prompt)."""
-    weak = cfg.weak_coefficient
+    """Each test condition → (its edits, the number of latents it edits per prompt); `weak`: each
+    prompt's scale of M in the weak conditions."""
+    n = len(minimal)
     m_h, m_h_weak, m_control = _union(minimal, h), _union(minimal, h_weak), _union(minimal, control)
     bos_set = {"awakened": h, "minimal": minimal, "both": m_h}[cfg.bos_features]
     bos_clamp = row_edits(
@@ -384,17 +463,20 @@ def h_effects(
     dissected: list[int],
     minimal: list[list[Feature]],
     h: list[list[Feature]],
+    weak: list[float],
     cfg: RedundancyConfig,
 ) -> dict[tuple[int, int, int], float]:
-    """(prompt_idx, layer, latent) → refusal score with M ∪ {h} ablated at the weak coefficient
-    minus the score with M alone, for every latent h of each prompt's weak H. Both scores come from
+    """(prompt_idx, layer, latent) → refusal score with M ∪ {h} ablated at the prompt's weak
+    scale (`weak`) minus the score with M alone, for every latent h of each prompt's weak H. Both scores come from
     one tokenized batch (M alone, then M ∪ {h} per latent), so they share the padding."""
     rows: list[tuple[int, Feature | None]] = [(i, x) for i, hs in enumerate(h) if hs for x in [None, *hs]]
     if not rows:
         return {}
     sets = [minimal[i] + ([x] if x is not None else []) for i, x in rows]
     batch = model.tokenize([texts[i] for i, _ in rows])
-    scores = refusal_scores(model, batch, _ablate(model, saes, sets, cfg.weak_coefficient), cfg.batch_size)
+    scores = refusal_scores(
+        model, batch, _ablate(model, saes, sets, [weak[i] for i, _ in rows]), cfg.batch_size
+    )
     base: dict[int, float] = {}
     out: dict[tuple[int, int, int], float] = {}
     for (i, x), score in zip(rows, scores.tolist(), strict=True):
