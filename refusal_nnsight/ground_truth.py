@@ -451,11 +451,11 @@ def redundancy_found(result) -> tuple[bool | None, float | None]:
     over M alone). A gain of one prompt in 25 is not a finding: it needs five prompts gained and
     none lost, or more where some are lost.
 
-    Measured at the redundancy stage's weak scales of M (each prompt's edge), where M alone need
-    not jailbreak (at the greedy coefficient M jailbreaks by construction, so no gain is
-    possible). C is the stage's
-    control: as many latents at H's layers, active already on the clean run, so that "ablating
-    more latents flips more" is not read as redundancy. None without the M and control tests (a
+    Measured at the redundancy stage's weak scale of M (weak_coefficient, or each prompt's edge
+    with weak_steps > 1), where M alone need not jailbreak (at the greedy coefficient M
+    jailbreaks by construction, so no gain is possible). C is the stage's control: as many
+    latents at H's layers, active already on the clean run, so that "ablating more latents flips
+    more" is not read as redundancy. None without the M and control tests (a
     redundancy stage saved before the control existed is not scored against a control of 0).
     """
     from .stages.redundancy import gain_significant, summarise

@@ -97,7 +97,8 @@ class RedundancyResult:
     criterion: str | None  # the flip criterion a jailbreak agrees with (None: a folder from before it)
     notes: dict[str, str] = field(default_factory=dict)  # summary key → why it is None (or 0)
     # prompt_idx → the scale of M (and its weak H, and the control) in that prompt's weak conditions
-    # (its edge); empty in a folder saved before the edge, where every prompt used weak_coefficient
+    # (its edge when weak_steps > 1); empty in a folder saved before the edge existed, where every
+    # prompt used weak_coefficient
     weak_coefficients: dict[int, float] = field(default_factory=dict)
     weak_steps: int = 1  # scales tried per prompt, from weak_coefficient toward the coefficient
 
@@ -112,7 +113,8 @@ class RedundancyResult:
             "coefficient": self.coefficient,
             "weak_coefficient": self.weak_coefficient,
             "weak_steps": self.weak_steps,
-            # the weak test's scales of M over the dissected prompts (each prompt's edge)
+            # the weak test's scales of M over the dissected prompts (weak_coefficient on each,
+            # unless weak_steps > 1 moved it to the prompt's edge)
             "weak_coefficient_median": float(statistics.median(scales)) if scales else None,
             "weak_coefficient_strongest": min(scales) if scales else None,
             "holding_tolerance": self.holding_tolerance,
