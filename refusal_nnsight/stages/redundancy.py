@@ -278,15 +278,13 @@ def edge_coefficients(
     prompt is past its edge; a grid of one scale costs nothing."""
     edge = [grid[0]] * len(minimal)
     below = [len(grid) > 1] * len(minimal)  # not yet jailbroken by M alone at any scale tried
-    max_new = cfg.max_new_tokens or model.cfg.max_new_tokens
     for scale in grid:
         if not any(below):
             break
-        edits = _ablate(model, saes, minimal, scale)
-        both = last_logits(model, batch, edits, cfg.batch_size, what="flip")
-        refused = judge.refused(texts, generate(model, batch, edits, max_new, cfg.batch_size))
-        for i, flipped in enumerate(flip.flipped(both, refused)):
-            if below[i] and (refused[i] or not flipped):  # still refused: the edge moves up to this scale
+        _, _, refused, flipped = _judged_run(model, batch, texts, _ablate(model, saes, minimal, scale), cfg,
+                                             judge, flip)  # fmt: skip
+        for i in range(len(minimal)):
+            if below[i] and not _jailbroken(refused[i], flipped[i]):  # the edge moves up to this scale
                 edge[i] = scale
             else:
                 below[i] = False
@@ -416,19 +414,30 @@ def _run_tests(
 ) -> pl.DataFrame:
     """The tests table: per condition and prompt, the refusal score, the first-token margin, the
     judged generation and the criterion's verdict; jailbroken where the judge and it agree."""
-    max_new = cfg.max_new_tokens or model.cfg.max_new_tokens
     test_rows = []
     for name, (edits, sizes) in tqdm(conditions.items(), desc="redundancy tests", leave=False):
-        both = last_logits(model, batch, edits, cfg.batch_size, what="flip")  # [N, 2]: score, margin
-        texts_out = generate(model, batch, edits, max_new, cfg.batch_size)
-        refused = judge.refused(texts, texts_out)
-        flipped = flip.flipped(both, refused)
+        both, texts_out, refused, flipped = _judged_run(model, batch, texts, edits, cfg, judge, flip)
         for i, idx in enumerate(dissected):
             score, margin = float(both[i, 0]), float(both[i, 1])
-            jailbroken = not refused[i] and bool(flipped[i])
-            test_rows.append((idx, name, sizes[i], score, bool(refused[i]), jailbroken, texts_out[i], margin,
-                              bool(flipped[i])))  # fmt: skip
+            test_rows.append((idx, name, sizes[i], score, bool(refused[i]), _jailbroken(refused[i], flipped[i]),
+                              texts_out[i], margin, bool(flipped[i])))  # fmt: skip
     return _tests_frame(test_rows)
+
+
+def _judged_run(
+    model, batch: Batch, texts: list[str], edits, cfg: RedundancyConfig, judge: Judge, flip: Criterion
+) -> tuple[torch.Tensor, list[str], list[bool], list[bool]]:
+    """One condition over `batch`: ([N, 2] refusal score and first-token margin, the generations,
+    the judge's refusal verdicts, the criterion's flips)."""
+    both = last_logits(model, batch, edits, cfg.batch_size, what="flip")
+    texts_out = generate(model, batch, edits, cfg.max_new_tokens or model.cfg.max_new_tokens, cfg.batch_size)
+    refused = judge.refused(texts, texts_out)
+    return both, texts_out, refused, flip.flipped(both, refused)
+
+
+def _jailbroken(refused: bool, flipped: bool) -> bool:
+    """A jailbreak: the judge finds no refusal and the flip criterion reads a flip."""
+    return not refused and bool(flipped)
 
 
 def _notes(
