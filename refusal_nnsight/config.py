@@ -220,6 +220,10 @@ class CandidatesConfig:
     # the work, and whether one undoes the rest (two more passes per layer over the harmful eval
     # prompts, each also generated and judged: one generation per variant, plus the clean run)
     per_layer: bool = False
+    # generate and judge those per-layer variants (their jailbreak rates); off = the flip
+    # criterion's rates alone, without the 2·layers + 1 generations (under the judge criterion the
+    # flips are the judge's own verdicts, so its rates come without extra generations either way)
+    per_layer_judged: bool = True
     # random unit directions each layer's candidates are compared with (candidates.parquet null_p): a
     # candidate is "beyond the null" when fewer than 5% of them have a latent as close to them as it
     # is to r̂. 0 = off

@@ -306,6 +306,15 @@ def test_per_layer_jailbreaks_count_where_the_judge_and_the_criterion_agree(plan
     assert older.summary()["layer_alone_jailbreak_rate"] is None
     assert "saved before the per-layer variants were judged" in older.notes["layer_jailbreak_rate_n"]
     assert older.summary()["layer_alone_flip_rate"] == s["layer_alone_flip_rate"]
+    # per_layer_judged off: nothing generated, the criterion's rates unchanged, the judged ones null
+    unjudged = _ScriptedJudge()
+    off = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=4, per_layer=True, per_layer_judged=False),
+                    StageDir(tmp_path / "off", "candidates"), -3.0, Criterion("score", d.score_threshold),
+                    unjudged)  # fmt: skip
+    assert unjudged.calls == 0
+    assert off.summary()["layer_alone_flip_rate"] == s["layer_alone_flip_rate"]
+    assert off.summary()["layer_alone_jailbreak_rate"] is None
+    assert "per_layer_judged is off" in off.notes["layer_jailbreak_rate_n"]
 
 
 def test_kept_activation_shows_the_edits_below_silencing_a_layer(planted_stage1, tmp_path):

@@ -13,9 +13,9 @@ With `per_layer`, the same check per searched layer L: L's candidates alone, and
 It also says why one can: an edit scales each latent as its SAE reads it from the residual that
 the edits below have already changed, so ablating all of C can silence a layer's candidates
 before their own edit acts (`kept_activation`: their activation with all of C ablated, as a share
-of their clean activation). Each variant is also generated and judged, so that its jailbreak rate
-counts a prompt where the judge and the criterion agree that it stops refusing (the flip rates
-are the criterion's alone, as greedy's search reads it).
+of their clean activation). Each variant is also generated and judged (`per_layer_judged`, on by
+default), so that its jailbreak rate counts a prompt where the judge and the criterion agree that
+it stops refusing (the flip rates are the criterion's alone, as greedy's search reads it).
 """
 
 from __future__ import annotations
@@ -418,8 +418,10 @@ def run(
     elif not any_refused:
         why_not = notes["all_ablated_flip_rate"]
     else:
+        # the judge criterion's flips are the judge's verdicts already: nothing extra to generate
+        layer_judge = judge if cfg.per_layer_judged or criterion.name == "judge" else None
         layered = by_layer_check(model, saes, engine, batch, instructions, check["refused"].to_list(),
-                                 cfg.batch_size, criterion, judge)  # fmt: skip
+                                 cfg.batch_size, criterion, layer_judge)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
         notes.update(
@@ -430,6 +432,10 @@ def run(
         notes.update(
             dict.fromkeys(JUDGED_KEYS, "no judge was given: the per-layer variants were not generated")
         )
+    elif "n_refused_judged" not in layered.columns:
+        notes.update(dict.fromkeys(
+            JUDGED_KEYS, "search.candidates.per_layer_judged is off: the per-layer variants were not generated"
+        ))  # fmt: skip
     if not cfg.null_directions:
         notes["layer_beyond_null"] = "search.candidates.null_directions is 0"
     result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes,
