@@ -432,7 +432,7 @@ def run(
         notes.update(
             dict.fromkeys(JUDGED_KEYS, "no judge was given: the per-layer variants were not generated")
         )
-    elif "n_refused_judged" not in layered.columns:
+    elif layered is not None and "n_refused_judged" not in layered.columns:
         notes.update(dict.fromkeys(
             JUDGED_KEYS, "search.candidates.per_layer_judged is off: the per-layer variants were not generated"
         ))  # fmt: skip
