@@ -286,7 +286,7 @@ class RedundancyConfig:
     # weak_coefficient toward the search coefficient c (weak + k (c - weak) / weak_steps, k <
     # weak_steps) before the first at which M alone jailbreaks the prompt. Off by default: on the
     # organism's seven built seeds it finds redundancy on four, as zero-ablation does, but not the
-    # same four (README, "Other settings")
+    # same four (docs/organism-settings.md)
     weak_steps: int = 1
     # an awakened latent holds the refusal when ablating it with M lowers the refusal score by more
     # than this (refusal-score units, as fm.confirm_tolerance). Most latents of H change the score by

@@ -411,6 +411,8 @@ def run(
         notes.update(all_ablated_flip_rate=why, n_not_flipped=why)
     layered = None
     why_not = None
+    # the judge criterion's flips are the judge's verdicts already: nothing extra to generate
+    judged = cfg.per_layer_judged or criterion.name == "judge"
     if not cfg.per_layer:
         why_not = "search.candidates.per_layer is off"
     elif len(layers) < 2:
@@ -418,10 +420,8 @@ def run(
     elif not any_refused:
         why_not = notes["all_ablated_flip_rate"]
     else:
-        # the judge criterion's flips are the judge's verdicts already: nothing extra to generate
-        layer_judge = judge if cfg.per_layer_judged or criterion.name == "judge" else None
         layered = by_layer_check(model, saes, engine, batch, instructions, check["refused"].to_list(),
-                                 cfg.batch_size, criterion, layer_judge)  # fmt: skip
+                                 cfg.batch_size, criterion, judge if judged else None)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
         notes.update(
@@ -432,7 +432,7 @@ def run(
         notes.update(
             dict.fromkeys(JUDGED_KEYS, "no judge was given: the per-layer variants were not generated")
         )
-    elif layered is not None and "n_refused_judged" not in layered.columns:
+    elif not judged:
         notes.update(dict.fromkeys(
             JUDGED_KEYS, "search.candidates.per_layer_judged is off: the per-layer variants were not generated"
         ))  # fmt: skip
