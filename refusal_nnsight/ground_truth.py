@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import polars as pl
@@ -249,7 +249,8 @@ def ground_truth_summary(
       "generic", as labels;
     - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain), backup_in_h_rate (+
       its _n and backup_min_cosine), backup_clean / backup_under_m / backup_under_m_h (+
-      backup_under_ablation_n, from `backup_under_ablation`): see their functions.
+      backup_under_ablation_n) and refused_under_m / refused_under_m_h /
+      refused_under_m_h_backup_part (from `backup_under_ablation`): see their functions.
 
     backup: the organism's planted backup detectors, where the organism has them.
     roles: feature_roles of a superset of the found features, when the caller has them already
@@ -260,7 +261,8 @@ def ground_truth_summary(
              "refusal_features": None, "generic_features": None, "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
-             "backup_under_ablation_n": None}  # fmt: skip
+             "backup_under_ablation_n": None, "refused_under_m": None, "refused_under_m_h": None,
+             "refused_under_m_h_backup_part": None}  # fmt: skip
     notes: dict[str, str] = {}
     if not _has_cues(ps):
         why = "the prompts carry no planted truth (only the organism's grammar does)"
@@ -392,8 +394,16 @@ def backup_under_ablation(
     backup_under_m well above backup_clean (M's ablation wakes it) and backup_under_m_h well below
     backup_under_m (H holds it). A jailbreak gain with the backup asleep under M, or left standing
     under M and H, is a hydra along another route.
+
+    On the same prompts, the share still refused (refusal score > 0) under M (refused_under_m),
+    under M and H (refused_under_m_h), and under M and H with each H latent's write cut to its
+    component along the prompt's backup direction (refused_under_m_h_backup_part). An SAE latent
+    writes more than one direction; where the backup part alone leaves the prompts complying and
+    the whole write does not, the rest of what H's latents write holds the refusal: the scan found
+    the planted backup, and its latents carry more than the backup.
     """
-    keys = ("backup_clean", "backup_under_m", "backup_under_m_h", "backup_under_ablation_n")
+    keys = ("backup_clean", "backup_under_m", "backup_under_m_h", "backup_under_ablation_n",
+            "refused_under_m", "refused_under_m_h", "refused_under_m_h_backup_part")  # fmt: skip
     figures: dict[str, Any] = dict.fromkeys(keys)
     if backup is None:
         return figures, "the model plants no backup detectors (only the organism does)"
@@ -407,6 +417,7 @@ def backup_under_ablation(
 
     from . import interventions
     from .engine import row_edits
+    from .scoring import refusal_scores
 
     weak = [redundancy.weak_at(i) for i in cue]  # each prompt's scale of M in the weak test
     aw = redundancy.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
@@ -442,7 +453,26 @@ def backup_under_ablation(
         coord = torch.einsum("btd,bd->bt", resid.float().cpu(), direction).masked_fill(~after, float("-inf"))
         figures[key] = float(coord.amax(1)[read].mean()) / backup.strength
     figures["backup_under_ablation_n"] = int(read.sum())
+    m_h = conditions["backup_under_m_h"]
+    in_h = [set(h.get(i, [])) for i in cue]
+    refused = {
+        "refused_under_m": row_edits(saes, conditions["backup_under_m"], model.device),
+        "refused_under_m_h": row_edits(saes, m_h, model.device),
+        "refused_under_m_h_backup_part": [
+            replace(e, along=direction, along_mask=_columns(e, in_h))
+            for e in row_edits(saes, m_h, model.device)
+        ],
+    }
+    for key, edits in refused.items():
+        scores = refusal_scores(model, batch, edits)
+        figures[key] = float((scores.cpu()[read] > 0).float().mean())
     return figures, None
+
+
+def _columns(edit, features: Sequence[set[Feature]]) -> torch.Tensor:
+    """[B, S] bool: per row, which of the edit's latents (edit.sae.features) are in that row's set."""
+    layer, cols = edit.sae.layer, [int(f) for f in edit.sae.features]
+    return torch.tensor([[(layer, f) in row for f in cols] for row in features], dtype=torch.bool)
 
 
 def redundancy_found(result) -> tuple[bool | None, float | None]:

@@ -7,7 +7,8 @@ x [B, T, d] (the output of `model.layers[L]`, sae-lens `blocks.L.hook_resid_post
   f = E(x), f'_S = c·f_S ("scale") or v ("clamp"), x' = x + (f' − f)_S · W_dec[S]. Unedited
   latents and the SAE error ε = x − D(f) are untouched, and only the |S| sliced columns are
   computed. `mask` [B, S] picks, per batch row, which features are edited — that is how many
-  ablation variants of one prompt run as one batched forward.
+  ablation variants of one prompt run as one batched forward. `along` [B, d] (with `along_mask`
+  [B, S]) keeps only the component of the chosen latents' write along each row's direction.
 * `DirectionAblation` — Arditi's x ← x − (x·r̂)r̂ at every layer's residual (the input of layer
   0 and every layer output).
 * `DirectionAddition` — Arditi's activation addition x ← x + α·r at one layer.
@@ -91,6 +92,11 @@ class FeatureEdit:
     mode: EditMode = "scale"
     mask: torch.Tensor | None = None  # [S] or [B, S] bool: features edited per row; None = all of S
     positions: Positions = "all"
+    # [d] or [B, d]: keep only the component along this direction of the write of the latents in
+    # `along_mask` ([S] or [B, S] bool; None = every edited latent). None = the whole write. Which
+    # part of an ablation's effect runs along a known direction (the organism's planted backups).
+    along: torch.Tensor | None = None
+    along_mask: torch.Tensor | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -102,7 +108,13 @@ class FeatureEdit:
         def cut(t):
             return t[i0:i1] if isinstance(t, torch.Tensor) and t.dim() == 2 else t
 
-        return replace(self, value=cut(self.value), mask=cut(self.mask))
+        return replace(
+            self,
+            value=cut(self.value),
+            mask=cut(self.mask),
+            along=cut(self.along),
+            along_mask=cut(self.along_mask),
+        )
 
     def edit(self, x: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, d] → x + (f' − f)·W_dec[S] at the positions `where` [B, T] (None = all)."""
@@ -120,7 +132,17 @@ class FeatureEdit:
             delta = delta * (m[:, None, :] if m.dim() == 2 else m)
         if where is not None:
             delta = delta * where[..., None].to(delta.dtype)
-        return x + sae.decode_delta(delta).to(x.dtype)
+        write = sae.decode_delta(delta)  # [B, T, d]
+        if self.along is not None:
+            u = self.along.to(device=write.device, dtype=write.dtype)
+            u = (u / u.norm(dim=-1, keepdim=True)).expand(write.shape[0], -1)  # [B, d]
+            part = delta
+            if self.along_mask is not None:
+                m = self.along_mask.to(device=f.device, dtype=f.dtype)
+                part = delta * (m[:, None, :] if m.dim() == 2 else m)
+            cut = sae.decode_delta(part)
+            write = write - cut + torch.einsum("btd,bd->bt", cut, u)[..., None] * u[:, None, :]
+        return x + write.to(x.dtype)
 
 
 @dataclass

@@ -472,7 +472,30 @@ def _backup_sentence(gt: dict, red: dict) -> str:
     )
     if m <= clean:
         return out + ": M's ablation does not wake it, so no hydra found here is the planted one."
-    return out + f": H removes {_fmt((m - m_h) / (m - clean))} of what M's ablation woke."
+    return (
+        out
+        + f": H removes {_fmt((m - m_h) / (m - clean))} of what M's ablation woke."
+        + _backup_part_sentence(gt)
+    )
+
+
+def _backup_part_sentence(gt: dict) -> str:
+    """Whether H's part along the planted backup removes the refusal that its whole write leaves."""
+    n = gt.get("backup_under_ablation_n")
+    shares = [gt.get(k) for k in ("refused_under_m", "refused_under_m_h", "refused_under_m_h_backup_part")]
+    if not n or any(v is None for v in shares):
+        return ""
+    m, m_h, part = (round(v * n) for v in shares)
+    out = (
+        f" Still refused (refusal score > 0) on those {n} prompts: {m} with M ablated, {m_h} with M and H, and "
+        f"{part} with M and H when each H latent writes only its part along the prompt's planted backup"
+    )
+    if part < m_h:
+        return out + (
+            f": {m_h - part} more stay refused under H's whole write than under its backup part, so the rest of "
+            "what H's latents write holds refusal that the planted backup's removal lifts."
+        )
+    return out + "."
 
 
 def _typical(cards: pl.DataFrame, greedy: dict, last: int) -> list[str]:

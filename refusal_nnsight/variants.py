@@ -45,7 +45,7 @@ def _shareable(by_layer: dict[int, list[Edit]]) -> bool:
         if len(edits) != 1 or not isinstance(edits[0], FeatureEdit):
             return False
         e = edits[0]
-        if e.mode != "scale" or e.mask is None or e.mask.dim() != 2:
+        if e.mode != "scale" or e.mask is None or e.mask.dim() != 2 or e.along is not None:
             return False
         if isinstance(e.value, torch.Tensor) and e.value.dim() == 2:
             return False

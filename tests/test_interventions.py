@@ -72,6 +72,34 @@ def test_scale_zero_removes_exactly_the_decoder_contribution(setup):
     )
 
 
+def test_along_keeps_only_the_chosen_latents_write_along_each_rows_direction(setup):
+    """x' = x + (c − 1)·(f_j·d_j + (f_k·d_k · u_b) u_b) on row b: latent j, outside along_mask,
+    writes in full; latent k writes only its part along that row's unit direction u_b."""
+    model, _, sae = setup
+    batch = model.tokenize(PROMPTS)
+    clean = _residual(model, batch, [])
+    f = sae.encode(clean)
+    fired = f[batch.attention_mask.bool()].gt(0).sum(0)
+    j, k = (int(i) for i in fired.argsort(descending=True)[:2])  # two latents that fire somewhere
+    sliced = SlicedSAE.from_sae(sae, LAYER, [j, k])
+    u = torch.randn(len(PROMPTS), model.d_model, generator=torch.Generator().manual_seed(0))
+    u = u / u.norm(dim=-1, keepdim=True)
+    keep = torch.tensor([[False, True]] * len(PROMPTS))
+    edited = _residual(model, batch, [FeatureEdit(sliced, value=-3.0, along=u * 5.0, along_mask=keep)])
+    w_k = f[..., k : k + 1] * sae.W_dec[k]  # [B, T, d]
+    part = torch.einsum("btd,bd->bt", w_k, u)[..., None] * u[:, None, :]
+    expected = clean - 4 * (f[..., j : j + 1] * sae.W_dec[j] + part) * batch.attention_mask[..., None]
+    assert (f[..., k].abs().sum() > 0) and not torch.allclose(part, w_k, atol=1e-3)
+    assert torch.allclose(edited, expected, atol=1e-5)
+    # without along_mask every edited latent is cut to the direction; row slices keep each row's own
+    both = FeatureEdit(sliced, value=-3.0, along=u)
+    whole = _residual(model, batch, [both])
+    w = f[..., j : j + 1] * sae.W_dec[j] + w_k
+    along = torch.einsum("btd,bd->bt", w, u)[..., None] * u[:, None, :]
+    assert torch.allclose(whole, clean - 4 * along * batch.attention_mask[..., None], atol=1e-5)
+    assert torch.equal(both.rows(1, 3).along, u[1:3])
+
+
 def test_clamp_sets_latent_value_and_keeps_error_term(setup):
     model, _, sae = setup
     batch = model.tokenize(PROMPTS)

@@ -437,6 +437,49 @@ def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_pa
     assert got["backup_under_m"] is None and "explicit cue word" in why
 
 
+def test_refused_shares_split_hs_write_into_its_part_along_the_planted_backup(tmp_path, monkeypatch):
+    """The hydra B writes the refusal token: M's ablation wakes it, M ∪ H (B scaled by c = −3 as
+    well) writes against it. The tiny model's scores all sit below 0, so the refusal threshold is
+    moved to halfway between M's score and M ∪ H's: refused under M, complying under M ∪ H. With
+    the refusal token's direction as the planted backup, all of B's write is its backup part:
+    cutting the write to that part changes nothing. With a direction orthogonal to every decoder
+    row of H, H's backup part is nothing: the prompt reads as under M alone, refused."""
+    from refusal_nnsight import scoring
+    from refusal_nnsight.ground_truth import PlantedBackup, backup_under_ablation
+
+    model, saes, prompts, a = _plant_hydra(None)
+    u = model.lm._module.lm_head.weight[model.refusal_ids[0]].detach()
+    cfg = RedundancyConfig(awake_min=0.3, top_awake=5, max_new_tokens=1, weak_coefficient=-3.0)
+    greedy = Greedy({0: [(0, a)], 1: []})
+    result = redundancy.run(model, saes, greedy, prompts, cfg, StageDir(tmp_path, "redundancy"), StartsWithI(),
+                            -3.0, Criterion("first_token"), layers=[1])  # fmt: skip
+    h = result.awakened.filter((pl.col("ablation") == "weak") & pl.col("in_h"))
+    assert B in h["feature"].to_list()
+    score = dict(zip(result.tests["condition"], result.tests["refusal_score"], strict=True))
+    assert score["m_plus_h_weak"] < score["m_weak"] - 1.0
+    shift = -(score["m_weak"] + score["m_plus_h_weak"]) / 2
+    scores = scoring.refusal_scores
+    monkeypatch.setattr(scoring, "refusal_scores", lambda *args, **kw: scores(*args, **kw) + shift)
+    start = PROMPTS[0].index("bomb")
+    ps = PromptSet(
+        PROMPTS, True, ["x", "y"], [{"kind": "cue", "cue_spans": [[start, start + 4]]}, {"kind": "benign"}]
+    )
+    got, why = backup_under_ablation(
+        model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": u / u.norm()}, 1.0)
+    )
+    assert why is None and got["backup_under_ablation_n"] == 1
+    assert got["refused_under_m"] == 1.0 and got["refused_under_m_h"] == 0.0
+    assert got["refused_under_m_h_backup_part"] == 0.0
+    w = saes[1].W_dec[h["feature"].to_list()].detach()
+    e = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(w.T)
+    e = e - q @ (q.T @ e)
+    got, why = backup_under_ablation(
+        model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": e / e.norm()}, 1.0)
+    )
+    assert why is None and got["refused_under_m_h"] == 0.0 and got["refused_under_m_h_backup_part"] == 1.0
+
+
 def test_a_weak_jailbreak_counts_only_where_the_judge_and_the_criterion_agree(tmp_path):
     """Four prompts refused at baseline by both; a fifth is refused by the judge alone and is in no
     denominator. Under M ∪ H the judge finds compliance on 0–2, but prompt 2 still opens with a

@@ -76,6 +76,12 @@ FIGURES: dict[str, tuple[str, str]] = {
     "backup_clean": ("harm", "ground_truth.backup_clean"),
     "backup_under_m": ("harm", "ground_truth.backup_under_m"),
     "backup_under_m_h": ("harm", "ground_truth.backup_under_m_h"),
+    # on those prompts, the share still refused (refusal score > 0) under M, under M ∪ H, and under
+    # M ∪ H with H's write cut to its part along the prompt's planted backup: whether H's latents
+    # hold the backup and the rest of their write restores the refusal
+    "refused_under_m": ("harm", "ground_truth.refused_under_m"),
+    "refused_under_m_h": ("harm", "ground_truth.refused_under_m_h"),
+    "refused_under_m_h_backup_part": ("harm", "ground_truth.refused_under_m_h_backup_part"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
     # the same categories with a cue feature among the candidates: the ceiling the ranking sets on cue recall
     "cue_candidate_recall": ("harm", "ground_truth.cue_candidate_recall"),
@@ -104,6 +110,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_backup_clean": ("cue", "ground_truth.backup_clean"),
     "cue_backup_under_m": ("cue", "ground_truth.backup_under_m"),
     "cue_backup_under_m_h": ("cue", "ground_truth.backup_under_m_h"),
+    "cue_refused_under_m": ("cue", "ground_truth.refused_under_m"),
+    "cue_refused_under_m_h": ("cue", "ground_truth.refused_under_m_h"),
+    "cue_refused_under_m_h_backup_part": ("cue", "ground_truth.refused_under_m_h_backup_part"),
     "cue_random_same_size_jailbreak": ("cue", "evaluate.random_same_size_jailbreak_rate"),
 }
 
