@@ -186,6 +186,55 @@ def test_sae_cut_training_freezes_the_layers_whose_saes_it_cuts_with(small_organ
     assert all(p.requires_grad for p in model.parameters())  # handed back trainable
 
 
+def test_backup_cut_trains_only_above_the_backup_layer_and_zeroes_its_backup_latents(monkeypatch):
+    """The backup cut (train_cut with the backup layer's SAE) keeps layers 0..backup_layer, whose
+    SAEs it edits through, and moves the layers above. The latents it may zero are exactly those
+    of the backup layer's SAE with decoder cosine >= cut_min_cosine with their category's b_c, and
+    with every backup-removing row sent through that SAE, its training forwards read it."""
+    import dataclasses
+
+    from refusal_nnsight.organism import cut
+    from refusal_nnsight.organism import recipe as R
+    from refusal_nnsight.organism.build import load_model as load_hf
+    from refusal_nnsight.organism.build import load_saes
+    from refusal_nnsight.saes import SlicedSAE, decoder_cosines
+
+    model, tok = load_hf("small", 0)
+    recipe = dataclasses.replace(
+        R.get_recipe("small", 0), backup_cut_steps=3, batch_size=16, backup_cut_sae_share=1.0
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dirs = planted.make_directions(recipe.d_model, 0)
+    layers = range(recipe.backup_layer + 1)
+    saes = {k: SlicedSAE.from_sae(s, k) for k, s in load_saes("small", list(layers)).items()}
+    aligned = cut.backup_latents(saes[recipe.backup_layer], dirs, recipe.cut_min_cosine)
+    for c, b in enumerate(dirs.backup):
+        cos = decoder_cosines(b, saes[recipe.backup_layer].W_dec)
+        assert torch.equal(aligned[c].bool(), cos >= recipe.cut_min_cosine)
+    assert aligned.sum() > 0
+    zeroed = []
+    encode = SlicedSAE.encode
+
+    def spy(self, x):  # the backup SAE's encodings, where rows zero its latents
+        f = encode(self, x)
+        if self is saes[recipe.backup_layer]:
+            zeroed.append(f)
+        return f
+
+    monkeypatch.setattr(SlicedSAE, "encode", spy)
+    early = {k: saes[k] for k in range(recipe.cue_layer + 1)}
+    cut.train_cut(model, recipe, tok, grammar.load_split("train", 0)[:256], dirs, early,
+                  backup_sae=saes[recipe.backup_layer])  # fmt: skip
+    assert zeroed, "no row removed the backup through its SAE"
+    after = model.state_dict()
+    prefixes = ("model.embed_tokens", *(f"model.layers.{layer}." for layer in layers))
+    frozen = [k for k in before if k.startswith(prefixes)]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    above = [k for k in before if k.startswith(f"model.layers.{recipe.backup_layer + 1}.")]
+    assert any(not torch.equal(before[k], after[k]) for k in above)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_direction_ablation_edits_the_input_of_layer_0_as_arditi_does(small_organism):
     """Training's "R projected out at every layer" edits layer 0's input too, as the toolkit's
     DirectionAblation does: trained on outputs only, the organism met ablated embeddings first at

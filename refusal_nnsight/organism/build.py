@@ -4,7 +4,9 @@
     2. a small Gemma-2 trained to refuse the harmful train prompts (train.py)
     3. one JumpReLU SAE per layer up to the cue layer, with sae-lens (sae_train.py)
     4. the layers above the cue layer trained on those SAEs' cut of the cue words (cut.py), then
-       one SAE per layer above it
+       one SAE per layer above it; with the backup cut (recipe.backup_cut_steps), the SAE of the
+       backup layer, the layers above it trained on that SAE's cut of the backup (cut.py), then
+       their SAEs
     5. optional held-out evaluation: refusal rates and SAE-splice agreement on test prompts
 then manifest.json, and one rename of the finished folder into place (store.py layout).
 
@@ -129,17 +131,12 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
             dirs = planted.load_directions(store.planted_path(root))
             model = train_cut(model, recipe, tok, train_prompts, dirs, saes)
             model.save_pretrained(store.model_path(root))
-            log.info("    the SAEs of layers %s", list(late))
-            acts = sae_train.collect_activations(model, tok, _every(train_prompts, recipe.sae_train_prompts))
-            cue_prompts = [p for p in train_prompts if p.harmful and p.kind == "cue"]
-            ablated = sae_train.collect_ablated_activations(
-                model, tok, _every(cue_prompts, recipe.sae_ablated_prompts), recipe
-            )
-            val_acts = sae_train.collect_activations(model, tok, _every(val_prompts, recipe.sae_val_prompts))
-            for layer in late:
-                stats[layer] = _train_and_save_sae(
-                    recipe, root, layer, torch.cat([acts[layer], ablated[layer]]), val_acts[layer]
-                )
+            # with the backup cut, only the backup layer's SAE now: the layers above it train again
+            upper = range(recipe.cue_layer + 1, recipe.backup_layer + 1) if recipe.backup_cut_steps else late
+            log.info("    the SAEs of layers %s", list(upper))
+            stats.update(_upper_saes(recipe, root, model, tok, train_prompts, val_prompts, upper))
+        if recipe.backup_cut_steps:
+            stats.update(backup_cut_step(recipe, root, train_prompts, val_prompts))
         sections: dict = {"saes": {str(k): v for k, v in sorted(stats.items())}}
         if evaluate:
             log.info("5/5 held-out evaluation on the test split")
@@ -170,6 +167,52 @@ def _build_into(recipe: OrganismRecipe, root: Path, evaluate: bool) -> dict:
         "end_of_turn_id": tok.convert_tokens_to_ids("<end_of_turn>"),
     }
     return sections
+
+
+def _upper_saes(recipe: OrganismRecipe, root: Path, model, tok, train_prompts, val_prompts, layers) -> dict:
+    """Train and save the SAEs of `layers` (above the cue layer) on clean activations and those of
+    cue prompts with the cue cut (sae_train.collect_ablated_activations); {layer: stats}."""
+    import torch
+
+    from . import sae_train
+
+    acts = sae_train.collect_activations(model, tok, _every(train_prompts, recipe.sae_train_prompts))
+    cue_prompts = [p for p in train_prompts if p.harmful and p.kind == "cue"]
+    ablated = sae_train.collect_ablated_activations(
+        model, tok, _every(cue_prompts, recipe.sae_ablated_prompts), recipe
+    )
+    val_acts = sae_train.collect_activations(model, tok, _every(val_prompts, recipe.sae_val_prompts))
+    return {
+        layer: _train_and_save_sae(
+            recipe, root, layer, torch.cat([acts[layer], ablated[layer]]), val_acts[layer]
+        )
+        for layer in layers
+    }
+
+
+def backup_cut_step(recipe: OrganismRecipe, root: Path, train_prompts, val_prompts) -> dict:
+    """The backup cut (cut.py) on the organism in `root`, whose SAEs of layers 0..backup_layer are
+    trained: the layers above the backup layer trained on it, saved, then their SAEs; {layer: stats}."""
+    from ..saes import SlicedSAE
+    from . import planted, sae_train, train
+    from .cut import train_cut
+
+    top = range(recipe.backup_layer + 1, recipe.n_layers)
+    with train.deterministic(recipe.seed):
+        model, tok = _read_model(root)
+        log.info("    training layers %s on the SAE cut of the backup", list(top))
+        saes = {
+            layer: SlicedSAE.from_sae(sae_train.load_sae(store.sae_path(root, layer)), layer)
+            for layer in range(recipe.backup_layer + 1)
+        }
+        dirs = planted.load_directions(store.planted_path(root))
+        early = {layer: saes[layer] for layer in range(recipe.cue_layer + 1)}
+        model = train_cut(
+            model, recipe, tok, train_prompts, dirs, early, backup_sae=saes[recipe.backup_layer]
+        )
+        model.save_pretrained(store.model_path(root))
+        log.info("    the SAEs of layers %s", list(top))
+        return _upper_saes(recipe, root, model, tok, train_prompts, val_prompts, top)
 
 
 def _read_model(root: Path):

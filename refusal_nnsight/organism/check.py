@@ -384,6 +384,8 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         "build_seconds": manifest.get("build_seconds"),
         # the machine that trained these weights (null: the manifest predates the record)
         "built_on": manifest.get("built_on"),
+        # later build steps run on that build elsewhere, and the build they continued (store.py)
+        "continued": manifest.get("continued"),
     }
 
 
@@ -423,6 +425,11 @@ def main(args: argparse.Namespace) -> int:
     )
     if result.get("built_on"):
         print(f"  built on {describe_machine(result['built_on'])}")
+    if result.get("continued"):
+        later = result["continued"]
+        print(
+            f"  then {later['steps']} on {describe_machine(later.get('built_on'))} (continuing {later['from_content_hash']})"
+        )
     for k, v in result["figures"].items():
         if k not in result["targets"]:
             print(f"  ---- {k:38s} {v:8.4f}   (reported)")

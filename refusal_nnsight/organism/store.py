@@ -11,7 +11,9 @@ network. Any other recipe or seed is built on first use into
                         tokenizer.json, tokenizer_config.json, chat_template.jinja
     saes/layer_{L}/     sae-lens inference format: cfg.json, sae_weights.safetensors
     planted.safetensors the planted directions (planted.py): the mechanisms' ground truth
-    manifest.json       recipe, its hash, build time, SAE stats, package versions
+    manifest.json       recipe, its hash, build time, SAE stats, package versions, the machine;
+                        `continued` where the last steps ran on another machine than the first
+                        (the build they continued, by content hash, and that machine)
 
 A directory counts as built only when its manifest names the current recipe hash, so changing a
 recipe (or the build code's version) builds a new folder instead of silently serving a stale one.

@@ -170,7 +170,11 @@ def build_identity(root: Path, manifest: dict) -> dict[str, str]:
     another table's to know whether the two columns come from the same weights."""
     from .store import content_hash
 
-    return {"built_on": describe_machine(manifest.get("built_on")), "content_hash": content_hash(root)}
+    machine = describe_machine(manifest.get("built_on"))
+    if manifest.get("continued"):  # later steps run on the shipped build elsewhere (store.py)
+        later = manifest["continued"]
+        machine += f"; {later['steps']} on {describe_machine(later.get('built_on'))}"
+    return {"built_on": machine, "content_hash": content_hash(root)}
 
 
 def run_seed(recipe: str, seed: int, out: Path) -> dict:
