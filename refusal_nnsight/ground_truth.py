@@ -445,22 +445,20 @@ def backup_under_ablation(
     if not read.any():
         return figures, "no dissected cue prompt has a token after its cue word"
     direction = torch.stack([backup.directions[ps.categories[i]] for i in cue]).float()  # [N, d]
-    for key, rows in conditions.items():
-        edits = row_edits(saes, rows, model.device)
+    edits_of = {key: row_edits(saes, rows, model.device) for key, rows in conditions.items()}
+    for key, edits in edits_of.items():
         with torch.no_grad(), model.lm.trace(**batch.model_inputs(model.device)):
             got = interventions.apply(model, edits, batch.attention_mask, capture=[backup.layer])
             resid = nnsight.save(got[backup.layer])
         coord = torch.einsum("btd,bd->bt", resid.float().cpu(), direction).masked_fill(~after, float("-inf"))
         figures[key] = float(coord.amax(1)[read].mean()) / backup.strength
     figures["backup_under_ablation_n"] = int(read.sum())
-    m_h = conditions["backup_under_m_h"]
     in_h = [set(h.get(i, [])) for i in cue]
     refused = {
-        "refused_under_m": row_edits(saes, conditions["backup_under_m"], model.device),
-        "refused_under_m_h": row_edits(saes, m_h, model.device),
+        "refused_under_m": edits_of["backup_under_m"],
+        "refused_under_m_h": edits_of["backup_under_m_h"],
         "refused_under_m_h_backup_part": [
-            replace(e, along=direction, along_mask=_columns(e, in_h))
-            for e in row_edits(saes, m_h, model.device)
+            replace(e, along=direction, along_mask=_columns(e, in_h)) for e in edits_of["backup_under_m_h"]
         ],
     }
     for key, edits in refused.items():

@@ -127,22 +127,24 @@ class FeatureEdit:
         # scale: f' − f = (c − 1)·f; clamp: f' − f = v − f. A Python scalar c stays on the host:
         # no host→device copy (a synchronising one) per layer and step.
         delta = f * (value - 1) if self.mode == "scale" else value - f
-        if self.mask is not None:
-            m = self.mask.to(device=f.device, dtype=f.dtype)  # no copy when already placed (AblationEngine)
-            delta = delta * (m[:, None, :] if m.dim() == 2 else m)
+        delta = _latent_mask(delta, self.mask)
         if where is not None:
             delta = delta * where[..., None].to(delta.dtype)
         write = sae.decode_delta(delta)  # [B, T, d]
         if self.along is not None:
             u = self.along.to(device=write.device, dtype=write.dtype)
             u = (u / u.norm(dim=-1, keepdim=True)).expand(write.shape[0], -1)  # [B, d]
-            part = delta
-            if self.along_mask is not None:
-                m = self.along_mask.to(device=f.device, dtype=f.dtype)
-                part = delta * (m[:, None, :] if m.dim() == 2 else m)
-            cut = sae.decode_delta(part)
+            cut = sae.decode_delta(_latent_mask(delta, self.along_mask))
             write = write - cut + torch.einsum("btd,bd->bt", cut, u)[..., None] * u[:, None, :]
         return x + write.to(x.dtype)
+
+
+def _latent_mask(delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """delta [B, T, S] with the latents outside `mask` ([S] or per row [B, S]; None = all) zeroed."""
+    if mask is None:
+        return delta
+    m = mask.to(device=delta.device, dtype=delta.dtype)  # no copy when already placed (AblationEngine)
+    return delta * (m[:, None, :] if m.dim() == 2 else m)
 
 
 @dataclass

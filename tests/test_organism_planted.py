@@ -178,12 +178,19 @@ def test_sae_cut_training_freezes_the_layers_whose_saes_it_cuts_with(small_organ
         latents.shape == (len(planted.categories()), saes[recipe.cue_layer].n_features) and latents.sum() > 0
     )
     train_cut(model, recipe, tok, grammar.load_split("train", 0)[:64], dirs, saes)
+    _assert_trained_only_above(model, before, recipe.cue_layer)
+
+
+def _assert_trained_only_above(model, before: dict, layer: int) -> None:
+    """The embeddings and layers 0..layer kept every weight of `before`, the next layer moved, and
+    every parameter is handed back trainable."""
     after = model.state_dict()
-    frozen = [k for k in before if k.startswith(("model.embed_tokens", f"model.layers.{recipe.cue_layer}."))]
+    prefixes = ("model.embed_tokens", *(f"model.layers.{i}." for i in range(layer + 1)))
+    frozen = [k for k in before if k.startswith(prefixes)]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    above = [k for k in before if k.startswith(f"model.layers.{recipe.cue_layer + 1}.")]
+    above = [k for k in before if k.startswith(f"model.layers.{layer + 1}.")]
     assert any(not torch.equal(before[k], after[k]) for k in above)
-    assert all(p.requires_grad for p in model.parameters())  # handed back trainable
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_backup_cut_trains_only_above_the_backup_layer_and_zeroes_its_backup_latents(monkeypatch):
@@ -226,13 +233,7 @@ def test_backup_cut_trains_only_above_the_backup_layer_and_zeroes_its_backup_lat
     cut.train_cut(model, recipe, tok, grammar.load_split("train", 0)[:256], dirs, early,
                   backup_sae=saes[recipe.backup_layer])  # fmt: skip
     assert zeroed, "no row removed the backup through its SAE"
-    after = model.state_dict()
-    prefixes = ("model.embed_tokens", *(f"model.layers.{layer}." for layer in layers))
-    frozen = [k for k in before if k.startswith(prefixes)]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
-    above = [k for k in before if k.startswith(f"model.layers.{recipe.backup_layer + 1}.")]
-    assert any(not torch.equal(before[k], after[k]) for k in above)
-    assert all(p.requires_grad for p in model.parameters())
+    _assert_trained_only_above(model, before, recipe.backup_layer)
 
 
 def test_direction_ablation_edits_the_input_of_layer_0_as_arditi_does(small_organism):

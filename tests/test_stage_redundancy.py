@@ -377,6 +377,14 @@ def test_backup_in_h_counts_the_cue_prompts_whose_h_holds_the_planted_backup():
     assert got["backup_in_h_rate"] is None and "did not scan the backup layer 2" in why
 
 
+def _unwritten_by(w_dec: torch.Tensor) -> torch.Tensor:
+    """A unit direction orthogonal to every row of `w_dec` [n, d]: no latent of those writes along it."""
+    e = torch.randn(w_dec.shape[1], generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(w_dec.T)
+    e = e - q @ (q.T @ e)
+    return e / e.norm()
+
+
 def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_path):
     """Ground truth for the hydra: the backup direction d is what ablating M = {A} adds to the
     residual at layer 1 on the token after the cue word (where the organism plants its backup), and
@@ -419,13 +427,8 @@ def test_backup_under_ablation_follows_the_planted_backup_through_m_and_h(tmp_pa
     assert got["backup_clean"] >= coord0 - 1e-5 and got["backup_under_m"] >= coord0 + 1.0 - 1e-4
     assert got["backup_under_m_h"] < got["backup_under_m"] - 1.0  # H holds the backup
     # a direction no decoder row of H writes: H's edit leaves it where M's left it
-    w = saes[1].W_dec[h["feature"].to_list()].detach()
-    e = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
-    q, _ = torch.linalg.qr(w.T)
-    e = e - q @ (q.T @ e)
-    got, why = backup_under_ablation(
-        model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": e / e.norm()}, 1.0)
-    )
+    e = _unwritten_by(saes[1].W_dec[h["feature"].to_list()].detach())
+    got, why = backup_under_ablation(model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": e}, 1.0))
     assert why is None and got["backup_under_m_h"] == pytest.approx(got["backup_under_m"], abs=1e-4)
     # no planted backup, or no cue prompt dissected: not measured (None with a reason), never 0
     got, why = backup_under_ablation(model, saes, greedy, result, ps, None)
@@ -470,13 +473,8 @@ def test_refused_shares_split_hs_write_into_its_part_along_the_planted_backup(tm
     assert why is None and got["backup_under_ablation_n"] == 1
     assert got["refused_under_m"] == 1.0 and got["refused_under_m_h"] == 0.0
     assert got["refused_under_m_h_backup_part"] == 0.0
-    w = saes[1].W_dec[h["feature"].to_list()].detach()
-    e = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
-    q, _ = torch.linalg.qr(w.T)
-    e = e - q @ (q.T @ e)
-    got, why = backup_under_ablation(
-        model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": e / e.norm()}, 1.0)
-    )
+    e = _unwritten_by(saes[1].W_dec[h["feature"].to_list()].detach())
+    got, why = backup_under_ablation(model, saes, greedy, result, ps, PlantedBackup(1, (1,), {"x": e}, 1.0))
     assert why is None and got["refused_under_m_h"] == 0.0 and got["refused_under_m_h_backup_part"] == 1.0
 
 

@@ -399,6 +399,11 @@ def describe_machine(built_on: dict | None) -> str:
     return f"{built_on['arch']} {built_on['cpu']} ({built_on['cpu_capability']}{cpu_id})"
 
 
+def describe_continued(continued: dict) -> str:
+    """'<steps> on <machine>' from a manifest's `continued` record (store.py)."""
+    return f"{continued['steps']} on {describe_machine(continued.get('built_on'))}"
+
+
 def meets(value, op: str, target) -> bool:
     """Whether a figure meets its target ("==", ">=" or "<="); a figure not measured (None, NaN)
     never does."""
@@ -427,9 +432,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  built on {describe_machine(result['built_on'])}")
     if result.get("continued"):
         later = result["continued"]
-        print(
-            f"  then {later['steps']} on {describe_machine(later.get('built_on'))} (continuing {later['from_content_hash']})"
-        )
+        print(f"  then {describe_continued(later)} (continuing {later['from_content_hash']})")
     for k, v in result["figures"].items():
         if k not in result["targets"]:
             print(f"  ---- {k:38s} {v:8.4f}   (reported)")

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .check import describe_machine, meets
+from .check import describe_continued, describe_machine, meets
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def build_identity(root: Path, manifest: dict) -> dict[str, str]:
 
     machine = describe_machine(manifest.get("built_on"))
     if manifest.get("continued"):  # later steps run on the shipped build elsewhere (store.py)
-        later = manifest["continued"]
-        machine += f"; {later['steps']} on {describe_machine(later.get('built_on'))}"
+        machine += f"; {describe_continued(manifest['continued'])}"
     return {"built_on": machine, "content_hash": content_hash(root)}
 
 
