@@ -363,6 +363,36 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
     assert roles["peak_tag"][2] == "other" and roles["role_share"][2] == 0.6
 
 
+def test_shared_cue_latents_counts_a_latent_that_two_categories_share(small_organism):
+    """check's sae_shared_cue_latents: a cue-layer latent made to read u_a + u_b (and so to fire on
+    the cue words of both categories, the other cues' coordinates along it staying under its
+    threshold, half the coordinate the planted cue gives it) adds one; one made to read u_a alone adds
+    none."""
+    from refusal_nnsight.artifacts import read_json
+    from refusal_nnsight.config import ModelConfig, SAEConfig
+    from refusal_nnsight.models import load_model
+    from refusal_nnsight.organism.build import load_model as load_hf
+    from refusal_nnsight.organism.store import planted_path
+    from refusal_nnsight.saes import load_saes
+
+    manifest = read_json(small_organism / "manifest.json")
+    model = load_model(
+        ModelConfig(source="organism", organism_recipe="small", device="cpu"), small_organism / "model"
+    )
+    saes = load_saes(SAEConfig(), model, small_organism)
+    hf, tok = load_hf("small", 0)
+    probe = check._Probe(hf, tok, planted.load_directions(planted_path(small_organism)), manifest)
+    cue = [p for p in grammar.load_split("test", 0) if p.harmful and p.kind == "cue"][::2]
+    before = check._shared_cue_latents(saes, probe, cue)
+    sae, u = saes[probe.layers[0]], probe.dirs.cue
+    j = sae.W_dec.shape[0] - 1
+    with torch.no_grad():
+        for read, extra in ((u[0], 0.0), (u[0] + u[1], 1.0)):
+            sae.W_enc[:, j] = read
+            sae.b_enc[j], sae.threshold[j] = 0.0, 0.25 * probe.strength * float(read.norm() ** 2)
+            assert check._shared_cue_latents(saes, probe, cue) == before + extra
+
+
 @pytest.fixture(scope="module")
 def hydra(small_organism):
     """check's SAE-level hydra figures on a quarter of the small organism's cue test prompts, with

@@ -48,6 +48,11 @@ is later scored against:
                                 one-latent minimal set at the cue layer removes at most that share of a
                                 prompt's cue, and a cue that keeps the rest can refuse on its own (see
                                 cue_half_backup_zero_refusal), leaving the backup nothing to hold.
+    sae_shared_cue_latents      latents no one category owns (reported, no target): over the SAEs of layers
+                                0..cue_layer, the latents that fire on at least half of the cue words of
+                                two or more harm categories in the cue prompts. The search finds cues
+                                through these SAEs, and a minimal set that takes such a latent holds
+                                no one category's cue (the run's ground truth calls it generic)
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
                                 (reported, no target: a cue direction is spread over several latents, and
                                 the latent carrying most of it on the cue words can serve several
@@ -234,6 +239,33 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
     }  # fmt: skip
 
 
+@torch.no_grad()
+def _shared_cue_latents(saes, probe: _Probe, prompts) -> float:
+    """The number of latents, over the SAEs of layers 0..cue_layer, that fire on at least half of the
+    cue words of two or more categories in `prompts` (a word is fired on when the latent is active on
+    any of its tokens; NaN without a cue prompt or those SAEs)."""
+    from ..ground_truth import MOSTLY
+
+    cue_layer = probe.layers[0]
+    layers = [layer for layer in range(cue_layer + 1) if layer in saes.layers]
+    cats = probe._cats([p.text for p in prompts]).tolist()
+    if not layers or not any(c >= 0 for c in cats):
+        return math.nan
+    _, store, enc = probe.forward(prompts)
+    ids = enc["input_ids"]
+    shared = 0
+    for layer in layers:
+        sae = saes.slice(layer)
+        fired: dict[int, list[torch.Tensor]] = {}
+        for i, c in enumerate(cats):
+            on = probe.labels.cue_category[ids[i]] == c
+            if c >= 0 and on.any():
+                fired.setdefault(c, []).append((sae.encode(store[layer][i][on].float()) > 0).any(0).cpu())
+        rates = torch.stack([torch.stack(v).float().mean(0) for v in fired.values()])  # [categories, width]
+        shared += int(((rates >= MOSTLY).sum(0) >= 2).sum())
+    return float(shared)
+
+
 def _top_latent_shares(
     sae, probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor
 ) -> list[float]:
@@ -359,6 +391,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     fig["splice_agreement"] = min(agreement)
     fig["sae_fvu_max"] = max(v["fvu"] for v in manifest["saes"].values())
     fig.update(_sae_hydra(model, saes, probe, cue))
+    fig["sae_shared_cue_latents"] = _shared_cue_latents(saes, probe, cue)
     planted_at = [(cue_layer, probe.dirs.cue), (cue_layer, probe.dirs.verb[None]), (cue_layer, probe.dirs.person[None]),
                   (backup_layer, probe.dirs.backup), (decision_layer, probe.dirs.refusal[None])]  # fmt: skip
     worst = 1.0
