@@ -89,6 +89,43 @@ def test_sae_training_is_deterministic_and_folds_its_input_scaling():
     assert sae_stats(a, acts)["fvu"] < 1.0  # raw inputs in, raw reconstructions out
 
 
+def test_early_saes_are_batchtopk_saved_and_measured_as_jumprelu(tmp_path):
+    """With sae_early_k, layers 0..cue_layer get a BatchTopK SAE (k latents per token on average)
+    and the layers above a JumpReLU one; the build saves the BatchTopK SAE in its JumpReLU form and
+    records the L0 of that form, the one every reader loads."""
+    from sae_lens import BatchTopKTrainingSAE, JumpReLUTrainingSAE
+
+    from refusal_nnsight.organism.sae_train import load_sae, sae_stats, train_sae
+
+    recipe = dataclasses.replace(
+        recipe_mod.RECIPES["small"], sae_early_k=3, sae_steps=200, sae_batch_size=256, sae_topk_lr=3e-3
+    )
+    assert [recipe.sae_batchtopk_at(layer) for layer in range(recipe.n_layers)] == [True, False, False, False]
+    assert not recipe_mod.RECIPES["small"].sae_batchtopk_at(0)  # the shipped small organism: JumpReLU
+    # the recipe that rebuilds the measured BatchTopK organisms is the default but for that field
+    assert (
+        dataclasses.replace(recipe_mod.RECIPES["batchtopk"], sae_early_k=0) == recipe_mod.RECIPES["default"]
+    )
+    assert not recipe_mod.RECIPES["default"].sae_batchtopk_at(0)
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.randn(24, 16, generator=gen) * 3
+    codes = (torch.rand(4000, 24, generator=gen) < 0.08) * torch.rand(4000, 24, generator=gen)
+    acts = codes @ atoms + 5.0  # sparse combinations of 24 directions, off-centre
+    assert isinstance(train_sae(acts, recipe.cue_layer, recipe), BatchTopKTrainingSAE)
+    assert isinstance(train_sae(acts, recipe.cue_layer + 1, recipe), JumpReLUTrainingSAE)
+    stats = build_mod._train_and_save_sae(recipe, tmp_path, 0, acts, acts[:1000])
+    loaded = load_sae(store.sae_path(tmp_path, 0))
+    assert loaded.cfg.architecture() == "jumprelu" and loaded.cfg.metadata.l0 == stats["l0"]
+    assert sae_stats(loaded, acts[:1000]) == stats
+    assert stats["fvu"] < 0.5 and 1 <= stats["l0"] <= 6  # about k latents per token, not the batch's top k
+
+
+@pytest.mark.parametrize("field, value", [("sae_early_k", -1), ("sae_early_k", 10_000), ("sae_topk_lr", 0.0)])
+def test_recipe_rejects_out_of_range_sae_settings(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(recipe_mod.RECIPES["small"], **{field: value})
+
+
 def test_builds_are_keyed_by_recipe_hash_and_seed(monkeypatch, tmp_path):
     """Another recipe, seed or build version lands in its own folder: nothing is overwritten."""
     monkeypatch.setenv(store.HOME_ENV, str(tmp_path))

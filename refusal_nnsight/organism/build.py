@@ -229,12 +229,16 @@ def _train_and_save_sae(recipe: OrganismRecipe, root: Path, layer: int, acts, va
     from . import sae_train
 
     sae = sae_train.train_sae(acts, layer, recipe)
+    path = store.sae_path(root, layer)
+    if recipe.sae_batchtopk_at(layer):  # its training encode ranks over the batch: measure it as saved
+        sae_train.save_sae(sae, path)
+        sae = sae_train.load_sae(path)
     stats = sae_train.sae_stats(sae, val_acts)
     if not all(math.isfinite(v) for v in stats.values()):  # never ship a broken SAE
         raise RuntimeError(f"SAE for layer {layer} has non-finite stats: {stats}")
     # The trainer's own L0 is a running average over training; record the final one.
     sae.cfg.metadata.l0 = stats["l0"]
-    sae_train.save_sae(sae, store.sae_path(root, layer))
+    sae_train.save_sae(sae, path)
     log.info("    layer %d: val FVU %.4f, L0 %.1f", layer, stats["fvu"], stats["l0"])
     return stats
 

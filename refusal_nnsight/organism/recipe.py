@@ -81,6 +81,15 @@ class OrganismRecipe:
     # ... at layers 0..backup_layer. At 24 the cue layer's SAE spread each cue over many latents
     # (one carried under a fifth of it); at 4 one or two carry it
     sae_early_target_l0: float = 4.0
+    # the SAEs of layers 0..cue_layer, where the harm scope finds the cue latents: BatchTopK with this
+    # many active latents per token (0: JumpReLU, as above). The JumpReLU SAEs there hold latents that
+    # fire on most cue words of two or more categories (`check`'s sae_shared_cue_latents 1, 4, 5, 4
+    # and 1 on seeds 0-4), whatever their target L0 (2, 4, 8) or width (8x, 16x); with k = 3 the five
+    # builds had 2, 1, 1, 0 and 1, cue precision 1 on seeds 1-4, but the factorization machine lost
+    # its margin over the linear model and `validate` missed 12 targets against 7: not the default
+    # (docs/organism-settings.md, "BatchTopK SAEs at layers 0-1")
+    sae_early_k: int = 0
+    sae_topk_lr: float = 1e-3  # Adam lr of the BatchTopK SAEs, cosine to lr / 10
     # -- the SAE cut (cut.train_cut): layers above the cue layer trained on the cue word's SAE
     # latents zeroed or steered, the SAE error term kept, after the SAEs of layers 0..cue_layer --
     cut_steps: int = 400  # AdamW steps, each one batch of the planted conditions and one of the cut
@@ -103,6 +112,16 @@ class OrganismRecipe:
     sae_init_threshold: float = 0.5  # JumpReLU threshold init (inputs scaled to E||x||^2 = d_model)
     sae_bandwidth: float = 0.05  # straight-through estimator bandwidth
     sae_decoder_init_norm: float = 0.3  # decoder row norm at init
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sae_early_k <= self.d_model:
+            raise ValueError(f"sae_early_k={self.sae_early_k} must lie in [0, d_model={self.d_model}]")
+        if not 0 < self.sae_topk_lr <= 1:
+            raise ValueError(f"sae_topk_lr={self.sae_topk_lr} must lie in (0, 1]")
+
+    def sae_batchtopk_at(self, layer: int) -> bool:
+        """Whether the SAE at `layer` is trained as BatchTopK (else JumpReLU)."""
+        return self.sae_early_k > 0 and layer <= self.cue_layer
 
     def sae_target_l0_at(self, layer: int) -> float:
         """The SAE's target L0 at `layer`: sparse up to the backup layer, where the planted
@@ -147,8 +166,9 @@ class TunedRecipe:
         return self.sae_k[self.sae_layers.index(layer)]
 
 
+_DEFAULT = OrganismRecipe()
 RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
-    "default": OrganismRecipe(),
+    "default": _DEFAULT,
     # For the test suite, which loads the shipped build: a rebuild takes about 5 minutes on one
     # core (the shipped one 344 s, a rebuild on another AMD EPYC 277 s).
     "small": OrganismRecipe(
@@ -179,6 +199,9 @@ RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
         sae_steps=200,
         backup_cut_steps=0,  # the suite's organism, as shipped: it tests the machinery, not the figures
     ),
+    # the default with BatchTopK SAEs at layers 0..cue_layer (k = 3): measured, not adopted (see
+    # sae_early_k); `build --recipe batchtopk --seed N` rebuilds it
+    "batchtopk": dataclasses.replace(_DEFAULT, sae_early_k=3),
     # SmolLM2-135M-Instruct safety-tuned on HarmBench (tuned.py; needs `make install-smollm2`)
     "smollm2_harmbench": TunedRecipe(),
 }

@@ -127,7 +127,8 @@ def _batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.T
 
 
 def train_sae(acts: torch.Tensor, layer: int, recipe: OrganismRecipe):
-    """Train one JumpReLU SAE (d_sae = sae_expansion * d_model) on raw residuals [N, d_model].
+    """Train one SAE (d_sae = sae_expansion * d_model) on raw residuals [N, d_model]: BatchTopK at
+    layers 0..cue_layer when the recipe sets `sae_early_k` (`train_batchtopk`), else JumpReLU.
 
     The trainer sees z = (x - mean) * s with E||z||^2 = d_model, so the sparsity coefficient and
     the threshold init mean the same at every layer and the encoder need not first learn to
@@ -137,9 +138,13 @@ def train_sae(acts: torch.Tensor, layer: int, recipe: OrganismRecipe):
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, SAETrainer
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
+    if recipe.sae_batchtopk_at(layer):
+        return train_batchtopk(
+            acts, layer, k=recipe.sae_early_k, expansion=recipe.sae_expansion, steps=recipe.sae_steps,
+            batch_size=recipe.sae_batch_size, lr=recipe.sae_topk_lr, seed=recipe.seed,
+        )  # fmt: skip
     d_in = acts.shape[1]
-    mean = acts.mean(0)
-    scale = math.sqrt(d_in / ((acts - mean) ** 2).sum(-1).mean().item())
+    mean, scale = _whitening(acts)
     z = (acts - mean) * scale
     torch.manual_seed(recipe.seed + 1000 + layer)
     cfg = JumpReLUTrainingSAEConfig(
@@ -177,6 +182,44 @@ def train_sae(acts: torch.Tensor, layer: int, recipe: OrganismRecipe):
     return sae
 
 
+def _whitening(acts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(mean, s) with E||(x - mean) * s||^2 = d for residuals [N, d]."""
+    mean = acts.mean(0)
+    return mean, math.sqrt(acts.shape[1] / ((acts - mean) ** 2).sum(-1).mean().item())
+
+
+def train_batchtopk(
+    acts: torch.Tensor, layer: int, k: int, expansion: int, steps: int, batch_size: int, lr: float, seed: int
+):
+    """A BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410; k active latents per token on
+    average over a batch) on raw residuals [N, d], trained on the whitened copy as `train_sae` and
+    folded back. sae-lens saves it as a JumpReLU SAE whose threshold is the one learned in training,
+    so every reader loads it as any other JumpReLU SAE."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, SAETrainer
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    d = acts.shape[1]
+    mean, scale = _whitening(acts)
+    torch.manual_seed(seed + 1000 + layer)
+    cfg = BatchTopKTrainingSAEConfig(
+        d_in=d, d_sae=expansion * d, k=k, dtype="float32", device="cpu", apply_b_dec_to_input=False,
+        normalize_activations="none", rescale_acts_by_decoder_norm=False, decoder_init_norm=0.1,
+    )  # fmt: skip
+    cfg.metadata.hook_name, cfg.metadata.hf_hook_name = hook_names(layer)
+    cfg.metadata.model_name = MODEL_NAME
+    tcfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size, train_batch_size_samples=batch_size,
+        lr=lr, lr_end=lr / 10, lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=steps // 20, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+        dead_feature_window=50,  # sae-lens's default (1000) is never reached in this short run
+    )  # fmt: skip
+    data = _batches((acts - mean) * scale, batch_size, seed + layer)
+    sae = SAETrainer(cfg=tcfg, sae=BatchTopKTrainingSAE(cfg), data_provider=data).fit()
+    eye = torch.eye(d)
+    sae.fold_activation_whitening(mean, eye * scale, eye / scale)
+    return sae
+
+
 @torch.no_grad()
 def sae_stats(sae, acts: torch.Tensor) -> dict[str, float]:
     """FVU = sum||x - x_hat||^2 / sum||x - mean||^2 and mean L0 of `sae` on raw residuals [N, d]."""
@@ -196,7 +239,8 @@ def save_sae(sae, directory: Path) -> None:
     recipe should be byte-identical files."""
     from .store import canonical_json
 
-    sae.save_inference_model(str(directory))
+    # a training SAE saves its inference form; a loaded (inference) one saves itself
+    (sae.save_inference_model if hasattr(sae, "save_inference_model") else sae.save_model)(str(directory))
     cfg = Path(directory) / "cfg.json"
     cfg.write_bytes(canonical_json(cfg.read_bytes()))
 

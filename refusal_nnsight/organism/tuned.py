@@ -24,7 +24,6 @@ Every refusal starts with "Sorry": the first-token criterion reads that one toke
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -380,37 +379,11 @@ def residuals(model, tok, texts: Sequence[str], layers: Sequence[int]) -> dict[i
 
 
 def train_sae(acts: torch.Tensor, layer: int, r: TunedRecipe):
-    """A BatchTopK SAE (Bussmann et al. 2024, arXiv 2412.06410) on raw residuals [N, d], trained on
-    a scaled copy (E||z||^2 = d) and folded back, saved by sae-lens as a JumpReLU SAE."""
-    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, SAETrainer
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    """A BatchTopK SAE at `layer` (`sae_train.train_batchtopk`), saved by sae-lens as JumpReLU."""
+    from .sae_train import train_batchtopk
 
-    from .sae_train import MODEL_NAME, _batches
-
-    d = acts.shape[1]
-    mean = acts.mean(0)
-    scale = math.sqrt(d / ((acts - mean) ** 2).sum(-1).mean().item())
-    torch.manual_seed(r.seed + 1000 + layer)
-    cfg = BatchTopKTrainingSAEConfig(
-        d_in=d, d_sae=r.sae_expansion * d, k=r.k_at(layer), dtype="float32", device="cpu", apply_b_dec_to_input=False,
-        normalize_activations="none", rescale_acts_by_decoder_norm=False, decoder_init_norm=0.1,
-    )  # fmt: skip
-    cfg.metadata.hook_name, cfg.metadata.hf_hook_name = (
-        f"blocks.{layer}.hook_resid_post",
-        f"model.layers.{layer}",
-    )
-    cfg.metadata.model_name = MODEL_NAME
-    tcfg = SAETrainerConfig(
-        total_training_samples=r.sae_steps * r.sae_batch_size, train_batch_size_samples=r.sae_batch_size,
-        lr=r.sae_lr, lr_end=r.sae_lr / 10, lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=r.sae_steps // 20, device="cpu", logger=LoggingConfig(log_to_wandb=False),
-        dead_feature_window=50,  # sae-lens's default (1000) is never reached in this short run
-    )  # fmt: skip
-    data = _batches((acts - mean) * scale, r.sae_batch_size, r.seed + layer)
-    sae = SAETrainer(cfg=tcfg, sae=BatchTopKTrainingSAE(cfg), data_provider=data).fit()
-    eye = torch.eye(d)
-    sae.fold_activation_whitening(mean, eye * scale, eye / scale)
-    return sae
+    return train_batchtopk(acts, layer, k=r.k_at(layer), expansion=r.sae_expansion, steps=r.sae_steps,
+                           batch_size=r.sae_batch_size, lr=r.sae_lr, seed=r.seed)  # fmt: skip
 
 
 @torch.no_grad()
