@@ -363,11 +363,9 @@ def test_feature_roles_count_where_the_top_activations_fall(small_organism, monk
     assert roles["peak_tag"][2] == "other" and roles["role_share"][2] == 0.6
 
 
-def test_shared_cue_latents_counts_a_latent_that_two_categories_share(small_organism):
-    """check's sae_shared_cue_latents: a cue-layer latent made to read u_a + u_b (and so to fire on
-    the cue words of both categories, the other cues' coordinates along it staying under its
-    threshold, half the coordinate the planted cue gives it) adds one; one made to read u_a alone adds
-    none."""
+def _check_parts(small_organism):
+    """(the toolkit's model, its SAEs, check's planted probe) of the small organism, loaded afresh:
+    the callers rewrite SAE latents in place."""
     from refusal_nnsight.artifacts import read_json
     from refusal_nnsight.config import ModelConfig, SAEConfig
     from refusal_nnsight.models import load_model
@@ -382,6 +380,15 @@ def test_shared_cue_latents_counts_a_latent_that_two_categories_share(small_orga
     saes = load_saes(SAEConfig(), model, small_organism)
     hf, tok = load_hf("small", 0)
     probe = check._Probe(hf, tok, planted.load_directions(planted_path(small_organism)), manifest)
+    return model, saes, probe
+
+
+def test_shared_cue_latents_counts_a_latent_that_two_categories_share(small_organism):
+    """check's sae_shared_cue_latents: a cue-layer latent made to read u_a + u_b (and so to fire on
+    the cue words of both categories, the other cues' coordinates along it staying under its
+    threshold, half the coordinate the planted cue gives it) adds one; one made to read u_a alone adds
+    none."""
+    _, saes, probe = _check_parts(small_organism)
     cue = [p for p in grammar.load_split("test", 0) if p.harmful and p.kind == "cue"][::2]
     before = check._shared_cue_latents(saes, probe, cue)
     sae, u = saes[probe.layers[0]], probe.dirs.cue
@@ -399,20 +406,7 @@ def hydra(small_organism):
     the shipped SAEs and with oracle SAEs: the cue and backup layers' SAEs given one latent per
     category that reads and writes exactly the planted direction (JumpReLU at 0: its activation is
     the direction's coordinate), and only those selected. (shipped, oracle)."""
-    from refusal_nnsight.artifacts import read_json
-    from refusal_nnsight.config import ModelConfig, SAEConfig
-    from refusal_nnsight.models import load_model
-    from refusal_nnsight.organism.build import load_model as load_hf
-    from refusal_nnsight.organism.store import planted_path
-    from refusal_nnsight.saes import load_saes
-
-    manifest = read_json(small_organism / "manifest.json")
-    model = load_model(
-        ModelConfig(source="organism", organism_recipe="small", device="cpu"), small_organism / "model"
-    )
-    saes = load_saes(SAEConfig(), model, small_organism)
-    hf, tok = load_hf("small", 0)
-    probe = check._Probe(hf, tok, planted.load_directions(planted_path(small_organism)), manifest)
+    model, saes, probe = _check_parts(small_organism)
     cue = [p for p in grammar.load_split("test", 0) if p.harmful and p.kind == "cue"][::4]
     shipped = check._sae_hydra(model, saes, probe, cue)
     cue_layer, backup_layer, _ = probe.layers
