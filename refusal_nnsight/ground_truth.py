@@ -115,10 +115,13 @@ def feature_roles(
     role: the tag (see `position_tags`) held by at least half of its top positions ("cue:<category>",
     "composition", "refusal"), "other" when no tag holds half, "dormant" when it never fires on the
     clean prompts (a backup feature that wakes only under ablation), "generic" when it peaks on cue
-    or composition words but is not selective: it fires on at least half of the cue words of a
-    harm category other than its own (every category's, for the composition). Such a latent reads
-    what the categories share (on the organism, their common component along R), so it is not the
-    cue of the one category its strongest activations happen to fall on. A feature that fires on at
+    or composition words but is not selective: it fires on at least half of the words of another
+    group, a harm category's cue words or the harm verbs and person words together (for a cue
+    latent, any other category or the composition; for the composition, any category). Such a
+    latent reads what the groups share (on the organism, their common component along R), so it is
+    not the cue of the one category its strongest activations happen to fall on, and a latent that
+    peaks on fraud words but fires on every verb and person word steers compositional requests
+    that hold no fraud word. A feature that fires on at
     least half of the plain harmless eval prompts (those holding no planted word: no cue word, harm
     verb or person word; look-alikes and compositional ones do hold them) is never a cue or the
     composition: the planted cue, verb and person directions are trained to 0 off their words, so
@@ -126,8 +129,9 @@ def feature_roles(
     planted cue leans on R). Columns: layer, feature, role, role_share (fraction of top positions
     with that tag), n_top, plain_share (fraction of plain harmless eval prompts it fires on; null
     without any), peak_tag (the tag most of its top positions share, "other" for untagged ones,
-    whether or not it holds half of them and before that check), cue_categories (the harm categories
-    on at least half of whose cue words, over the eval prompts, it fires).
+    whether or not it holds half of them and before that check), cue_categories (the word groups,
+    harm categories and "composition", on at least half of whose words, over the eval prompts, it
+    fires).
     """
     feats = [(int(a), int(b)) for a, b in features]
     schema: dict[str, pl.DataType | type[pl.DataType]] = {
@@ -182,9 +186,9 @@ def feature_roles(
             log.info("L%d/F%d peaks on %s words but fires on %.0f%% of plain harmless prompts: role other",
                      layer, latent, role, 100 * plain_share)  # fmt: skip
             role = "other"
-        others = [c for c in wide if f"cue:{c}" != role]
+        others = [c for c in wide if c != role.removeprefix("cue:")]
         if _is_cue(role) and others:
-            log.info("L%d/F%d peaks on %s words but fires on most cue words of %s: role %s",
+            log.info("L%d/F%d peaks on %s words but fires on most words of %s: role %s",
                      layer, latent, role, ", ".join(others), GENERIC_ROLE)  # fmt: skip
             role = GENERIC_ROLE
         rows.append({"layer": layer, "feature": latent, "role": role, "role_share": share, "n_top": len(mine),
@@ -196,11 +200,13 @@ GENERIC_ROLE = "generic"
 
 
 def cue_word_rates(model, pools: dict, acts: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
-    """Per harm category, the fraction of its cue-word occurrences in the prompt sets on which each
-    feature fires (on any token of the word): {category: [rate per feature]}.
+    """Per word group, the fraction of its word occurrences in the prompt sets on which each feature
+    fires (on any token of the word): {group: [rate per feature]}. The groups are the harm
+    categories (their cue words) and "composition" (the harm verbs and person words together).
 
     pools: {"harmful": PromptSet, "harmless": PromptSet}; acts: their per-prompt activations
-    [tokens, features] (unpadded order). Look-alikes hold cue words too, and count."""
+    [tokens, features] (unpadded order). Look-alikes and harmless compositional requests hold
+    these words too, and count."""
     fired: dict[str, list[torch.Tensor]] = {}
     for name, ps in pools.items():
         if not _has_cues(ps):
@@ -209,7 +215,7 @@ def cue_word_rates(model, pools: dict, acts: dict[str, list[torch.Tensor]]) -> d
             meta = ps.meta[i]
             where = torch.tensor(token_roles(model, ps.instructions[i], meta["cue_spans"]))
             for k, role in enumerate(meta.get("cue_roles") or []):
-                if role.startswith("cue:") and bool((where == k).any()):
+                if _is_cue(role) and bool((where == k).any()):
                     fired.setdefault(role.removeprefix("cue:"), []).append((a[where == k] > 0).any(0))
     return {c: torch.stack(v).float().mean(0).tolist() for c, v in sorted(fired.items())}
 
@@ -245,6 +251,12 @@ def ground_truth_summary(
     - cue_precision: of the distinct minimal-set features, the fraction whose role is a cue or the
       composition (a refusal-decision feature is a true finding, but not a harm cue; a generic one,
       firing on the cue words of several categories, is not one category's cue);
+    - own_cue_precision: of the minimal-set memberships (prompt, feature) of the dissected cue and
+      compositional prompts, the fraction whose feature has that prompt's own role: cue:<its
+      category> on a cue prompt, composition on a compositional one. cue_precision counts a
+      distinct feature once, whatever prompt's set holds it, so a fraud cue latent that flips
+      compositional requests counts there as a planted cue; here it does not (None when no such
+      prompt was dissected);
     - refusal_features, generic_features: the minimal-set features of role "refusal" and
       "generic", as labels;
     - compositional_pair_found, redundancy_found (+ redundancy_jailbreak_gain), backup_in_h_rate (+
@@ -257,7 +269,7 @@ def ground_truth_summary(
     (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
-    empty = {"cue_recall": None, "cue_candidate_recall": None, "cue_precision": None,
+    empty = {"cue_recall": None, "cue_candidate_recall": None, "cue_precision": None, "own_cue_precision": None,
              "refusal_features": None, "generic_features": None, "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
@@ -307,6 +319,12 @@ def ground_truth_summary(
         cue_roles = {role_of[f] for f in offered}
         out["cue_candidate_recall"] = sum(f"cue:{c}" in cue_roles for c in present) / len(present)
     out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
+    planted = {"cue": lambda i: f"cue:{ps.categories[i]}", "compositional": lambda i: "composition"}
+    own_roles = [role_of[(int(a), int(b))] == planted[ps.meta[i]["kind"]](i)
+                 for i, m in sorted(greedy.minimal_sets.items()) if ps.meta[i]["kind"] in planted for a, b in m]  # fmt: skip
+    out["own_cue_precision"] = sum(own_roles) / len(own_roles) if own_roles else None
+    if not own_roles:
+        notes["own_cue_precision"] = "no cue or compositional prompt was dissected"
     out["refusal_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == REFUSAL_ROLE]
     out["generic_features"] = [f"L{a}/F{b}" for a, b in minimal if role_of[(a, b)] == GENERIC_ROLE]
     pair = compositional_pair_found(fm, prompts, model, saes, roles=roles) if fm is not None else None

@@ -412,8 +412,11 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"{_fmt(gt.get('cue_candidate_recall'))} have one among the candidates, the most the later stages "
             f"could find), cue precision "
             f"{_fmt(gt.get('cue_precision'))} (the minimal-set features that sit on one category's cue or the "
-            f"composition); refusal-decision features in minimal sets: {', '.join(refusal) if refusal else 'none'}; "
-            f"generic features in minimal sets (firing on most cue words of several categories): "
+            f"composition), {_fmt(gt.get('own_cue_precision'))} of the minimal-set memberships of cue and "
+            f"compositional prompts on that prompt's own cue or composition; refusal-decision features in "
+            f"minimal sets: {', '.join(refusal) if refusal else 'none'}; "
+            f"generic features in minimal sets (firing on most words of several categories, or of a category "
+            f"and of the harm verbs and person words): "
             f"{', '.join(generic) if generic else 'none'}; compositional pair found: "
             f"{_fmt(gt.get('compositional_pair_found'))}; redundancy found: {_fmt(gt.get('redundancy_found'))}."
             + _backup_sentence(gt, red)
@@ -616,10 +619,14 @@ def _card(r: dict) -> list[str]:
         )
     elif r["role"] == GENERIC_ROLE:
         wide = r.get("role_cue_categories") or []
+        cats = [c for c in wide if c != "composition"]
+        groups = [f"the cue words of {len(cats)} harm categories ({', '.join(cats)})"] if cats else []
+        if "composition" in wide:
+            groups.append("the harm verbs and person words")
         lines.append(
             f"- planted role: **{GENERIC_ROLE}**: {r['role_share']:.0%} of its 10 strongest activations are on "
-            f"{_tag_place(r.get('role_peak'))}, but it fires on at least half of the cue words of "
-            f"{len(wide)} harm categories ({', '.join(wide)}): it reads what they share, not one category's cue"
+            f"{_tag_place(r.get('role_peak'))}, but it fires on at least half of {' and of '.join(groups)}: "
+            "it reads what they share, not one category's cue"
         )
     elif r["role"] and r.get("role_peak"):
         lines.append(

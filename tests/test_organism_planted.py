@@ -383,21 +383,24 @@ def _check_parts(small_organism):
     return model, saes, probe
 
 
-def test_shared_cue_latents_counts_a_latent_that_two_categories_share(small_organism):
+def test_shared_cue_latents_counts_a_latent_that_two_groups_share(small_organism):
     """check's sae_shared_cue_latents: a cue-layer latent made to read u_a + u_b (and so to fire on
-    the cue words of both categories, the other cues' coordinates along it staying under its
-    threshold, half the coordinate the planted cue gives it) adds one; one made to read u_a alone adds
-    none."""
+    the cue words of both categories, its threshold at 0.6 of the coordinate the planted u_a gives
+    it, which the other groups' words, through the directions' shared lean on R, stay under) adds
+    one, and so does one made to read u_a + v (category a's cue words and the harm verbs); one made
+    to read u_a alone adds none."""
     _, saes, probe = _check_parts(small_organism)
-    cue = [p for p in grammar.load_split("test", 0) if p.harmful and p.kind == "cue"][::2]
-    before = check._shared_cue_latents(saes, probe, cue)
-    sae, u = saes[probe.layers[0]], probe.dirs.cue
+    test = grammar.load_split("test", 0)
+    cue = [p for p in test if p.harmful and p.kind == "cue"][::2]
+    comp = [p for p in test if p.harmful and p.kind == "compositional"][::2]
+    before = check._shared_cue_latents(saes, probe, cue, comp)
+    sae, u, v = saes[probe.layers[0]], probe.dirs.cue, probe.dirs.verb
     j = sae.W_dec.shape[0] - 1
     with torch.no_grad():
-        for read, extra in ((u[0], 0.0), (u[0] + u[1], 1.0)):
+        for read, extra in ((u[0], 0.0), (u[0] + u[1], 1.0), (u[0] + v, 1.0)):
             sae.W_enc[:, j] = read
-            sae.b_enc[j], sae.threshold[j] = 0.0, 0.25 * probe.strength * float(read.norm() ** 2)
-            assert check._shared_cue_latents(saes, probe, cue) == before + extra
+            sae.b_enc[j], sae.threshold[j] = 0.0, 0.6 * probe.strength * float(read @ u[0])
+            assert check._shared_cue_latents(saes, probe, cue, comp) == before + extra
 
 
 @pytest.fixture(scope="module")

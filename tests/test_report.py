@@ -364,6 +364,12 @@ def test_card_says_why_a_feature_peaking_on_cues_is_not_a_cue():
         "**generic**: 90% of its 10 strongest activations are on cue:poison words, but it fires on at least "
         "half of the cue words of 3 harm categories (drugs, poison, weapons)"
     ) in generic
+    on_verbs = "\n".join(_card(dict(row, role="generic", role_share=0.9, role_peak="cue:fraud",
+                                     role_cue_categories=["composition", "fraud"])))  # fmt: skip
+    assert (
+        "but it fires on at least half of the cue words of 1 harm categories (fraud) and of the harm verbs "
+        "and person words: it reads what they share"
+    ) in on_verbs
 
 
 def test_card_says_where_a_feature_without_a_majority_tag_peaks():

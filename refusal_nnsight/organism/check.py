@@ -49,9 +49,10 @@ is later scored against:
                                 prompt's cue, and a cue that keeps the rest can refuse on its own (see
                                 cue_half_backup_zero_refusal), leaving the backup nothing to hold.
     sae_shared_cue_latents      latents no one category owns (reported, no target): over the SAEs of layers
-                                0..cue_layer, the latents that fire on at least half of the cue words of
-                                two or more harm categories in the cue prompts. The search finds cues
-                                through these SAEs, and a minimal set that takes such a latent holds
+                                0..cue_layer, the latents that fire on at least half of the words of two
+                                or more groups, a harm category's cue words (in the cue prompts) or the
+                                harm verbs and person words (in the compositional ones). The search finds
+                                cues through these SAEs, and a minimal set that takes such a latent holds
                                 no one category's cue (the run's ground truth calls it generic)
     sae_recovers_planted        worst, over planted directions, of the best decoder-row cosine at its layer
                                 (reported, no target: a cue direction is spread over several latents, and
@@ -240,10 +241,12 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _shared_cue_latents(saes, probe: _Probe, prompts) -> float:
+def _shared_cue_latents(saes, probe: _Probe, prompts, compositional=()) -> float:
     """The number of latents, over the SAEs of layers 0..cue_layer, that fire on at least half of the
-    cue words of two or more categories in `prompts` (a word is fired on when the latent is active on
-    any of its tokens; NaN without a cue prompt or those SAEs)."""
+    words of two or more groups: each harm category's cue words in `prompts`, and the harm verbs and
+    person words of the `compositional` prompts, one group (a word is fired on when the latent is
+    active on any of its tokens; NaN without a cue prompt or those SAEs). The groups are those of
+    the run's ground truth, which calls a minimal-set latent that fires on two of them generic."""
     from ..ground_truth import MOSTLY
 
     cue_layer = probe.layers[0]
@@ -251,17 +254,31 @@ def _shared_cue_latents(saes, probe: _Probe, prompts) -> float:
     cats = probe._cats([p.text for p in prompts]).tolist()
     if not layers or not any(c >= 0 for c in cats):
         return math.nan
+    # per batch: (its residuals by layer, per prompt the words it holds as (group, [T] token mask))
+    batches = []
     _, store, enc = probe.forward(prompts)
     ids = enc["input_ids"]
+    batches.append(
+        (store, [[(c, probe.labels.cue_category[ids[i]] == c)] if c >= 0 else [] for i, c in enumerate(cats)])
+    )
+    if compositional:
+        _, comp_store, comp_enc = probe.forward(compositional)
+        comp_ids = comp_enc["input_ids"]
+        words = [
+            [("composition", probe.labels.verb[r]), ("composition", probe.labels.person[r])] for r in comp_ids
+        ]
+        batches.append((comp_store, words))
     shared = 0
     for layer in layers:
         sae = saes.slice(layer)
-        fired: dict[int, list[torch.Tensor]] = {}
-        for i, c in enumerate(cats):
-            on = probe.labels.cue_category[ids[i]] == c
-            if c >= 0 and on.any():
-                fired.setdefault(c, []).append((sae.encode(store[layer][i][on].float()) > 0).any(0).cpu())
-        rates = torch.stack([torch.stack(v).float().mean(0) for v in fired.values()])  # [categories, width]
+        fired: dict[object, list[torch.Tensor]] = {}
+        for layer_store, per_prompt in batches:
+            for i, masks in enumerate(per_prompt):
+                for group, on in masks:
+                    if on.any():
+                        acts = sae.encode(layer_store[layer][i][on].float())
+                        fired.setdefault(group, []).append((acts > 0).any(0).cpu())
+        rates = torch.stack([torch.stack(v).float().mean(0) for v in fired.values()])  # [groups, width]
         shared += int(((rates >= MOSTLY).sum(0) >= 2).sum())
     return float(shared)
 
@@ -391,7 +408,7 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     fig["splice_agreement"] = min(agreement)
     fig["sae_fvu_max"] = max(v["fvu"] for v in manifest["saes"].values())
     fig.update(_sae_hydra(model, saes, probe, cue))
-    fig["sae_shared_cue_latents"] = _shared_cue_latents(saes, probe, cue)
+    fig["sae_shared_cue_latents"] = _shared_cue_latents(saes, probe, cue, comp)
     planted_at = [(cue_layer, probe.dirs.cue), (cue_layer, probe.dirs.verb[None]), (cue_layer, probe.dirs.person[None]),
                   (backup_layer, probe.dirs.backup), (decision_layer, probe.dirs.refusal[None])]  # fmt: skip
     worst = 1.0

@@ -86,7 +86,11 @@ FIGURES: dict[str, tuple[str, str]] = {
     # the same categories with a cue feature among the candidates: the ceiling the ranking sets on cue recall
     "cue_candidate_recall": ("harm", "ground_truth.cue_candidate_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
-    # minimal-set latents that peak on cue words but fire on most cue words of several categories
+    # the minimal-set memberships whose latent has its own prompt's planted role (its category's cue,
+    # or the composition), where cue_precision counts any cue, whatever prompt's set holds it
+    "own_cue_precision": ("harm", "ground_truth.own_cue_precision"),
+    # minimal-set latents that peak on one group's words but fire on most words of another group (a
+    # category's cue words, or the harm verbs and person words)
     "generic_features": ("harm", "ground_truth.generic_features"),
     "all_layers_median_set_size": ("all_layers", "greedy.median_one_minimal_set_size"),
     "all_layers_top_feature_share": ("all_layers", "greedy.top_feature_share"),
