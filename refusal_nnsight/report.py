@@ -344,11 +344,21 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
     if fm:
         acc, lin = fm.get("heldout_accuracy"), fm.get("linear_heldout_accuracy")
         r2, lr2 = fm.get("heldout_r2"), fm.get("linear_heldout_r2")
+        beats, p = fm.get("beats_linear"), fm.get("beats_linear_p")
+        test = (
+            f" (sign test on the {fm['fm_only_right'] + fm['linear_only_right']} held-out masks that only one "
+            f"of them labels right: {fm['fm_only_right']} to {fm['linear_only_right']}, p = {_fmt(p)})"
+            if p is not None
+            else ""
+        )
         if acc is None or lin is None:
             verdict = "could not be compared with the linear model (no held-out masks)"
+        elif beats or (beats is None and acc > lin):  # a run saved before the sign test: accuracies alone
+            verdict = f"predicts held-out flips better than the linear model{test}, so the interactions add something"
         elif acc > lin:
             verdict = (
-                "predicts held-out flips better than the linear model, so the interactions add something"
+                f"predicts held-out flips a little better than the linear model, but not significantly{test}: "
+                "the interactions add nothing that these masks can show"
             )
         elif r2 is not None and lr2 is not None and r2 > lr2:
             verdict = (
@@ -356,9 +366,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
                 "better: the interactions shape the score, not the decision"
             )
         else:
-            verdict = (
-                "does not beat the linear model on held-out masks: the interactions add nothing measurable"
-            )
+            verdict = f"does not beat the linear model on held-out masks{test}: the interactions add nothing measurable"
         out.append(
             f"- **Interactions.** On {fm.get('n_prompts')} prompts the factorization machine {verdict} "
             f"(accuracy {_fmt(acc)} vs {_fmt(lin)}; R² of the refusal score {_fmt(r2)} vs {_fmt(lr2)}). "

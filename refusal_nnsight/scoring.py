@@ -115,6 +115,22 @@ def calibrate_threshold(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[
     return float(best[1]), float(best[0][0])
 
 
+# One-sided level of the exact sign tests that one condition or model does better than another on
+# the same items (redundancy: M ∪ H against M alone and against M ∪ C; fm: the FM against the
+# linear model on held-out masks)
+SIGNIFICANCE = 0.05
+
+
+def sign_test_p(gains: int, losses: int) -> float:
+    """One-sided exact sign test (binomial, p = 1/2) on the discordant items: `gains` where the
+    first does better, `losses` where the second does. 1.0 when none is discordant."""
+    from scipy.stats import binomtest
+
+    if gains + losses == 0:
+        return 1.0
+    return float(binomtest(gains, gains + losses, 0.5, alternative="greater").pvalue)
+
+
 def kl_divergence(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
     """KL(clean ‖ edited) of next-token distributions, [N, V] each → [N] (Arditi's side-effect check)."""
     p = torch.log_softmax(clean_logits.float(), -1)

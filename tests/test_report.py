@@ -253,6 +253,23 @@ def test_found_sentences_follow_the_numbers():
     assert "[L1/F17](#l1f17)" in text  # the most frequent minimal-set features link to their cards
     summary["fm"]["heldout_accuracy"] = 0.97
     assert "so the interactions add something" in "\n".join(found_sentences(summary, {}, None))
+    tested = {
+        **summary["fm"],
+        "beats_linear": False,
+        "beats_linear_p": 0.31,
+        "fm_only_right": 3,
+        "linear_only_right": 2,
+    }
+    text = "\n".join(found_sentences({**summary, "fm": tested}, {}, None))  # ahead, but not significantly
+    assert "so the interactions add something" not in text
+    assert (
+        "a little better than the linear model, but not significantly (sign test on the 5 held-out masks that "
+        "only one of them labels right: 3 to 2, p = 0.31)"
+    ) in text
+    tested.update(beats_linear=True, beats_linear_p=0.0001, fm_only_right=40, linear_only_right=2)
+    assert "3 to 2" not in (text := "\n".join(found_sentences({**summary, "fm": tested}, {}, None)))
+    assert "better than the linear model (sign test on the 42 held-out masks" in text
+    assert "so the interactions add something" in text
     summary["fm"].update(heldout_accuracy=0.9, heldout_r2=0.3)
     assert "the interactions add nothing measurable" in "\n".join(found_sentences(summary, {}, None))
     summary["redundancy"]["m_plus_control_weak_jailbreak_rate"] = 0.5  # the control does less

@@ -76,6 +76,60 @@ def test_linear_is_as_good_without_an_interaction():
     assert f.interactions().abs().max() < 0.3  # no spurious strong pair
 
 
+def _result_of(fit_rows) -> FMResult:
+    """An FMResult whose fit table is `fit_rows` and whose other tables are empty."""
+    tables = {name: pl.DataFrame(fit_rows if name == "fit" else [], schema=schema)
+              for name, schema in fm.SCHEMAS.items()}  # fmt: skip
+    return FMResult(tables["dataset"], tables["pools"], tables["fit"], tables["interactions"],
+                    tables["top_features"], tables["classifier"], {}, -1.0, "first_token")  # fmt: skip
+
+
+def test_beats_linear_is_a_sign_test_on_the_held_out_masks_only_one_labels_right():
+    """A flip that is the XOR of two features: the FM labels held-out masks right that the linear
+    model cannot, the discordant masks all go its way, and it beats it (p far below 0.05). A flip
+    that one feature decides: both label every held-out mask alike, nothing is discordant, p = 1,
+    and the FM does not beat it, whatever the mean accuracies' last digit says."""
+    X, y, held = planted(12, interaction=True)
+    cfg = FMConfig(epochs=300, lr=0.05)
+    for flipped, beats in ((X[:, 1] != X[:, 4], True), (X[:, 1] > 0.5, False)):
+        rows, models, _ = fm.fit_all(0, X, y, flipped, held, cfg, seed=0)
+        only = {r["model"]: r["heldout_only_right"] for r in rows if r["task"] == "classification"}
+        assert all(r["heldout_only_right"] is None for r in rows if r["task"] == "regression")
+        right = {m: (models[("classification", m)](X[held]) > 0) == flipped[held] for m in ("fm", "linear")}
+        assert only == {"fm": int((right["fm"] & ~right["linear"]).sum()),
+                        "linear": int((right["linear"] & ~right["fm"]).sum())}  # fmt: skip
+        s = _result_of(rows).summary()
+        assert s["beats_linear"] is beats and (s["fm_only_right"], s["linear_only_right"]) == (
+            only["fm"],
+            only["linear"],
+        )
+        if beats:
+            assert only["fm"] > 20 and only["linear"] == 0 and s["beats_linear_p"] < 1e-6
+        else:
+            assert only == {"fm": 0, "linear": 0} and s["beats_linear_p"] == 1.0
+    old = _result_of([]).summary()  # no fit rows (or a run saved before the counts): not compared
+    assert old["beats_linear"] is None and old["beats_linear_p"] is None
+
+
+def test_heldout_accuracy_pools_the_masks_of_every_prompt():
+    """A prompt whose small pool leaves 2 held-out masks counts for 2 of them, not for as much as one
+    with 400: 0.5 on 2 masks and 1.0 on 398 pool to 399/400, where the mean of prompts says 0.75. A
+    prompt with no held-out mask (a pool of one latent) adds nothing, and nulls neither figure nor
+    the sign test."""
+
+    def row(idx, model, n, acc, only):
+        return {"prompt_idx": idx, "model": model, "task": "classification", "n_train": 4 * n + 2, "n_heldout": n,
+                "train_loss": 0.0, "train_r2": None, "train_accuracy": 1.0, "heldout_r2": None,
+                "heldout_accuracy": acc, "heldout_only_right": only}  # fmt: skip
+
+    rows = [row(0, "fm", 2, 0.5, 0), row(1, "fm", 398, 1.0, 199), row(2, "fm", 0, None, None),
+            row(0, "linear", 2, 1.0, 1), row(1, "linear", 398, 0.5, 0), row(2, "linear", 0, None, None)]  # fmt: skip
+    s = _result_of(rows).summary()
+    assert s["heldout_accuracy"] == pytest.approx(399 / 400) and s["n_heldout_masks"] == 400
+    assert s["linear_heldout_accuracy"] == pytest.approx(201 / 400)
+    assert (s["fm_only_right"], s["linear_only_right"]) == (199, 1) and s["beats_linear"] is True
+
+
 def test_fit_is_deterministic_given_the_seed():
     X, y, held = planted(8, interaction=True)
     cfg = FMConfig(epochs=50)

@@ -56,6 +56,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "random_same_size_jailbreak": ("harm", "evaluate.random_same_size_jailbreak_rate"),
     "fm_heldout_accuracy": ("harm", "fm.heldout_accuracy"),
     "fm_linear_heldout_accuracy": ("harm", "fm.linear_heldout_accuracy"),
+    # the FM beats the linear model: a one-sided exact sign test on the held-out masks only one labels right
+    "fm_beats_linear": ("harm", "fm.beats_linear"),
+    "fm_beats_linear_p": ("harm", "fm.beats_linear_p"),
     "classifier_heldout_accuracy": ("harm", "fm.classifier_heldout_accuracy"),
     "compositional_pair_found": ("harm", "ground_truth.compositional_pair_found"),
     "redundancy_found": ("harm", "ground_truth.redundancy_found"),
@@ -101,6 +104,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_top_feature_share": ("cue", "greedy.top_feature_share"),
     "cue_fm_heldout_accuracy": ("cue", "fm.heldout_accuracy"),
     "cue_fm_linear_heldout_accuracy": ("cue", "fm.linear_heldout_accuracy"),
+    "cue_fm_beats_linear": ("cue", "fm.beats_linear"),
     "cue_compositional_pair_found": ("cue", "ground_truth.compositional_pair_found"),
     "cue_cue_recall": ("cue", "ground_truth.cue_recall"),
     "cue_cue_precision": ("cue", "ground_truth.cue_precision"),
@@ -200,9 +204,6 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
     for fig in ("all_layers_refusal_features", "generic_features"):  # labels -> how many
         if isinstance(row[fig], list):
             row[fig] = len(row[fig])
-    for prefix in ("", "cue_"):
-        fm, lin = row[f"{prefix}fm_heldout_accuracy"], row[f"{prefix}fm_linear_heldout_accuracy"]
-        row[f"{prefix}fm_beats_linear"] = None if fm is None or lin is None else fm > lin
     row["targets_met"] = {k: meets(row.get(k), op, t) for k, (op, t) in TARGETS.items()}
     return row
 

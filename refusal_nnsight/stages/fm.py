@@ -10,7 +10,10 @@ the first-token criterion labels the masks and the notes say so). The FM must be
 model on held-out masks for its interactions to mean anything. Top features by |w_i| and top
 pairs by |⟨v_i, v_j⟩| are read out from one FM ("classification" if cfg.readout lists it, else
 the regression FM: its target is continuous, so its weights are in refusal-score units), and the
-top pairs are confirmed causally: ablate i alone, j alone, both.
+top pairs are confirmed causally: ablate i alone, j alone, both. The FM beats the linear model
+(`beats_linear`) when an exact one-sided sign test over every prompt's held-out masks, on those
+that one of the two labels right and the other wrong, gives p ≤ 0.05 (`beats_linear_p`): a mean
+accuracy ahead by one mask in a few dozen is not a finding.
 
 Confirmation rule (ours): with Δ(S) = s(S ablated) − s(nothing), a pair is confirmed when the
 measured interaction Δ(ij) − Δ(i) − Δ(j) has the sign the FM predicts (sign ⟨v_i, v_j⟩ for the
@@ -55,7 +58,7 @@ from ..engine import AblationEngine, Feature
 from ..features import feature_activations
 from ..models import LoadedModel
 from ..saes import LoadedSAEs
-from ..scoring import Criterion
+from ..scoring import SIGNIFICANCE, Criterion, sign_test_p
 from .candidates import CandidatesResult
 from .fm_models import FactorizationMachine, LinearModel, Task, fit, metrics, ridge  # noqa: F401
 from .greedy import GreedyResult
@@ -154,7 +157,9 @@ def fit_all(
     seed: int,
 ):
     """FM and linear model × regression (score) and classification (flipped), on the same train
-    masks. Returns (fit-table rows, {(task, model): fitted module}, weights by name)."""
+    masks. Returns (fit-table rows, {(task, model): fitted module}, weights by name). Each
+    classification row also counts the held-out masks that model labels right and the other
+    model wrong (`heldout_only_right`), what the sign test of FM against linear reads."""
     rows, models, weights = [], {}, {}
     tasks: tuple[tuple[Task, torch.Tensor], ...] = (
         ("regression", scores),
@@ -177,6 +182,17 @@ def fit_all(
             weights.update(
                 {f"{idx}/{task}/{name}/{k}": v.detach().clone() for k, v in m.state_dict().items()}
             )
+    y = flipped[held] > 0.5
+    with torch.no_grad():
+        right = {
+            name: (models[("classification", name)](X[held].float()) > 0) == y for name in ("fm", "linear")
+        }
+    for r in rows:
+        if r["task"] == "classification":
+            other = "linear" if r["model"] == "fm" else "fm"
+            r["heldout_only_right"] = int((right[r["model"]] & ~right[other]).sum()) if held.any() else None
+        else:
+            r["heldout_only_right"] = None
     return rows, models, weights
 
 
@@ -264,7 +280,7 @@ SCHEMAS = {
               "feature": pl.Int64, "source": pl.Utf8, "max_act": pl.Float64},
     "fit": {"prompt_idx": pl.Int64, "model": pl.Utf8, "task": pl.Utf8, "n_train": pl.Int64, "n_heldout": pl.Int64,
             "train_loss": pl.Float64, "train_r2": pl.Float64, "train_accuracy": pl.Float64,
-            "heldout_r2": pl.Float64, "heldout_accuracy": pl.Float64},
+            "heldout_r2": pl.Float64, "heldout_accuracy": pl.Float64, "heldout_only_right": pl.Int64},
     "interactions": {"prompt_idx": pl.Int64, "rank": pl.Int64, "label_i": pl.Utf8, "layer_i": pl.Int64,
                      "feature_i": pl.Int64, "label_j": pl.Utf8, "layer_j": pl.Int64, "feature_j": pl.Int64,
                      "v_dot": pl.Float64, "effect_i": pl.Float64, "effect_j": pl.Float64,
@@ -301,6 +317,39 @@ class FMResult:
         vals = self.fit.filter((pl.col("model") == model) & (pl.col("task") == task))[col].drop_nulls()
         return mean_of(vals) if len(vals) else None
 
+    def _classification(self, model: str) -> pl.DataFrame:
+        return self.fit.filter((pl.col("model") == model) & (pl.col("task") == "classification"))
+
+    def _pooled_accuracy(self, model: str) -> float | None:
+        """The fraction of all prompts' held-out masks the model labels right (None without any)."""
+        rows = self._classification(model).filter(pl.col("heldout_accuracy").is_not_null())
+        n = int(rows["n_heldout"].sum()) if rows.height else 0
+        return float((rows["heldout_accuracy"] * rows["n_heldout"]).sum()) / n if n else None
+
+    def _beats_linear(self) -> dict:
+        """beats_linear, beats_linear_p and the discordant held-out masks they read (None without any
+        held-out mask, or in a run saved before the counts were kept)."""
+        rows = (
+            self.fit.filter(pl.col("task") == "classification")
+            if "heldout_only_right" in self.fit.columns
+            else None
+        )
+        out = dict.fromkeys(("beats_linear", "beats_linear_p", "fm_only_right", "linear_only_right"))
+        if rows is None or not int(rows["n_heldout"].sum()):
+            return out
+        # a prompt whose pool is too small to hold any mask out (a null count) adds nothing to the test
+        fm, lin = (
+            int(rows.filter(pl.col("model") == m)["heldout_only_right"].fill_null(0).sum())
+            for m in ("fm", "linear")
+        )
+        p = sign_test_p(fm, lin)
+        return {
+            "beats_linear": p <= SIGNIFICANCE,
+            "beats_linear_p": p,
+            "fm_only_right": fm,
+            "linear_only_right": lin,
+        }
+
     def _classifier(self, model: str) -> float | None:
         t = self.classifier.filter((pl.col("model") == model) & (pl.col("split") == "heldout"))
         return float(t["accuracy"][0]) if t.height else None
@@ -320,8 +369,14 @@ class FMResult:
             "n_masks_per_prompt": (per_prompt[0] if len(set(per_prompt)) == 1 else float(mean(per_prompt)))
             if per_prompt else None,
             "n_masks_total": self.dataset.height if per_prompt else None,
-            "heldout_accuracy": self._mean("fm", "classification", "heldout_accuracy"),
-            "linear_heldout_accuracy": self._mean("linear", "classification", "heldout_accuracy"),
+            # pooled over every prompt's held-out masks: a prompt whose small pool leaves 3 held-out masks
+            # counts for 3, not for as much as one with 400 (the per-prompt figures are in fit.parquet)
+            "heldout_accuracy": self._pooled_accuracy("fm"),
+            "linear_heldout_accuracy": self._pooled_accuracy("linear"),
+            "n_heldout_masks": int(self._classification("fm")["n_heldout"].sum()) if self.fit.height else None,
+            # the FM against the linear model on the held-out masks of every prompt: an exact sign test
+            # on the masks that one of them labels right and the other wrong (p ≤ SIGNIFICANCE: it beats it)
+            **self._beats_linear(),
             "heldout_r2": self._mean("fm", "regression", "heldout_r2"),
             "linear_heldout_r2": self._mean("linear", "regression", "heldout_r2"),
             "top_pair_confirmed_rate": mean_of(self.interactions["confirmed"])
@@ -446,6 +501,8 @@ def run(
             notes[key] = "no pool had two features: there are no pairs"
         elif key.endswith("r2"):
             notes[key] = "the held-out scores have no variance (or no held-out masks): R² is undefined"
+        elif key in ("beats_linear", "beats_linear_p", "fm_only_right", "linear_only_right"):
+            notes[key] = "no held-out masks: the FM was not compared with the linear model"
     if criterion.name == "judge":
         notes["heldout_accuracy"] = (
             "criterion=judge: the masks' flip labels come from the first-token criterion"

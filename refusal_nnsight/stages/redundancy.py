@@ -66,7 +66,7 @@ from ..interventions import FeatureEdit
 from ..judges import Judge
 from ..models import Batch, LoadedModel
 from ..saes import LoadedSAEs
-from ..scoring import Criterion, last_logits, refusal_scores
+from ..scoring import SIGNIFICANCE, Criterion, last_logits, refusal_scores, sign_test_p
 from .greedy import GreedyResult
 
 log = logging.getLogger(__name__)
@@ -562,9 +562,6 @@ JUDGED_KEYS = (
     "bos_clamp_jailbreak_change", "judge_criterion_disagreements",
 )  # fmt: skip
 
-# One-sided level of the sign tests that M ∪ H jailbreaks more prompts than M alone and than M ∪ C
-SIGNIFICANCE = 0.05
-
 
 def gain_significant(summary: dict) -> bool:
     """Whether both sign tests of a summary (M ∪ H against M alone, and against M ∪ C) pass its
@@ -579,17 +576,13 @@ def sign_test(tests: pl.DataFrame, better: str, than: str, prompts: list[int]) -
     """One-sided exact sign test (binomial, p = 1/2) that condition `better` jailbreaks more of
     `prompts` than `than`, on the discordant prompts (jailbroken under one condition only).
     1.0 when none is discordant; None when either condition was not run."""
-    from scipy.stats import binomtest
-
     pair = tests.filter(pl.col("prompt_idx").is_in(prompts) & pl.col("condition").is_in([better, than]))
     wide = pair.pivot(on="condition", index="prompt_idx", values="jailbroken")
     if better not in wide.columns or than not in wide.columns:
         return None
     gains = wide.filter(pl.col(better) & ~pl.col(than)).height
     losses = wide.filter(~pl.col(better) & pl.col(than)).height
-    if gains + losses == 0:
-        return 1.0
-    return float(binomtest(gains, gains + losses, 0.5, alternative="greater").pvalue)
+    return sign_test_p(gains, losses)
 
 
 def _h_prompts(awakened: pl.DataFrame, ablation: str = "strong") -> list[int]:
