@@ -83,11 +83,12 @@ class OrganismRecipe:
     sae_early_target_l0: float = 4.0
     # the SAEs of layers 0..cue_layer, where the harm scope finds the cue latents: BatchTopK with this
     # many active latents per token (0: JumpReLU, as above). The JumpReLU SAEs there hold latents that
-    # fire on most cue words of two or more categories (`check`'s sae_shared_cue_latents 1, 4, 5, 4
-    # and 1 on seeds 0-4), whatever their target L0 (2, 4, 8) or width (8x, 16x); with k = 3 the five
-    # builds had 2, 1, 1, 0 and 1, cue precision 1 on seeds 1-4, but the factorization machine lost
-    # its margin over the linear model and `validate` missed 12 targets against 7: not the default
-    # (docs/organism-settings.md, "BatchTopK SAEs at layers 0-1")
+    # fire on most words of two or more groups (`check`'s sae_shared_cue_latents 4, 5, 5, 4 and 1 on
+    # seeds 0-4), whatever their target L0 (2, 4, 8) or width (8x, 16x); with k = 3 the five builds
+    # had 2, 1, 1, 0 and 1, cue precision 1 on seeds 1-4, but fewer latents active on a prompt leave
+    # the factorization machine pools of 2-9 latents, too small to beat the linear model on held-out
+    # masks, and `validate` misses 9 targets against 8: not the default (docs/organism-settings.md,
+    # "BatchTopK SAEs at layers 0-1")
     sae_early_k: int = 0
     sae_topk_lr: float = 1e-3  # Adam lr of the BatchTopK SAEs, cosine to lr / 10
     # -- the SAE cut (cut.train_cut): layers above the cue layer trained on the cue word's SAE
