@@ -101,3 +101,41 @@ def test_scopes_follow_the_organisms_planted_layers():
     assert (
         harm.candidates.per_layer
     )  # which layer's candidates undo the others' (all_candidates_without_layer0_flip)
+
+
+def test_overrides_reach_every_scope_after_its_own_and_are_named_in_the_table(monkeypatch, tmp_path):
+    """A setting measured across seeds: each scope's run gets the user's overrides after its own,
+    so search.candidates.top_k=40 replaces the harm and cue scopes' 30; the table's first line
+    names them. An override of what validate sets itself (the organism, the run folder) is
+    refused, not silently lost."""
+    import pytest
+
+    from refusal_nnsight import pipeline
+    from refusal_nnsight.errors import UserError
+    from refusal_nnsight.organism import build
+
+    layers = {"cue_layer": 1, "backup_layer": 2, "decision_layer": 3}
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "manifest.json").write_text('{"model": %s}' % str(layers).replace("'", '"'))
+    monkeypatch.setattr(build, "ensure_organism", lambda recipe, seed: tmp_path / "org")
+    monkeypatch.setattr(
+        validate, "build_identity", lambda root, manifest: {"built_on": "—", "content_hash": "x"}
+    )
+    seen = {}
+    monkeypatch.setattr(
+        pipeline, "run", lambda cfg: seen.setdefault(cfg.run_dir.rsplit("/", 1)[-1], cfg) and {}
+    )
+    row = validate.run_seed(
+        "default", 3, tmp_path / "out", ["search.candidates.top_k=40", "search.fm.n_masks=64"]
+    )
+    assert set(seen) == {"all_layers", "harm", "cue"} and row["seed"] == 3
+    assert all(cfg.search.fm.n_masks == 64 and cfg.search.candidates.top_k == 40 for cfg in seen.values())
+    assert seen["harm"].search.candidates.per_layer and seen["cue"].search.redundancy.layers == [2]
+    assert all(cfg.model.organism_seed == 3 for cfg in seen.values())
+    text = validate.write_table([_row(0)], tmp_path, ["search.candidates.top_k=40"])
+    assert text.startswith("every run with: `search.candidates.top_k=40`\n\n| figure |")
+    assert validate.write_table([_row(0)], tmp_path).startswith("| figure |")
+    for bad in ("model.organism_seed=2", "run_dir=/tmp/x", "search.fm"):
+        with pytest.raises(UserError):
+            validate.check_overrides([bad])
+    validate.check_overrides(["+search.fm.extra_active=4", "search.coefficient=-3"])

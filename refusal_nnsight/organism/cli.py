@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--recipe", default="default", choices=sorted(RECIPES))
     v.add_argument("--seeds", type=_seeds, default=_seeds("0-4"), help="e.g. 0-4 or 0,2,5")
     v.add_argument("--out", default="runs/validate", help="folder of the runs and the table")
+    v.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="Hydra overrides given to every scope's run after its own, e.g. search.candidates.top_k=40: "
+        "the table then measures that setting against the same targets",
+    )
     return parser
 
 

@@ -7,8 +7,10 @@ layers before refusal execution (harm), and at the layer where the organism plan
 redundancy scan at the layer of its backup detectors (cue: the method pointed at the right
 layers, which tests what it recovers there, not whether it finds those layers). One row per seed holds each stage's figure and
 the planted-truth scores; the table (Parquet + markdown) adds min / median / max, and every
-target is checked on every seed. The last line on stdout is one JSON object:
-{"per_seed": [{"seed", <figures>, "targets_met"}], "all_met", "seconds"}.
+target is checked on every seed. Hydra overrides after the options (`validate --seeds 0-4 --out DIR
+search.candidates.top_k=40`) go to every run, after the scope's own: the table then measures that
+setting on the same seeds and targets. The last line on stdout is one JSON object:
+{"per_seed": [{"seed", <figures>, "targets_met"}], "all_met", "overrides", "seconds"}.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ..errors import UserError
 from .check import describe_continued, describe_machine, meets
 
 log = logging.getLogger(__name__)
@@ -184,8 +187,25 @@ def build_identity(root: Path, manifest: dict) -> dict[str, str]:
     return {"built_on": machine, "content_hash": content_hash(root)}
 
 
-def run_seed(recipe: str, seed: int, out: Path) -> dict:
-    """The pipeline on one organism seed, in both scopes; returns its row of figures."""
+# what each run of a seed is already given: a user's override of these would describe another run
+_OWN_KEYS = ("model.organism_recipe", "model.organism_seed", "run_dir")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse an override validate sets itself on each run (the organism, the run folder)."""
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if "=" not in o or key in _OWN_KEYS:
+            raise UserError(
+                f"validate override {o!r}: give KEY=VALUE, and not {', '.join(_OWN_KEYS)} "
+                "(use --recipe, --seeds and --out)"
+            )
+
+
+def run_seed(recipe: str, seed: int, out: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The pipeline on one organism seed, in every scope; returns its row of figures. `overrides`
+    (Hydra, KEY=VALUE) go to every scope's run after the scope's own, so they win over them: the
+    table then measures that setting."""
     from .. import pipeline
     from ..artifacts import read_json
     from ..cli import compose
@@ -194,8 +214,8 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
     root = ensure_organism(recipe, seed)
     manifest = read_json(root / "manifest.json")
     summaries = {}
-    for name, overrides in _runs(manifest["model"]).items():
-        cfg = compose([*overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
+    for name, scope in _runs(manifest["model"]).items():
+        cfg = compose([*scope, *overrides, f"model.organism_recipe={recipe}", f"model.organism_seed={seed}",
                        f"run_dir={out / f'seed{seed}' / name}"])  # fmt: skip
         summaries[name] = pipeline.run(cfg)
     row: dict = {"seed": seed, **build_identity(root, manifest)}
@@ -208,8 +228,9 @@ def run_seed(recipe: str, seed: int, out: Path) -> dict:
     return row
 
 
-def write_table(rows: list[dict], out: Path) -> str:
-    """validate.parquet and validate.md in `out`; returns the markdown."""
+def write_table(rows: list[dict], out: Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """validate.parquet and validate.md in `out`; returns the markdown (a line naming the overrides
+    every run was given comes first, where there are any)."""
     import polars as pl
 
     from ..artifacts import write_parquet, write_text
@@ -228,6 +249,8 @@ def write_table(rows: list[dict], out: Path) -> str:
         lines.append(
             f"| {c} | {target} | " + " | ".join(_fmt(v) for v in vals) + " | " + " | ".join(stats) + " |"
         )
+    if overrides:
+        lines = ["every run with: " + " ".join(f"`{o}`" for o in overrides), "", *lines]
     text = "\n".join(lines) + "\n"
     write_text(out / "validate.md", text)
     return text
@@ -246,6 +269,8 @@ def _fmt(v) -> str:
 def main(args: argparse.Namespace) -> int:
     from .recipe import organism_recipe
 
+    overrides = list(getattr(args, "overrides", None) or [])
+    check_overrides(overrides)
     for seed in args.seeds:
         organism_recipe(args.recipe, seed)  # planted truth to validate against, before any build
     start = time.time()
@@ -253,10 +278,10 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for seed in args.seeds:
         log.info("validate: organism '%s' seed %d", args.recipe, seed)
-        rows.append(run_seed(args.recipe, seed, out))
-    text = write_table(rows, out)
+        rows.append(run_seed(args.recipe, seed, out, overrides))
+    text = write_table(rows, out, overrides)
     print(text)
     result = {"per_seed": rows, "all_met": all(all(r["targets_met"].values()) for r in rows),
-              "seconds": round(time.time() - start, 1)}  # fmt: skip
+              "overrides": overrides, "seconds": round(time.time() - start, 1)}  # fmt: skip
     print(json.dumps(result))
     return 0 if result["all_met"] else 1
