@@ -3,6 +3,8 @@ command's job, not the test suite's)."""
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 
 from refusal_nnsight.organism import validate
@@ -116,7 +118,7 @@ def test_overrides_reach_every_scope_after_its_own_and_are_named_in_the_table(mo
 
     layers = {"cue_layer": 1, "backup_layer": 2, "decision_layer": 3}
     (tmp_path / "org").mkdir()
-    (tmp_path / "org" / "manifest.json").write_text('{"model": %s}' % str(layers).replace("'", '"'))
+    (tmp_path / "org" / "manifest.json").write_text(json.dumps({"model": layers}))
     monkeypatch.setattr(build, "ensure_organism", lambda recipe, seed: tmp_path / "org")
     monkeypatch.setattr(
         validate, "build_identity", lambda root, manifest: {"built_on": "—", "content_hash": "x"}
