@@ -264,6 +264,7 @@ def test_n_masks_per_prompt_and_total_say_what_they_count(monkeypatch, tmp_path)
                  SimpleNamespace(sets=sets), None, cfg, StageDir(tmp_path, "fm"), 0, -3.0, Criterion())  # fmt: skip
     s = res.summary()
     assert (s["n_masks_per_prompt"], s["n_masks_total"], s["n_prompts"]) == (64, 128, 2)
+    assert s["median_pool_size"] == len(POOL)  # both prompts pool the same latents
 
 
 def test_pair_kinds_from_planted_effects():

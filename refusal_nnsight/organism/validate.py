@@ -62,6 +62,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     # the FM beats the linear model: a one-sided exact sign test on the held-out masks only one labels right
     "fm_beats_linear": ("harm", "fm.beats_linear"),
     "fm_beats_linear_p": ("harm", "fm.beats_linear_p"),
+    # what the test had to go on: the held-out masks of every prompt, and the median pool they vary
+    "fm_heldout_masks": ("harm", "fm.n_heldout_masks"),
+    "fm_median_pool_size": ("harm", "fm.median_pool_size"),
     "classifier_heldout_accuracy": ("harm", "fm.classifier_heldout_accuracy"),
     "compositional_pair_found": ("harm", "ground_truth.compositional_pair_found"),
     "redundancy_found": ("harm", "ground_truth.redundancy_found"),

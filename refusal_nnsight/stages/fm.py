@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from statistics import mean
+from statistics import mean, median
 
 import polars as pl
 import torch
@@ -357,6 +357,7 @@ class FMResult:
     def summary(self) -> dict:
         conf = self.interactions.filter(pl.col("confirmed"))
         per_prompt = self.dataset.group_by("prompt_idx").len()["len"].to_list()
+        pool_sizes = self.pools.group_by("prompt_idx").len()["len"].to_list()
         heldout = self.classifier.filter(pl.col("split") == "heldout")
         kinds = {
             k: int((conf["kind"] == k).sum()) if self.interactions.height else None for k in PAIR_KINDS[:3]
@@ -369,6 +370,9 @@ class FMResult:
             "n_masks_per_prompt": (per_prompt[0] if len(set(per_prompt)) == 1 else float(mean(per_prompt)))
             if per_prompt else None,
             "n_masks_total": self.dataset.height if per_prompt else None,
+            # latents in a prompt's pool (M and the other candidates active on it): a small pool has few
+            # distinct masks to hold out, too few for the FM to show what its pairs add
+            "median_pool_size": float(median(pool_sizes)) if pool_sizes else None,
             # pooled over every prompt's held-out masks: a prompt whose small pool leaves 3 held-out masks
             # counts for 3, not for as much as one with 400 (the per-prompt figures are in fit.parquet)
             "heldout_accuracy": self._pooled_accuracy("fm"),
