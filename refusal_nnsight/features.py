@@ -63,9 +63,8 @@ CARD_SCHEMA = pl.Schema(
         "role_share": pl.Float64(),
         "role_peak": pl.Utf8(),  # the tag most of its top activations share, when the role is not it (ground_truth)
         "role_plain_share": pl.Float64(),  # fraction of harmless eval prompts without planted words it fires on
-        "role_cue_categories": pl.List(
-            pl.Utf8()
-        ),  # word groups (harm categories, "composition") on most of whose words it fires
+        # the word groups (harm categories, "composition") on most of whose words it fires
+        "role_cue_categories": pl.List(pl.Utf8()),
     }
 )
 

@@ -272,7 +272,7 @@ def _fmt(v) -> str:
 def main(args: argparse.Namespace) -> int:
     from .recipe import organism_recipe
 
-    overrides = list(getattr(args, "overrides", None) or [])
+    overrides = list(args.overrides)
     check_overrides(overrides)
     for seed in args.seeds:
         organism_recipe(args.recipe, seed)  # planted truth to validate against, before any build
