@@ -279,6 +279,59 @@ def test_token_labels_mark_cue_verb_and_person_words():
     assert labels.cue_category[ids["bread"]] < 0 and not labels.verb[ids["bread"]]
 
 
+def test_the_early_pin_fits_the_planted_coordinates_of_labelled_words_below_the_cue_layer():
+    """early_pin_weight adds, for each layer below the cue layer, the mean over the labelled words
+    (cue, harm verb, person) of the squared error of their planted coordinates against the cue
+    layer's targets: a part along another category's cue costs, a word at its target (whatever it
+    carries off the planted span) and any unlabelled token cost nothing."""
+    from refusal_nnsight.organism.recipe import RECIPES
+    from refusal_nnsight.organism.tokenizer import build_tokenizer
+    from refusal_nnsight.organism.train import _planted_loss
+
+    base = RECIPES["default"]
+    assert base.cue_layer == 1 and base.early_pin_weight > 0  # layer 0 is below the cue layer
+    d, a = base.d_model, base.plant_strength
+    dirs = planted.make_directions(d, 0)
+    labels = planted.token_labels(build_tokenizer())
+    weapons, violence = planted.categories().index("weapons"), planted.categories().index("violence")
+    bomb = int(torch.nonzero(labels.cue_category == weapons)[0])
+    kill = int(torch.nonzero(labels.verb)[0])
+    plain = int(torch.nonzero((labels.cue_category < 0) & ~labels.verb & ~labels.person)[5])
+    ids = torch.tensor([[plain, bomb, plain, kill, plain]])
+    eoi_mask = torch.zeros(ids.shape, dtype=torch.bool)
+    eoi_mask[:, -1] = True
+    edits = planted.RowEdits.uniform(torch.tensor([weapons]), base.n_layers)
+    edits = planted.with_cue_words(edits, ids, labels)
+    gen = torch.Generator().manual_seed(0)
+    store = {layer: torch.randn(1, ids.shape[1], d, generator=gen) for layer in range(base.n_layers)}
+    basis = torch.cat([dirs.refusal[None], dirs.cue, dirs.verb[None], dirs.person[None]])
+    target = {1: a * dirs.cue[weapons], 3: a * dirs.verb}
+
+    def added(weight: float) -> float:
+        """The loss with early_pin_weight = weight, less the loss without it."""
+
+        def loss(w: float) -> float:
+            recipe = dataclasses.replace(base, early_pin_weight=w)
+            return float(_planted_loss(recipe, dirs, labels, store, ids, torch.ones_like(eoi_mask), eoi_mask,
+                                       edits, torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.tensor([-1])))  # fmt: skip
+
+        return loss(weight) - loss(0.0)
+
+    by_hand = sum(float(((store[0][0, t] - x) @ basis.T).pow(2).sum()) for t, x in target.items()) / 2 / a**2
+    assert added(2.0) == pytest.approx(2 * by_hand, rel=1e-4)
+    span = torch.cat([basis, dirs.backup]).T  # [d, k]
+    off_span = torch.linalg.qr(span, mode="complete").Q[:, -1]  # [d], orthogonal to every planted direction
+    for t, x in target.items():  # each labelled word at its target, plus a part off the planted span
+        store[0][0, t] = x + 3.0 * off_span
+    store[0][0, [0, 2, 4]] = 10.0 * torch.randn(3, d, generator=gen)  # unlabelled tokens: anything
+    assert added(1.0) == pytest.approx(0.0, abs=1e-4)
+    store[0][0, 1] += 2.0 * dirs.cue[violence]  # the weapons word also along the violence cue
+    crossed = float((2.0 * dirs.cue[violence] @ basis.T).pow(2).sum()) / 2 / a**2  # its coordinates' error
+    assert added(1.0) == pytest.approx(crossed, rel=1e-4)
+    with pytest.raises(ValueError, match="early_pin_weight"):
+        dataclasses.replace(base, early_pin_weight=-1.0)
+
+
 def test_cue_roles_of_the_grammar():
     assert grammar.cue_role("bomb") == "cue:weapons" and grammar.cue_role("launder") == "cue:fraud"
     assert grammar.cue_role("kill") == "composition" and grammar.cue_role("neighbor") == "composition"

