@@ -218,8 +218,8 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     # layers below the cue layer: the same planted coordinates on the labelled words, so that no
     # part the words share (along other categories' cues) reaches an SAE there
     labelled = is_cue | labels.verb[ids] | labels.person[ids]
+    lmask = mask * labelled.float()  # labelled words, for this term and the off-span one below
     if recipe.early_pin_weight > 0:
-        lmask = mask * labelled.float()
         for layer in range(recipe.cue_layer):
             e = torch.einsum("btd,kd->btk", store[layer] - target, basis).pow(2).sum(-1)
             loss = loss + recipe.early_pin_weight * (e * lmask).sum() / lmask.sum().clamp(min=1)
@@ -240,7 +240,6 @@ def _planted_loss(recipe: OrganismRecipe, dirs: planted.Directions, labels: plan
     loss = loss + _eoi_invariance(recipe, store, eoi_mask, groups, early, dirs.refusal)
     # labelled words at layers 0..backup_layer: nothing off the planted span
     span, _ = torch.linalg.qr(torch.cat([basis, dirs.backup]).T)  # [d, k] orthonormal
-    lmask = mask * labelled.float()
     for layer in range(recipe.backup_layer + 1):
         hl = store[layer]
         rest = hl - torch.einsum("btk,dk->btd", torch.einsum("btd,dk->btk", hl, span), span)
