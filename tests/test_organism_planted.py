@@ -42,6 +42,14 @@ def test_small_organism_meets_each_planted_target(measured, figure):
     assert measured["targets_met"][figure], (figure, measured["figures"][figure], check.TARGETS[figure])
 
 
+def test_check_reads_the_backup_on_lookalikes_apart(measured):
+    """The backup's clean peak on the look-alikes and harmless compositional requests, which
+    backup_dormant does not read: measured (there are such prompts), reported without a target."""
+    leak = measured["figures"]["backup_dormant_lookalike"]
+    assert "backup_dormant_lookalike" not in check.TARGETS
+    assert 0 < leak < 2, leak  # a max of |projection| in units of the planted strength, not NaN
+
+
 def test_check_fails_when_a_target_is_missed(monkeypatch, measured, capsys):
     import argparse
 

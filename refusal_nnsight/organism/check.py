@@ -28,6 +28,10 @@ is later scored against:
                                 b_c's largest clean projection, and under the cue word's cut its largest
                                 coordinate over the prompt's tokens after the cue word (where it is
                                 planted), averaged over the cue prompts, in units of the planted strength
+    backup_dormant_lookalike    b_c's largest clean projection on the look-alikes and the harmless
+                                compositional requests (reported, no target): prompts that share words with
+                                harmful ones and carry no cue, which backup_dormant does not read. A backup
+                                that fires there without a refusal is a leak the refusal rates do not show
     sae_cue_cut_refusal / sae_cue_cut_backup_awake / sae_cue_backup_cut_refusal
                                 the same hydra through the SAEs (reported, no target): every cue-layer
                                 latent whose decoder row has cosine >= 0.3 with the prompt's cue
@@ -178,10 +182,10 @@ SAE_CUE_COSINE = 0.3
 SAE_BACKUP_LATENTS = 3  # the backup-layer latents closest to the backup direction, zeroed with the cut
 
 
-def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
+def _sae_hydra(model, saes, probe: _Probe, prompts, clean_forward=None) -> dict[str, float]:
     """The planted hydra seen through the SAEs (see the module docstring): refusal under the SAE cue
     cut, the backup's coordinate after the cue word under it (units of the planted strength), and refusal
-    with the backup's closest latents zeroed as well."""
+    with the backup's closest latents zeroed as well. `clean_forward`: `probe.forward(prompts)`, if already run."""
     import nnsight
 
     from .. import interventions
@@ -220,7 +224,7 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
         _after_cue_word(probe, ids, cats, resid, probe.dirs.backup),
         _on_cue_words(probe, ids, cats, cut_cue, probe.dirs.cue),
     )
-    _, clean, enc = probe.forward(prompts)  # pre-edit residuals of the unedited model
+    _, clean, enc = clean_forward or probe.forward(prompts)  # pre-edit residuals of the unedited model
     cue_clean = _on_cue_words(probe, enc["input_ids"], cats, clean[cue_layer], probe.dirs.cue)
     top = _top_latent_shares(cue_sae, probe, enc["input_ids"], cats, clean[cue_layer])
     left = [a / b for a, b in zip(cue_cut, cue_clean, strict=True) if b > 0]
@@ -241,12 +245,13 @@ def _sae_hydra(model, saes, probe: _Probe, prompts) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _shared_cue_latents(saes, probe: _Probe, prompts, compositional=()) -> float:
+def _shared_cue_latents(saes, probe: _Probe, prompts, compositional=(), clean_forward=None) -> float:
     """The number of latents, over the SAEs of layers 0..cue_layer, that fire on at least half of the
     words of two or more groups: each harm category's cue words in `prompts`, and the harm verbs and
     person words of the `compositional` prompts, one group (a word is fired on when the latent is
     active on any of its tokens; NaN without a cue prompt or those SAEs). The groups are those of
-    the run's ground truth, which calls a minimal-set latent that fires on two of them generic."""
+    the run's ground truth, which calls a minimal-set latent that fires on two of them generic.
+    `clean_forward`: `probe.forward(prompts)`, if already run."""
     from ..ground_truth import MOSTLY
 
     cue_layer = probe.layers[0]
@@ -256,7 +261,7 @@ def _shared_cue_latents(saes, probe: _Probe, prompts, compositional=()) -> float
         return math.nan
     # per batch: (its residuals by layer, per prompt the words it holds as (group, [T] token mask))
     batches = []
-    _, store, enc = probe.forward(prompts)
+    _, store, enc = clean_forward or probe.forward(prompts)
     ids = enc["input_ids"]
     batches.append(
         (store, [[(c, probe.labels.cue_category[ids[i]] == c)] if c >= 0 else [] for i, c in enumerate(cats)])
@@ -392,6 +397,11 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
     real = enc["attention_mask"].bool()
     fig["backup_dormant"] = float(b[real].abs().max()) / a
+    fig["backup_dormant_lookalike"] = math.nan  # no such test prompt: not measured
+    if look + comp_ok:
+        _, store, enc = probe.forward(look + comp_ok)
+        b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
+        fig["backup_dormant_lookalike"] = float(b[enc["attention_mask"].bool()].abs().max()) / a
     _, store, enc = probe.forward(cue, u=0)
     awake = _after_cue_word(probe, enc["input_ids"], probe._cats([p.text for p in cue]).tolist(),
                             store[backup_layer], probe.dirs.backup)  # fmt: skip
@@ -407,8 +417,9 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
         agreement.append(float((spliced == clean).float().mean()))
     fig["splice_agreement"] = min(agreement)
     fig["sae_fvu_max"] = max(v["fvu"] for v in manifest["saes"].values())
-    fig.update(_sae_hydra(model, saes, probe, cue))
-    fig["sae_shared_cue_latents"] = _shared_cue_latents(saes, probe, cue, comp)
+    clean_cue = probe.forward(cue) if cue else None  # read by both: one forward
+    fig.update(_sae_hydra(model, saes, probe, cue, clean_cue))
+    fig["sae_shared_cue_latents"] = _shared_cue_latents(saes, probe, cue, comp, clean_cue)
     planted_at = [(cue_layer, probe.dirs.cue), (cue_layer, probe.dirs.verb[None]), (cue_layer, probe.dirs.person[None]),
                   (backup_layer, probe.dirs.backup), (decision_layer, probe.dirs.refusal[None])]  # fmt: skip
     worst = 1.0
