@@ -369,7 +369,8 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             verdict = f"does not beat the linear model on held-out masks{test}: the interactions add nothing measurable"
         out.append(
             f"- **Interactions.** On {fm.get('n_prompts')} prompts the factorization machine {verdict} "
-            f"(accuracy {_fmt(acc)} vs {_fmt(lin)}; R² of the refusal score {_fmt(r2)} vs {_fmt(lr2)}). "
+            f"(accuracy {_fmt(acc)} vs {_fmt(lin)}, pooled over the held-out masks; R² of the refusal score "
+            f"{_fmt(r2)} vs {_fmt(lr2)}, the mean over prompts of each prompt's held-out R²). "
             f"{_fmt(fm.get('n_confirmed_pairs'))} of its top pairs were confirmed causally "
             f"(synergy {_fmt(fm.get('n_synergy_pairs'))}, redundant {_fmt(fm.get('n_redundant_pairs'))}, "
             f"suppression {_fmt(fm.get('n_suppression_pairs'))}). ([figure](#fm-vs-linear), `fm/interactions.parquet`)"

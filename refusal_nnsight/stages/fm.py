@@ -381,6 +381,8 @@ class FMResult:
             # the FM against the linear model on the held-out masks of every prompt: an exact sign test
             # on the masks that one of them labels right and the other wrong (p ≤ SIGNIFICANCE: it beats it)
             **self._beats_linear(),
+            # the mean over prompts of each prompt's held-out R², against that prompt's own score variance
+            # (pooling the masks would credit the model with the spread between prompts' scores)
             "heldout_r2": self._mean("fm", "regression", "heldout_r2"),
             "linear_heldout_r2": self._mean("linear", "regression", "heldout_r2"),
             "top_pair_confirmed_rate": mean_of(self.interactions["confirmed"])
