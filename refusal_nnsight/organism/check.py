@@ -317,6 +317,16 @@ def _cue_peaks(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.T
             yield c, x[t], coord[t]
 
 
+def _clean_backup_peak(probe: _Probe, prompts) -> float:
+    """The largest |projection| onto any category's backup direction over every real token of
+    `prompts`, unedited, in units of the planted strength (NaN without a prompt: not measured)."""
+    if not prompts:
+        return math.nan
+    _, store, enc = probe.forward(prompts)
+    b = torch.einsum("btd,kd->btk", store[probe.layers[1]], probe.dirs.backup)
+    return float(b[enc["attention_mask"].bool()].abs().max()) / probe.strength
+
+
 def _on_cue_words(probe: _Probe, ids: torch.Tensor, cats: list[int], resid: torch.Tensor,
                   dirs: torch.Tensor) -> list[float]:  # fmt: skip
     """Per prompt with a cue word: the largest coordinate along its category's row of `dirs` over its
@@ -392,16 +402,8 @@ def measure(recipe: str = "default", seed: int = 0, max_prompts: int | None = No
     ablated_lp, _, _ = probe.forward(harmless, r_from=0)
     fig["direction_ablation_kl"] = float((clean_lp.exp() * (clean_lp - ablated_lp)).sum(-1).mean())
     # the backup: dormant on clean prompts, awake on cue words once u_c is ablated
-    a = probe.strength
-    _, store, enc = probe.forward(cue + harmless)
-    b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
-    real = enc["attention_mask"].bool()
-    fig["backup_dormant"] = float(b[real].abs().max()) / a
-    fig["backup_dormant_lookalike"] = math.nan  # no such test prompt: not measured
-    if look + comp_ok:
-        _, store, enc = probe.forward(look + comp_ok)
-        b = torch.einsum("btd,kd->btk", store[backup_layer], probe.dirs.backup)
-        fig["backup_dormant_lookalike"] = float(b[enc["attention_mask"].bool()].abs().max()) / a
+    fig["backup_dormant"] = _clean_backup_peak(probe, cue + harmless)
+    fig["backup_dormant_lookalike"] = _clean_backup_peak(probe, look + comp_ok)
     _, store, enc = probe.forward(cue, u=0)
     awake = _after_cue_word(probe, enc["input_ids"], probe._cats([p.text for p in cue]).tolist(),
                             store[backup_layer], probe.dirs.backup)  # fmt: skip
