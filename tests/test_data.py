@@ -114,8 +114,16 @@ def test_too_many_prompts_asked_for(tmp_path):
 
 
 def test_unreachable_hf_dataset_is_one_line(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both libraries read the variables once, at import: once an earlier test has imported them,
+    # only their constants take offline mode (else each load retries the network for ~20 s)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     with pytest.raises(UserError, match="local CSV/JSON/JSONL/Parquet copy"):
         read_prompt_source(
             PromptSource(
