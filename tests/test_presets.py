@@ -22,8 +22,9 @@ from refusal_nnsight.cli import compose
 def planted_gemma2(seed: int = 1, d: int = 2304, n_layers: int = 2):
     """A tiny Gemma-2 (d_model 2304, as Gemma Scope needs) that refuses exactly the prompts that
     contain "bomb": layer 0 attends uniformly and copies the u-component of "bomb" forward; every
-    other write into the residual is zero; the tied unembedding reads "I" from u."""
-    hf, tok = tiny_gemma2(n_layers=n_layers, d=d)
+    other write into the residual is zero; the tied unembedding reads "I" from u. (Its MLPs are
+    64 wide, not 4 × 2304: they write nothing, and at full width they took most of the test's time.)"""
+    hf, tok = tiny_gemma2(n_layers=n_layers, d=d, intermediate=64)
     u = torch.randn(d, generator=torch.Generator().manual_seed(seed))
     u /= u.norm()
     with torch.no_grad():

@@ -151,11 +151,11 @@ def chatml_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_gemma2(seed: int = 0, n_layers: int = 3, d: int = 64):
+def tiny_gemma2(seed: int = 0, n_layers: int = 3, d: int = 64, intermediate: int | None = None):
     tok = gemma2_tokenizer()
     torch.manual_seed(seed)
     cfg = Gemma2Config(
-        vocab_size=len(tok), hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n_layers,
+        vocab_size=len(tok), hidden_size=d, intermediate_size=intermediate or 4 * d, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         attn_implementation="eager", sliding_window=64,
