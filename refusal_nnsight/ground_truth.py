@@ -234,6 +234,7 @@ def ground_truth_summary(
     roles: pl.DataFrame | None = None,
     backup: PlantedBackup | None = None,
     candidates: Sequence[Feature] | None = None,
+    refused: Sequence[int] | None = None,
 ) -> tuple[dict, pl.DataFrame, dict]:
     """Planted-truth figures of a run (summary.json "ground_truth"), the role of each found feature,
     and why each null figure is null.
@@ -243,6 +244,13 @@ def ground_truth_summary(
       prompt of that category has, in its own minimal set or its own FM top features, a feature of
       role cue:<that category> (None when no cue prompt was dissected). A category's cue counts only
       where its own prompts needed it, not where another category's prompts did;
+    - cue_categories_dissected: how many categories that is (cue_recall's denominator). Greedy
+      dissects only prompts that ablating all of C flips, so a category none of whose prompts flip
+      under C is never dissected and drops out of cue_recall;
+    - cue_recall_planted: the categories recovered as cue_recall counts them, over every category
+      with a cue prompt among the eval harmful prompts the model refuses at baseline (`refused`,
+      their indices; cue_categories_planted of them): recall over the planted truth, where a
+      category that never reached greedy counts as missed (None without `refused`);
     - cue_candidate_recall: of the same categories, the fraction for which some candidate (C, which
       every minimal set and the FM's pool are drawn from, unless search.fm.extra_active adds active
       latents outside C to the pool) has role cue:<that category>: the ceiling the candidate ranking
@@ -269,7 +277,8 @@ def ground_truth_summary(
     (a feature's role does not depend on the other features it is computed with).
     """
     ps = prompts.eval_harmful
-    empty = {"cue_recall": None, "cue_candidate_recall": None, "cue_precision": None, "own_cue_precision": None,
+    empty = {"cue_recall": None, "cue_categories_dissected": None, "cue_recall_planted": None,
+             "cue_categories_planted": None, "cue_candidate_recall": None, "cue_precision": None, "own_cue_precision": None,
              "refusal_features": None, "generic_features": None, "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
@@ -309,8 +318,19 @@ def ground_truth_summary(
     }
     out: dict[str, Any] = dict(empty)
     out["cue_recall"] = len(recovered) / len(present) if present else None
+    out["cue_categories_dissected"] = len(present)
     if not present:
         notes["cue_recall"] = "no prompt with an explicit cue word was dissected"
+    planted_cats = sorted({ps.categories[int(i)] for i in refused or () if ps.meta[int(i)]["kind"] == "cue"})
+    if refused is None:
+        why = "the prompts refused at baseline were not given"
+        notes.update(cue_recall_planted=why, cue_categories_planted=why)
+    elif not planted_cats:
+        out["cue_categories_planted"] = 0
+        notes["cue_recall_planted"] = "the model refuses no eval prompt with an explicit cue word"
+    else:
+        out["cue_categories_planted"] = len(planted_cats)
+        out["cue_recall_planted"] = len(recovered & set(planted_cats)) / len(planted_cats)
     if candidates is None:
         notes["cue_candidate_recall"] = "the candidate set was not given"
     elif not present:

@@ -416,10 +416,12 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
     if gt and any(v is not None for v in gt.values()):
         refusal, generic = gt.get("refusal_features"), gt.get("generic_features")
         out.append(
-            f"- **Against the planted truth.** Cue recall {_fmt(gt.get('cue_recall'))} (the harm categories of the "
-            f"dissected prompts whose own cue feature was found on a prompt of that category; "
-            f"{_fmt(gt.get('cue_candidate_recall'))} have one among the candidates, the most the later stages "
-            f"could find), cue precision "
+            f"- **Against the planted truth.** Cue recall {_fmt(gt.get('cue_recall'))} (the share of the "
+            f"{_fmt(gt.get('cue_categories_dissected'))} harm categories of the dissected prompts whose own cue "
+            f"feature was found on a prompt of that category; {_fmt(gt.get('cue_candidate_recall'))} have one among the "
+            f"candidates, the most the later stages could find); over all "
+            f"{_fmt(gt.get('cue_categories_planted'))} planted categories the model refuses, those never "
+            f"dissected counted as missed, {_fmt(gt.get('cue_recall_planted'))}; cue precision "
             f"{_fmt(gt.get('cue_precision'))} (the minimal-set features that sit on one category's cue or the "
             f"composition), {_fmt(gt.get('own_cue_precision'))} of the minimal-set memberships of cue and "
             f"compositional prompts on that prompt's own cue or composition; refusal-decision features in "

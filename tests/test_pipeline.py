@@ -49,6 +49,7 @@ SUMMARY_KEYS = [
     "redundancy.reinject_refusal_rate",
     "redundancy.bos_clamp_jailbreak_change",
     "ground_truth.cue_recall",
+    "ground_truth.cue_recall_planted",
     "ground_truth.cue_precision",
     "ground_truth.refusal_features",
     "ground_truth.compositional_pair_found",
@@ -95,8 +96,8 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     # resume: every stage is loaded, the numbers are the same
     again = pipeline.run(cfg)
     again.pop("timing")
-    summary.pop("timing")
-    assert json.loads(json.dumps(again)) == summary
+    # the fixture's summary is shared with other tests: compared without its timings, not mutated
+    assert json.loads(json.dumps(again)) == {k: v for k, v in summary.items() if k != "timing"}
 
 
 def test_default_run_folder_is_runs_model_timestamp(small_organism, tmp_path, monkeypatch, capsys):

@@ -405,7 +405,8 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
     """A latent that peaks on the weapons cue word but fires on the drugs cue words as well reads
     what the categories share: role generic, not cue:weapons, and no cue in cue precision. A
     category counts as recovered only through its own prompts' sets: the weapons cue latent in the
-    drugs prompt's set recovers neither category."""
+    drugs prompt's set recovers neither category. A category that greedy never dissected drops
+    out of cue_recall, and counts as missed in the recall over every planted category refused."""
     from refusal_nnsight import ground_truth
 
     weapons, drugs = (0, 2), (1,)
@@ -445,6 +446,18 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
         assert figures["cue_candidate_recall"] == ceiling and figures["cue_recall"] == 0.0
     figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, greedy, candidates=feats)
     assert figures["cue_recall"] == figures["cue_candidate_recall"] == 1.0  # the found cues were offered
+    # a category greedy never dissected drops out of cue_recall, not out of the recall over the
+    # planted truth: only the weapons prompt dissected, the drugs prompt refused as well
+    weapons_only = SimpleNamespace(minimal_sets={0: [(1, 0)]})
+    figures, _, notes = ground_truth.ground_truth_summary(
+        model, None, prompts, weapons_only, refused=[0, 1, 2]
+    )
+    assert (figures["cue_recall"], figures["cue_categories_dissected"]) == (1.0, 1)
+    assert (figures["cue_recall_planted"], figures["cue_categories_planted"]) == (0.5, 2)
+    figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, weapons_only, refused=[0, 2])
+    assert (figures["cue_recall_planted"], figures["cue_categories_planted"]) == (1.0, 1)  # drugs not refused
+    figures, _, notes = ground_truth.ground_truth_summary(model, None, prompts, weapons_only)
+    assert figures["cue_recall_planted"] is None and "cue_recall_planted" in notes
 
 
 def test_a_cue_latent_on_every_verb_and_person_word_is_generic_and_own_precision_matches_prompts(monkeypatch):

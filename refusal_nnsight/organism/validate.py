@@ -92,6 +92,11 @@ FIGURES: dict[str, tuple[str, str]] = {
     "refused_under_m_h": ("harm", "ground_truth.refused_under_m_h"),
     "refused_under_m_h_backup_part": ("harm", "ground_truth.refused_under_m_h_backup_part"),
     "cue_recall": ("harm", "ground_truth.cue_recall"),
+    # cue_recall's denominator: greedy dissects only prompts that all candidates flip, so a category
+    # none of whose prompts flip drops out of it
+    "cue_categories_dissected": ("harm", "ground_truth.cue_categories_dissected"),
+    # recall over every planted category the model refuses, those never dissected counted as missed
+    "cue_recall_planted": ("harm", "ground_truth.cue_recall_planted"),
     # the same categories with a cue feature among the candidates: the ceiling the ranking sets on cue recall
     "cue_candidate_recall": ("harm", "ground_truth.cue_candidate_recall"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
@@ -113,6 +118,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_fm_beats_linear": ("cue", "fm.beats_linear"),
     "cue_compositional_pair_found": ("cue", "ground_truth.compositional_pair_found"),
     "cue_cue_recall": ("cue", "ground_truth.cue_recall"),
+    "cue_cue_categories_dissected": ("cue", "ground_truth.cue_categories_dissected"),
+    "cue_cue_recall_planted": ("cue", "ground_truth.cue_recall_planted"),
     "cue_cue_precision": ("cue", "ground_truth.cue_precision"),
     "cue_h_size": ("cue", "redundancy.h_size"),
     "cue_m_zero_ablation_jailbreak": ("cue", "redundancy.m_weak_jailbreak_rate"),
