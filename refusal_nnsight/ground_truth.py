@@ -245,8 +245,9 @@ def ground_truth_summary(
       role cue:<that category> (None when no cue prompt was dissected). A category's cue counts only
       where its own prompts needed it, not where another category's prompts did;
     - cue_categories_dissected: how many categories that is (cue_recall's denominator). Greedy
-      dissects only prompts that ablating all of C flips, so a category none of whose prompts flip
-      under C is never dissected and drops out of cue_recall;
+      dissects only prompts that ablating all of C flips (the first greedy.max_prompts of them),
+      so a category none of whose prompts flip under C is never dissected and drops out of
+      cue_recall;
     - cue_recall_planted: the categories recovered as cue_recall counts them, over every category
       with a cue prompt among the eval harmful prompts the model refuses at baseline (`refused`,
       their indices; cue_categories_planted of them): recall over the planted truth, where a
