@@ -276,6 +276,8 @@ def ground_truth_summary(
     backup: the organism's planted backup detectors, where the organism has them.
     roles: feature_roles of a superset of the found features, when the caller has them already
     (a feature's role does not depend on the other features it is computed with).
+    candidates: the candidate set C (for cue_candidate_recall); refused: the indices of the eval
+    harmful prompts refused at baseline, as the candidates stage decided (for cue_recall_planted).
     """
     ps = prompts.eval_harmful
     empty = {"cue_recall": None, "cue_categories_dissected": None, "cue_recall_planted": None,
