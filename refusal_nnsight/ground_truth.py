@@ -251,7 +251,8 @@ def ground_truth_summary(
     - cue_recall_planted: the categories recovered as cue_recall counts them, over every category
       with a cue prompt among the eval harmful prompts the model refuses at baseline (`refused`,
       their indices; cue_categories_planted of them): recall over the planted truth, where a
-      category that never reached greedy counts as missed (None without `refused`);
+      category that never reached greedy counts as missed (None without `refused`), and
+      cue_categories_undissected names those categories;
     - cue_candidate_recall: of the same categories, the fraction for which some candidate (C, which
       every minimal set and the FM's pool are drawn from, unless search.fm.extra_active adds active
       latents outside C to the pool) has role cue:<that category>: the ceiling the candidate ranking
@@ -281,7 +282,7 @@ def ground_truth_summary(
     """
     ps = prompts.eval_harmful
     empty = {"cue_recall": None, "cue_categories_dissected": None, "cue_recall_planted": None,
-             "cue_categories_planted": None, "cue_candidate_recall": None, "cue_precision": None, "own_cue_precision": None,
+             "cue_categories_planted": None, "cue_categories_undissected": None, "cue_candidate_recall": None, "cue_precision": None, "own_cue_precision": None,
              "refusal_features": None, "generic_features": None, "compositional_pair_found": None, "redundancy_found": None, "redundancy_jailbreak_gain": None,
              "backup_in_h_rate": None, "backup_in_h_n": None, "backup_min_cosine": None,
              "backup_clean": None, "backup_under_m": None, "backup_under_m_h": None,
@@ -327,13 +328,14 @@ def ground_truth_summary(
     planted_cats = sorted({ps.categories[int(i)] for i in refused or () if ps.meta[int(i)]["kind"] == "cue"})
     if refused is None:
         why = "the prompts refused at baseline were not given"
-        notes.update(cue_recall_planted=why, cue_categories_planted=why)
-    elif not planted_cats:
-        out["cue_categories_planted"] = 0
-        notes["cue_recall_planted"] = "the model refuses no eval prompt with an explicit cue word"
+        notes.update(cue_recall_planted=why, cue_categories_planted=why, cue_categories_undissected=why)
     else:
         out["cue_categories_planted"] = len(planted_cats)
-        out["cue_recall_planted"] = len(recovered & set(planted_cats)) / len(planted_cats)
+        out["cue_categories_undissected"] = [c for c in planted_cats if c not in present]
+        if planted_cats:
+            out["cue_recall_planted"] = len(recovered & set(planted_cats)) / len(planted_cats)
+        else:
+            notes["cue_recall_planted"] = "the model refuses no eval prompt with an explicit cue word"
     if candidates is None:
         notes["cue_candidate_recall"] = "the candidate set was not given"
     elif not present:

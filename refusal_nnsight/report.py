@@ -421,7 +421,7 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
             f"feature was found on a prompt of that category; {_fmt(gt.get('cue_candidate_recall'))} have one among the "
             f"candidates, the most the later stages could find); cue recall over all "
             f"{_fmt(gt.get('cue_categories_planted'))} planted categories the model refuses, those never "
-            f"dissected counted as missed: {_fmt(gt.get('cue_recall_planted'))}; cue precision "
+            f"dissected counted as missed: {_fmt(gt.get('cue_recall_planted'))}{_undissected(gt)}; cue precision "
             f"{_fmt(gt.get('cue_precision'))} (the minimal-set features that sit on one category's cue or the "
             f"composition), {_fmt(gt.get('own_cue_precision'))} of the minimal-set memberships of cue and "
             f"compositional prompts on that prompt's own cue or composition; refusal-decision features in "
@@ -465,6 +465,14 @@ def _weak_scale(red: dict) -> str:
         f"{_fmt(red.get('coefficient'))} before the first at which M alone jailbreaks it; median c = "
         f"{_fmt(red.get('weak_coefficient_median'))}, strongest {_fmt(red.get('weak_coefficient_strongest'))})"
     )
+
+
+def _undissected(gt: dict) -> str:
+    """The planted categories greedy never dissected (ablating all candidates flipped none of their
+    prompts, or those it flipped fell beyond greedy.max_prompts), named after the recall that counts
+    them as missed."""
+    missed = gt.get("cue_categories_undissected")
+    return f" (never dissected: {', '.join(missed)})" if missed else ""
 
 
 def _backup_sentence(gt: dict, red: dict) -> str:

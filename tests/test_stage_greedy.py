@@ -454,10 +454,13 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
     )
     assert (figures["cue_recall"], figures["cue_categories_dissected"]) == (1.0, 1)
     assert (figures["cue_recall_planted"], figures["cue_categories_planted"]) == (0.5, 2)
+    assert figures["cue_categories_undissected"] == ["drugs"]
     figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, weapons_only, refused=[0, 2])
     assert (figures["cue_recall_planted"], figures["cue_categories_planted"]) == (1.0, 1)  # drugs not refused
+    assert figures["cue_categories_undissected"] == []
     figures, _, notes = ground_truth.ground_truth_summary(model, None, prompts, weapons_only)
     assert figures["cue_recall_planted"] is None and "cue_recall_planted" in notes
+    assert figures["cue_categories_undissected"] is None and "cue_categories_undissected" in notes
 
 
 def test_a_cue_latent_on_every_verb_and_person_word_is_generic_and_own_precision_matches_prompts(monkeypatch):
