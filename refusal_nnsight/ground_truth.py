@@ -325,11 +325,11 @@ def ground_truth_summary(
     out["cue_categories_dissected"] = len(present)
     if not present:
         notes["cue_recall"] = "no prompt with an explicit cue word was dissected"
-    planted_cats = sorted({ps.categories[int(i)] for i in refused or () if ps.meta[int(i)]["kind"] == "cue"})
     if refused is None:
         why = "the prompts refused at baseline were not given"
         notes.update(cue_recall_planted=why, cue_categories_planted=why, cue_categories_undissected=why)
     else:
+        planted_cats = sorted({ps.categories[int(i)] for i in refused if ps.meta[int(i)]["kind"] == "cue"})
         out["cue_categories_planted"] = len(planted_cats)
         out["cue_categories_undissected"] = [c for c in planted_cats if c not in present]
         if planted_cats:

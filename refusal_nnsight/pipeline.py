@@ -399,7 +399,7 @@ def _ground_truth(
     figures, roles, notes = ground_truth.ground_truth_summary(
         model, saes, prompts, greedy, fm, redundancy, roles, backup=backup,
         candidates=None if candidates is None else candidates.features,
-        refused=None if candidates is None else candidates.prompts.filter(pl.col("refused"))["prompt_idx"].to_list(),
+        refused=None if candidates is None else candidates.refused,
     )  # fmt: skip
     results["ground_truth"] = GroundTruth(roles, notes)  # for the report: roles and null reasons
     return figures
