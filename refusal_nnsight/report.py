@@ -470,9 +470,16 @@ def _weak_scale(red: dict) -> str:
 def _undissected(gt: dict) -> str:
     """The planted categories greedy never dissected (ablating all candidates flipped none of their
     prompts, or those it flipped fell beyond greedy.max_prompts), named after the recall that counts
-    them as missed."""
+    them as missed, and whether the candidates offered their cues (so the loss lies after the ranking)."""
     missed = gt.get("cue_categories_undissected")
-    return f" (never dissected: {', '.join(missed)})" if missed else ""
+    offered = gt.get("cue_candidate_recall_planted")
+    among = (
+        f"; share of the {_fmt(gt.get('cue_categories_planted'))} with a cue feature among the candidates: "
+        f"{_fmt(offered)}"
+        if offered is not None
+        else ""
+    )
+    return f" (never dissected: {', '.join(missed)}{among})" if missed else ""
 
 
 def _backup_sentence(gt: dict, red: dict) -> str:

@@ -487,3 +487,23 @@ def test_planted_truth_sentence_follows_the_planted_backup_through_m_and_h():
     )
     gt.update(backup_under_m=None)
     assert "with M and H ablated" not in "\n".join(found_sentences(summary, {}, None))
+
+
+def test_planted_truth_sentence_names_the_undissected_categories_and_whether_c_offered_their_cues():
+    """The recall over every planted category names those greedy never dissected and says how many
+    planted categories the candidates hold a cue feature of, so a loss after the ranking (all of C
+    left those prompts refused) reads apart from one in the ranking; without a figure, no clause."""
+    gt = {"cue_recall": 1.0, "cue_categories_dissected": 4, "cue_recall_planted": 0.6667,
+          "cue_categories_planted": 6, "cue_categories_undissected": ["cybercrime", "weapons"],
+          "cue_candidate_recall": 1.0, "cue_candidate_recall_planted": 1.0, "cue_precision": 1.0,
+          "refusal_features": [], "compositional_pair_found": True}  # fmt: skip
+    summary = {**FULL_SUMMARY, "ground_truth": gt}
+    text = "\n".join(found_sentences(summary, {}, None))
+    assert (
+        "those never dissected counted as missed: 0.6667 (never dissected: cybercrime, weapons; share of "
+        "the 6 with a cue feature among the candidates: 1)"
+    ) in text
+    gt.update(cue_candidate_recall_planted=None)
+    assert "(never dissected: cybercrime, weapons);" in "\n".join(found_sentences(summary, {}, None))
+    gt.update(cue_categories_undissected=[])
+    assert "never dissected:" not in "\n".join(found_sentences(summary, {}, None))

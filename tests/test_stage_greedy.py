@@ -406,7 +406,8 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
     what the categories share: role generic, not cue:weapons, and no cue in cue precision. A
     category counts as recovered only through its own prompts' sets: the weapons cue latent in the
     drugs prompt's set recovers neither category. A category that greedy never dissected drops
-    out of cue_recall, and counts as missed in the recall over every planted category refused."""
+    out of cue_recall, and counts as missed in the recall over every planted category refused;
+    the candidate recall over those categories says whether the ranking offered its cue."""
     from refusal_nnsight import ground_truth
 
     weapons, drugs = (0, 2), (1,)
@@ -455,6 +456,14 @@ def test_a_latent_on_the_cue_words_of_two_categories_is_generic_and_recall_count
     assert (figures["cue_recall"], figures["cue_categories_dissected"]) == (1.0, 1)
     assert (figures["cue_recall_planted"], figures["cue_categories_planted"]) == (0.5, 2)
     assert figures["cue_categories_undissected"] == ["drugs"]
+    assert figures["cue_candidate_recall_planted"] is None and "cue_candidate_recall_planted" in notes
+    # the ranking offered the drugs cue too, so the planted category was lost after the ranking
+    for offered, ceiling in (([(1, 0), (1, 1)], (1.0, 1.0)), ([(1, 0), (1, 2)], (1.0, 0.5))):
+        figures, _, _ = ground_truth.ground_truth_summary(
+            model, None, prompts, weapons_only, candidates=offered, refused=[0, 1, 2]
+        )
+        assert (figures["cue_candidate_recall"], figures["cue_candidate_recall_planted"]) == ceiling
+        assert figures["cue_recall_planted"] == 0.5
     figures, _, _ = ground_truth.ground_truth_summary(model, None, prompts, weapons_only, refused=[0, 2])
     assert (figures["cue_recall_planted"], figures["cue_categories_planted"]) == (1.0, 1)  # drugs not refused
     assert figures["cue_categories_undissected"] == []

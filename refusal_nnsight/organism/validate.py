@@ -99,6 +99,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_recall_planted": ("harm", "ground_truth.cue_recall_planted"),
     # the same categories with a cue feature among the candidates: the ceiling the ranking sets on cue recall
     "cue_candidate_recall": ("harm", "ground_truth.cue_candidate_recall"),
+    # ... and over every planted category the model refuses: above cue_recall_planted, the ranking
+    # offered a cue that greedy never reached
+    "cue_candidate_recall_planted": ("harm", "ground_truth.cue_candidate_recall_planted"),
     "cue_precision": ("harm", "ground_truth.cue_precision"),
     # the minimal-set memberships whose latent has its own prompt's planted role (its category's cue,
     # or the composition), where cue_precision counts any cue, whatever prompt's set holds it
@@ -120,6 +123,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "cue_cue_recall": ("cue", "ground_truth.cue_recall"),
     "cue_cue_categories_dissected": ("cue", "ground_truth.cue_categories_dissected"),
     "cue_cue_recall_planted": ("cue", "ground_truth.cue_recall_planted"),
+    "cue_cue_candidate_recall_planted": ("cue", "ground_truth.cue_candidate_recall_planted"),
     "cue_cue_precision": ("cue", "ground_truth.cue_precision"),
     "cue_h_size": ("cue", "redundancy.h_size"),
     "cue_m_zero_ablation_jailbreak": ("cue", "redundancy.m_weak_jailbreak_rate"),
