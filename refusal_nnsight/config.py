@@ -228,6 +228,11 @@ class CandidatesConfig:
     # candidate is "beyond the null" when fewer than 5% of them have a latent as close to them as it
     # is to r̂. 0 = off
     null_directions: int = 256
+    # rank only the latents active (> 0 at some position) on at least this many of the harmful train
+    # prompts; 0 = every latent, as the paper ranks them. A latent silent on a prompt is unchanged
+    # by scaling it, so a dead latent in C (a trained SAE holds many, and their decoders can still
+    # point along r̂) takes a place among the top k and edits nothing (candidates.n_silent counts them)
+    min_active: int = 0
 
 
 @dataclass

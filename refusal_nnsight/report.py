@@ -302,8 +302,8 @@ def found_sentences(summary: dict, results: dict, cards: pl.DataFrame | None) ->
         )
     if c:
         out.append(
-            f"- **Candidates.** {c.get('n_features')} SAE latents on layers {c.get('layers')} point most along it; "
-            f"ablating all of them (c = {_fmt(c.get('coefficient'))}) flips "
+            f"- **Candidates.** {c.get('n_features')} SAE latents on layers {c.get('layers')}{_pool(c)} point most "
+            f"along it{_silent(c)}; ablating all of them (c = {_fmt(c.get('coefficient'))}) flips "
             f"{_rate(c.get('all_ablated_flip_rate'), c.get('all_ablated_flip_rate_n'))} refused prompts by the "
             f"`{c.get('criterion')}` criterion."
             f"{_criterion_vs_judge(results.get('candidates'), results.get('evaluate'))}{_by_layer(c)}"
@@ -465,6 +465,19 @@ def _weak_scale(red: dict) -> str:
         f"{_fmt(red.get('coefficient'))} before the first at which M alone jailbreaks it; median c = "
         f"{_fmt(red.get('weak_coefficient_median'))}, strongest {_fmt(red.get('weak_coefficient_strongest'))})"
     )
+
+
+def _pool(c: dict) -> str:
+    """The latents the candidates were ranked among, where search.candidates.min_active restricted them."""
+    n = c.get("min_active")
+    return f", of those active on at least {n} harmful train prompts," if n else ""
+
+
+def _silent(c: dict) -> str:
+    """How many candidates fire on no harmful eval prompt: scaled, a latent that is 0 stays 0, so
+    those edit nothing there, and |C| is not the number of latents the ablation acts through."""
+    n = c.get("n_silent")
+    return f" ({n} of them fire on no harmful eval prompt, so their edit changes nothing there)" if n else ""
 
 
 def _undissected(gt: dict) -> str:

@@ -124,6 +124,7 @@ RULES: tuple[Rule, ...] = (
          ([-1], {"start": 3.0, "stop": 1.0}, {"before_last_fraction": 1.5})),
     count("search.candidates.batch_size"),
     count("search.candidates.null_directions", 0),
+    count("search.candidates.min_active", 0),
     count("search.greedy.max_prompts"),
     count("search.greedy.batch_size"),
     count("search.greedy.max_passes"),

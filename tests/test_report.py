@@ -507,3 +507,23 @@ def test_planted_truth_sentence_names_the_undissected_categories_and_whether_c_o
     assert "(never dissected: cybercrime, weapons);" in "\n".join(found_sentences(summary, {}, None))
     gt.update(cue_categories_undissected=[])
     assert "never dissected:" not in "\n".join(found_sentences(summary, {}, None))
+
+
+def test_candidates_sentence_counts_the_silent_candidates_and_names_the_ranked_pool():
+    """|C| is not the number of latents the ablation acts through: the sentence says how many fire
+    on no harmful eval prompt, and which latents were ranked when min_active restricted them."""
+    cand = {"n_features": 90, "layers": [0, 1, 2], "coefficient": -1.0, "all_ablated_flip_rate": 1.0,
+            "all_ablated_flip_rate_n": 8, "criterion": "first_token", "n_silent": 48, "min_active": 0}  # fmt: skip
+    text = "\n".join(found_sentences({"candidates": cand}, {}, None))
+    assert (
+        "90 SAE latents on layers [0, 1, 2] point most along it (48 of them fire on no harmful eval prompt, "
+        "so their edit changes nothing there); ablating all of them"
+    ) in text
+    cand.update(n_silent=0, min_active=1)
+    text = "\n".join(found_sentences({"candidates": cand}, {}, None))
+    assert (
+        "90 SAE latents on layers [0, 1, 2], of those active on at least 1 harmful train prompts, point most along "
+        "it; ablating"
+    ) in text
+    cand.update(n_silent=None, min_active=None)  # a folder saved before either
+    assert "point most along it; ablating" in "\n".join(found_sentences({"candidates": cand}, {}, None))

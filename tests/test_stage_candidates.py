@@ -414,3 +414,46 @@ def test_the_null_is_calibrated_on_random_directions():
         first = torch.stack([top_cosine_features(r, W, k=1)[1][0] for r in dirs])
         rate = float((null_p(first, null) <= NULL_LEVEL).double().mean())
         assert 0.02 <= rate <= 0.09, (d_in, width, rate)
+
+
+def test_min_active_ranks_only_latents_that_fire_and_n_silent_counts_the_rest(planted_stage1, tmp_path):
+    """Planted truth: a dead latent of layer 0 whose decoder row is the refusal direction itself
+    (as a trained SAE's dead latents can point along r̂) ranks first by cosine and edits nothing.
+    Ranked over every latent (the paper's ranking, min_active=0) it takes layer 0's one place, and
+    n_silent counts it; with min_active=1 only latents that fire on a harmful train prompt are
+    ranked, and the planted refusal latent takes the place."""
+    model, _, d, prompts, _ = planted_stage1
+    u = d.direction / d.direction.norm()
+    saes = planted_saes(u)
+    dead = 5  # below PLANTED: at an equal cosine the stable sort puts it first
+    with torch.no_grad():
+        sae = saes[0]
+        sae.W_dec[dead], sae.W_enc[:, dead] = u, -u
+        sae.b_enc[dead], sae.threshold[dead] = -100.0, 100.0
+    flip = Criterion("score", d.score_threshold)
+    every = stage.run(
+        model, saes, d, prompts, CandidatesConfig(top_k=1), StageDir(tmp_path, "candidates"), -3.0, flip
+    )
+    assert every.features[0] == (0, dead) and every.table["active_prompts"][0] == 0
+    assert every.summary()["n_silent"] >= 1 and every.summary()["min_active"] == 0
+    out = StageDir(tmp_path / "live", "candidates")
+    live = stage.run(model, saes, d, prompts, CandidatesConfig(top_k=1, min_active=1), out, -3.0, flip)
+    assert live.features[0] == (0, PLANTED) and (0, dead) not in live.features
+    assert live.table["active_prompts"][0] == len(prompts.eval_harmful)  # f = x·u fires on every prompt
+    assert live.summary()["all_ablated_flip_rate"] == 1.0 and live.summary()["min_active"] == 1
+    live.save(out)
+    assert CandidatesResult.load(out).summary() == live.summary()
+    too_many = CandidatesConfig(top_k=1, min_active=len(prompts.train_harmful) + 1)
+    with pytest.raises(UserError, match="exceeds the"):
+        stage.run(model, saes, d, prompts, too_many, StageDir(tmp_path / "x", "candidates"), -3.0, flip)
+
+
+def test_a_folder_saved_before_the_activity_count_reads_n_silent_null_with_a_reason(planted_stage1, tmp_path):
+    model, saes, d, prompts, _ = planted_stage1
+    out = StageDir(tmp_path, "candidates")
+    flip = Criterion("score", d.score_threshold)
+    stage.run(model, saes, d, prompts, CandidatesConfig(top_k=1), out, -3.0, flip).save(out)
+    path = out.file("candidates.parquet")
+    write_parquet(path, pl.read_parquet(path).drop("active_prompts"))  # as a folder saved before
+    back = CandidatesResult.load(out)
+    assert back.summary()["n_silent"] is None and "n_silent" in back.notes

@@ -46,6 +46,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "candidates_layer0_beyond_null": ("harm", "candidates.layer_beyond_null.0"),
     "candidates_layer1_beyond_null": ("harm", "candidates.layer_beyond_null.1"),
     "candidates_layer2_beyond_null": ("harm", "candidates.layer_beyond_null.2"),
+    # candidates that fire on no harmful eval prompt (a dead latent can point along r̂): their edit
+    # changes nothing there
+    "candidates_silent": ("harm", "candidates.n_silent"),
     "criterion_judge_agreement": ("harm", "greedy.criterion_judge_agreement"),
     "one_minimal_rate": ("harm", "greedy.one_minimal_rate"),
     "median_set_size": ("harm", "greedy.median_one_minimal_set_size"),
@@ -114,6 +117,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "all_layers_cue_precision": ("all_layers", "ground_truth.cue_precision"),
     "all_layers_refusal_features": ("all_layers", "ground_truth.refusal_features"),
     "cue_all_candidates_jailbreak": ("cue", "evaluate.candidates_ablated_jailbreak_rate"),
+    "cue_candidates_silent": ("cue", "candidates.n_silent"),
     "cue_median_set_size": ("cue", "greedy.median_one_minimal_set_size"),
     "cue_top_feature_share": ("cue", "greedy.top_feature_share"),
     "cue_fm_heldout_accuracy": ("cue", "fm.heldout_accuracy"),

@@ -8,6 +8,12 @@ position, error term kept) should flip, by the flip criterion, each prompt the m
 baseline (by the same criterion); the prompts where it does not are reported, because later
 stages cannot find a minimal subset of a set that does not work.
 
+A latent that is 0 on a prompt stays 0 when scaled, so a candidate that fires on no harmful eval
+prompt edits nothing there (`n_silent` counts them; `active_prompts` in the table). A trained SAE
+holds dead latents whose decoder rows can still point along r̂, and they take places among the top
+k. `min_active` ranks only the latents active on at least that many harmful train prompts (0, the
+default, ranks every latent, as the paper does).
+
 With `per_layer`, the same check per searched layer L: L's candidates alone, and C without L's
 (`layers.parquet`), so a layer whose candidates undo the others' shows as "without L flips more".
 It also says why one can: an edit scales each latent as its SAE reads it from the residual that
@@ -31,7 +37,7 @@ from ..artifacts import StageDir, read_json, read_parquet, saved_before, write_j
 from ..config import CandidatesConfig
 from ..data import Prompts
 from ..engine import AblationEngine, Feature, latents_by_layer
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, UserError
 from ..features import max_activations
 from ..generation import generate_many
 from ..judges import Judge
@@ -44,15 +50,19 @@ log = logging.getLogger(__name__)
 
 
 def top_cosine_features(
-    direction: torch.Tensor, W_dec: torch.Tensor, k: int
+    direction: torch.Tensor, W_dec: torch.Tensor, k: int, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [k] and cosines [k] of the decoder rows (W_dec [n, d]) most aligned with `direction` [d].
 
     Signed cosine, largest first: a latent whose decoder points along +r̂ writes refusal.
     Ties keep the lower index (stable sort), so the ranking is deterministic. Zero rows get 0.
+    allowed: [n] bool, the latents that may be ranked (fewer than k when fewer are allowed).
     """
     cos = decoder_cosines(direction, W_dec)
-    order = torch.sort(cos, descending=True, stable=True).indices[: min(k, W_dec.shape[0])]
+    order = torch.sort(cos, descending=True, stable=True).indices
+    if allowed is not None:
+        order = order[allowed.to(order.device)[order]]
+    order = order[: min(k, W_dec.shape[0])]
     return order, cos[order]
 
 
@@ -102,19 +112,25 @@ def cosine_table(
     k: int,
     layers: list[int] | None = None,
     null_directions: int = 0,
+    allowed: dict[int, torch.Tensor] | None = None,
 ) -> pl.DataFrame:
     """layer, feature, cosine, rank_in_layer, null_p, neuronpedia: the top-k features of every
     searched SAE layer. null_p compares each with `null_directions` random directions (null when
     0): a candidate no closer to r̂ than a random direction's closest latent is to it may be there
-    by its rank alone, not by its alignment with r̂."""
+    by its rank alone, not by its alignment with r̂. allowed: layer → [width] bool, the latents
+    that may be ranked there (default all); the null then draws its closest latent from them too."""
     rows = []
     for layer in saes.layers if layers is None else layers:
-        idx, cos = top_cosine_features(direction, saes[layer].W_dec, k)
+        pool = None if allowed is None else allowed[layer]
+        idx, cos = top_cosine_features(direction, saes[layer].W_dec, k, pool)
         if not torch.isfinite(cos).all():
             raise NonFiniteError(f"non-finite decoder cosine at layer {layer}; check the SAE weights")
         ps: list[float | None] = [None] * len(idx)
-        if null_directions:
-            ps = null_p(cos, null_cosines(saes[layer].W_dec, null_directions)).tolist()
+        if null_directions and len(idx):
+            W_dec = (
+                saes[layer].W_dec if pool is None else saes[layer].W_dec[pool.to(saes[layer].W_dec.device)]
+            )
+            ps = null_p(cos, null_cosines(W_dec, null_directions)).tolist()
         for rank, (f, c, p) in enumerate(zip(idx.tolist(), cos.tolist(), ps, strict=True)):
             rows.append({"layer": layer, "feature": f, "cosine": c, "rank_in_layer": rank, "null_p": p,
                          "neuronpedia": saes.neuronpedia_url(layer, f)})  # fmt: skip
@@ -133,7 +149,9 @@ def cosine_table(
 class CandidatesResult:
     """The candidate set C and the all-of-C ablation check on the harmful eval prompts."""
 
-    table: pl.DataFrame  # layer, feature, cosine, rank_in_layer, null_p, neuronpedia (C in this order)
+    # layer, feature, cosine, rank_in_layer, null_p, neuronpedia, active_prompts (C in this order):
+    # active_prompts, how many harmful eval prompts the latent fires on (> 0 at some position), clean
+    table: pl.DataFrame
     # prompt_idx, instruction, clean_score, all_ablated_score, clean_first_token_margin,
     # all_ablated_first_token_margin, refused (clean, by the criterion), jailbroken (all of C, by the criterion)
     prompts: pl.DataFrame
@@ -145,6 +163,8 @@ class CandidatesResult:
     # layer, n_features, n_refused, alone_flip_rate, without_flip_rate, kept_activation
     # (search.candidates.per_layer)
     by_layer: pl.DataFrame | None = None
+    # the latents ranked were those active on at least this many harmful train prompts (0: all)
+    min_active: int = 0
 
     @property
     def features(self) -> list[Feature]:
@@ -178,6 +198,11 @@ class CandidatesResult:
             "all_ablated_flip_rate_n": n,
             "n_not_flipped": None if flipped is None else n - flipped,
             "cosine_max": max(self.table["cosine"].to_list()) if self.table.height else None,
+            "min_active": self.min_active,
+            # candidates that fire on no harmful eval prompt: scaling them edits nothing there
+            "n_silent": int((self.table["active_prompts"] == 0).sum())
+            if "active_prompts" in self.table.columns
+            else None,
             # per searched layer (str keys): the flip rate with only its candidates ablated, and without them
             "layer_alone_flip_rate": self._by_layer("alone_flip_rate"),
             "layer_without_flip_rate": self._by_layer("without_flip_rate"),
@@ -228,6 +253,8 @@ class CandidatesResult:
         table = read_parquet(out.file("candidates.parquet"))
         notes = saved_before(notes, table, "null_p", ("layer_beyond_null",), "candidates",
                              "candidates were compared with random directions")  # fmt: skip
+        notes = saved_before(notes, table, "active_prompts", ("n_silent",), "candidates",
+                             "the candidates' activity was counted")  # fmt: skip
         return cls(
             table,
             read_parquet(out.file("prompts.parquet")),
@@ -237,6 +264,7 @@ class CandidatesResult:
             [int(layer) for layer in info["layers"]],
             notes,
             layered,
+            int(info.get("min_active", 0)),  # a folder saved before the setting ranked every latent
         )
 
 
@@ -379,6 +407,32 @@ def kept_activation(
     return out
 
 
+def active_latents(
+    model: LoadedModel, saes: LoadedSAEs, prompts: Prompts, layers: list[int], cfg: CandidatesConfig
+) -> dict[int, torch.Tensor]:
+    """layer → [width] bool: the latents active (> 0 at some position, clean) on at least
+    cfg.min_active of the harmful train prompts, the pool search.candidates.min_active ranks."""
+    train = prompts.train_harmful.instructions
+    if cfg.min_active > len(train):
+        raise UserError(
+            f"search.candidates.min_active={cfg.min_active} exceeds the {len(train)} harmful train prompts"
+        )
+    acts, _ = max_activations(model, saes, model.tokenize(train), [], cfg.batch_size, layers)
+    allowed = {layer: (acts[layer] > 0).sum(0) >= cfg.min_active for layer in layers}
+    log.info("candidates: ranking the latents active on >= %d of %d harmful train prompts: %s", cfg.min_active,
+             len(train), {layer: int(a.sum()) for layer, a in allowed.items()})  # fmt: skip
+    return allowed
+
+
+def prompts_active(
+    model: LoadedModel, saes: LoadedSAEs, batch: Batch, features: Sequence[Feature], batch_size: int
+) -> list[int]:
+    """For each feature, how many of the batch's prompts it fires on (> 0 at some position), clean."""
+    latents = latents_by_layer(features)
+    clean, _ = max_activations(model, saes, batch, [], batch_size, list(latents), latents)
+    return [int((clean[layer][:, latents[layer].index(f)] > 0).sum()) for layer, f in features]
+
+
 def run(
     model: LoadedModel,
     saes: LoadedSAEs,
@@ -396,13 +450,19 @@ def run(
     The caller saves (`result.save(out)`), as for every stage.
     """
     layers = select_layers(cfg.layers, list(saes.layers), model.n_layers, "search.candidates.layers")
-    table = cosine_table(direction.direction, saes, cfg.top_k, layers, cfg.null_directions)
+    allowed = active_latents(model, saes, prompts, layers, cfg) if cfg.min_active else None
+    table = cosine_table(direction.direction, saes, cfg.top_k, layers, cfg.null_directions, allowed)
+    if not table.height:
+        raise UserError(f"no latent of layers {layers} is active on {cfg.min_active} harmful train prompts; "
+                        "lower search.candidates.min_active")  # fmt: skip
     log.info("candidates: %d features over SAE layers %s (max cosine %.3f)",
              table.height, layers, max(table["cosine"].to_list()))  # fmt: skip
     features = list(zip(table["layer"], table["feature"], strict=True))
-    engine = AblationEngine(model, saes, features, value=coefficient, batch_size=cfg.batch_size)
     instructions = prompts.eval_harmful.instructions
     batch = model.tokenize(instructions)
+    table = table.with_columns(active_prompts=pl.Series(prompts_active(model, saes, batch, features, cfg.batch_size),
+                                                        dtype=pl.Int64))  # fmt: skip
+    engine = AblationEngine(model, saes, features, value=coefficient, batch_size=cfg.batch_size)
     check = all_ablated_check(model, engine, batch, instructions, cfg.batch_size, criterion, judge)
     any_refused = bool(check["refused"].any())
     notes: dict[str, str] = {}
@@ -439,7 +499,7 @@ def run(
     if not cfg.null_directions:
         notes["layer_beyond_null"] = "search.candidates.null_directions is 0"
     result = CandidatesResult(table, check, coefficient, criterion.name, criterion.threshold, layers, notes,
-                              layered)  # fmt: skip
+                              layered, cfg.min_active)  # fmt: skip
     missed = check.filter(pl.col("refused") & ~pl.col("jailbroken"))
     if missed.height:
         log.warning("ablating all %d candidates (c=%g) leaves %d refused harmful eval prompts refused, e.g. %r",
