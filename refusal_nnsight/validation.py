@@ -256,6 +256,11 @@ def validate(cfg: RunConfig, explicit: Collection[str] | None = None) -> RunConf
         raise UserError("run_dir is empty; give a folder (run_dir=runs/mine) or leave it out for a fresh one")
     _check_stages(cfg.stages)
     _check_applicable(cfg, explicit)
+    if cfg.search.candidates.min_active > cfg.data.n_train:  # no latent could be active on more
+        raise UserError(
+            f"search.candidates.min_active={cfg.search.candidates.min_active} exceeds data.n_train="
+            f"{cfg.data.n_train}, the harmful train prompts it counts; lower it"
+        )
     if cfg.backend.name != "ndif":  # on NDIF the server's device is used
         _check_device(cfg.model.device)
     if cfg.model.chat_template is not None:

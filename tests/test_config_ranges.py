@@ -104,6 +104,12 @@ def test_device_must_exist_and_template_must_compile():
     assert compose(["model.device=cpu"]).model.device == "cpu"
 
 
+def test_min_active_cannot_exceed_the_harmful_train_prompts_it_counts():
+    with pytest.raises(UserError, match="exceeds data.n_train=16"):
+        compose(["data.n_train=16", "search.candidates.min_active=17"])
+    assert compose(["data.n_train=16", "search.candidates.min_active=16"]).search.candidates.min_active == 16
+
+
 def test_credentials_in_a_url_are_refused():
     with pytest.raises(UserError, match="credentials"):
         validate(dataclasses.replace(RunConfig(), backend=dataclasses.replace(RunConfig().backend, name="ndif",
