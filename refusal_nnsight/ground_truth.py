@@ -344,20 +344,14 @@ def ground_truth_summary(
         else:
             notes["cue_recall_planted"] = "the model refuses no eval prompt with an explicit cue word"
     offered_roles = {role_of[f] for f in offered}
-    if candidates is None:
-        notes["cue_candidate_recall"] = "the candidate set was not given"
-    elif not present:
-        notes["cue_candidate_recall"] = notes["cue_recall"]
-    else:
-        out["cue_candidate_recall"] = sum(f"cue:{c}" in offered_roles for c in present) / len(present)
-    if candidates is None:
-        notes["cue_candidate_recall_planted"] = "the candidate set was not given"
-    elif refused is None or not planted_cats:
-        notes["cue_candidate_recall_planted"] = notes["cue_recall_planted"]
-    else:
-        out["cue_candidate_recall_planted"] = sum(f"cue:{c}" in offered_roles for c in planted_cats) / len(
-            planted_cats
-        )
+    for key, cats, why_none in (("cue_candidate_recall", present, "cue_recall"),
+                                ("cue_candidate_recall_planted", planted_cats, "cue_recall_planted")):  # fmt: skip
+        if candidates is None:
+            notes[key] = "the candidate set was not given"
+        elif not cats:
+            notes[key] = notes[why_none]
+        else:
+            out[key] = sum(f"cue:{c}" in offered_roles for c in cats) / len(cats)
     out["cue_precision"] = sum(_is_cue(role_of[f]) for f in minimal) / len(minimal)
     planted = {"cue": lambda i: f"cue:{ps.categories[i]}", "compositional": lambda i: "composition"}
     own_roles = [role_of[(int(a), int(b))] == planted[ps.meta[i]["kind"]](i)

@@ -302,11 +302,13 @@ def by_layer_check(
     refused: list[bool],
     batch_size: int,
     criterion: Criterion,
+    clean: dict[int, torch.Tensor],
     judge: Judge | None = None,
 ) -> pl.DataFrame:
     """Per layer L of the engine's features: the flip rate, over the `refused` prompts, with only
     L's features ablated (alone) and with all features but L's (without); and the share of their
-    clean activation L's features keep with all features ablated (kept_activation).
+    clean activation L's features keep with all features ablated (kept_activation). clean: the
+    features' clean activations on `batch` (`clean_activations`).
 
     With a judge, every variant is also generated and judged: the jailbreak rates count a prompt
     where the judge and the criterion agree that it stops refusing, over the prompts both read as
@@ -334,7 +336,7 @@ def by_layer_check(
         return float(verdicts[tuple(cols.tolist())][base].float().mean())
 
     everything = engine.edits(torch.ones(len(batch), engine.size, dtype=torch.bool))
-    kept = kept_activation(model, saes, batch, engine.pool, everything, keep, batch_size)
+    kept = kept_activation(model, saes, batch, engine.pool, everything, keep, batch_size, clean)
     rows = []
     for layer in layers:
         alone, without = layer_of == layer, layer_of != layer
@@ -388,9 +390,11 @@ def kept_activation(
     edits: Sequence,
     keep: torch.Tensor,
     batch_size: int,
+    clean: dict[int, torch.Tensor],
 ) -> dict[int, float | None]:
     """layer → Σ over the `keep` prompts and the layer's `features` of each latent's largest
-    activation under `edits`, over the same sum on the clean run (None where that is 0).
+    activation under `edits`, over the same sum on the clean run (None where that is 0); clean:
+    the features' clean activations on `batch` (`clean_activations`).
 
     Each layer is read before its own edit, as that edit reads it: 1 where nothing below is
     edited, below 1 where the edits below silence the layer's features (an edit scales what is
@@ -398,7 +402,6 @@ def kept_activation(
     """
     latents = latents_by_layer(features)
     layers = list(latents)
-    clean, _ = max_activations(model, saes, batch, [], batch_size, layers, latents)
     edited, _ = max_activations(model, saes, batch, edits, batch_size, layers, latents)
     out: dict[int, float | None] = {}
     for layer in layers:
@@ -424,12 +427,18 @@ def active_latents(
     return allowed
 
 
-def prompts_active(
+def clean_activations(
     model: LoadedModel, saes: LoadedSAEs, batch: Batch, features: Sequence[Feature], batch_size: int
-) -> list[int]:
-    """For each feature, how many of the batch's prompts it fires on (> 0 at some position), clean."""
+) -> dict[int, torch.Tensor]:
+    """layer → [N, the layer's features in latents_by_layer order]: each feature's largest clean
+    activation on each of the batch's prompts, read once for the activity count and kept_activation."""
     latents = latents_by_layer(features)
-    clean, _ = max_activations(model, saes, batch, [], batch_size, list(latents), latents)
+    return max_activations(model, saes, batch, [], batch_size, list(latents), latents)[0]
+
+
+def prompts_active(clean: dict[int, torch.Tensor], features: Sequence[Feature]) -> list[int]:
+    """For each feature, how many prompts it fires on (> 0 at some position), from `clean_activations`."""
+    latents = latents_by_layer(features)
     return [int((clean[layer][:, latents[layer].index(f)] > 0).sum()) for layer, f in features]
 
 
@@ -460,8 +469,8 @@ def run(
     features = list(zip(table["layer"], table["feature"], strict=True))
     instructions = prompts.eval_harmful.instructions
     batch = model.tokenize(instructions)
-    table = table.with_columns(active_prompts=pl.Series(prompts_active(model, saes, batch, features, cfg.batch_size),
-                                                        dtype=pl.Int64))  # fmt: skip
+    clean = clean_activations(model, saes, batch, features, cfg.batch_size)
+    table = table.with_columns(active_prompts=pl.Series(prompts_active(clean, features), dtype=pl.Int64))
     engine = AblationEngine(model, saes, features, value=coefficient, batch_size=cfg.batch_size)
     check = all_ablated_check(model, engine, batch, instructions, cfg.batch_size, criterion, judge)
     any_refused = bool(check["refused"].any())
@@ -481,7 +490,7 @@ def run(
         why_not = notes["all_ablated_flip_rate"]
     else:
         layered = by_layer_check(model, saes, engine, batch, instructions, check["refused"].to_list(),
-                                 cfg.batch_size, criterion, judge if judged else None)  # fmt: skip
+                                 cfg.batch_size, criterion, clean, judge if judged else None)  # fmt: skip
         log.info("candidates by layer: %s", layered.to_dicts())
     if why_not is not None:
         notes.update(
